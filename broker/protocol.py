@@ -1,0 +1,325 @@
+"""The wire protocol, sans-IO: bytes in, commands out; replies as values, turned into bytes.
+
+Nothing here touches a socket or a clock (see protocol.md for the contract). The server feeds
+received bytes to a `LineReader`, asks it for the next request, hands the `Command` to the
+engine and writes `reply.to_bytes()`.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import math
+import re
+from collections.abc import Callable
+from typing import Final
+
+import attrs
+
+from broker.cloud import Market
+
+MAX_LINE_BYTES: Final = 1024
+MAX_BURST: Final = 100
+
+_CLIENT_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")
+_INSTANCE_TYPE = re.compile(r"[a-z][a-z0-9-]*\.[a-z0-9-]+")
+
+HELP_TEXT: Final = (
+    "OK commands: GET_WORKER [type=T] [market=M] [wait=S] [client=ID] | PING <ip> | "
+    "RELEASE <ip> | STATUS | BURST <n> | HELP | QUIT"
+)
+
+
+# --- replies ---------------------------------------------------------------------------------
+
+
+@attrs.frozen
+class Reply:
+    """One reply line. `close` asks the server to close the connection after sending it."""
+
+    text: str
+    close: bool = False
+
+    @classmethod
+    def ok(cls, detail: str = "") -> Reply:
+        """`OK`, or `OK <detail>`."""
+        return cls(f"OK {detail}" if detail else "OK")
+
+    @classmethod
+    def error(cls, reason: str, *, close: bool = False) -> Reply:
+        """`ERROR: <reason>`; the reason is flattened to one line."""
+        return cls(f"ERROR: {_one_line(reason)}", close=close)
+
+    def to_bytes(self) -> bytes:
+        """The reply as sent: ASCII (anything else escaped) and one LF."""
+        return self.text.encode("ascii", "backslashreplace") + b"\n"
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+UNKNOWN_COMMAND: Final = Reply("ERROR: Unknown command")
+WORKER_NOT_FOUND: Final = Reply("ERROR: Worker not found")
+LINE_TOO_LONG: Final = Reply.error("line too long", close=True)
+NOT_UTF8: Final = Reply.error("line is not valid UTF-8")
+TOO_MANY_CONNECTIONS: Final = Reply.error("too many connections", close=True)
+BYE: Final = Reply("OK bye", close=True)
+
+
+# --- commands --------------------------------------------------------------------------------
+
+
+@attrs.frozen
+class GetWorker:
+    """GET_WORKER: hand me a worker. None means the broker's default."""
+
+    instance_type: str | None = None
+    market: Market | None = None
+    wait: float | None = None
+    client: str | None = None
+
+
+@attrs.frozen
+class Ping:
+    """PING <ip>: keep the worker and my lease alive."""
+
+    ip: str
+    client: str | None = None
+
+
+@attrs.frozen
+class Release:
+    """RELEASE <ip>: end my lease; terminate the worker if nobody else holds it."""
+
+    ip: str
+    client: str | None = None
+
+
+@attrs.frozen
+class Status:
+    """STATUS: the pool as one JSON line."""
+
+
+@attrs.frozen
+class Burst:
+    """BURST <n>: launch up to n workers now."""
+
+    count: int
+
+
+@attrs.frozen
+class Help:
+    """HELP: list the commands."""
+
+
+@attrs.frozen
+class Quit:
+    """QUIT: say goodbye and close."""
+
+
+Command = GetWorker | Ping | Release | Status | Burst | Help | Quit
+
+
+@attrs.frozen
+class BadRequest:
+    """A line the broker cannot act on; `reply` says why (and whether to close)."""
+
+    reply: Reply
+    reason: str
+
+
+_USAGE: Final = {
+    "GET_WORKER": "GET_WORKER [type=T] [market=spot|on-demand] [wait=S] [client=ID]",
+    "PING": "PING <ip> [client=ID]",
+    "RELEASE": "RELEASE <ip> [client=ID]",
+    "STATUS": "STATUS",
+    "BURST": f"BURST <n> (1-{MAX_BURST})",
+    "HELP": "HELP",
+    "QUIT": "QUIT",
+}
+
+
+class _Usage(Exception):
+    """A known command with bad arguments; the message is the detail."""
+
+
+def parse(line: bytes) -> Command | BadRequest:
+    """Parse one request line (without its LF; a trailing CR is ignored)."""
+    if len(line) > MAX_LINE_BYTES:
+        return BadRequest(LINE_TOO_LONG, "line too long")
+    try:
+        text = line.decode("utf-8")
+    except UnicodeDecodeError:
+        return BadRequest(NOT_UTF8, "not utf-8")
+    words = text.split()
+    if not words:
+        return GetWorker()
+    name, args = words[0].upper(), words[1:]
+    if name not in _USAGE:
+        return BadRequest(UNKNOWN_COMMAND, "unknown command")
+    try:
+        return _PARSERS[name](args)
+    except _Usage as exc:
+        detail = f"{exc}; " if str(exc) else ""
+        return BadRequest(Reply.error(f"usage: {detail}{_USAGE[name]}"), "bad arguments")
+
+
+def _split(
+    args: list[str], positional: int, keys: frozenset[str]
+) -> tuple[list[str], dict[str, str]]:
+    plain: list[str] = []
+    options: dict[str, str] = {}
+    for arg in args:
+        key, sep, value = arg.partition("=")
+        if not sep:
+            plain.append(arg)
+            continue
+        key = key.lower()
+        if key not in keys:
+            raise _Usage(f"unknown argument {key!r}")
+        if key in options:
+            raise _Usage(f"{key} given twice")
+        options[key] = value
+    if len(plain) != positional:
+        raise _Usage("")
+    return plain, options
+
+
+def _client(options: dict[str, str]) -> str | None:
+    client = options.get("client")
+    if client is not None and not _CLIENT_ID.fullmatch(client):
+        raise _Usage("client must be 1-64 of A-Z a-z 0-9 . _ : -")
+    return client
+
+
+def _ip(word: str) -> str:
+    try:
+        return str(ipaddress.ip_address(word))
+    except ValueError:
+        raise _Usage(f"{word!r} is not an IP address") from None
+
+
+def _parse_get_worker(args: list[str]) -> Command:
+    _, options = _split(args, 0, frozenset({"type", "market", "wait", "client"}))
+    instance_type = options.get("type")
+    if instance_type is not None and not _INSTANCE_TYPE.fullmatch(instance_type):
+        raise _Usage(f"type {instance_type!r} is not an EC2 instance type")
+    market: Market | None = None
+    if "market" in options:
+        try:
+            market = Market(options["market"].lower())
+        except ValueError:
+            raise _Usage("market must be spot or on-demand") from None
+    wait: float | None = None
+    if "wait" in options:
+        try:
+            wait = float(options["wait"])
+        except ValueError:
+            wait = math.nan
+        if not (wait > 0 and math.isfinite(wait)):
+            raise _Usage("wait must be a number of seconds > 0")
+    return GetWorker(instance_type, market, wait, _client(options))
+
+
+def _parse_ping(args: list[str]) -> Command:
+    (ip,), options = _split(args, 1, frozenset({"client"}))
+    return Ping(_ip(ip), _client(options))
+
+
+def _parse_release(args: list[str]) -> Command:
+    (ip,), options = _split(args, 1, frozenset({"client"}))
+    return Release(_ip(ip), _client(options))
+
+
+def _parse_burst(args: list[str]) -> Command:
+    (count,), _ = _split(args, 1, frozenset())
+    if not count.isdigit() or not 1 <= int(count) <= MAX_BURST:
+        raise _Usage(f"n must be a whole number from 1 to {MAX_BURST}")
+    return Burst(int(count))
+
+
+def _no_args(command: Command) -> Callable[[list[str]], Command]:
+    def parse_none(args: list[str]) -> Command:
+        _split(args, 0, frozenset())
+        return command
+
+    return parse_none
+
+
+_PARSERS: Final[dict[str, Callable[[list[str]], Command]]] = {
+    "GET_WORKER": _parse_get_worker,
+    "PING": _parse_ping,
+    "RELEASE": _parse_release,
+    "BURST": _parse_burst,
+    "STATUS": _no_args(Status()),
+    "HELP": _no_args(Help()),
+    "QUIT": _no_args(Quit()),
+}
+
+
+# --- framing ---------------------------------------------------------------------------------
+
+
+@attrs.frozen
+class NeedData:
+    """No complete line buffered: receive more bytes (or EOF) first."""
+
+
+@attrs.frozen
+class Closed:
+    """The peer has finished sending and every request it sent has been returned."""
+
+
+NEED_DATA: Final = NeedData()
+CLOSED: Final = Closed()
+
+
+class LineReader:
+    """Splits received bytes into request lines, with a hard limit on line length.
+
+    Feed bytes with `receive_data` (`b""` means the peer's EOF); call `next_request` until it
+    answers `NEED_DATA` or `CLOSED`. A line over the limit yields a `BadRequest` whose reply
+    closes the connection, and nothing more is read after it.
+    """
+
+    def __init__(self, max_line_bytes: int = MAX_LINE_BYTES) -> None:
+        self._buffer = bytearray()
+        self._max = max_line_bytes
+        self._eof = False
+        self._poisoned = False
+        self._scanned = 0
+
+    def receive_data(self, data: bytes) -> None:
+        """Add received bytes; an empty `data` marks the end of the peer's stream."""
+        if data:
+            self._buffer += data
+        else:
+            self._eof = True
+
+    def next_request(self) -> Command | BadRequest | NeedData | Closed:
+        """The next request, `NEED_DATA`, or `CLOSED` once the peer's EOF has been consumed."""
+        if self._poisoned:
+            return CLOSED
+        end = self._buffer.find(b"\n", self._scanned)
+        if end < 0:
+            if len(self._buffer) > self._max + 1:  # +1: room for a CR before the LF
+                return self._poison()
+            if not self._eof:
+                self._scanned = len(self._buffer)
+                return NEED_DATA
+            if not self._buffer:
+                return CLOSED
+            end = len(self._buffer)  # an unterminated last line before EOF is a request
+        line = bytes(self._buffer[:end])
+        del self._buffer[: end + 1]
+        self._scanned = 0
+        if line.endswith(b"\r"):
+            line = line[:-1]
+        if len(line) > self._max:
+            return self._poison()
+        return parse(line)
+
+    def _poison(self) -> BadRequest:
+        self._poisoned = True
+        self._buffer.clear()
+        return BadRequest(LINE_TOO_LONG, "line too long")
