@@ -1,0 +1,382 @@
+"""The pool's state and decisions, as plain code: which worker, whether to launch, what to reap.
+
+No I/O and no clock: every method that depends on time takes `now` (Unix seconds). The engine
+(`broker.engine`) owns one `Pool`, asks it what to do, does it, and reports back.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from collections.abc import Iterable
+from typing import Any, Final
+
+import attrs
+
+from broker.cloud import Instance, LaunchSpec, Market
+
+GONE_MEMORY_SECONDS: Final = 24 * 3600  # how long RELEASE of a terminated IP stays `OK`
+
+
+class WorkerState(enum.StrEnum):
+    """Where a worker is in its life, as far as hand-out is concerned."""
+
+    LAUNCHING = "launching"  # RunInstances accepted; waiting for running + IP (+ probe)
+    READY = "ready"  # can be handed out
+    TERMINATING = "terminating"  # chosen for termination; never handed out again
+
+
+@attrs.define
+class Worker:
+    """One instance the pool runs."""
+
+    instance_id: str
+    instance_type: str
+    market: Market
+    state: WorkerState
+    ip: str | None
+    launched_at: float
+    last_activity: float
+    price_per_hour: float | None
+    ready_at: float | None = None
+    launch_token: str | None = None
+
+    def matches(self, spec: LaunchSpec) -> bool:
+        """True if this worker is of the requested type and market."""
+        return self.instance_type == spec.instance_type and self.market == spec.market
+
+
+@attrs.define
+class Lease:
+    """A client holds a worker."""
+
+    client: str
+    instance_id: str
+    ip: str
+    started_at: float
+    last_activity: float
+
+
+@attrs.frozen
+class InFlight:
+    """A RunInstances call that has not answered yet (counted against every cap)."""
+
+    token: str
+    spec: LaunchSpec
+    count: int
+    started_at: float
+    price_per_hour: float | None
+
+
+@attrs.frozen
+class Limits:
+    """The caps and clocks the pool's decisions use."""
+
+    max_workers: int
+    max_hourly_cost: float | None
+    idle_timeout: float
+
+
+@attrs.frozen
+class Admission:
+    """How many of the requested launches may go ahead; `refusal` says why when none may."""
+
+    count: int
+    refusal: str | None = None
+
+
+class ReleaseOutcome(enum.Enum):
+    """What a RELEASE did."""
+
+    NOT_FOUND = "not_found"  # an IP the pool never knew
+    ALREADY_GONE = "already_gone"  # a worker terminated earlier: OK, idempotent
+    KEPT = "kept"  # other clients still hold it
+    TERMINATE = "terminate"  # nobody holds it: the engine terminates it
+
+
+@attrs.frozen
+class Released:
+    """The outcome of a RELEASE, with the lease it ended and the worker it concerns."""
+
+    outcome: ReleaseOutcome
+    worker: Worker | None = None
+    lease: Lease | None = None
+    holders: int = 0
+
+
+@attrs.frozen
+class ReapPlan:
+    """What a reaper pass should do now."""
+
+    expired_leases: tuple[Lease, ...]
+    idle_workers: tuple[Worker, ...]
+
+
+@attrs.define
+class Pool:
+    """Workers, leases and in-flight launches; the decisions over them."""
+
+    limits: Limits
+    workers: dict[str, Worker] = attrs.field(factory=dict)
+    leases: dict[tuple[str, str], Lease] = attrs.field(factory=dict)
+    in_flight: dict[str, InFlight] = attrs.field(factory=dict)
+    gone_ips: dict[str, float] = attrs.field(factory=dict)
+
+    # --- queries -----------------------------------------------------------------------------
+
+    def by_ip(self, ip: str) -> Worker | None:
+        """The live worker with this IP (launching workers have no IP yet)."""
+        for worker in self.workers.values():
+            if worker.ip == ip and worker.state is not WorkerState.TERMINATING:
+                return worker
+        return None
+
+    def holders(self, instance_id: str) -> list[Lease]:
+        """The open leases on a worker."""
+        return [lease for lease in self.leases.values() if lease.instance_id == instance_id]
+
+    def choose_ready(self, spec: LaunchSpec) -> Worker | None:
+        """The ready worker to hand out: fewest holders, then the most recently used."""
+        ready = [
+            worker
+            for worker in self.workers.values()
+            if worker.state is WorkerState.READY and worker.matches(spec)
+        ]
+        if not ready:
+            return None
+        counts = self._holder_counts()
+        return min(ready, key=lambda w: (counts.get(w.instance_id, 0), -w.last_activity))
+
+    def is_launching(self, spec: LaunchSpec) -> bool:
+        """True if a launch that could satisfy `spec` is under way."""
+        return any(flight.spec == spec for flight in self.in_flight.values()) or any(
+            worker.state is WorkerState.LAUNCHING and worker.matches(spec)
+            for worker in self.workers.values()
+        )
+
+    def launching(self) -> list[Worker]:
+        """Workers waiting for running + IP (+ probe)."""
+        return [w for w in self.workers.values() if w.state is WorkerState.LAUNCHING]
+
+    def instance_count(self) -> int:
+        """Instances running or on their way, in-flight launches included."""
+        return len(self.workers) + sum(flight.count for flight in self.in_flight.values())
+
+    def run_rate(self) -> float:
+        """$/hour of every worker and in-flight launch (unknown prices count as 0)."""
+        rate = sum(w.price_per_hour or 0.0 for w in self.workers.values())
+        rate += sum((f.price_per_hour or 0.0) * f.count for f in self.in_flight.values())
+        return rate
+
+    def admit(self, spec: LaunchSpec, count: int, price_per_hour: float | None) -> Admission:
+        """How many of `count` new instances of `spec` the caps allow (all or some or none)."""
+        room = self.limits.max_workers - self.instance_count()
+        if room <= 0:
+            return Admission(0, f"max_workers reached ({self.limits.max_workers})")
+        allowed = min(count, room)
+        cap = self.limits.max_hourly_cost
+        if cap is None:
+            return Admission(allowed)
+        if price_per_hour is None:
+            return Admission(
+                0,
+                f"budget: no price known for {spec.instance_type} {spec.market}; "
+                "add it under prices in the config",
+            )
+        rate = self.run_rate()
+        by_budget = math.floor((cap - rate) / price_per_hour + 1e-9) if price_per_hour else count
+        if by_budget <= 0:
+            return Admission(
+                0,
+                f"budget: launching one {spec.instance_type} {spec.market} "
+                f"(${price_per_hour:.4g}/h) would raise the run rate from ${rate:.4g}/h to "
+                f"${rate + price_per_hour:.4g}/h, above max_hourly_cost ${cap:.4g}/h",
+            )
+        return Admission(min(allowed, by_budget))
+
+    # --- transitions -------------------------------------------------------------------------
+
+    def launch_started(
+        self, token: str, spec: LaunchSpec, count: int, price: float | None, now: float
+    ) -> None:
+        """Record a RunInstances call before it is made, so caps see it at once."""
+        self.in_flight[token] = InFlight(token, spec, count, now, price)
+
+    def launch_failed(self, token: str) -> None:
+        """The RunInstances call failed: nothing was launched."""
+        self.in_flight.pop(token, None)
+
+    def launch_answered(
+        self, token: str, instances: Iterable[Instance], now: float
+    ) -> list[Worker]:
+        """RunInstances answered: its instances become launching workers."""
+        flight = self.in_flight.pop(token, None)
+        price = flight.price_per_hour if flight else None
+        added = [self.add(instance, now, price=price, token=token) for instance in instances]
+        return added
+
+    def add(
+        self,
+        instance: Instance,
+        now: float,
+        *,
+        price: float | None,
+        token: str | None = None,
+        ready: bool = False,
+    ) -> Worker:
+        """Add an instance (launched or adopted) as a worker; its idle clock starts now."""
+        worker = Worker(
+            instance_id=instance.instance_id,
+            instance_type=instance.instance_type,
+            market=instance.market,
+            state=WorkerState.READY if ready else WorkerState.LAUNCHING,
+            ip=instance.public_ip,
+            launched_at=instance.launched_at,
+            last_activity=now,
+            price_per_hour=price,
+            ready_at=now if ready else None,
+            launch_token=token,
+        )
+        self.workers[worker.instance_id] = worker
+        return worker
+
+    def mark_ready(self, instance_id: str, ip: str, now: float) -> Worker | None:
+        """A launching worker is running, has an IP and passed the probe."""
+        worker = self.workers.get(instance_id)
+        if worker is None or worker.state is not WorkerState.LAUNCHING:
+            return None
+        worker.state = WorkerState.READY
+        worker.ip = ip
+        worker.ready_at = now
+        worker.last_activity = now
+        return worker
+
+    def hand_out(self, worker: Worker, client: str, now: float) -> tuple[Lease, bool]:
+        """Give `worker` to `client`: create or refresh its lease. True if the lease is new."""
+        worker.last_activity = now
+        key = (client, worker.instance_id)
+        lease = self.leases.get(key)
+        if lease is not None:
+            lease.last_activity = now
+            return lease, False
+        assert worker.ip is not None, "only ready workers are handed out"
+        lease = Lease(client, worker.instance_id, worker.ip, now, now)
+        self.leases[key] = lease
+        return lease, True
+
+    def end_lease(self, lease: Lease) -> None:
+        """Forget a lease (released, expired, or its worker is gone)."""
+        self.leases.pop((lease.client, lease.instance_id), None)
+
+    def ping(self, ip: str, client: str, now: float) -> Worker | None:
+        """Restart a worker's idle clock and the caller's lease on it; None if unknown."""
+        worker = self.by_ip(ip)
+        if worker is None:
+            return None
+        worker.last_activity = now
+        lease = self.leases.get((client, worker.instance_id))
+        if lease is not None:
+            lease.last_activity = now
+        return worker
+
+    def release(self, ip: str, client: str, now: float) -> Released:
+        """End the caller's lease; decide whether the worker is to be terminated."""
+        worker = self.by_ip(ip)
+        if worker is None:
+            if any(w.ip == ip for w in self.workers.values()):
+                return Released(ReleaseOutcome.ALREADY_GONE)  # being terminated right now
+            gone = self.gone_ips.get(ip)
+            if gone is not None and now - gone < GONE_MEMORY_SECONDS:
+                return Released(ReleaseOutcome.ALREADY_GONE)
+            return Released(ReleaseOutcome.NOT_FOUND)
+        lease = self.leases.get((client, worker.instance_id))
+        if lease is not None:
+            self.end_lease(lease)
+        others = self.holders(worker.instance_id)
+        if others:
+            return Released(ReleaseOutcome.KEPT, worker, lease, len(others))
+        worker.state = WorkerState.TERMINATING
+        return Released(ReleaseOutcome.TERMINATE, worker, lease)
+
+    def remove(self, instance_id: str, now: float) -> tuple[Worker | None, list[Lease]]:
+        """The worker is gone: drop it and its leases; remember its IP for RELEASE."""
+        worker = self.workers.pop(instance_id, None)
+        ended = self.holders(instance_id)
+        for lease in ended:
+            self.end_lease(lease)
+        if worker is not None and worker.ip is not None:
+            self.gone_ips[worker.ip] = now
+        self._forget_old_ips(now)
+        return worker, ended
+
+    def reap_plan(self, now: float) -> ReapPlan:
+        """Leases and ready workers idle for `idle_timeout` or longer (workers: no holders)."""
+        timeout = self.limits.idle_timeout
+        expired = tuple(
+            lease for lease in self.leases.values() if now - lease.last_activity >= timeout
+        )
+        expired_keys = {(lease.client, lease.instance_id) for lease in expired}
+        still_held = {
+            lease.instance_id for key, lease in self.leases.items() if key not in expired_keys
+        }
+        idle = tuple(
+            worker
+            for worker in self.workers.values()
+            if worker.state is WorkerState.READY
+            and worker.instance_id not in still_held
+            and now - worker.last_activity >= timeout
+        )
+        return ReapPlan(expired, idle)
+
+    # --- reporting ---------------------------------------------------------------------------
+
+    def status(self, now: float) -> dict[str, Any]:
+        """The STATUS document (see protocol.md)."""
+        counts = self._holder_counts()
+        workers = [
+            {
+                "instance_id": w.instance_id,
+                "ip": w.ip,
+                "type": w.instance_type,
+                "market": str(w.market),
+                "state": str(w.state),
+                "clients": counts.get(w.instance_id, 0),
+                "idle_seconds": round(max(0.0, now - w.last_activity), 3),
+                "price_per_hour": w.price_per_hour,
+                "launched_at": w.launched_at,
+            }
+            for w in sorted(self.workers.values(), key=lambda w: w.launched_at)
+        ]
+        leases = [
+            {
+                "client": lease.client,
+                "instance_id": lease.instance_id,
+                "ip": lease.ip,
+                "started_at": lease.started_at,
+                "idle_seconds": round(max(0.0, now - lease.last_activity), 3),
+            }
+            for lease in sorted(self.leases.values(), key=lambda lease: lease.started_at)
+        ]
+        by_state = {str(state): 0 for state in WorkerState}
+        for w in self.workers.values():
+            by_state[str(w.state)] += 1
+        totals = {
+            "workers": len(self.workers),
+            "by_state": by_state,
+            "launches_in_flight": sum(f.count for f in self.in_flight.values()),
+            "run_rate_per_hour": round(self.run_rate(), 6),
+            "max_hourly_cost": self.limits.max_hourly_cost,
+            "max_workers": self.limits.max_workers,
+        }
+        return {"workers": workers, "leases": leases, "totals": totals}
+
+    def _holder_counts(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for lease in self.leases.values():
+            counts[lease.instance_id] = counts.get(lease.instance_id, 0) + 1
+        return counts
+
+    def _forget_old_ips(self, now: float) -> None:
+        stale = [ip for ip, t in self.gone_ips.items() if now - t >= GONE_MEMORY_SECONDS]
+        for ip in stale:
+            del self.gone_ips[ip]

@@ -1,0 +1,108 @@
+"""Pool decisions as plain code: admission, choice, release outcomes, reaping."""
+
+from __future__ import annotations
+
+from broker.cloud import Instance, LaunchSpec, Market
+from broker.pool import GONE_MEMORY_SECONDS, Limits, Pool, ReleaseOutcome, WorkerState
+
+SPEC = LaunchSpec("c7i.8xlarge", Market.SPOT)
+T0 = 1_700_000_000.0
+
+
+def instance(n: int, spec: LaunchSpec = SPEC) -> Instance:
+    return Instance(f"i-{n}", spec.instance_type, spec.market, "running", f"192.0.2.{n}", T0)
+
+
+def pool_with(*ns: int, max_workers: int = 10, cap: float | None = None) -> Pool:
+    pool = Pool(Limits(max_workers, cap, 900.0))
+    for n in ns:
+        pool.add(instance(n), T0, price=0.5, ready=True)
+    return pool
+
+
+def test_admission_counts_in_flight_launches_against_max_workers() -> None:
+    """A launch not yet answered already uses its share of max_workers."""
+    pool = pool_with(1, max_workers=3)
+    pool.launch_started("tok", SPEC, 1, 0.5, T0)
+    assert pool.admit(SPEC, 5, 0.5).count == 1
+    pool.launch_started("tok2", SPEC, 1, 0.5, T0)
+    refused = pool.admit(SPEC, 1, 0.5)
+    assert refused.count == 0
+    assert refused.refusal == "max_workers reached (3)"
+
+
+def test_admission_fits_the_budget_exactly() -> None:
+    """With $2/h left and $0.5/h workers, four fit and the fifth does not."""
+    pool = pool_with(1, cap=2.5)
+    assert pool.admit(SPEC, 10, 0.5).count == 4
+    pool.launch_started("tok", SPEC, 4, 0.5, T0)
+    refused = pool.admit(SPEC, 1, 0.5)
+    assert refused.count == 0
+    assert refused.refusal is not None
+    assert refused.refusal.startswith("budget: launching one c7i.8xlarge spot ($0.5/h)")
+    assert "from $2.5/h to $3/h, above max_hourly_cost $2.5/h" in refused.refusal
+
+
+def test_unknown_price_is_refused_only_when_a_budget_is_set() -> None:
+    """No cap: unknown prices launch; with a cap they are refused with advice."""
+    assert pool_with().admit(SPEC, 1, None).count == 1
+    refused = pool_with(cap=5).admit(SPEC, 1, None)
+    assert refused.refusal is not None
+    assert "no price known" in refused.refusal
+
+
+def test_choose_ready_prefers_fewest_holders_then_most_recent_use() -> None:
+    """Clients spread over workers; ties go to the most recently used."""
+    pool = pool_with(1, 2, 3)
+    pool.workers["i-3"].last_activity = T0 + 5
+    assert pool.choose_ready(SPEC) is pool.workers["i-3"]
+    pool.hand_out(pool.workers["i-3"], "a", T0 + 6)
+    pool.workers["i-1"].last_activity = T0 + 1
+    assert pool.choose_ready(SPEC) is pool.workers["i-1"]
+
+
+def test_choose_ready_ignores_launching_terminating_and_other_types() -> None:
+    """Only ready workers of the requested type and market are handed out."""
+    pool = pool_with(1, 2)
+    pool.workers["i-1"].state = WorkerState.TERMINATING
+    pool.workers["i-2"].state = WorkerState.LAUNCHING
+    pool.add(instance(3, LaunchSpec("c7i.8xlarge", Market.ON_DEMAND)), T0, price=1.4, ready=True)
+    assert pool.choose_ready(SPEC) is None
+
+
+def test_release_outcomes() -> None:
+    """Held by others: kept; last holder: terminate; gone: OK for a day; never known: not found."""
+    pool = pool_with(1)
+    worker = pool.workers["i-1"]
+    pool.hand_out(worker, "a", T0)
+    pool.hand_out(worker, "b", T0)
+    assert pool.release("192.0.2.1", "a", T0).outcome is ReleaseOutcome.KEPT
+    assert pool.release("192.0.2.1", "b", T0).outcome is ReleaseOutcome.TERMINATE
+    assert pool.release("192.0.2.1", "b", T0).outcome is ReleaseOutcome.ALREADY_GONE
+    pool.remove("i-1", T0)
+    assert pool.release("192.0.2.1", "b", T0 + 10).outcome is ReleaseOutcome.ALREADY_GONE
+    later = T0 + GONE_MEMORY_SECONDS
+    assert pool.release("192.0.2.1", "b", later).outcome is ReleaseOutcome.NOT_FOUND
+    assert pool.release("192.0.2.99", "b", T0).outcome is ReleaseOutcome.NOT_FOUND
+
+
+def test_reap_plan_takes_idle_workers_and_expired_leases_only() -> None:
+    """At idle_timeout a lease expires and its worker, if nobody else is active, is reaped."""
+    pool = pool_with(1, 2)
+    pool.hand_out(pool.workers["i-1"], "a", T0)
+    pool.hand_out(pool.workers["i-2"], "b", T0)
+    pool.ping("192.0.2.2", "b", T0 + 600)
+    plan = pool.reap_plan(T0 + 899)
+    assert plan.expired_leases == ()
+    assert plan.idle_workers == ()
+    plan = pool.reap_plan(T0 + 900)
+    assert [lease.client for lease in plan.expired_leases] == ["a"]
+    assert [w.instance_id for w in plan.idle_workers] == ["i-1"]
+
+
+def test_run_rate_includes_in_flight_launches() -> None:
+    """STATUS run rate counts workers and launches not yet answered."""
+    pool = pool_with(1, 2)
+    pool.launch_started("tok", SPEC, 3, 0.5, T0)
+    assert pool.run_rate() == 2.5
+    assert pool.status(T0)["totals"]["launches_in_flight"] == 3
