@@ -1,0 +1,468 @@
+"""The engine: runs the pool in Trio. Launch coalescing, the batched boot watcher, the reaper.
+
+`broker.pool` decides; the engine acts (through the `Cloud` port) and reports back. Every
+request-path method is synchronous up to its first `await`, so a decision and the bookkeeping
+that makes it visible to other tasks (an in-flight launch, a lease) happen atomically.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+from typing import Any
+
+import attrs
+import structlog
+import trio
+
+from broker.clock import Clock
+from broker.cloud import Cloud, CloudError, Instance, LaunchSpec
+from broker.pool import Lease, Limits, Pool, ReleaseOutcome, Worker, WorkerState
+from broker.prices import PriceTable
+from broker.protocol import GetWorker
+
+_log = structlog.get_logger("broker.engine")
+
+
+class Refusal(Exception):
+    """A request the engine cannot satisfy; `str()` is the reason for `ERROR: <reason>`."""
+
+
+class WorkerNotFound(Exception):
+    """PING or RELEASE of an IP the pool does not know."""
+
+
+@attrs.frozen
+class EngineSettings:
+    """The engine's knobs (a subset of the config)."""
+
+    default_spec: LaunchSpec
+    limits: Limits
+    launch_timeout: float = 300.0
+    describe_interval: float = 2.0
+    reap_interval: float = 60.0
+    worker_port: int = 2560
+    probe: bool = False
+    probe_timeout: float = 2.0
+
+
+@attrs.define
+class _Attempt:
+    """One RunInstances call and the workers it produced, for the requests waiting on it."""
+
+    token: str
+    spec: LaunchSpec
+    answered: trio.Event = attrs.field(factory=trio.Event)
+    instances: list[Instance] = attrs.field(factory=list)
+    error: str | None = None
+
+
+class Engine:
+    """Owns the pool; serves GET_WORKER/PING/RELEASE/BURST/STATUS; runs the background loops."""
+
+    def __init__(
+        self, cloud: Cloud, settings: EngineSettings, clock: Clock, prices: PriceTable
+    ) -> None:
+        self.cloud = cloud
+        self.settings = settings
+        self.clock = clock
+        self.prices = prices
+        self.pool = Pool(settings.limits)
+        self._attempts: dict[str, _Attempt] = {}
+        self._changed = trio.Event()
+        self._watch_wakeup = trio.Event()
+        self._probing: set[str] = set()
+        self._retry_terminate: set[str] = set()
+        self._adopted = False
+        self._closing = False
+        self._nursery: trio.Nursery | None = None
+
+    # --- lifecycle -------------------------------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Adopt the pool's existing instances, then run the watcher and the reaper forever."""
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            await self._adopt()
+            nursery.start_soon(self._watch_launches)
+            nursery.start_soon(self._reap_loop)
+            task_status.started()
+
+    def stop_handing_out(self) -> None:
+        """Shutdown begins: waiting requests answer `ERROR: broker shutting down`."""
+        self._closing = True
+        self._notify()
+
+    # --- requests --------------------------------------------------------------------------
+
+    async def get_worker(self, request: GetWorker, client: str) -> str:
+        """A ready worker's IP for `client`: reuse, join a launch in flight, or launch."""
+        default = self.settings.default_spec
+        spec = LaunchSpec(
+            request.instance_type or default.instance_type, request.market or default.market
+        )
+        wait = min(request.wait or self.settings.launch_timeout, self.settings.launch_timeout)
+        started = trio.current_time()
+        joined: _Attempt | None = None
+        with trio.move_on_after(wait):
+            while True:
+                if self._closing:
+                    raise Refusal("broker shutting down")
+                worker = self.pool.choose_ready(spec)
+                if worker is not None:
+                    waited = trio.current_time() - started
+                    self._hand_out(worker, client, reused=joined is None, waited=waited)
+                    assert worker.ip is not None
+                    return worker.ip
+                launching = self.pool.is_launching(spec)
+                if joined is not None and joined.error is not None and not launching:
+                    raise Refusal(joined.error)
+                if not launching:
+                    joined = self._start_launch(spec, 1)
+                elif joined is None:
+                    joined = self._attempt_for(spec)
+                await self._changed.wait()
+        raise Refusal(f"no worker ready after {wait:g}s")
+
+    def ping(self, ip: str, client: str) -> Worker:
+        """Restart the worker's idle clock and the caller's lease."""
+        worker = self.pool.ping(ip, client, self.clock.now())
+        if worker is None:
+            raise WorkerNotFound(ip)
+        return worker
+
+    async def release(self, ip: str, client: str) -> None:
+        """End the caller's lease; terminate the worker if nobody else holds it."""
+        now = self.clock.now()
+        released = self.pool.release(ip, client, now)
+        if released.lease is not None:
+            self._log_lease_end(released.lease, "released", now)
+        if released.outcome is ReleaseOutcome.NOT_FOUND:
+            raise WorkerNotFound(ip)
+        if released.outcome is ReleaseOutcome.ALREADY_GONE:
+            _log.info("worker.release", ip=ip, client=client, already_gone=True)
+            return
+        worker = released.worker
+        assert worker is not None
+        terminate = released.outcome is ReleaseOutcome.TERMINATE
+        _log.info(
+            "worker.release",
+            instance_id=worker.instance_id,
+            ip=ip,
+            client=client,
+            terminated=terminate,
+            holders=released.holders,
+        )
+        if terminate:
+            self._notify()
+            try:
+                await self._terminate([worker], reason="released")
+            except CloudError as exc:
+                raise Refusal(f"terminate failed: {exc}; the broker will retry") from exc
+
+    async def burst(self, count: int) -> list[str]:
+        """Launch up to `count` workers of the default spec now; their instance ids."""
+        attempt = self._start_launch(self.settings.default_spec, count)
+        await attempt.answered.wait()
+        if attempt.error is not None:
+            raise Refusal(attempt.error)
+        return [instance.instance_id for instance in attempt.instances]
+
+    def status(self) -> dict[str, Any]:
+        """The STATUS document."""
+        return self.pool.status(self.clock.now())
+
+    # --- launching -------------------------------------------------------------------------
+
+    def _start_launch(self, spec: LaunchSpec, count: int) -> _Attempt:
+        price = self.prices.price(spec.instance_type, spec.market)
+        admission = self.pool.admit(spec, count, price)
+        if admission.refusal is not None:
+            _log.warning("launch.refused", reason=admission.refusal, type=spec.instance_type)
+            raise Refusal(admission.refusal)
+        assert self._nursery is not None, "Engine.run() must be running"
+        token = uuid.uuid4().hex
+        self.pool.launch_started(token, spec, admission.count, price, self.clock.now())
+        attempt = _Attempt(token, spec)
+        self._attempts[token] = attempt
+        self._nursery.start_soon(self._launch, attempt, admission.count)
+        return attempt
+
+    def _attempt_for(self, spec: LaunchSpec) -> _Attempt | None:
+        for attempt in self._attempts.values():
+            if attempt.spec == spec and attempt.error is None:
+                return attempt
+        return None
+
+    async def _launch(self, attempt: _Attempt, count: int) -> None:
+        spec = attempt.spec
+        _log.info(
+            "worker.launch",
+            type=spec.instance_type,
+            market=str(spec.market),
+            count=count,
+            client_token=attempt.token,
+        )
+        started = trio.current_time()
+        try:
+            with trio.fail_after(self.settings.launch_timeout):
+                instances = await self.cloud.launch(spec, count, attempt.token)
+        except (CloudError, trio.TooSlowError) as exc:
+            attempt.error = self._launch_error(exc)
+            self.pool.launch_failed(attempt.token)
+            self._attempts.pop(attempt.token, None)
+            _log.error(
+                "launch.failed",
+                reason=attempt.error,
+                type=spec.instance_type,
+                market=str(spec.market),
+                client_token=attempt.token,
+            )
+            attempt.answered.set()
+            self._notify()
+            return
+        now = self.clock.now()
+        attempt.instances = instances
+        for worker in self.pool.launch_answered(attempt.token, instances, now):
+            _log.info(
+                "worker.launched",
+                instance_id=worker.instance_id,
+                type=worker.instance_type,
+                market=str(worker.market),
+                api_seconds=round(trio.current_time() - started, 3),
+            )
+        if not instances:
+            attempt.error = "launch failed: EC2 launched no instance"
+            self._attempts.pop(attempt.token, None)
+        attempt.answered.set()
+        self._watch_wakeup.set()
+        self._notify()
+
+    def _launch_error(self, exc: CloudError | trio.TooSlowError) -> str:
+        if isinstance(exc, trio.TooSlowError):
+            return f"launch timed out after {self.settings.launch_timeout:g}s"
+        if exc.unreachable:
+            return f"cloud unreachable: {exc.message or exc.code}"
+        return f"launch failed: {exc}"
+
+    # --- the boot watcher: one batched DescribeInstances for every pending launch ---------
+
+    async def _watch_launches(self) -> None:
+        while True:
+            waiting = [w for w in self.pool.launching() if w.instance_id not in self._probing]
+            if not waiting:
+                self._watch_wakeup = trio.Event()
+                await self._watch_wakeup.wait()
+                continue
+            try:
+                described = await self.cloud.describe([w.instance_id for w in waiting])
+            except CloudError as exc:
+                _log.warning("describe.failed", error=str(exc), pending=len(waiting))
+                described = []
+            by_id = {instance.instance_id: instance for instance in described}
+            now = self.clock.now()
+            for worker in waiting:
+                self._advance(worker, by_id.get(worker.instance_id), now)
+            await self._fail_overdue(now)
+            self._notify()
+            await trio.sleep(self.settings.describe_interval)
+
+    def _advance(self, worker: Worker, instance: Instance | None, now: float) -> None:
+        if worker.state is not WorkerState.LAUNCHING or instance is None:
+            return  # just launched instances may not be visible yet (eventual consistency)
+        if instance.state == "running" and instance.public_ip:
+            if self.settings.probe:
+                self._probing.add(worker.instance_id)
+                assert self._nursery is not None
+                self._nursery.start_soon(self._probe, worker, instance.public_ip)
+            else:
+                self._ready(worker, instance.public_ip, now)
+        elif not instance.is_alive:
+            self._lose(
+                worker, f"worker {worker.instance_id} was {instance.state} while booting", now
+            )
+
+    async def _probe(self, worker: Worker, ip: str) -> None:
+        ok = False
+        try:
+            with trio.move_on_after(self.settings.probe_timeout):
+                stream = await trio.open_tcp_stream(ip, self.settings.worker_port)
+                await stream.aclose()
+                ok = True
+        except OSError as exc:
+            _log.debug("probe.failed", instance_id=worker.instance_id, ip=ip, error=str(exc))
+        finally:
+            self._probing.discard(worker.instance_id)
+        if ok:
+            self._ready(worker, ip, self.clock.now())
+            self._notify()
+
+    def _ready(self, worker: Worker, ip: str, now: float) -> None:
+        if self.pool.mark_ready(worker.instance_id, ip, now) is None:
+            return
+        _log.info(
+            "worker.ready",
+            instance_id=worker.instance_id,
+            ip=ip,
+            boot_seconds=round(max(0.0, now - worker.launched_at), 3),
+        )
+        self._settle_attempt(worker.launch_token)
+
+    def _lose(self, worker: Worker, reason: str, now: float) -> None:
+        _, leases = self.pool.remove(worker.instance_id, now)
+        for lease in leases:
+            self._log_lease_end(lease, "worker_lost", now)
+        _log.error("worker.lost", instance_id=worker.instance_id, reason=reason)
+        attempt = self._attempts.get(worker.launch_token or "")
+        if attempt is not None:
+            attempt.error = reason
+        self._settle_attempt(worker.launch_token)
+
+    async def _fail_overdue(self, now: float) -> None:
+        overdue = [
+            w
+            for w in self.pool.launching()
+            if now - w.launched_at > self.settings.launch_timeout
+            and w.instance_id not in self._probing
+        ]
+        if not overdue:
+            return
+        reason = f"launch timed out after {self.settings.launch_timeout:g}s"
+        for worker in overdue:
+            attempt = self._attempts.get(worker.launch_token or "")
+            if attempt is not None:
+                attempt.error = reason
+            worker.state = WorkerState.TERMINATING
+        try:
+            await self._terminate(overdue, reason="boot_timeout")
+        except CloudError:
+            pass  # logged by _terminate; the reaper retries
+
+    def _settle_attempt(self, token: str | None) -> None:
+        """Forget an attempt once none of its workers is still launching."""
+        attempt = self._attempts.get(token or "")
+        if attempt is None:
+            return
+        if not any(
+            w.launch_token == token and w.state is WorkerState.LAUNCHING
+            for w in self.pool.workers.values()
+        ):
+            del self._attempts[attempt.token]
+
+    # --- hand-out, reaping, termination ----------------------------------------------------
+
+    def _hand_out(self, worker: Worker, client: str, *, reused: bool, waited: float) -> None:
+        _, new = self.pool.hand_out(worker, client, self.clock.now())
+        if new:
+            _log.info(
+                "lease.started",
+                client=client,
+                instance_id=worker.instance_id,
+                ip=worker.ip,
+                reused=reused,
+                waited_seconds=round(waited, 3),
+            )
+
+    async def _reap_loop(self) -> None:
+        while True:
+            await trio.sleep(self.settings.reap_interval)
+            await self.reap_once()
+
+    async def reap_once(self) -> None:
+        """One reaper pass: expire idle leases, terminate idle workers, retry failed ones."""
+        if not self._adopted:
+            await self._adopt()
+        now = self.clock.now()
+        plan = self.pool.reap_plan(now)
+        for lease in plan.expired_leases:
+            self.pool.end_lease(lease)
+            self._log_lease_end(lease, "expired", now)
+        doomed = list(plan.idle_workers)
+        doomed += [
+            w
+            for w in self.pool.workers.values()
+            if w.instance_id in self._retry_terminate and w not in doomed
+        ]
+        if not doomed:
+            return
+        for worker in doomed:
+            worker.state = WorkerState.TERMINATING
+            if worker in plan.idle_workers:
+                _log.info(
+                    "worker.reap",
+                    instance_id=worker.instance_id,
+                    ip=worker.ip,
+                    idle_seconds=round(now - worker.last_activity, 3),
+                )
+        self._notify()
+        try:
+            await self._terminate(doomed, reason="idle")
+        except CloudError:
+            pass  # logged; retried next pass
+
+    async def _terminate(self, workers: Sequence[Worker], *, reason: str) -> None:
+        ids = [w.instance_id for w in workers]
+        try:
+            await self.cloud.terminate(ids)
+        except CloudError as exc:
+            self._retry_terminate.update(ids)
+            _log.error("terminate.failed", instance_ids=ids, reason=reason, error=str(exc))
+            raise
+        now = self.clock.now()
+        for worker in workers:
+            self._retry_terminate.discard(worker.instance_id)
+            _, leases = self.pool.remove(worker.instance_id, now)
+            for lease in leases:
+                self._log_lease_end(lease, "worker_terminated", now)
+            _log.info(
+                "worker.terminated",
+                instance_id=worker.instance_id,
+                ip=worker.ip,
+                reason=reason,
+                lifetime_seconds=round(max(0.0, now - worker.launched_at), 3),
+            )
+        self._notify()
+
+    async def _adopt(self) -> None:
+        """Take over this pool's tagged pending/running instances (after a restart)."""
+        try:
+            instances = await self.cloud.list_pool()
+        except CloudError as exc:
+            _log.error("pool.adopt_failed", error=str(exc))
+            return
+        self._adopted = True
+        now = self.clock.now()
+        for instance in instances:
+            if instance.instance_id in self.pool.workers:
+                continue
+            ready = (
+                instance.state == "running" and bool(instance.public_ip) and not self.settings.probe
+            )
+            price = self.prices.price(instance.instance_type, instance.market)
+            self.pool.add(instance, now, price=price, ready=ready)
+            _log.info(
+                "worker.adopted",
+                instance_id=instance.instance_id,
+                ip=instance.public_ip,
+                state=instance.state,
+                type=instance.instance_type,
+            )
+        self._watch_wakeup.set()
+        self._notify()
+
+    # --- helpers ---------------------------------------------------------------------------
+
+    def _notify(self) -> None:
+        """Wake every task waiting for the pool to change."""
+        self._changed.set()
+        self._changed = trio.Event()
+
+    def _log_lease_end(self, lease: Lease, reason: str, now: float) -> None:
+        _log.info(
+            "lease.ended",
+            client=lease.client,
+            instance_id=lease.instance_id,
+            ip=lease.ip,
+            reason=reason,
+            duration_seconds=round(max(0.0, now - lease.started_at), 3),
+        )

@@ -1,0 +1,235 @@
+"""The TCP server: Trio I/O only. Reads lines, asks the engine, writes replies.
+
+One task per connection. A handler's failure is logged and answered with one `ERROR` line;
+it never reaches another connection or the listener. `shutdown()` stops accepting and closes
+idle connections; requests in progress go on to their reply (the CLI bounds how long).
+"""
+
+from __future__ import annotations
+
+import errno
+import itertools
+import json
+import math
+from typing import Final
+
+import attrs
+import structlog
+import trio
+
+from broker import protocol
+from broker.engine import Engine, Refusal, WorkerNotFound
+from broker.protocol import (
+    BadRequest,
+    Burst,
+    Closed,
+    Command,
+    GetWorker,
+    Help,
+    LineReader,
+    NeedData,
+    Ping,
+    Quit,
+    Release,
+    Reply,
+    Status,
+)
+
+_log = structlog.get_logger("broker.server")
+
+RECEIVE_SIZE: Final = 4096
+ACCEPT_RETRY_SECONDS: Final = 0.1  # after EMFILE/ENFILE/ENOMEM/ENOBUFS on accept
+_ACCEPT_RESOURCE_ERRORS: Final = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
+INTERNAL_ERROR: Final = Reply.error("internal error (logged by the broker)")
+
+
+@attrs.frozen
+class ServerSettings:
+    """The server's knobs (a subset of the config)."""
+
+    host: str = "0.0.0.0"
+    port: int = 9000
+    client_timeout: float = 30.0
+    max_connections: int = 1024
+
+
+class Server:
+    """Serves the line protocol for one `Engine` on one or more listeners."""
+
+    def __init__(self, engine: Engine, settings: ServerSettings) -> None:
+        self.engine = engine
+        self.settings = settings
+        self.open_connections = 0
+        self._ids = itertools.count(1)
+        self._draining = False
+        self._idle_scopes: set[trio.CancelScope] = set()
+        self._accept_scope = trio.CancelScope()
+        self._all_closed = trio.Event()
+
+    async def run(
+        self, *, task_status: trio.TaskStatus[list[trio.SocketListener]] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Listen and serve; after `shutdown()`, return once every connection has closed."""
+        listeners = await trio.open_tcp_listeners(self.settings.port, host=self.settings.host)
+        async with trio.open_nursery() as handlers:
+            with self._accept_scope:
+                async with trio.open_nursery() as acceptors:
+                    for listener in listeners:
+                        acceptors.start_soon(self._accept_loop, listener, handlers)
+                    task_status.started(listeners)
+            for listener in listeners:
+                await listener.aclose()
+
+    async def shutdown(self) -> None:
+        """Stop accepting; close idle connections; requests in progress go on to their reply."""
+        self._draining = True
+        self._accept_scope.cancel()
+        for scope in list(self._idle_scopes):
+            scope.cancel()
+        self._check_idle()
+
+    async def wait_closed(self) -> None:
+        """After `shutdown()`: wait until every connection has closed."""
+        await self._all_closed.wait()
+
+    def _check_idle(self) -> None:
+        if self._draining and self.open_connections == 0:
+            self._all_closed.set()
+
+    async def _accept_loop(self, listener: trio.SocketListener, handlers: trio.Nursery) -> None:
+        while True:
+            try:
+                stream = await listener.accept()
+            except OSError as exc:
+                if exc.errno in _ACCEPT_RESOURCE_ERRORS:
+                    _log.error("accept.failed", error=str(exc), retry_in=ACCEPT_RETRY_SECONDS)
+                    await trio.sleep(ACCEPT_RETRY_SECONDS)
+                    continue
+                raise
+            handlers.start_soon(self._handle, stream)
+
+    async def _handle(self, stream: trio.SocketStream) -> None:
+        conn_id = next(self._ids)
+        peer = _peer_host(stream)
+        log = _log.bind(conn=conn_id, peer=peer)
+        self.open_connections += 1
+        try:
+            if self.open_connections > self.settings.max_connections:
+                log.warning("connection.refused", reason="too many connections")
+                await _send_quietly(stream, protocol.TOO_MANY_CONNECTIONS)
+                return
+            await self._serve_connection(stream, peer, log)
+        except Exception:
+            log.exception("connection.crashed")
+            await _send_quietly(stream, INTERNAL_ERROR)
+        finally:
+            self.open_connections -= 1
+            with trio.CancelScope(shield=True), trio.move_on_after(1):
+                await stream.aclose()
+            self._check_idle()
+
+    async def _serve_connection(
+        self, stream: trio.SocketStream, peer: str, log: structlog.typing.FilteringBoundLogger
+    ) -> None:
+        reader = LineReader()
+        while True:
+            event = reader.next_request()
+            if isinstance(event, NeedData):
+                if self._draining:
+                    return
+                data = await self._receive(stream)
+                if data is None:
+                    log.info("client.timeout", after_seconds=self.settings.client_timeout)
+                    return
+                reader.receive_data(data)
+                continue
+            if isinstance(event, Closed):
+                return
+            started = trio.current_time()
+            if isinstance(event, BadRequest):
+                reply = event.reply
+                log.warning("client.bad_line", reason=event.reason, reply=reply.text)
+            else:
+                reply = await self._dispatch(event, peer, log)
+                log.info(
+                    "request",
+                    command=type(event).__name__,
+                    reply=reply.text[:80],
+                    ms=round((trio.current_time() - started) * 1000, 3),
+                )
+            try:
+                await stream.send_all(reply.to_bytes())
+            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                log.info("client.gone", error=str(exc) or type(exc).__name__)
+                return
+            if reply.close:
+                return
+
+    async def _receive(self, stream: trio.SocketStream) -> bytes | None:
+        """Bytes from the peer (b"" at EOF), or None after `client_timeout` or on shutdown."""
+        with trio.CancelScope() as scope:
+            scope.deadline = trio.current_time() + self.settings.client_timeout
+            self._idle_scopes.add(scope)
+            try:
+                return await stream.receive_some(RECEIVE_SIZE)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                return b""
+            finally:
+                self._idle_scopes.discard(scope)
+        return None
+
+    async def _dispatch(
+        self, command: Command, peer: str, log: structlog.typing.FilteringBoundLogger
+    ) -> Reply:
+        try:
+            return await self._execute(command, peer)
+        except Refusal as exc:
+            return Reply.error(str(exc))
+        except WorkerNotFound:
+            return protocol.WORKER_NOT_FOUND
+
+    async def _execute(self, command: Command, peer: str) -> Reply:
+        match command:
+            case GetWorker(client=client):
+                return Reply(await self.engine.get_worker(command, _identity(peer, client)))
+            case Ping(ip=ip, client=client):
+                self.engine.ping(ip, _identity(peer, client))
+                return Reply.ok()
+            case Release(ip=ip, client=client):
+                await self.engine.release(ip, _identity(peer, client))
+                return Reply.ok()
+            case Status():
+                return Reply(json.dumps(self.engine.status(), separators=(",", ":"), default=_json))
+            case Burst(count=count):
+                ids = await self.engine.burst(count)
+                return Reply.ok(" ".join([str(len(ids)), *ids]))
+            case Help():
+                return Reply(protocol.HELP_TEXT)
+            case Quit():
+                return protocol.BYE
+        raise AssertionError(f"unhandled command {command!r}")
+
+
+def _identity(peer: str, client: str | None) -> str:
+    return f"{peer}/{client}" if client else peer
+
+
+def _peer_host(stream: trio.SocketStream) -> str:
+    try:
+        return str(stream.socket.getpeername()[0])
+    except OSError:
+        return "unknown"
+
+
+def _json(value: object) -> object:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return str(value)
+
+
+async def _send_quietly(stream: trio.SocketStream, reply: Reply) -> None:
+    with trio.move_on_after(1):
+        try:
+            await stream.send_all(reply.to_bytes())
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass

@@ -1,0 +1,88 @@
+"""Helpers for tests that run a broker in-process and talk to it over real TCP sockets."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+
+import attrs
+import trio
+
+from broker.engine import Engine
+from broker.server import Server, ServerSettings
+
+
+@attrs.frozen
+class RunningBroker:
+    server: Server
+    engine: Engine
+    port: int
+
+
+@asynccontextmanager
+async def running_broker(
+    engine: Engine, **settings: float | int | str
+) -> AsyncIterator[RunningBroker]:
+    """Run `engine` and a server on a free loopback port for the duration of the block."""
+    async with trio.open_nursery() as nursery:
+        await nursery.start(engine.run)
+        server = Server(engine, ServerSettings(host="127.0.0.1", port=0, **settings))  # type: ignore[arg-type]
+        listeners = await nursery.start(server.run)
+        port = listeners[0].socket.getsockname()[1]
+        yield RunningBroker(server, engine, port)
+        nursery.cancel_scope.cancel()
+
+
+class LineClient:
+    """A persistent connection: send lines, read reply lines."""
+
+    def __init__(self, stream: trio.SocketStream) -> None:
+        self.stream = stream
+        self._buffer = bytearray()
+
+    @classmethod
+    async def connect(cls, port: int) -> LineClient:
+        return cls(await trio.open_tcp_stream("127.0.0.1", port))
+
+    async def send(self, data: bytes) -> None:
+        await self.stream.send_all(data)
+
+    async def readline(self) -> bytes:
+        """One reply line without its LF; b"" if the broker closed the connection."""
+        while b"\n" not in self._buffer:
+            chunk = await self.stream.receive_some(4096)
+            if not chunk:
+                return b""
+            self._buffer += chunk
+        line, _, rest = bytes(self._buffer).partition(b"\n")
+        self._buffer[:] = rest
+        return line
+
+    async def ask(self, line: str) -> str:
+        await self.send(line.encode() + b"\n")
+        return (await self.readline()).decode()
+
+    async def at_eof(self) -> bool:
+        """True once the broker has closed its side."""
+        return await self.readline() == b"" and not self._buffer
+
+    async def aclose(self) -> None:
+        await self.stream.aclose()
+
+
+async def ask_once(port: int, line: str) -> str:
+    """One-shot: connect, send one line, read one reply, close (the seed clients' way)."""
+    client = await LineClient.connect(port)
+    try:
+        return await client.ask(line)
+    finally:
+        await client.aclose()
+
+
+async def wait_for(
+    condition: Callable[[], bool], timeout: float = 10.0, poll: float = 0.01
+) -> None:
+    """Wait until `condition()` is true, failing after `timeout` seconds."""
+    with trio.fail_after(timeout):
+        while not condition():
+            await trio.sleep(poll)

@@ -1,0 +1,349 @@
+"""The engine on Trio's MockClock with an in-memory cloud: minutes of pool life in milliseconds."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import pytest
+import trio
+import trio.testing
+from trio.testing import MockClock
+
+from broker.clock import Clock
+from broker.cloud import CloudError, LaunchSpec, Market
+from broker.engine import Engine, EngineSettings, Refusal, WorkerNotFound
+from broker.pool import Limits
+from broker.prices import PriceTable
+from broker.protocol import GetWorker
+from tests.fakes import FakeCloud
+
+SPEC = LaunchSpec("c7i.8xlarge", Market.SPOT)
+BIG = LaunchSpec("c7i.16xlarge", Market.SPOT)
+
+
+def make_engine(
+    cloud: FakeCloud,
+    clock: Clock,
+    *,
+    max_workers: int = 10,
+    max_hourly_cost: float | None = None,
+    idle_timeout: float = 900.0,
+    launch_timeout: float = 300.0,
+) -> Engine:
+    settings = EngineSettings(
+        default_spec=SPEC,
+        limits=Limits(max_workers, max_hourly_cost, idle_timeout),
+        launch_timeout=launch_timeout,
+        describe_interval=2.0,
+        reap_interval=60.0,
+    )
+    return Engine(cloud, settings, clock, PriceTable.default())
+
+
+@pytest.fixture
+async def clock() -> Clock:
+    return Clock(epoch=1_700_000_000.0)
+
+
+@pytest.fixture
+async def cloud(clock: Clock) -> FakeCloud:
+    return FakeCloud(clock, boot_time=20.0)
+
+
+@pytest.fixture
+async def engine(cloud: FakeCloud, clock: Clock) -> AsyncIterator[Engine]:
+    engine = make_engine(cloud, clock)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(engine.run)
+        yield engine
+        nursery.cancel_scope.cancel()
+
+
+async def started(engine: Engine, nursery: trio.Nursery) -> Engine:
+    await nursery.start(engine.run)
+    return engine
+
+
+async def test_fifty_concurrent_requests_on_an_empty_pool_cause_one_launch(
+    autojump_clock: MockClock, engine: Engine, cloud: FakeCloud
+) -> None:
+    """Launch coalescing: every request waits for the one launch in flight."""
+    ips: list[str] = []
+
+    async def ask(n: int) -> None:
+        ips.append(await engine.get_worker(GetWorker(), f"10.0.0.{n}"))
+
+    async with trio.open_nursery() as nursery:
+        for n in range(50):
+            nursery.start_soon(ask, n)
+    assert len(cloud.launch_calls) == 1
+    assert len(ips) == 50
+    assert len(set(ips)) == 1
+    assert len(engine.pool.leases) == 50
+
+
+async def test_a_ready_worker_is_reused_without_launching(
+    autojump_clock: MockClock, engine: Engine, cloud: FakeCloud
+) -> None:
+    """The second request gets the same worker at once."""
+    first = await engine.get_worker(GetWorker(), "a")
+    before = trio.current_time()
+    second = await engine.get_worker(GetWorker(), "b")
+    assert second == first
+    assert trio.current_time() - before < 0.01
+    assert len(cloud.launch_calls) == 1
+
+
+async def test_requests_for_another_type_launch_that_type(
+    autojump_clock: MockClock, engine: Engine, cloud: FakeCloud
+) -> None:
+    """type= picks the instance type; a worker of another type is not handed out."""
+    small = await engine.get_worker(GetWorker(), "a")
+    big = await engine.get_worker(GetWorker(instance_type="c7i.16xlarge"), "a")
+    assert small != big
+    assert [call[0] for call in cloud.launch_calls] == [SPEC, BIG]
+
+
+async def test_pending_launches_are_polled_in_one_batched_describe(
+    autojump_clock: MockClock, engine: Engine, cloud: FakeCloud
+) -> None:
+    """Five launching workers cost one DescribeInstances per poll, not five."""
+    ids = await engine.burst(5)
+    assert len(ids) == 5
+    assert len(cloud.launch_calls) == 1
+    assert cloud.launch_calls[0][1] == 5
+    with trio.fail_after(60):
+        while engine.pool.launching():
+            await trio.sleep(1)
+    assert all(sorted(call) == sorted(ids) for call in cloud.describe_calls)
+    assert len(cloud.describe_calls) <= 20 / 2.0 + 2
+
+
+async def test_idle_worker_is_reaped_after_idle_timeout(
+    autojump_clock: MockClock, engine: Engine, cloud: FakeCloud
+) -> None:
+    """A worker nobody uses for 900 s is terminated by the next reaper pass."""
+    await engine.get_worker(GetWorker(), "a")
+    await trio.sleep(899)
+    assert len(cloud.alive()) == 1
+    await trio.sleep(61)
+    assert cloud.alive() == []
+    assert engine.pool.workers == {}
+    assert engine.pool.leases == {}
+
+
+async def test_ping_keeps_a_worker_alive_past_the_idle_timeout(
+    autojump_clock: MockClock, engine: Engine, cloud: FakeCloud
+) -> None:
+    """PING restarts the idle clock: a pinged worker outlives idle_timeout."""
+    ip = await engine.get_worker(GetWorker(), "a")
+    for _ in range(5):
+        await trio.sleep(600)
+        engine.ping(ip, "a")
+    assert len(cloud.alive()) == 1
+    assert len(engine.pool.leases) == 1
+
+
+async def test_release_keeps_a_worker_another_client_holds(
+    autojump_clock: MockClock, engine: Engine, cloud: FakeCloud
+) -> None:
+    """RELEASE by one holder ends only its lease; the last holder's RELEASE terminates."""
+    ip = await engine.get_worker(GetWorker(), "a")
+    assert await engine.get_worker(GetWorker(), "b") == ip
+    await engine.release(ip, "a")
+    assert len(cloud.alive()) == 1
+    assert [lease.client for lease in engine.pool.leases.values()] == ["b"]
+    await engine.release(ip, "b")
+    assert cloud.alive() == []
+
+
+async def test_release_of_a_stranger_does_not_terminate_a_held_worker(
+    autojump_clock: MockClock, engine: Engine, cloud: FakeCloud
+) -> None:
+    """A client without a lease cannot take a worker from its holder."""
+    ip = await engine.get_worker(GetWorker(), "a")
+    await engine.release(ip, "mallory")
+    assert len(cloud.alive()) == 1
+
+
+async def test_release_is_idempotent_and_unknown_ips_are_not_found(
+    autojump_clock: MockClock, engine: Engine
+) -> None:
+    """Releasing a gone worker is fine; an IP never seen is WorkerNotFound."""
+    ip = await engine.get_worker(GetWorker(), "a")
+    await engine.release(ip, "a")
+    await engine.release(ip, "a")
+    with pytest.raises(WorkerNotFound):
+        await engine.release("203.0.113.9", "a")
+    with pytest.raises(WorkerNotFound):
+        engine.ping(ip, "a")
+
+
+async def test_lease_expires_after_idle_timeout_while_others_keep_the_worker(
+    autojump_clock: MockClock, engine: Engine, cloud: FakeCloud
+) -> None:
+    """An idle lease ends; the worker stays for the client that keeps pinging."""
+    ip = await engine.get_worker(GetWorker(), "quiet")
+    await engine.get_worker(GetWorker(), "busy")
+    for _ in range(4):
+        await trio.sleep(300)
+        engine.ping(ip, "busy")
+    assert [lease.client for lease in engine.pool.leases.values()] == ["busy"]
+    assert len(cloud.alive()) == 1
+
+
+async def test_launch_error_is_answered_once_to_every_waiter(
+    autojump_clock: MockClock, engine: Engine, cloud: FakeCloud
+) -> None:
+    """A capacity error reaches all coalesced waiters; nobody retries in a loop."""
+    cloud.launch_delay = 1.0
+    cloud.launch_errors.append(CloudError("InsufficientInstanceCapacity", "no c7i here"))
+    errors: list[str] = []
+
+    async def ask(n: int) -> None:
+        try:
+            await engine.get_worker(GetWorker(), str(n))
+        except Refusal as exc:
+            errors.append(str(exc))
+
+    async with trio.open_nursery() as nursery:
+        for n in range(10):
+            nursery.start_soon(ask, n)
+    assert len(cloud.launch_calls) == 1
+    assert errors == ["launch failed: InsufficientInstanceCapacity: no c7i here"] * 10
+    assert engine.pool.in_flight == {}
+
+
+async def test_unreachable_cloud_is_a_clear_error(
+    autojump_clock: MockClock, engine: Engine, cloud: FakeCloud
+) -> None:
+    """Endpoint down becomes `cloud unreachable: ...`."""
+    cloud.launch_errors.append(
+        CloudError("EndpointUnreachable", "connect refused", unreachable=True)
+    )
+    with pytest.raises(Refusal, match=r"^cloud unreachable: connect refused$"):
+        await engine.get_worker(GetWorker(), "a")
+
+
+async def test_instance_that_never_boots_is_terminated_at_launch_timeout(
+    autojump_clock: MockClock, cloud: FakeCloud, clock: Clock
+) -> None:
+    """No worker past launch_timeout: the waiter gets an error and the instance is terminated."""
+    cloud.never_boot = True
+    engine = make_engine(cloud, clock, launch_timeout=120)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(engine.run)
+        start = trio.current_time()
+        with pytest.raises(Refusal, match=r"no worker ready after 120s|launch timed out"):
+            await engine.get_worker(GetWorker(), "a")
+        assert trio.current_time() - start <= 121
+        with trio.fail_after(10):
+            while cloud.alive():
+                await trio.sleep(1)
+        assert engine.pool.workers == {}
+        nursery.cancel_scope.cancel()
+
+
+async def test_wait_bounds_one_request_and_the_launch_carries_on(
+    autojump_clock: MockClock, engine: Engine, cloud: FakeCloud
+) -> None:
+    """wait=5 gives up after 5 s; the worker it started is handed to the next request."""
+    with pytest.raises(Refusal, match=r"^no worker ready after 5s$"):
+        await engine.get_worker(GetWorker(wait=5), "a")
+    ip = await engine.get_worker(GetWorker(), "b")
+    assert ip
+    assert len(cloud.launch_calls) == 1
+
+
+async def test_budget_refuses_a_launch_over_max_hourly_cost(
+    autojump_clock: MockClock, cloud: FakeCloud, clock: Clock
+) -> None:
+    """A launch that would lift the run rate over the cap is refused, naming the numbers."""
+    engine = make_engine(cloud, clock, max_hourly_cost=1.2)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(engine.run)
+        await engine.get_worker(GetWorker(), "a")  # $0.50/h
+        with pytest.raises(Refusal) as info:
+            await engine.get_worker(GetWorker(instance_type="c7i.16xlarge"), "a")  # +$1.00/h
+        assert str(info.value).startswith("budget: ")
+        assert "$1.2/h" in str(info.value)
+        assert len(cloud.launch_calls) == 1
+        nursery.cancel_scope.cancel()
+
+
+async def test_burst_is_cut_to_max_workers_and_refused_when_full(
+    autojump_clock: MockClock, cloud: FakeCloud, clock: Clock
+) -> None:
+    """BURST never takes the pool past max_workers."""
+    engine = make_engine(cloud, clock, max_workers=3)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(engine.run)
+        assert len(await engine.burst(5)) == 3
+        with pytest.raises(Refusal, match=r"^max_workers reached \(3\)$"):
+            await engine.burst(1)
+        nursery.cancel_scope.cancel()
+
+
+async def test_existing_pool_instances_are_adopted_at_start(
+    autojump_clock: MockClock, cloud: FakeCloud, clock: Clock
+) -> None:
+    """After a restart the running tagged instance is handed out, not relaunched."""
+    mine = cloud.add_running(SPEC)
+    cloud.add_running(SPEC, pool="someone-else")
+    engine = make_engine(cloud, clock)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(engine.run)
+        assert list(engine.pool.workers) == [mine.instance_id]
+        assert await engine.get_worker(GetWorker(), "a") == mine.ip
+        assert cloud.launch_calls == []
+        nursery.cancel_scope.cancel()
+
+
+async def test_shutdown_answers_waiting_requests(
+    autojump_clock: MockClock, engine: Engine, cloud: FakeCloud
+) -> None:
+    """Requests waiting for a launch get `broker shutting down` when the broker stops."""
+    result: list[str] = []
+
+    async def ask() -> None:
+        try:
+            await engine.get_worker(GetWorker(), "a")
+        except Refusal as exc:
+            result.append(str(exc))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(ask)
+        await trio.sleep(5)
+        engine.stop_handing_out()
+    assert result == ["broker shutting down"]
+
+
+async def test_failed_termination_is_retried_by_the_reaper(
+    autojump_clock: MockClock, engine: Engine, cloud: FakeCloud
+) -> None:
+    """If TerminateInstances fails, RELEASE says so and the next reaper pass retries."""
+    ip = await engine.get_worker(GetWorker(), "a")
+    cloud.terminate_errors.append(CloudError("RequestLimitExceeded", "slow down"))
+    with pytest.raises(Refusal, match=r"^terminate failed: RequestLimitExceeded"):
+        await engine.release(ip, "a")
+    assert len(cloud.alive()) == 1
+    await trio.sleep(61)
+    assert cloud.alive() == []
+
+
+async def test_status_reports_workers_leases_and_totals(
+    autojump_clock: MockClock, engine: Engine
+) -> None:
+    """STATUS carries each worker, each lease and the run rate."""
+    ip = await engine.get_worker(GetWorker(), "a")
+    await trio.sleep(12)
+    status = engine.status()
+    (worker,) = status["workers"]
+    assert worker["ip"] == ip
+    assert worker["state"] == "ready"
+    assert worker["clients"] == 1
+    assert worker["idle_seconds"] == pytest.approx(12, abs=0.01)
+    assert worker["price_per_hour"] == 0.5
+    assert status["leases"][0]["client"] == "a"
+    assert status["totals"]["run_rate_per_hour"] == 0.5
+    assert status["totals"]["by_state"]["ready"] == 1
