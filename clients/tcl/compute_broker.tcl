@@ -1,0 +1,595 @@
+# compute_broker.tcl --
+#
+#   Tcl 8.6 client for the compute-broker wire protocol (see protocol.md at the repository
+#   root). One TCP connection per request, like the seed clients. Every connect and read is
+#   event driven (socket -async, fileevent, after, vwait) and bounded by a timeout, so a dead
+#   or silent broker cannot freeze an experiment.
+#
+#   Errors are raised with -errorcode {COMPUTE_BROKER <TYPE> <detail>}:
+#     BROKER_ERROR  the broker answered a line beginning with ERROR (message = that line)
+#     TIMEOUT       no connection or no reply within the timeout
+#     UNAVAILABLE   connection refused/unreachable, or closed without a reply line
+#     PROTOCOL      a reply that does not fit the protocol (e.g. GET_WORKER answered "OK")
+#     USAGE         a bad argument or option given to a proc of this package
+
+package require Tcl 8.6
+
+namespace eval ::compute_broker {
+    namespace export configure get_worker ping release status burst help \
+        with_worker keepalive_start keepalive_stop
+
+    variable version 0.1.0
+
+    # Settings given to configure; a key that is absent takes its default: -host/-port from
+    # COMPUTE_BROKER_HOST / COMPUTE_BROKER_PORT, else localhost:9000; -client from
+    # COMPUTE_BROKER_CLIENT_ID, else randomClient.
+    variable config [dict create -timeout 10000]
+
+    # This interpreter's random client id (set below, once NewClientId exists).
+    variable randomClient ""
+
+    # GET_WORKER's default timeout: its wait, or the broker's default launch_timeout in
+    # seconds, plus the quick timeout (configure -timeout) as a margin.
+    variable launchTimeout 300
+
+    # A reply line longer than this is refused (protects memory against a garbage server).
+    variable maxReply 16777216
+
+    # Counter for unique names: per-call state ::compute_broker::callN (a request) and
+    # ::compute_broker::waitN (a synchronous call's vwait variable), keep-alive keys withN.
+    variable seq 0
+
+    # Keep-alive schedules: key -> dict (see KeepaliveStart).
+    variable keepalives
+    array set keepalives {}
+}
+
+# ---------------------------------------------------------------------------------------
+# Public procs
+# ---------------------------------------------------------------------------------------
+
+# compute_broker::configure ?-host h? ?-port p? ?-timeout ms? ?-client id?
+#   With no arguments: the current effective settings as a dict. An empty -host or -port
+#   goes back to the environment/default; -client "" sends no client=ID (the broker then
+#   knows this program by its IP address alone, like the seed clients).
+proc ::compute_broker::configure {args} {
+    variable config
+    if {[llength $args] == 0} {
+        lassign [Endpoint {}] host port timeout
+        return [dict create -host $host -port $port -timeout $timeout -client [ClientId {}]]
+    }
+    set opts [ParseOptions configure $args {-host -port -timeout -client}]
+    # ParseOptions has checked every value: nothing changes unless all are good.
+    dict for {opt value} $opts {
+        if {$opt in {-host -port} && $value eq ""} {
+            dict unset config $opt
+        } else {
+            dict set config $opt $value
+        }
+    }
+    return
+}
+
+# compute_broker::get_worker ?-host h? ?-port p? ?-type t? ?-market m? ?-wait s?
+#                            ?-timeout ms? ?-client id?
+#   Returns the worker's IP. The broker may legitimately take minutes while a worker boots,
+#   so the default timeout is the wait (or 300 s, the broker's default launch_timeout) plus
+#   the quick timeout (configure -timeout, 10 s) as a margin; -timeout ms replaces it.
+proc ::compute_broker::get_worker {args} {
+    variable launchTimeout
+    set opts [ParseOptions get_worker $args \
+        {-host -port -type -market -wait -timeout -client}]
+    set line GET_WORKER
+    foreach {opt key} {-type type -market market -wait wait} {
+        if {[dict exists $opts $opt]} {
+            set value [dict get $opts $opt]
+            CheckWord $opt $value
+            append line " $key=$value"
+        }
+    }
+    if {[dict exists $opts -wait]} {
+        set wait [dict get $opts -wait]
+        if {![string is double -strict $wait] || $wait <= 0} {
+            Usage "bad -wait \"$wait\": must be a positive number of seconds"
+        }
+    } else {
+        set wait $launchTimeout
+    }
+    append line [ClientArg $opts]
+    if {[dict exists $opts -timeout]} {
+        set timeout [dict get $opts -timeout]
+    } else {
+        lassign [Endpoint {}] - - margin
+        set timeout [expr {int(ceil($wait * 1000.0)) + $margin}]
+    }
+    set reply [Call $opts $line GET_WORKER $timeout]
+    if {![regexp {^[0-9A-Fa-f.:]+$} $reply]} {
+        Protocol GET_WORKER $reply
+    }
+    return $reply
+}
+
+# compute_broker::ping ip ?-host h? ?-port p? ?-timeout ms? ?-client id?  -> OK
+proc ::compute_broker::ping {ip args} {
+    set opts [ParseOptions ping $args {-host -port -timeout -client}]
+    CheckWord ip $ip
+    set reply [Call $opts "PING $ip[ClientArg $opts]" PING]
+    if {![regexp {^OK(\s|$)} $reply]} {
+        Protocol PING $reply
+    }
+    return $reply
+}
+
+# compute_broker::release ip ?-host h? ?-port p? ?-timeout ms? ?-client id?  -> OK
+proc ::compute_broker::release {ip args} {
+    set opts [ParseOptions release $args {-host -port -timeout -client}]
+    CheckWord ip $ip
+    set reply [Call $opts "RELEASE $ip[ClientArg $opts]" RELEASE]
+    if {![regexp {^OK(\s|$)} $reply]} {
+        Protocol RELEASE $reply
+    }
+    return $reply
+}
+
+# compute_broker::status ?-host h? ?-port p? ?-timeout ms?  -> the JSON line
+proc ::compute_broker::status {args} {
+    set opts [ParseOptions status $args {-host -port -timeout}]
+    set reply [Call $opts STATUS STATUS]
+    if {[string index $reply 0] ne "\{"} {
+        Protocol STATUS $reply
+    }
+    return $reply
+}
+
+# compute_broker::burst n ?-host h? ?-port p? ?-timeout ms?  -> list of instance ids
+proc ::compute_broker::burst {n args} {
+    set opts [ParseOptions burst $args {-host -port -timeout}]
+    if {![string is integer -strict $n] || $n < 1} {
+        Usage "bad count \"$n\": must be a positive integer"
+    }
+    set reply [Call $opts "BURST $n" BURST]
+    if {![regexp {^OK[ \t]+([0-9]+)((?:[ \t]+\S+)*)[ \t]*$} $reply -> count ids]} {
+        Protocol BURST $reply
+    }
+    set ids [regexp -all -inline {\S+} $ids]
+    if {[llength $ids] != $count} {
+        Protocol BURST $reply
+    }
+    return $ids
+}
+
+# compute_broker::help ?-host h? ?-port p? ?-timeout ms?  -> "commands: ..." (OK stripped)
+proc ::compute_broker::help {args} {
+    set opts [ParseOptions help $args {-host -port -timeout}]
+    set reply [Call $opts HELP HELP]
+    if {![regexp {^OK(?:[ \t]+(.*))?$} $reply -> text]} {
+        Protocol HELP $reply
+    }
+    return $text
+}
+
+# compute_broker::keepalive_start ip ?-interval ms? ?-command cmd? ?-host h? ?-port p?
+#                                 ?-timeout ms? ?-client id?
+#   PINGs ip every -interval ms (default 60000) from the event loop until keepalive_stop.
+#   -command is called after each PING as: {*}cmd ip ok|error result
+proc ::compute_broker::keepalive_start {ip args} {
+    set opts [ParseOptions keepalive_start $args \
+        {-interval -command -host -port -timeout -client}]
+    CheckWord ip $ip
+    KeepaliveStart ip:$ip $ip $opts
+    return
+}
+
+# compute_broker::keepalive_stop ip
+proc ::compute_broker::keepalive_stop {ip} {
+    KeepaliveStop ip:$ip
+    return
+}
+
+# compute_broker::with_worker ip_var body ?-type t? ?-market m? ?-wait s? ?-timeout ms?
+#     ?-host h? ?-port p? ?-client id? ?-keepalive ms? ?-keepalivecommand cmd?
+#   Gets a worker, sets ip_var in the caller, runs body in the caller's scope while PINGing
+#   the worker every -keepalive ms (0: no keep-alive), then RELEASEs the worker however the
+#   body ends. -timeout bounds the GET_WORKER only; PING and RELEASE use the configured one.
+proc ::compute_broker::with_worker {ip_var body args} {
+    variable seq
+    set opts [ParseOptions with_worker $args {-host -port -type -market -wait -timeout
+        -client -keepalive -keepalivecommand}]
+    set interval 60000
+    if {[dict exists $opts -keepalive]} {
+        set interval [dict get $opts -keepalive]
+        if {![string is integer -strict $interval] || $interval < 0} {
+            Usage "bad -keepalive \"$interval\": must be a number of milliseconds (0: off)"
+        }
+    }
+    set conn [dict filter $opts key -host -port -client]
+    # Resolve and check the connection settings before a worker is launched.
+    Endpoint $conn
+    ClientId $conn
+
+    set ip [get_worker {*}[dict filter $opts key -host -port -client -type -market \
+        -wait -timeout]]
+
+    set key with[incr seq]
+    set code [catch {
+        if {$interval > 0} {
+            set kopts [dict merge $conn [list -interval $interval]]
+            if {[dict exists $opts -keepalivecommand]} {
+                dict set kopts -command [dict get $opts -keepalivecommand]
+            }
+            KeepaliveStart $key $ip $kopts
+        }
+        upvar 1 $ip_var worker
+        set worker $ip
+        uplevel 1 $body
+    } result ropts]
+    KeepaliveStop $key
+    set rcode [catch {release $ip {*}$conn} rmsg rinfo]
+
+    switch -- $code {
+        0 {
+            if {$rcode} {
+                return -code error -errorcode [dict get $rinfo -errorcode] $rmsg
+            }
+            return $result
+        }
+        1 {
+            # Re-raise the body's error as it was (-errorcode, -errorinfo); a failed
+            # RELEASE cannot be reported on top of it.
+            dict incr ropts -level
+            return -options $ropts $result
+        }
+        2 {
+            if {$rcode} {
+                return -code error -errorcode [dict get $rinfo -errorcode] $rmsg
+            }
+            dict incr ropts -level
+            return -options $ropts $result
+        }
+        default {
+            if {$rcode} {
+                return -code error -errorcode [dict get $rinfo -errorcode] $rmsg
+            }
+            return -code $code $result
+        }
+    }
+}
+
+# ---------------------------------------------------------------------------------------
+# Option parsing and validation
+# ---------------------------------------------------------------------------------------
+
+proc ::compute_broker::Usage {message} {
+    return -code error -level 2 -errorcode [list COMPUTE_BROKER USAGE $message] \
+        "compute_broker: $message"
+}
+
+proc ::compute_broker::Protocol {command reply} {
+    return -code error -level 2 \
+        -errorcode [list COMPUTE_BROKER PROTOCOL $reply] \
+        "compute_broker: unexpected reply to $command: \"$reply\""
+}
+
+proc ::compute_broker::ParseOptions {cmd arglist allowed} {
+    if {[llength $arglist] % 2} {
+        Usage "$cmd: option \"[lindex $arglist end]\" has no value\
+            (options: [join $allowed {, }])"
+    }
+    set opts [dict create]
+    foreach {opt value} $arglist {
+        if {$opt ni $allowed} {
+            Usage "$cmd: bad option \"$opt\": must be [join $allowed {, }]"
+        }
+        dict set opts $opt $value
+    }
+    # An empty -host or -port means the default (configure, environment, localhost:9000).
+    if {[dict exists $opts -host] && [dict get $opts -host] ne ""} {
+        CheckWord -host [dict get $opts -host]
+    }
+    if {[dict exists $opts -port] && [dict get $opts -port] ne ""} {
+        CheckPort [dict get $opts -port]
+    }
+    if {[dict exists $opts -timeout]} {
+        CheckMs -timeout [dict get $opts -timeout]
+    }
+    if {[dict exists $opts -client]} {
+        CheckClient [dict get $opts -client]
+    }
+    if {[dict exists $opts -interval]} {
+        CheckMs -interval [dict get $opts -interval]
+    }
+    return $opts
+}
+
+# A value sent inside a request line: non-empty, no blanks, no control characters (so a
+# value can never inject a second request).
+proc ::compute_broker::CheckWord {what value} {
+    if {![string is graph -strict $value]} {
+        Usage "bad $what \"$value\": must be non-empty, without blanks or control characters"
+    }
+}
+
+proc ::compute_broker::CheckPort {value} {
+    if {![string is integer -strict $value] || $value < 1 || $value > 65535} {
+        Usage "bad port \"$value\": must be an integer 1-65535"
+    }
+}
+
+proc ::compute_broker::CheckMs {what value} {
+    if {![string is integer -strict $value] || $value < 1} {
+        Usage "bad $what \"$value\": must be a positive number of milliseconds"
+    }
+}
+
+proc ::compute_broker::CheckClient {value {what -client}} {
+    if {$value ne "" && ![regexp {^[A-Za-z0-9._:-]{1,64}$} $value]} {
+        Usage "bad $what \"$value\": must be 1-64 characters of A-Z a-z 0-9 . _ : -\
+            (or empty: none)"
+    }
+}
+
+# Effective host, port and quick timeout for a call: its options, else configure, else the
+# environment, else localhost:9000.
+proc ::compute_broker::Endpoint {opts} {
+    variable config
+    global env
+    set host ""
+    if {[dict exists $opts -host]} {set host [dict get $opts -host]}
+    if {$host eq "" && [dict exists $config -host]} {set host [dict get $config -host]}
+    if {$host eq "" && [info exists env(COMPUTE_BROKER_HOST)]} {
+        set host [string trim $env(COMPUTE_BROKER_HOST)]
+        if {$host ne ""} {CheckWord COMPUTE_BROKER_HOST $host}
+    }
+    if {$host eq ""} {set host localhost}
+    set port ""
+    if {[dict exists $opts -port]} {set port [dict get $opts -port]}
+    if {$port eq "" && [dict exists $config -port]} {set port [dict get $config -port]}
+    if {$port eq "" && [info exists env(COMPUTE_BROKER_PORT)]} {
+        set port [string trim $env(COMPUTE_BROKER_PORT)]
+        if {$port ne ""} {CheckPort $port}
+    }
+    if {$port eq ""} {set port 9000}
+    set timeout [dict get $config -timeout]
+    if {[dict exists $opts -timeout]} {set timeout [dict get $opts -timeout]}
+    return [list $host $port $timeout]
+}
+
+# The client id for a call: its -client, else configure's, else COMPUTE_BROKER_CLIENT_ID,
+# else this interpreter's random id. "" means none.
+proc ::compute_broker::ClientId {opts} {
+    variable config
+    variable randomClient
+    global env
+    if {[dict exists $opts -client]} {return [dict get $opts -client]}
+    if {[dict exists $config -client]} {return [dict get $config -client]}
+    if {[info exists env(COMPUTE_BROKER_CLIENT_ID)] && $env(COMPUTE_BROKER_CLIENT_ID) ne ""} {
+        CheckClient $env(COMPUTE_BROKER_CLIENT_ID) COMPUTE_BROKER_CLIENT_ID
+        return $env(COMPUTE_BROKER_CLIENT_ID)
+    }
+    return $randomClient
+}
+
+# " client=ID" for a request line, or "" when the id is empty.
+proc ::compute_broker::ClientArg {opts} {
+    set id [ClientId $opts]
+    if {$id eq ""} {return ""}
+    return " client=$id"
+}
+
+# A random client id per interpreter, e.g. tcl-4242-1f9a0c3b7d2e. Reads /dev/urandom when
+# it can, so the interpreter's rand() sequence (an experiment's srand seed) is not touched.
+proc ::compute_broker::NewClientId {} {
+    set hex ""
+    catch {
+        set f [open /dev/urandom rb]
+        try {
+            binary scan [read $f 6] H* hex
+        } finally {
+            close $f
+        }
+    }
+    if {[string length $hex] != 12} {
+        set x [expr {([clock microseconds] ^ ([clock clicks] << 20) ^ ([pid] << 32))}]
+        set hex [format %012llx [expr {($x * 0x9E3779B97F4A7C15) & 0xffffffffffff}]]
+    }
+    return "tcl-[pid]-$hex"
+}
+set ::compute_broker::randomClient [::compute_broker::NewClientId]
+
+# ---------------------------------------------------------------------------------------
+# Requests: one connection per request, event driven, bounded by a timeout
+# ---------------------------------------------------------------------------------------
+
+# Sends line, returns the reply line; raises BROKER_ERROR for an ERROR reply.
+proc ::compute_broker::Call {opts line command {timeout ""}} {
+    lassign [Endpoint $opts] host port quick
+    if {$timeout eq ""} {set timeout $quick}
+    set reply [Request $host $port $line $timeout $command]
+    if {[string match ERROR* $reply]} {
+        return -code error -errorcode [list COMPUTE_BROKER BROKER_ERROR $reply] $reply
+    }
+    return $reply
+}
+
+# Synchronous request: starts it and enters the event loop (vwait) until it completes.
+# Each call waits on its own variable, so calls may nest (e.g. from event handlers).
+proc ::compute_broker::Request {host port line timeout command} {
+    variable seq
+    set var [namespace current]::wait[incr seq]
+    Start $host $port $line $timeout $command [list [namespace current]::SetResult $var]
+    vwait $var
+    lassign [set $var] code result errorcode
+    unset $var
+    if {$code ne "ok"} {
+        return -code error -errorcode $errorcode $result
+    }
+    return $result
+}
+
+proc ::compute_broker::SetResult {var code result errorcode} {
+    set $var [list $code $result $errorcode]
+}
+
+# Asynchronous request. Returns a token; later, from the event loop, calls
+#   {*}$callback ok <reply line> {}    or    {*}$callback error <message> <errorcode>
+# exactly once, unless Cancel is called first.
+proc ::compute_broker::Start {host port line timeout command callback} {
+    variable seq
+    set token [namespace current]::call[incr seq]
+    upvar #0 $token S
+    array set S [list host $host port $port line $line timeout $timeout \
+        command $command callback $callback chan "" phase connect timer "" idle ""]
+    set S(timer) [after $timeout [list [namespace current]::Timeout $token]]
+    if {[catch {socket -async $host $port} chan]} {
+        set S(idle) [after 0 [list [namespace current]::Finish $token error \
+            "compute_broker: cannot connect to $host:$port: $chan" \
+            [list COMPUTE_BROKER UNAVAILABLE "connect to $host:$port: $chan"]]]
+        return $token
+    }
+    set S(chan) $chan
+    fconfigure $chan -blocking 0 -translation lf -encoding utf-8 -buffering full
+    fileevent $chan writable [list [namespace current]::Connected $token]
+    return $token
+}
+
+proc ::compute_broker::Connected {token} {
+    upvar #0 $token S
+    if {![info exists S(chan)]} return
+    set chan $S(chan)
+    # With several addresses for a name, Tcl tries them in turn; wait for the last.
+    if {![catch {fconfigure $chan -connecting} connecting] && $connecting} return
+    if {[catch {fconfigure $chan -error} err]} {set err "connection failed"}
+    if {$err ne ""} {
+        Finish $token error "compute_broker: cannot connect to $S(host):$S(port): $err" \
+            [list COMPUTE_BROKER UNAVAILABLE "connect to $S(host):$S(port): $err"]
+        return
+    }
+    fileevent $chan writable {}
+    if {[catch {puts -nonewline $chan "$S(line)\n"; flush $chan} err]} {
+        Finish $token error "compute_broker: cannot send to $S(host):$S(port): $err" \
+            [list COMPUTE_BROKER UNAVAILABLE "send to $S(host):$S(port): $err"]
+        return
+    }
+    set S(phase) reply
+    fileevent $chan readable [list [namespace current]::Readable $token]
+}
+
+proc ::compute_broker::Readable {token} {
+    variable maxReply
+    upvar #0 $token S
+    if {![info exists S(chan)]} return
+    set chan $S(chan)
+    if {[catch {gets $chan reply} n]} {
+        Finish $token error "compute_broker: cannot read from $S(host):$S(port): $n" \
+            [list COMPUTE_BROKER UNAVAILABLE "read from $S(host):$S(port): $n"]
+        return
+    }
+    if {$n >= 0} {
+        if {[string index $reply end] eq "\r"} {
+            set reply [string range $reply 0 end-1]
+        }
+        Finish $token ok $reply {}
+    } elseif {[eof $chan]} {
+        set what "$S(host):$S(port) closed the connection without replying to $S(command)"
+        Finish $token error "compute_broker: $what" [list COMPUTE_BROKER UNAVAILABLE $what]
+    } elseif {[chan pending input $chan] > $maxReply} {
+        Finish $token error \
+            "compute_broker: reply to $S(command) from $S(host):$S(port) is too long" \
+            [list COMPUTE_BROKER PROTOCOL "reply longer than $maxReply bytes"]
+    }
+}
+
+proc ::compute_broker::Timeout {token} {
+    upvar #0 $token S
+    if {![info exists S(chan)]} return
+    set S(timer) ""
+    if {$S(phase) eq "connect"} {
+        set what "connect to $S(host):$S(port)"
+    } else {
+        set what "reply to $S(command) from $S(host):$S(port)"
+    }
+    Finish $token error "compute_broker: timed out after $S(timeout) ms waiting for $what" \
+        [list COMPUTE_BROKER TIMEOUT $what]
+}
+
+proc ::compute_broker::Finish {token code result errorcode} {
+    upvar #0 $token S
+    if {![info exists S(callback)]} return
+    set callback $S(callback)
+    Cancel $token
+    if {[catch {{*}$callback $code $result $errorcode} msg opts]} {
+        BackgroundError $msg $opts
+    }
+}
+
+# Abandons a request: cancels its timers, closes its socket, forgets its state.
+proc ::compute_broker::Cancel {token} {
+    upvar #0 $token S
+    if {![info exists S(chan)]} return
+    after cancel $S(timer)
+    after cancel $S(idle)
+    if {$S(chan) ne ""} {
+        catch {close $S(chan)}
+    }
+    unset S
+}
+
+proc ::compute_broker::BackgroundError {msg opts} {
+    catch {{*}[interp bgerror {}] $msg $opts}
+}
+
+# ---------------------------------------------------------------------------------------
+# Keep-alive: PING from the event loop (after), one request in flight at a time
+# ---------------------------------------------------------------------------------------
+
+proc ::compute_broker::KeepaliveStart {key ip opts} {
+    variable keepalives
+    KeepaliveStop $key
+    lassign [Endpoint $opts] host port timeout
+    set interval 60000
+    if {[dict exists $opts -interval]} {set interval [dict get $opts -interval]}
+    set command ""
+    if {[dict exists $opts -command]} {set command [dict get $opts -command]}
+    set keepalives($key) [dict create ip $ip interval $interval host $host port $port \
+        timeout $timeout client [ClientArg $opts] command $command request "" \
+        after [after $interval [list [namespace current]::KeepaliveTick $key]]]
+}
+
+proc ::compute_broker::KeepaliveStop {key} {
+    variable keepalives
+    if {![info exists keepalives($key)]} return
+    after cancel [dict get $keepalives($key) after]
+    set request [dict get $keepalives($key) request]
+    if {$request ne ""} {Cancel $request}
+    unset keepalives($key)
+}
+
+proc ::compute_broker::KeepaliveTick {key} {
+    variable keepalives
+    if {![info exists keepalives($key)]} return
+    set k $keepalives($key)
+    set line "PING [dict get $k ip][dict get $k client]"
+    dict set keepalives($key) after ""
+    dict set keepalives($key) request [Start [dict get $k host] [dict get $k port] $line \
+        [dict get $k timeout] PING [list [namespace current]::KeepaliveDone $key]]
+}
+
+proc ::compute_broker::KeepaliveDone {key code result errorcode} {
+    variable keepalives
+    if {![info exists keepalives($key)]} return
+    if {$code eq "ok" && ![regexp {^OK(\s|$)} $result]} {
+        set code error
+    }
+    dict set keepalives($key) request ""
+    set k $keepalives($key)
+    dict set keepalives($key) after \
+        [after [dict get $k interval] [list [namespace current]::KeepaliveTick $key]]
+    set command [dict get $k command]
+    if {$command ne ""} {
+        if {[catch {uplevel #0 [list {*}$command [dict get $k ip] $code $result]} msg opts]} {
+            BackgroundError $msg $opts
+        }
+    }
+}
+
+package provide compute_broker $::compute_broker::version

@@ -1,0 +1,248 @@
+"""The Tcl client against a live sandbox broker.
+
+Starts `python -m broker serve --sandbox` on a free loopback port, then
+- runs the tcltest suite (`tclsh clients/tcl/tests/all.tcl`) with COMPUTE_BROKER_HOST/PORT
+  pointing at it, and fails with tcltest's output when any Tcl test fails;
+- runs the seed guide's Tcl snippet (request a worker, release it) verbatim against it.
+
+Without tclsh the tests are skipped, except in CI (the CI environment variable is set), where
+.ci/run installs tclsh and its absence is a failure.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+TESTS_DIR = Path(__file__).resolve().parent
+TCL_DIR = TESTS_DIR.parent
+REPO_ROOT = TCL_DIR.parent.parent
+TCLSH = shutil.which("tclsh")
+IN_CI = bool(os.environ.get("CI"))
+
+pytestmark = pytest.mark.skipif(
+    TCLSH is None and not IN_CI,
+    reason="tclsh not found (install Tcl 8.6, e.g. apt-get install tcl); in CI it is required",
+)
+
+BROKER_CONFIG = """\
+sandbox_boot_time: 0.5
+launch_timeout: 30
+describe_interval: 0.1
+"""
+STARTUP_TIMEOUT = 60.0
+SUITE_TIMEOUT = 120.0
+
+# The seed guide's "Client Integration" snippets ("Request worker", "Release worker"), as
+# written there: the test defines broker_host and replaces the port 9000 with the live one.
+SEED_REQUEST = """\
+set sock [socket $broker_host 9000]
+puts $sock "GET_WORKER"
+flush $sock
+gets $sock worker_ip
+close $sock
+
+puts "Got worker at: $worker_ip"
+
+# Now connect to worker for actual compute
+set worker_sock [socket $worker_ip 2560]
+# ... your dserv protocol ...
+close $worker_sock
+"""
+SEED_RELEASE = """\
+set sock [socket $broker_host 9000]
+puts $sock "RELEASE $worker_ip"
+flush $sock
+gets $sock response  ;# Should get "OK"
+close $sock
+"""
+SEED_WORKER_PORT = 2560
+
+TOTALS = re.compile(
+    r"^all\.tcl:\s+Total\s+(\d+)\s+Passed\s+(\d+)\s+Skipped\s+(\d+)\s+Failed\s+(\d+)", re.M
+)
+
+
+@dataclass
+class LiveBroker:
+    host: str
+    port: int
+    output: list[str]
+
+    def log(self) -> str:
+        return "".join(self.output[-200:])
+
+    def request(self, line: str) -> str:
+        """One request on its own connection; the reply line without its line ending."""
+        with socket.create_connection((self.host, self.port), timeout=10) as conn:
+            conn.sendall(line.encode() + b"\n")
+            reply = b""
+            while not reply.endswith(b"\n"):
+                chunk = conn.recv(65536)
+                if not chunk:
+                    break
+                reply += chunk
+        return reply.decode().rstrip("\r\n")
+
+
+@pytest.fixture(scope="module")
+def tclsh() -> str:
+    if TCLSH is None:
+        pytest.fail("tclsh is not installed, and CI is set: .ci/run should have installed it")
+    return TCLSH
+
+
+@pytest.fixture(scope="module")
+def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveBroker]:
+    """A sandbox broker on a free loopback port, for this module's tests."""
+    config = tmp_path_factory.mktemp("tcl-client-broker") / "broker.yaml"
+    config.write_text(BROKER_CONFIG)
+    command = [sys.executable, "-m", "broker", "serve", "--sandbox"]
+    command += ["--host", "127.0.0.1", "--port", "0", "--config", str(config)]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("COMPUTE_BROKER_")}
+    proc = subprocess.Popen(
+        command,
+        cwd=REPO_ROOT,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    output: list[str] = []
+    lines: queue.Queue[str | None] = queue.Queue()
+
+    def drain() -> None:  # keeps reading so the broker never blocks on a full pipe
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            output.append(line)
+            lines.put(line)
+        lines.put(None)
+
+    reader = threading.Thread(target=drain, daemon=True)
+    reader.start()
+    try:
+        host, port = _wait_until_listening(lines, output)
+        yield LiveBroker(host, port, output)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=5)
+        reader.join(timeout=5)
+
+
+def _wait_until_listening(lines: queue.Queue[str | None], output: list[str]) -> tuple[str, int]:
+    deadline = time.monotonic() + STARTUP_TIMEOUT
+    while True:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            pytest.fail(f"the broker did not print 'listening on' in {STARTUP_TIMEOUT:.0f}s")
+        try:
+            line = lines.get(timeout=remaining)
+        except queue.Empty:
+            continue
+        if line is None:
+            pytest.fail("the broker exited before listening:\n" + "".join(output))
+        match = re.match(r"listening on (\S+):(\d+)\s*$", line)
+        if match:
+            return match.group(1), int(match.group(2))
+
+
+def _tcl_env(broker: LiveBroker) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("COMPUTE_BROKER_")}
+    env["COMPUTE_BROKER_HOST"] = broker.host
+    env["COMPUTE_BROKER_PORT"] = str(broker.port)
+    return env
+
+
+def test_tcltest_suite(tclsh: str, broker: LiveBroker) -> None:
+    """clients/tcl/tests/all.tcl: every Tcl test passes, the live-broker ones included."""
+    result = subprocess.run(
+        [tclsh, str(TESTS_DIR / "all.tcl")],
+        cwd=REPO_ROOT,
+        env=_tcl_env(broker),
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=SUITE_TIMEOUT,
+    )
+    report = f"tcltest output:\n{result.stdout}\n{result.stderr}\nbroker log:\n{broker.log()}"
+    totals = TOTALS.search(result.stdout)
+    assert totals, f"no tcltest totals line\n{report}"
+    total, passed, skipped, failed = (int(n) for n in totals.groups())
+    assert failed == 0, f"{failed} Tcl test(s) failed\n{report}"
+    assert result.returncode == 0, f"all.tcl exited {result.returncode}\n{report}"
+    assert "Test files exiting with errors" not in result.stdout, report
+    assert total > 0 and passed + skipped == total, report
+    assert "liveBroker" not in result.stdout, f"live-broker tests were skipped\n{report}"
+
+
+def test_seed_snippet_verbatim(tclsh: str, broker: LiveBroker) -> None:
+    """The seed guide's Tcl snippet gets a worker and releases it."""
+    script = "\n".join(
+        [
+            f"set broker_host {broker.host}",
+            SEED_REQUEST.replace("9000", str(broker.port)),
+            SEED_RELEASE.replace("9000", str(broker.port)),
+            'puts "response: $response"',
+        ]
+    )
+    # The snippet connects to the worker's dserv port. Sandbox workers have loopback IPs
+    # (127.77.x.y) with nothing behind them, so a listener on that port of every local
+    # address stands in for dserv (the kernel completes the connect; nothing is read).
+    with _stand_in_worker(SEED_WORKER_PORT):
+        result = subprocess.run(
+            [tclsh],
+            input=script,
+            cwd=REPO_ROOT,
+            env=_tcl_env(broker),
+            capture_output=True,
+            text=True,
+            timeout=SUITE_TIMEOUT,
+        )
+    report = f"stdout:\n{result.stdout}\nstderr:\n{result.stderr}\nbroker log:\n{broker.log()}"
+    assert result.returncode == 0, report
+    match = re.search(r"^Got worker at: (127\.77\.\d+\.\d+)$", result.stdout, re.M)
+    assert match, report
+    assert re.search(r"^response: OK$", result.stdout, re.M), report
+    # The snippet sends no client=ID: its lease is the one of the bare peer address.
+    status = json.loads(broker.request("STATUS"))
+    bare = [lease for lease in status["leases"] if "/" not in lease["client"]]
+    assert bare == [], f"the seed client's lease is still there: {bare}\n{report}"
+
+
+@contextmanager
+def _stand_in_worker(port: int) -> Iterator[None]:
+    """Listen on 0.0.0.0:port for the duration of the block, if the port is free.
+
+    If something already listens there (a developer's own dserv), that accepts the connect.
+    """
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(("0.0.0.0", port))
+            sock.listen(16)
+        except OSError:
+            pass  # the port is taken: whatever holds it accepts the connect (or the test says)
+        yield
+    finally:
+        sock.close()
