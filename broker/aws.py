@@ -1,0 +1,113 @@
+"""boto3 plumbing shared by the AWS adapters: client construction and one call wrapper.
+
+Every blocking boto3 call goes through `call`, which runs it in a worker thread under a
+`trio.CapacityLimiter` and turns botocore's exceptions into `broker.cloud.CloudError`.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any, ParamSpec, TypeVar
+
+import boto3
+import botocore.config
+import botocore.exceptions
+import botocore.loaders
+import botocore.parsers
+import botocore.session
+import trio
+
+from broker.cloud import CloudError
+
+DEFAULT_REGION = "us-east-1"
+# Long enough to keep AWS's own message, short enough for one reply line.
+MAX_MESSAGE_LENGTH = 300
+
+_P = ParamSpec("_P")
+_T = TypeVar("_T")
+
+# Service models are large JSON files: share one loader (and its cache) between sessions, so
+# a second client costs milliseconds instead of a few hundred.
+_LOADER = botocore.loaders.create_loader()
+
+_UNREACHABLE = (
+    botocore.exceptions.EndpointConnectionError,
+    botocore.exceptions.ConnectTimeoutError,
+    botocore.exceptions.ReadTimeoutError,
+    botocore.exceptions.ConnectionClosedError,
+)
+
+
+def make_client(
+    service: str,
+    *,
+    region: str | None,
+    max_attempts: int = 5,
+    connect_timeout: float = 5,
+    read_timeout: float = 20,
+) -> Any:
+    """A boto3 client using the standard credential chain and botocore's standard retries.
+
+    The endpoint comes from `AWS_ENDPOINT_URL` when set (boto3 reads it). Without `region`
+    the configured one is used, else us-east-1. `max_attempts` is botocore's setting of that
+    name, which counts retries: up to `max_attempts + 1` requests per call.
+    """
+    botocore_session = botocore.session.Session()
+    botocore_session.register_component("data_loader", _LOADER)
+    session = boto3.session.Session(botocore_session=botocore_session, region_name=region)
+    config = botocore.config.Config(
+        retries={"mode": "standard", "max_attempts": max_attempts},
+        connect_timeout=connect_timeout,
+        read_timeout=read_timeout,
+    )
+    return session.client(  # type: ignore[call-overload]
+        service, region_name=session.region_name or DEFAULT_REGION, config=config
+    )
+
+
+async def call(
+    limiter: trio.CapacityLimiter,
+    fn: Callable[_P, _T],
+    /,
+    *args: _P.args,
+    **kwargs: _P.kwargs,
+) -> _T:
+    """Run the blocking `fn(*args, **kwargs)` in a thread; raise `CloudError` when it fails.
+
+    Cancellation returns at once; the abandoned thread finishes (bounded by the client's
+    timeouts) and keeps its limiter token until then.
+    """
+    try:
+        return await trio.to_thread.run_sync(
+            functools.partial(fn, *args, **kwargs), limiter=limiter, abandon_on_cancel=True
+        )
+    except (
+        botocore.exceptions.ClientError,
+        botocore.exceptions.BotoCoreError,
+        botocore.parsers.ResponseParserError,
+    ) as exc:
+        raise cloud_error(exc) from exc
+
+
+def cloud_error(exc: Exception) -> CloudError:
+    """The `CloudError` for a boto3/botocore exception (one-line message)."""
+    if isinstance(exc, botocore.exceptions.ClientError):
+        error = exc.response.get("Error", {})
+        code = error.get("Code") or "ClientError"
+        return CloudError(code, _one_line(error.get("Message") or str(exc)))
+    if isinstance(exc, _UNREACHABLE):
+        return CloudError("EndpointUnreachable", _one_line(str(exc)), unreachable=True)
+    if isinstance(exc, botocore.exceptions.NoCredentialsError):
+        return CloudError("NoCredentials", "no AWS credentials found")
+    if isinstance(exc, botocore.parsers.ResponseParserError):
+        return CloudError("BadResponse", "could not parse the AWS response")
+    return CloudError(type(exc).__name__, _one_line(str(exc)))
+
+
+def _one_line(text: str) -> str:
+    """Collapse whitespace (botocore messages can span lines) and cap the length."""
+    flat = " ".join(text.split())
+    if len(flat) > MAX_MESSAGE_LENGTH:
+        return flat[: MAX_MESSAGE_LENGTH - 3] + "..."
+    return flat

@@ -1,0 +1,87 @@
+"""Shared fixtures: the sandbox cloud (an embedded moto server) for tests that use AWS."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Awaitable, Callable, Iterator
+from typing import TYPE_CHECKING, TypeVar
+
+import pytest
+import trio
+
+if TYPE_CHECKING:
+    from broker.sandbox import MotoHandle
+
+_T = TypeVar("_T")
+
+
+@pytest.fixture(scope="session")
+def moto_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MotoHandle]:
+    """An embedded moto server for the whole session, with boto3 pointed at it.
+
+    Sets the sandbox environment (endpoint, fake credentials, us-east-1) and isolates boto3
+    from the developer's AWS config files and endpoint overrides, so no call can leave the
+    machine. Workers get unique loopback IPs; the boot delay is 0 (tests that change it put
+    it back). Tests share the server: use a fresh pool name per test.
+    """
+    from broker import sandbox  # moto is an optional extra: import it only when needed
+
+    handle = sandbox.start_moto()
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        for name in list(os.environ):
+            if name.startswith("AWS_"):
+                monkeypatch.delenv(name)
+        for name, value in sandbox.sandbox_environment(handle.endpoint_url).items():
+            monkeypatch.setenv(name, value)
+        no_config = tmp_path_factory.mktemp("aws") / "absent"
+        monkeypatch.setenv("AWS_CONFIG_FILE", str(no_config))
+        monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(no_config))
+        sandbox.install_unique_ips()
+        sandbox.install_boot_delay(0)
+        _warm_up_ec2()
+        try:
+            yield handle
+        finally:
+            handle.stop()
+
+
+def _warm_up_ec2() -> None:
+    """moto's first EC2 call loads its AMI and instance-type data (1.5-3.5 s): pay it once
+    here so tests' deadlines measure the tests."""
+    from broker.aws import make_client
+
+    make_client("ec2", region=None).describe_vpcs()
+
+
+@pytest.fixture
+def boot_delay(moto_server: MotoHandle) -> Iterator[Callable[[float], None]]:
+    """Set the sandbox boot delay (seconds) for instances launched afterwards; reset to 0."""
+    from broker import sandbox
+
+    try:
+        yield sandbox.install_boot_delay
+    finally:
+        sandbox.install_boot_delay(0)
+
+
+@pytest.fixture
+def aws_env(moto_server: MotoHandle) -> dict[str, str]:
+    """The environment variables a subprocess needs to use the session's sandbox cloud."""
+    from broker import sandbox
+
+    return sandbox.sandbox_environment(moto_server.endpoint_url)
+
+
+async def wait_until(
+    check: Callable[[], Awaitable[_T | None]], *, timeout: float = 10.0, poll: float = 0.05
+) -> _T:
+    """Call `check` until it returns something other than None or False; return that.
+
+    Fails with `trio.TooSlowError` after `timeout` seconds.
+    """
+    with trio.fail_after(timeout):
+        while True:
+            result = await check()
+            if result is not None and result is not False:
+                return result
+            await trio.sleep(poll)

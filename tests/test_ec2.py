@@ -1,0 +1,353 @@
+"""`Ec2Cloud` and `broker.aws` over the embedded moto server: the production boto3 path.
+
+Faults are injected with botocore event hooks on the adapter's client: `before-send` returning
+an `AWSResponse` is parsed and retried by botocore exactly like a real AWS error.
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+import uuid
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import botocore.exceptions
+import pytest
+import trio
+from botocore.awsrequest import AWSResponse
+
+from broker.aws import call, make_client
+from broker.cloud import CloudError, LaunchSpec, Market
+from broker.ec2 import Ec2Cloud, Ec2Settings
+from broker.sandbox import MotoHandle, SandboxResources, prepare_resources
+from tests.harness import wait_for
+
+SPOT = LaunchSpec("c7i.large", Market.SPOT)
+ON_DEMAND = LaunchSpec("t3.micro", Market.ON_DEMAND)
+UNKNOWN_ID = "i-0123456789abcdef0"
+DEADLINE = 10
+
+
+@pytest.fixture(scope="module")
+def resources(moto_server: MotoHandle) -> SandboxResources:
+    return prepare_resources()
+
+
+@pytest.fixture
+def settings(resources: SandboxResources) -> Ec2Settings:
+    """Settings for a pool of this test's own, so tests sharing moto do not see each other."""
+    return Ec2Settings(
+        ami_id=resources.ami_id,
+        security_group_ids=(resources.security_group_id,),
+        key_name=resources.key_name,
+        subnet_id=resources.subnet_id,
+        pool_name=f"test-{uuid.uuid4().hex[:8]}",
+        region="us-east-1",
+    )
+
+
+@pytest.fixture
+def limiter() -> trio.CapacityLimiter:
+    return trio.CapacityLimiter(4)
+
+
+@pytest.fixture
+def cloud(settings: Ec2Settings, limiter: trio.CapacityLimiter) -> Ec2Cloud:
+    return Ec2Cloud(settings, limiter)
+
+
+def fast_cloud(settings: Ec2Settings, limiter: trio.CapacityLimiter, retries: int) -> Ec2Cloud:
+    """A cloud whose client retries a failed call at most `retries` times.
+
+    botocore's `max_attempts` counts retries: the first attempt is not included.
+    """
+    client = make_client("ec2", region=settings.region, max_attempts=retries)
+    return Ec2Cloud(settings, limiter, client=client)
+
+
+def record_params(cloud: Ec2Cloud, operation: str) -> list[dict[str, Any]]:
+    """The parameters of every `operation` call the cloud's client makes, as passed."""
+    calls: list[dict[str, Any]] = []
+
+    def hook(params: dict[str, Any], **_: Any) -> None:
+        calls.append(dict(params))
+
+    cloud.client.meta.events.register(f"provide-client-params.ec2.{operation}", hook)
+    return calls
+
+
+class _Body:
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+
+    def stream(self, **_: Any) -> Iterator[bytes]:
+        yield self.data
+
+
+def ec2_error(status: int, code: str, message: str) -> AWSResponse:
+    body = (
+        '<?xml version="1.0" encoding="UTF-8"?>\n<Response><Errors><Error>'
+        f"<Code>{code}</Code><Message>{message}</Message>"
+        "</Error></Errors><RequestID>injected</RequestID></Response>"
+    ).encode()
+    return AWSResponse("https://ec2.injected/", status, {}, _Body(body))
+
+
+def inject(cloud: Ec2Cloud, operation: str, responses: list[AWSResponse]) -> list[int]:
+    """Answer the next `operation` attempts with `responses`, then let requests through.
+
+    Returns a list that grows by one per attempt sent."""
+    attempts: list[int] = []
+    pending = list(responses)
+
+    def hook(**_: Any) -> AWSResponse | None:
+        attempts.append(1)
+        return pending.pop(0) if pending else None
+
+    cloud.client.meta.events.register(f"before-send.ec2.{operation}", hook)
+    return attempts
+
+
+def closed_loopback_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+    return port
+
+
+def worker_tags(pool: str) -> dict[str, str]:
+    return {
+        "Name": "compute-broker-worker",
+        "compute-broker:pool": pool,
+        "compute-broker:managed": "true",
+    }
+
+
+async def test_launch_sets_tags_spot_options_and_client_token(
+    cloud: Ec2Cloud, settings: Ec2Settings, limiter: trio.CapacityLimiter
+) -> None:
+    """A spot launch is one tagged RunInstances with MinCount 1, MaxCount n and the token."""
+    sent = record_params(cloud, "RunInstances")
+    with trio.fail_after(DEADLINE):
+        launched = await cloud.launch(SPOT, 2, "token-launch-1")
+        described = await call(
+            limiter,
+            cloud.client.describe_instances,
+            InstanceIds=[i.instance_id for i in launched],
+        )
+
+    assert len(sent) == 1
+    params = sent[0]
+    assert (params["MinCount"], params["MaxCount"]) == (1, 2)
+    assert params["ClientToken"] == "token-launch-1"
+    assert params["ImageId"] == settings.ami_id
+    assert params["InstanceType"] == "c7i.large"
+    assert params["SecurityGroupIds"] == list(settings.security_group_ids)
+    assert (params["KeyName"], params["SubnetId"]) == (settings.key_name, settings.subnet_id)
+    assert params["InstanceMarketOptions"] == {
+        "MarketType": "spot",
+        "SpotOptions": {
+            "SpotInstanceType": "one-time",
+            "InstanceInterruptionBehavior": "terminate",
+        },
+    }
+    assert len(launched) == 2
+    raw = {i["InstanceId"]: i for r in described["Reservations"] for i in r["Instances"]}
+    for instance in launched:
+        assert instance.market is Market.SPOT
+        assert instance.instance_type == "c7i.large"
+        assert instance.tags == worker_tags(settings.pool_name)
+        assert instance.launched_at == raw[instance.instance_id]["LaunchTime"].timestamp()
+        assert raw[instance.instance_id]["InstanceLifecycle"] == "spot"
+
+
+async def test_on_demand_launch_has_no_market_options_nor_unset_key_and_subnet(
+    settings: Ec2Settings, limiter: trio.CapacityLimiter
+) -> None:
+    """On-demand sends no InstanceMarketOptions; KeyName and SubnetId only when configured."""
+    bare = Ec2Settings(
+        ami_id=settings.ami_id,
+        security_group_ids=settings.security_group_ids,
+        key_name=None,
+        subnet_id=None,
+        pool_name=settings.pool_name,
+        region=settings.region,
+    )
+    cloud = Ec2Cloud(bare, limiter)
+    sent = record_params(cloud, "RunInstances")
+    with trio.fail_after(DEADLINE):
+        launched = await cloud.launch(ON_DEMAND, 1, "token-on-demand")
+        described = await cloud.describe([launched[0].instance_id])
+
+    assert not {"InstanceMarketOptions", "KeyName", "SubnetId"} & sent[0].keys()
+    assert [i.market for i in launched] == [Market.ON_DEMAND]
+    assert [i.market for i in described] == [Market.ON_DEMAND]
+
+
+async def test_describe_of_pending_ids_is_one_call_and_omits_unknown_ids(
+    cloud: Ec2Cloud, boot_delay: Callable[[float], None]
+) -> None:
+    """Describing n pending instances and an unknown id makes one DescribeInstances call."""
+    boot_delay(60)
+    with trio.fail_after(DEADLINE):
+        launched = await cloud.launch(SPOT, 5, "token-describe")
+        sent = record_params(cloud, "DescribeInstances")
+        described = await cloud.describe([UNKNOWN_ID, *(i.instance_id for i in launched)])
+
+    assert len(sent) == 1
+    assert sorted(i.instance_id for i in described) == sorted(i.instance_id for i in launched)
+    assert {i.state for i in described} == {"pending"}
+    assert all(i.public_ip and i.public_ip.startswith("127.77.") for i in described)
+
+
+async def test_describe_batches_200_ids_per_call(cloud: Ec2Cloud) -> None:
+    """450 ids take three DescribeInstances calls; no ids take none."""
+    ids = [f"i-{n:017x}" for n in range(450)]
+    sent = record_params(cloud, "DescribeInstances")
+    with trio.fail_after(DEADLINE):
+        assert await cloud.describe(ids) == []
+        assert await cloud.describe([]) == []
+
+    assert [len(p["Filters"][0]["Values"]) for p in sent] == [200, 200, 50]
+
+
+async def test_list_pool_returns_only_this_pools_live_instances(
+    cloud: Ec2Cloud, settings: Ec2Settings, limiter: trio.CapacityLimiter
+) -> None:
+    """Untagged, other-pool and terminated instances are not in the pool."""
+    with trio.fail_after(DEADLINE):
+        ours = await cloud.launch(SPOT, 3, "token-pool")
+        for tags in ([], [{"Key": "compute-broker:pool", "Value": "someone-else"}]):
+            await call(
+                limiter,
+                cloud.client.run_instances,
+                ImageId=settings.ami_id,
+                MinCount=1,
+                MaxCount=1,
+                TagSpecifications=[{"ResourceType": "instance", "Tags": tags}] if tags else [],
+            )
+        await cloud.terminate([ours[0].instance_id])
+        pool = await cloud.list_pool()
+
+    assert sorted(i.instance_id for i in pool) == sorted(i.instance_id for i in ours[1:])
+    assert all(i.is_alive and i.tags == worker_tags(settings.pool_name) for i in pool)
+
+
+async def test_terminate_is_idempotent(cloud: Ec2Cloud) -> None:
+    """Terminating terminated or unknown instances again is not an error."""
+    with trio.fail_after(DEADLINE):
+        launched = await cloud.launch(SPOT, 2, "token-terminate")
+        ids = [i.instance_id for i in launched]
+        await cloud.terminate(ids)
+        await cloud.terminate(ids)
+        await cloud.terminate([UNKNOWN_ID])
+        described = await cloud.describe(ids)
+
+    assert {i.state for i in described} == {"terminated"}
+
+
+async def test_terminate_with_an_unknown_id_still_terminates_the_others(
+    cloud: Ec2Cloud,
+) -> None:
+    """An unknown id in the batch is dropped and the known instances are terminated."""
+    with trio.fail_after(DEADLINE):
+        launched = await cloud.launch(SPOT, 2, "token-terminate-mixed")
+        ids = [i.instance_id for i in launched]
+        sent = record_params(cloud, "TerminateInstances")
+        await cloud.terminate([ids[0], UNKNOWN_ID, ids[1]])
+        await cloud.terminate([])
+        described = await cloud.describe(ids)
+
+    assert [p["InstanceIds"] for p in sent] == [[ids[0], UNKNOWN_ID, ids[1]], ids]
+    assert {i.state for i in described} == {"terminated"}
+
+
+async def test_insufficient_capacity_becomes_cloud_error(
+    settings: Ec2Settings, limiter: trio.CapacityLimiter
+) -> None:
+    """An InsufficientInstanceCapacity reply is a CloudError with AWS's code and message."""
+    cloud = fast_cloud(settings, limiter, retries=1)
+    message = "We currently do not have sufficient c7i.large capacity."
+    ice = [ec2_error(500, "InsufficientInstanceCapacity", message) for _ in range(2)]
+    attempts = inject(cloud, "RunInstances", ice)
+    with trio.fail_after(DEADLINE), pytest.raises(CloudError) as caught:
+        await cloud.launch(SPOT, 1, "token-ice")
+
+    assert len(attempts) == 2  # a 500 is transient to botocore: retried once
+    assert caught.value.code == "InsufficientInstanceCapacity"
+    assert caught.value.message == message
+    assert not caught.value.unreachable
+    assert str(caught.value) == f"InsufficientInstanceCapacity: {message}"
+
+
+async def test_throttling_is_retried_and_the_call_succeeds(
+    settings: Ec2Settings, limiter: trio.CapacityLimiter
+) -> None:
+    """One RequestLimitExceeded (503) is retried by botocore; the launch then succeeds."""
+    cloud = fast_cloud(settings, limiter, retries=2)
+    throttled = ec2_error(503, "RequestLimitExceeded", "Request limit exceeded.")
+    attempts = inject(cloud, "RunInstances", [throttled])
+    with trio.fail_after(DEADLINE):
+        launched = await cloud.launch(SPOT, 1, "token-throttled")
+
+    assert len(attempts) == 2
+    assert len(launched) == 1
+
+
+async def test_closed_endpoint_is_unreachable_quickly(
+    settings: Ec2Settings, limiter: trio.CapacityLimiter, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A refused connection is CloudError(unreachable=True), raised within seconds."""
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{closed_loopback_port()}")
+    cloud = fast_cloud(settings, limiter, retries=0)
+    with trio.fail_after(3), pytest.raises(CloudError) as caught:
+        await cloud.list_pool()
+
+    assert caught.value.code == "EndpointUnreachable"
+    assert caught.value.unreachable
+    assert "\n" not in str(caught.value)
+
+
+async def test_cancelled_call_returns_promptly(
+    cloud: Ec2Cloud, limiter: trio.CapacityLimiter
+) -> None:
+    """Cancelling a call stuck in boto3 returns at once; the thread is abandoned."""
+    release = threading.Event()
+
+    def stuck(**_: Any) -> None:
+        release.wait(DEADLINE)
+
+    cloud.client.meta.events.register("before-send.ec2.DescribeInstances", stuck)
+    try:
+        with trio.fail_after(2):
+            with trio.move_on_after(0.2) as scope:
+                await cloud.list_pool()
+        assert scope.cancelled_caught
+    finally:
+        release.set()
+    # The abandoned thread keeps its token until it finishes, which it does once released.
+    await wait_for(lambda: limiter.borrowed_tokens == 0, timeout=DEADLINE)
+
+
+async def test_call_flattens_botocore_errors_to_one_line(limiter: trio.CapacityLimiter) -> None:
+    """Multi-line botocore errors and missing credentials become one-line CloudErrors."""
+
+    def invalid() -> None:
+        raise botocore.exceptions.ParamValidationError(report="line one\n  line two")
+
+    def no_credentials() -> None:
+        raise botocore.exceptions.NoCredentialsError()
+
+    with trio.fail_after(DEADLINE):
+        with pytest.raises(CloudError) as invalid_error:
+            await call(limiter, invalid)
+        with pytest.raises(CloudError) as credentials_error:
+            await call(limiter, no_credentials)
+
+    assert invalid_error.value.code == "ParamValidationError"
+    assert str(invalid_error.value) == (
+        "ParamValidationError: Parameter validation failed: line one line two"
+    )
+    assert credentials_error.value.code == "NoCredentials"
+    assert "\n" not in str(credentials_error.value)
