@@ -46,6 +46,15 @@ class EngineSettings:
     probe_timeout: float = 2.0
 
 
+@attrs.frozen
+class Handout:
+    """A GET_WORKER answered: the worker's IP, and whether this request created the lease."""
+
+    ip: str
+    instance_id: str
+    new_lease: bool
+
+
 @attrs.define
 class _Attempt:
     """One RunInstances call and the workers it produced, for the requests waiting on it."""
@@ -95,8 +104,8 @@ class Engine:
 
     # --- requests --------------------------------------------------------------------------
 
-    async def get_worker(self, request: GetWorker, client: str) -> str:
-        """A ready worker's IP for `client`: reuse, join a launch in flight, or launch."""
+    async def get_worker(self, request: GetWorker, client: str) -> Handout:
+        """A ready worker for `client`: reuse one, join a launch in flight, or launch."""
         default = self.settings.default_spec
         spec = LaunchSpec(
             request.instance_type or default.instance_type, request.market or default.market
@@ -111,9 +120,7 @@ class Engine:
                 worker = self.pool.choose_ready(spec)
                 if worker is not None:
                     waited = trio.current_time() - started
-                    self._hand_out(worker, client, reused=joined is None, waited=waited)
-                    assert worker.ip is not None
-                    return worker.ip
+                    return self._hand_out(worker, client, reused=joined is None, waited=waited)
                 launching = self.pool.is_launching(spec)
                 if joined is not None and joined.error is not None and not launching:
                     raise Refusal(joined.error)
@@ -150,6 +157,7 @@ class Engine:
             instance_id=worker.instance_id,
             ip=ip,
             client=client,
+            had_lease=released.lease is not None,
             terminated=terminate,
             holders=released.holders,
         )
@@ -351,8 +359,8 @@ class Engine:
 
     # --- hand-out, reaping, termination ----------------------------------------------------
 
-    def _hand_out(self, worker: Worker, client: str, *, reused: bool, waited: float) -> None:
-        _, new = self.pool.hand_out(worker, client, self.clock.now())
+    def _hand_out(self, worker: Worker, client: str, *, reused: bool, waited: float) -> Handout:
+        lease, new = self.pool.hand_out(worker, client, self.clock.now())
         if new:
             _log.info(
                 "lease.started",
@@ -362,6 +370,16 @@ class Engine:
                 reused=reused,
                 waited_seconds=round(waited, 3),
             )
+        return Handout(lease.ip, worker.instance_id, new)
+
+    def undeliverable(self, handout: Handout, client: str) -> None:
+        """The GET_WORKER reply could not be sent: drop the lease it created, if it did."""
+        if not handout.new_lease:
+            return
+        lease = self.pool.leases.get((client, handout.instance_id))
+        if lease is not None:
+            self.pool.end_lease(lease)
+            self._log_lease_end(lease, "reply_undeliverable", self.clock.now())
 
     async def _reap_loop(self) -> None:
         while True:

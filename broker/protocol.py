@@ -24,8 +24,8 @@ _CLIENT_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")
 _INSTANCE_TYPE = re.compile(r"[a-z][a-z0-9-]*\.[a-z0-9-]+")
 
 HELP_TEXT: Final = (
-    "OK commands: GET_WORKER [type=T] [market=M] [wait=S] [client=ID] | PING <ip> | "
-    "RELEASE <ip> | STATUS | BURST <n> | HELP | QUIT"
+    "OK commands: GET_WORKER [type=T] [market=M] [wait=S] [client=ID] | PING <ip> [client=ID] | "
+    "RELEASE <ip> [client=ID] | STATUS | BURST <n> | HELP | QUIT"
 )
 
 

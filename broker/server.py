@@ -18,7 +18,7 @@ import structlog
 import trio
 
 from broker import protocol
-from broker.engine import Engine, Refusal, WorkerNotFound
+from broker.engine import Engine, Handout, Refusal, WorkerNotFound
 from broker.protocol import (
     BadRequest,
     Burst,
@@ -146,11 +146,12 @@ class Server:
             if isinstance(event, Closed):
                 return
             started = trio.current_time()
+            handout: Handout | None = None
             if isinstance(event, BadRequest):
                 reply = event.reply
                 log.warning("client.bad_line", reason=event.reason, reply=reply.text)
             else:
-                reply = await self._dispatch(event, peer, log)
+                reply, handout = await self._dispatch(event, peer)
                 log.info(
                     "request",
                     command=type(event).__name__,
@@ -161,6 +162,8 @@ class Server:
                 await stream.send_all(reply.to_bytes())
             except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
                 log.info("client.gone", error=str(exc) or type(exc).__name__)
+                if isinstance(event, GetWorker) and handout is not None:
+                    self.engine.undeliverable(handout, _identity(peer, event.client))
                 return
             if reply.close:
                 return
@@ -178,20 +181,20 @@ class Server:
                 self._idle_scopes.discard(scope)
         return None
 
-    async def _dispatch(
-        self, command: Command, peer: str, log: structlog.typing.FilteringBoundLogger
-    ) -> Reply:
+    async def _dispatch(self, command: Command, peer: str) -> tuple[Reply, Handout | None]:
+        """The reply to a command, and the hand-out when it was a successful GET_WORKER."""
         try:
-            return await self._execute(command, peer)
+            if isinstance(command, GetWorker):
+                handout = await self.engine.get_worker(command, _identity(peer, command.client))
+                return Reply(handout.ip), handout
+            return await self._execute(command, peer), None
         except Refusal as exc:
-            return Reply.error(str(exc))
+            return Reply.error(str(exc)), None
         except WorkerNotFound:
-            return protocol.WORKER_NOT_FOUND
+            return protocol.WORKER_NOT_FOUND, None
 
     async def _execute(self, command: Command, peer: str) -> Reply:
         match command:
-            case GetWorker(client=client):
-                return Reply(await self.engine.get_worker(command, _identity(peer, client)))
             case Ping(ip=ip, client=client):
                 self.engine.ping(ip, _identity(peer, client))
                 return Reply.ok()

@@ -59,9 +59,9 @@ async def engine(cloud: FakeCloud, clock: Clock) -> AsyncIterator[Engine]:
         nursery.cancel_scope.cancel()
 
 
-async def started(engine: Engine, nursery: trio.Nursery) -> Engine:
-    await nursery.start(engine.run)
-    return engine
+async def get_ip(engine: Engine, request: GetWorker, client: str) -> str:
+    """GET_WORKER through the engine; the IP handed out."""
+    return (await engine.get_worker(request, client)).ip
 
 
 async def test_fifty_concurrent_requests_on_an_empty_pool_cause_one_launch(
@@ -71,7 +71,7 @@ async def test_fifty_concurrent_requests_on_an_empty_pool_cause_one_launch(
     ips: list[str] = []
 
     async def ask(n: int) -> None:
-        ips.append(await engine.get_worker(GetWorker(), f"10.0.0.{n}"))
+        ips.append(await get_ip(engine, GetWorker(), f"10.0.0.{n}"))
 
     async with trio.open_nursery() as nursery:
         for n in range(50):
@@ -86,9 +86,9 @@ async def test_a_ready_worker_is_reused_without_launching(
     autojump_clock: MockClock, engine: Engine, cloud: FakeCloud
 ) -> None:
     """The second request gets the same worker at once."""
-    first = await engine.get_worker(GetWorker(), "a")
+    first = await get_ip(engine, GetWorker(), "a")
     before = trio.current_time()
-    second = await engine.get_worker(GetWorker(), "b")
+    second = await get_ip(engine, GetWorker(), "b")
     assert second == first
     assert trio.current_time() - before < 0.01
     assert len(cloud.launch_calls) == 1
@@ -98,8 +98,8 @@ async def test_requests_for_another_type_launch_that_type(
     autojump_clock: MockClock, engine: Engine, cloud: FakeCloud
 ) -> None:
     """type= picks the instance type; a worker of another type is not handed out."""
-    small = await engine.get_worker(GetWorker(), "a")
-    big = await engine.get_worker(GetWorker(instance_type="c7i.16xlarge"), "a")
+    small = await get_ip(engine, GetWorker(), "a")
+    big = await get_ip(engine, GetWorker(instance_type="c7i.16xlarge"), "a")
     assert small != big
     assert [call[0] for call in cloud.launch_calls] == [SPEC, BIG]
 
@@ -123,7 +123,7 @@ async def test_idle_worker_is_reaped_after_idle_timeout(
     autojump_clock: MockClock, engine: Engine, cloud: FakeCloud
 ) -> None:
     """A worker nobody uses for 900 s is terminated by the next reaper pass."""
-    await engine.get_worker(GetWorker(), "a")
+    await get_ip(engine, GetWorker(), "a")
     await trio.sleep(899)
     assert len(cloud.alive()) == 1
     await trio.sleep(61)
@@ -136,7 +136,7 @@ async def test_ping_keeps_a_worker_alive_past_the_idle_timeout(
     autojump_clock: MockClock, engine: Engine, cloud: FakeCloud
 ) -> None:
     """PING restarts the idle clock: a pinged worker outlives idle_timeout."""
-    ip = await engine.get_worker(GetWorker(), "a")
+    ip = await get_ip(engine, GetWorker(), "a")
     for _ in range(5):
         await trio.sleep(600)
         engine.ping(ip, "a")
@@ -148,8 +148,8 @@ async def test_release_keeps_a_worker_another_client_holds(
     autojump_clock: MockClock, engine: Engine, cloud: FakeCloud
 ) -> None:
     """RELEASE by one holder ends only its lease; the last holder's RELEASE terminates."""
-    ip = await engine.get_worker(GetWorker(), "a")
-    assert await engine.get_worker(GetWorker(), "b") == ip
+    ip = await get_ip(engine, GetWorker(), "a")
+    assert await get_ip(engine, GetWorker(), "b") == ip
     await engine.release(ip, "a")
     assert len(cloud.alive()) == 1
     assert [lease.client for lease in engine.pool.leases.values()] == ["b"]
@@ -161,7 +161,7 @@ async def test_release_of_a_stranger_does_not_terminate_a_held_worker(
     autojump_clock: MockClock, engine: Engine, cloud: FakeCloud
 ) -> None:
     """A client without a lease cannot take a worker from its holder."""
-    ip = await engine.get_worker(GetWorker(), "a")
+    ip = await get_ip(engine, GetWorker(), "a")
     await engine.release(ip, "mallory")
     assert len(cloud.alive()) == 1
 
@@ -170,7 +170,7 @@ async def test_release_is_idempotent_and_unknown_ips_are_not_found(
     autojump_clock: MockClock, engine: Engine
 ) -> None:
     """Releasing a gone worker is fine; an IP never seen is WorkerNotFound."""
-    ip = await engine.get_worker(GetWorker(), "a")
+    ip = await get_ip(engine, GetWorker(), "a")
     await engine.release(ip, "a")
     await engine.release(ip, "a")
     with pytest.raises(WorkerNotFound):
@@ -183,8 +183,8 @@ async def test_lease_expires_after_idle_timeout_while_others_keep_the_worker(
     autojump_clock: MockClock, engine: Engine, cloud: FakeCloud
 ) -> None:
     """An idle lease ends; the worker stays for the client that keeps pinging."""
-    ip = await engine.get_worker(GetWorker(), "quiet")
-    await engine.get_worker(GetWorker(), "busy")
+    ip = await get_ip(engine, GetWorker(), "quiet")
+    await get_ip(engine, GetWorker(), "busy")
     for _ in range(4):
         await trio.sleep(300)
         engine.ping(ip, "busy")
@@ -202,7 +202,7 @@ async def test_launch_error_is_answered_once_to_every_waiter(
 
     async def ask(n: int) -> None:
         try:
-            await engine.get_worker(GetWorker(), str(n))
+            await get_ip(engine, GetWorker(), str(n))
         except Refusal as exc:
             errors.append(str(exc))
 
@@ -222,7 +222,7 @@ async def test_unreachable_cloud_is_a_clear_error(
         CloudError("EndpointUnreachable", "connect refused", unreachable=True)
     )
     with pytest.raises(Refusal, match=r"^cloud unreachable: connect refused$"):
-        await engine.get_worker(GetWorker(), "a")
+        await get_ip(engine, GetWorker(), "a")
 
 
 async def test_instance_that_never_boots_is_terminated_at_launch_timeout(
@@ -235,7 +235,7 @@ async def test_instance_that_never_boots_is_terminated_at_launch_timeout(
         await nursery.start(engine.run)
         start = trio.current_time()
         with pytest.raises(Refusal, match=r"no worker ready after 120s|launch timed out"):
-            await engine.get_worker(GetWorker(), "a")
+            await get_ip(engine, GetWorker(), "a")
         assert trio.current_time() - start <= 121
         with trio.fail_after(10):
             while cloud.alive():
@@ -249,8 +249,8 @@ async def test_wait_bounds_one_request_and_the_launch_carries_on(
 ) -> None:
     """wait=5 gives up after 5 s; the worker it started is handed to the next request."""
     with pytest.raises(Refusal, match=r"^no worker ready after 5s$"):
-        await engine.get_worker(GetWorker(wait=5), "a")
-    ip = await engine.get_worker(GetWorker(), "b")
+        await get_ip(engine, GetWorker(wait=5), "a")
+    ip = await get_ip(engine, GetWorker(), "b")
     assert ip
     assert len(cloud.launch_calls) == 1
 
@@ -262,9 +262,9 @@ async def test_budget_refuses_a_launch_over_max_hourly_cost(
     engine = make_engine(cloud, clock, max_hourly_cost=1.2)
     async with trio.open_nursery() as nursery:
         await nursery.start(engine.run)
-        await engine.get_worker(GetWorker(), "a")  # $0.50/h
+        await get_ip(engine, GetWorker(), "a")  # $0.50/h
         with pytest.raises(Refusal) as info:
-            await engine.get_worker(GetWorker(instance_type="c7i.16xlarge"), "a")  # +$1.00/h
+            await get_ip(engine, GetWorker(instance_type="c7i.16xlarge"), "a")  # +$1.00/h
         assert str(info.value).startswith("budget: ")
         assert "$1.2/h" in str(info.value)
         assert len(cloud.launch_calls) == 1
@@ -294,7 +294,7 @@ async def test_existing_pool_instances_are_adopted_at_start(
     async with trio.open_nursery() as nursery:
         await nursery.start(engine.run)
         assert list(engine.pool.workers) == [mine.instance_id]
-        assert await engine.get_worker(GetWorker(), "a") == mine.ip
+        assert await get_ip(engine, GetWorker(), "a") == mine.ip
         assert cloud.launch_calls == []
         nursery.cancel_scope.cancel()
 
@@ -307,7 +307,7 @@ async def test_shutdown_answers_waiting_requests(
 
     async def ask() -> None:
         try:
-            await engine.get_worker(GetWorker(), "a")
+            await get_ip(engine, GetWorker(), "a")
         except Refusal as exc:
             result.append(str(exc))
 
@@ -322,7 +322,7 @@ async def test_failed_termination_is_retried_by_the_reaper(
     autojump_clock: MockClock, engine: Engine, cloud: FakeCloud
 ) -> None:
     """If TerminateInstances fails, RELEASE says so and the next reaper pass retries."""
-    ip = await engine.get_worker(GetWorker(), "a")
+    ip = await get_ip(engine, GetWorker(), "a")
     cloud.terminate_errors.append(CloudError("RequestLimitExceeded", "slow down"))
     with pytest.raises(Refusal, match=r"^terminate failed: RequestLimitExceeded"):
         await engine.release(ip, "a")
@@ -335,7 +335,7 @@ async def test_status_reports_workers_leases_and_totals(
     autojump_clock: MockClock, engine: Engine
 ) -> None:
     """STATUS carries each worker, each lease and the run rate."""
-    ip = await engine.get_worker(GetWorker(), "a")
+    ip = await get_ip(engine, GetWorker(), "a")
     await trio.sleep(12)
     status = engine.status()
     (worker,) = status["workers"]

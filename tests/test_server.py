@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import socket
+import struct
 from collections.abc import AsyncIterator
 
 import pytest
@@ -221,3 +223,20 @@ async def test_shutdown_lets_the_current_request_finish_and_closes_idle_connecti
         assert await busy.at_eof()
         with trio.fail_after(5):
             await broker.server.wait_closed()
+
+
+async def test_abandoned_get_worker_leaves_no_lease(broker: RunningBroker) -> None:
+    """A client that resets the connection while waiting (Ctrl-C) does not keep a lease."""
+    sock = trio.socket.socket()
+    await sock.connect(("127.0.0.1", broker.port))
+    await sock.send(b"GET_WORKER client=gone\n")
+    await wait_for(lambda: bool(cloud_of(broker).launch_calls))
+    # SO_LINGER 0: close() sends RST, so the broker's reply fails as it would after Ctrl-C.
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    sock.close()
+    await wait_for(lambda: bool(broker.engine.pool.workers))
+    await wait_for(
+        lambda: not any(w.state == "launching" for w in broker.engine.pool.workers.values())
+    )
+    await wait_for(lambda: broker.engine.pool.leases == {})
+    assert len(broker.engine.pool.workers) == 1
