@@ -106,10 +106,13 @@ class Engine:
 
     async def get_worker(self, request: GetWorker, client: str) -> Handout:
         """A ready worker for `client`: reuse one, join a launch in flight, or launch."""
-        default = self.settings.default_spec
-        spec = LaunchSpec(
-            request.instance_type or default.instance_type, request.market or default.market
-        )
+        spec = default = self.settings.default_spec
+        if request.instance_type is not None or request.market is not None:
+            spec = LaunchSpec(
+                request.instance_type or default.instance_type, request.market or default.market
+            )
+        if not self._closing and (ready := self.pool.choose_ready(spec)) is not None:
+            return self._hand_out(ready, client, reused=True, waited=0.0)  # the warm path
         wait = min(request.wait or self.settings.launch_timeout, self.settings.launch_timeout)
         started = trio.current_time()
         joined: _Attempt | None = None

@@ -124,62 +124,68 @@ class Server:
             await _send_quietly(stream, INTERNAL_ERROR)
         finally:
             self.open_connections -= 1
-            with trio.CancelScope(shield=True), trio.move_on_after(1):
-                await stream.aclose()
             self._check_idle()
+            await stream.aclose()
 
     async def _serve_connection(
         self, stream: trio.SocketStream, peer: str, log: structlog.typing.FilteringBoundLogger
     ) -> None:
         reader = LineReader()
-        while True:
-            event = reader.next_request()
-            if isinstance(event, NeedData):
-                if self._draining:
+        # One cancel scope per connection, not one per read: its deadline is client_timeout
+        # ahead while we wait for the peer, and infinite while a request is being served.
+        with trio.CancelScope() as waiting:
+            while True:
+                event = reader.next_request()
+                if isinstance(event, NeedData):
+                    if self._draining:
+                        return
+                    waiting.deadline = trio.current_time() + self.settings.client_timeout
+                    self._idle_scopes.add(waiting)
+                    try:
+                        data = await stream.receive_some(RECEIVE_SIZE)
+                    except (trio.BrokenResourceError, trio.ClosedResourceError):
+                        data = b""
+                    finally:
+                        self._idle_scopes.discard(waiting)
+                    waiting.deadline = math.inf
+                    reader.receive_data(data)
+                    continue
+                if isinstance(event, Closed):
                     return
-                data = await self._receive(stream)
-                if data is None:
-                    log.info("client.timeout", after_seconds=self.settings.client_timeout)
+                if not await self._answer(stream, event, peer, log):
                     return
-                reader.receive_data(data)
-                continue
-            if isinstance(event, Closed):
-                return
-            started = trio.current_time()
-            handout: Handout | None = None
-            if isinstance(event, BadRequest):
-                reply = event.reply
-                log.warning("client.bad_line", reason=event.reason, reply=reply.text)
-            else:
-                reply, handout = await self._dispatch(event, peer)
-                log.info(
-                    "request",
-                    command=type(event).__name__,
-                    reply=reply.text[:80],
-                    ms=round((trio.current_time() - started) * 1000, 3),
-                )
-            try:
-                await stream.send_all(reply.to_bytes())
-            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-                log.info("client.gone", error=str(exc) or type(exc).__name__)
-                if isinstance(event, GetWorker) and handout is not None:
-                    self.engine.undeliverable(handout, _identity(peer, event.client))
-                return
-            if reply.close:
-                return
+        if waiting.cancelled_caught and not self._draining:
+            log.info("client.timeout", after_seconds=self.settings.client_timeout)
 
-    async def _receive(self, stream: trio.SocketStream) -> bytes | None:
-        """Bytes from the peer (b"" at EOF), or None after `client_timeout` or on shutdown."""
-        with trio.CancelScope() as scope:
-            scope.deadline = trio.current_time() + self.settings.client_timeout
-            self._idle_scopes.add(scope)
-            try:
-                return await stream.receive_some(RECEIVE_SIZE)
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
-                return b""
-            finally:
-                self._idle_scopes.discard(scope)
-        return None
+    async def _answer(
+        self,
+        stream: trio.SocketStream,
+        event: Command | BadRequest,
+        peer: str,
+        log: structlog.typing.FilteringBoundLogger,
+    ) -> bool:
+        """Serve one request and send its reply; False when the connection is to close."""
+        started = trio.current_time()
+        handout: Handout | None = None
+        if isinstance(event, BadRequest):
+            reply = event.reply
+            log.warning("client.bad_line", reason=event.reason, reply=reply.text)
+        else:
+            reply, handout = await self._dispatch(event, peer)
+            log.info(
+                "request",
+                command=type(event).__name__,
+                reply=reply.text[:80],
+                ms=round((trio.current_time() - started) * 1000, 3),
+            )
+        try:
+            await stream.send_all(reply.to_bytes())
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            log.info("client.gone", error=str(exc) or type(exc).__name__)
+            if isinstance(event, GetWorker) and handout is not None:
+                self.engine.undeliverable(handout, _identity(peer, event.client))
+            return False
+        return not reply.close
 
     async def _dispatch(self, command: Command, peer: str) -> tuple[Reply, Handout | None]:
         """The reply to a command, and the hand-out when it was a successful GET_WORKER."""
