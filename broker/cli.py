@@ -1,0 +1,210 @@
+"""The `compute-broker` command: argument parsing and wiring, nothing else.
+
+compute-broker serve [--config FILE] [--sandbox] [--host H] [--port P]
+compute-broker check-config FILE
+compute-broker config-reference | sample-config
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+from collections.abc import Sequence
+
+import attrs
+import structlog
+import trio
+
+from broker import __version__
+from broker.clock import Clock
+from broker.cloud import LaunchSpec, Market
+from broker.config import Config, ConfigError, load_config, reference_markdown, sample_yaml
+from broker.ec2 import Ec2Cloud, Ec2Settings
+from broker.engine import Engine, EngineSettings
+from broker.log import configure_logging
+from broker.pool import Limits
+from broker.prices import PriceTable
+from broker.sdnotify import notify
+from broker.server import Server, ServerSettings
+
+EXIT_CONFIG = 2
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the console script."""
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return EXIT_CONFIG
+    command = _COMMANDS[args.command]
+    return command(args)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="compute-broker", description="Hands lab clients EC2 spot workers over TCP."
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command")
+    serve = sub.add_parser("serve", help="run the broker")
+    serve.add_argument("--config", help="YAML config file (default: built-in defaults)")
+    serve.add_argument(
+        "--sandbox",
+        action="store_true",
+        help="run against an embedded moto cloud on loopback (no AWS account needed)",
+    )
+    serve.add_argument("--host", help="listen address (overrides listen_host)")
+    serve.add_argument("--port", type=int, help="listen port, 0 for a free one (listen_port)")
+    check = sub.add_parser("check-config", help="validate a config file and exit")
+    check.add_argument("file")
+    check.add_argument(
+        "--aws", action="store_true", help="also require what serving against AWS needs (ami_id)"
+    )
+    sub.add_parser("config-reference", help="print the config reference (Markdown)")
+    sub.add_parser("sample-config", help="print a commented sample config")
+    return parser
+
+
+def _load(path: str | None) -> Config:
+    return load_config(path, os.environ)
+
+
+def _check_config(args: argparse.Namespace) -> int:
+    try:
+        config = _load(args.file)
+        if args.aws:
+            config.validate_for_aws()
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return EXIT_CONFIG
+    print(f"{args.file}: ok ({len(attrs.asdict(config))} keys)")
+    return 0
+
+
+def _config_reference(args: argparse.Namespace) -> int:
+    sys.stdout.write(reference_markdown())
+    return 0
+
+
+def _sample_config(args: argparse.Namespace) -> int:
+    sys.stdout.write(sample_yaml())
+    return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    try:
+        config = _load(args.config)
+        if args.host is not None:
+            config = attrs.evolve(config, listen_host=args.host)
+        if args.port is not None:
+            config = attrs.evolve(config, listen_port=args.port)
+        if not args.sandbox:
+            config.validate_for_aws()
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return EXIT_CONFIG
+    configure_logging(config.log_format, config.log_level)
+    if args.sandbox:
+        config = _start_sandbox(config)
+    trio.run(_run, config)
+    return 0
+
+
+def _start_sandbox(config: Config) -> Config:
+    """Start the embedded moto cloud and point boto3 (this process only) at it."""
+    from broker import sandbox  # moto is an optional extra
+
+    handle = sandbox.start_moto()
+    # Nothing of the user's AWS setup may leak in: no profile, no endpoint override, no
+    # credentials file. The sandbox must never reach real AWS.
+    for name in [name for name in os.environ if name.startswith("AWS_")]:
+        del os.environ[name]
+    os.environ.update(sandbox.sandbox_environment(handle.endpoint_url))
+    os.environ["AWS_CONFIG_FILE"] = os.environ["AWS_SHARED_CREDENTIALS_FILE"] = os.devnull
+    sandbox.install_unique_ips()
+    sandbox.install_boot_delay(config.sandbox_boot_time)
+    resources = sandbox.prepare_resources(config.region or "us-east-1")
+    structlog.get_logger("broker").info(
+        "sandbox.started", endpoint=handle.endpoint_url, ami_id=resources.ami_id
+    )
+    return attrs.evolve(
+        config,
+        region=config.region or "us-east-1",
+        ami_id=resources.ami_id,
+        security_group_ids=(resources.security_group_id,),
+        key_name=resources.key_name,
+        subnet_id=resources.subnet_id,
+    )
+
+
+def build_engine(config: Config, clock: Clock) -> Engine:
+    """The engine for a config, talking to EC2 through boto3."""
+    assert config.ami_id is not None
+    cloud = Ec2Cloud(
+        Ec2Settings(
+            ami_id=config.ami_id,
+            security_group_ids=tuple(config.security_group_ids),
+            key_name=config.key_name,
+            subnet_id=config.subnet_id,
+            pool_name=config.pool_name,
+            region=config.region,
+        ),
+        trio.CapacityLimiter(config.aws_max_concurrency),
+    )
+    settings = EngineSettings(
+        default_spec=LaunchSpec(config.instance_type, Market(config.market)),
+        limits=Limits(config.max_workers, config.max_hourly_cost, config.idle_timeout),
+        launch_timeout=config.launch_timeout,
+        describe_interval=config.describe_interval,
+        reap_interval=config.reap_interval,
+        worker_port=config.worker_port,
+        probe=config.probe,
+        probe_timeout=config.probe_timeout,
+    )
+    prices = PriceTable.default().with_overrides(config.prices)
+    return Engine(cloud, settings, clock, prices)
+
+
+async def _run(config: Config) -> None:
+    log = structlog.get_logger("broker")
+    engine = build_engine(config, Clock())
+    server = Server(
+        engine,
+        ServerSettings(
+            host=config.listen_host,
+            port=config.listen_port,
+            client_timeout=config.client_timeout,
+            max_connections=config.max_connections,
+        ),
+    )
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(engine.run)
+            listeners = await nursery.start(server.run)
+            host, port = listeners[0].socket.getsockname()[:2]
+            print(f"listening on {host}:{port}", flush=True)
+            notify("READY=1")
+            log.info("broker.started", host=host, port=port, pool=config.pool_name)
+            async for signum in signals:
+                log.info("broker.stopping", signal=signal.Signals(signum).name)
+                break
+            notify("STOPPING=1")
+            await server.shutdown()
+            with trio.move_on_after(config.shutdown_grace):
+                await server.wait_closed()
+            engine.stop_handing_out()  # requests still waiting answer "shutting down"
+            with trio.move_on_after(2):
+                await server.wait_closed()
+            nursery.cancel_scope.cancel()
+    log.info("broker.stopped", workers_left_running=len(engine.pool.workers))
+
+
+_COMMANDS = {
+    "serve": _serve,
+    "check-config": _check_config,
+    "config-reference": _config_reference,
+    "sample-config": _sample_config,
+}

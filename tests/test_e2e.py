@@ -1,0 +1,372 @@
+"""End to end: the `compute-broker` process, over TCP, against the session's moto server.
+
+The broker runs as a real subprocess (`python -m broker serve`) with the production boto3
+path; only AWS_ENDPOINT_URL points at moto on loopback. The test process owns moto, so it can
+look at EC2 directly and a broker restart keeps the cloud.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from broker.aws import make_client
+from broker.sandbox import MotoHandle, SandboxResources, prepare_resources
+
+ROOT = Path(__file__).resolve().parent.parent
+START_TIMEOUT = 60.0
+
+
+@pytest.fixture(scope="module")
+def resources(moto_server: MotoHandle) -> SandboxResources:
+    return prepare_resources()
+
+
+class BrokerProcess:
+    """A `compute-broker serve` subprocess; stdout is read for `listening on`, stderr logged."""
+
+    def __init__(self, config: dict[str, Any], env: dict[str, str], workdir: Path) -> None:
+        self.config_path = workdir / f"config-{uuid.uuid4().hex[:8]}.yaml"
+        self.config_path.write_text(yaml.safe_dump(config))
+        self.log_path = workdir / f"broker-{uuid.uuid4().hex[:8]}.log"
+        self._log = self.log_path.open("w")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "broker", "serve", "--config", str(self.config_path),
+             "--host", "127.0.0.1", "--port", "0"],
+            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=self._log, text=True,
+        )  # fmt: skip
+        self.port = self._wait_listening()
+
+    def _wait_listening(self) -> int:
+        assert self.proc.stdout is not None
+        found: list[int] = []
+
+        def read() -> None:
+            assert self.proc.stdout is not None
+            for line in self.proc.stdout:
+                match = re.fullmatch(r"listening on 127\.0\.0\.1:(\d+)\n", line)
+                if match:
+                    found.append(int(match.group(1)))
+                    return
+
+        reader = threading.Thread(target=read, daemon=True)
+        reader.start()
+        reader.join(START_TIMEOUT)
+        if not found:
+            self.proc.kill()
+            raise AssertionError(f"broker did not start:\n{self.log_path.read_text()[-3000:]}")
+        return found[0]
+
+    def ask(self, line: str, timeout: float = 30.0) -> str:
+        """One request on its own connection, as the seed clients do."""
+        with socket.create_connection(("127.0.0.1", self.port), timeout=timeout) as sock:
+            sock.sendall(line.encode() + b"\n")
+            return read_line(sock)
+
+    def events(self) -> list[dict[str, Any]]:
+        self._log.flush()
+        lines = self.log_path.read_text().splitlines()
+        return [json.loads(line) for line in lines if line.startswith("{")]
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        try:
+            return self.proc.wait(timeout)
+        finally:
+            if self.proc.poll() is None:
+                self.proc.kill()
+            self._log.close()
+
+
+def read_line(sock: socket.socket) -> str:
+    data = b""
+    while not data.endswith(b"\n"):
+        chunk = sock.recv(4096)
+        if not chunk:
+            break
+        data += chunk
+    return data.decode().rstrip("\n")
+
+
+@pytest.fixture
+def pool_name() -> str:
+    return f"e2e-{uuid.uuid4().hex[:10]}"
+
+
+@pytest.fixture
+def start_broker(
+    resources: SandboxResources,
+    aws_env: dict[str, str],
+    pool_name: str,
+    tmp_path: Path,
+) -> Iterator[Callable[..., BrokerProcess]]:
+    """Start brokers on the session's moto server, one pool per test; stop them afterwards."""
+    started: list[BrokerProcess] = []
+    env = {**os.environ, **aws_env}
+
+    def start(**overrides: Any) -> BrokerProcess:
+        config = {
+            "pool_name": pool_name,
+            "ami_id": resources.ami_id,
+            "security_group_ids": [resources.security_group_id],
+            "key_name": resources.key_name,
+            "subnet_id": resources.subnet_id,
+            "region": "us-east-1",
+            "describe_interval": 0.1,
+            "log_format": "json",
+            **overrides,
+        }
+        broker = BrokerProcess(config, env, tmp_path)
+        started.append(broker)
+        return broker
+
+    yield start
+    for broker in started:
+        broker.stop(signal.SIGKILL)
+
+
+def pool_instances(pool_name: str, states: tuple[str, ...] = ("pending", "running")) -> list[str]:
+    """Instance ids EC2 (moto) has for this pool in these states."""
+    client = make_client("ec2", region="us-east-1")
+    pages = client.get_paginator("describe_instances").paginate(
+        Filters=[
+            {"Name": "tag:compute-broker:pool", "Values": [pool_name]},
+            {"Name": "instance-state-name", "Values": list(states)},
+        ]
+    )
+    return [i["InstanceId"] for p in pages for r in p["Reservations"] for i in r["Instances"]]
+
+
+def wait_until(condition: Callable[[], bool], timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met in time")
+        time.sleep(0.05)
+
+
+def test_cold_storm_of_fifty_one_shot_clients_launches_one_instance(
+    start_broker: Callable[..., BrokerProcess],
+    pool_name: str,
+    boot_delay: Callable[[float], None],
+) -> None:
+    """50 concurrent GET_WORKERs on an empty pool: one RunInstances, one worker, one IP."""
+    boot_delay(1.0)
+    broker = start_broker()
+    replies: list[str] = []
+
+    def client() -> None:
+        replies.append(broker.ask("GET_WORKER"))
+
+    threads = [threading.Thread(target=client) for _ in range(50)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert len(replies) == 50
+    assert len(set(replies)) == 1
+    assert re.fullmatch(r"127\.77\.\d+\.\d+", replies[0])
+    assert len(pool_instances(pool_name)) == 1
+    launches = [e for e in broker.events() if e["event"] == "worker.launch"]
+    assert len(launches) == 1
+
+
+def test_every_command_against_ec2(
+    start_broker: Callable[..., BrokerProcess], pool_name: str
+) -> None:
+    """GET_WORKER, PING, STATUS, BURST, RELEASE act on real (moto) EC2 instances."""
+    broker = start_broker()
+    ip = broker.ask("GET_WORKER")
+    (first,) = pool_instances(pool_name)
+    assert broker.ask(f"PING {ip}") == "OK"
+    status = json.loads(broker.ask("STATUS"))
+    assert status["workers"][0]["instance_id"] == first
+    assert status["workers"][0]["market"] == "spot"
+    burst = broker.ask("BURST 2").split()
+    assert burst[:2] == ["OK", "2"]
+    assert sorted(pool_instances(pool_name)) == sorted([first, *burst[2:]])
+    assert broker.ask(f"RELEASE {ip}") == "OK"
+    assert first not in pool_instances(pool_name)
+    assert broker.ask(f"RELEASE {ip}") == "OK"
+    assert broker.ask("RELEASE 203.0.113.5") == "ERROR: Worker not found"
+    client = make_client("ec2", region="us-east-1")
+    described = client.describe_instances(InstanceIds=burst[2:])
+    lifecycles = {
+        i.get("InstanceLifecycle") for r in described["Reservations"] for i in r["Instances"]
+    }
+    assert lifecycles == {"spot"}
+
+
+def test_idle_worker_is_terminated_in_ec2(
+    start_broker: Callable[..., BrokerProcess], pool_name: str
+) -> None:
+    """After idle_timeout without activity the instance is terminated, not just forgotten."""
+    broker = start_broker(idle_timeout=1, reap_interval=0.2)
+    broker.ask("GET_WORKER")
+    assert len(pool_instances(pool_name)) == 1
+    wait_until(lambda: pool_instances(pool_name) == [])
+    reaps = [e for e in broker.events() if e["event"] == "worker.reap"]
+    assert len(reaps) == 1
+
+
+def test_restart_adopts_running_workers_instead_of_launching(
+    start_broker: Callable[..., BrokerProcess], pool_name: str
+) -> None:
+    """SIGTERM leaves workers running; the next broker hands out the same worker."""
+    first = start_broker()
+    ip = first.ask("GET_WORKER")
+    assert first.stop() == 0
+    assert len(pool_instances(pool_name)) == 1
+    second = start_broker()
+    assert second.ask("GET_WORKER") == ip
+    assert len(pool_instances(pool_name, ("pending", "running", "terminated"))) == 1
+    assert any(e["event"] == "worker.adopted" for e in second.events())
+
+
+def test_sigterm_lets_a_waiting_request_finish(
+    start_broker: Callable[..., BrokerProcess],
+    boot_delay: Callable[[float], None],
+) -> None:
+    """A GET_WORKER waiting for a boot when SIGTERM arrives still gets its IP."""
+    boot_delay(2.0)
+    broker = start_broker()
+    with socket.create_connection(("127.0.0.1", broker.port), timeout=30) as sock:
+        sock.sendall(b"GET_WORKER\n")
+        wait_until(lambda: any(e["event"] == "worker.launch" for e in broker.events()))
+        broker.proc.send_signal(signal.SIGTERM)
+        assert re.fullmatch(r"127\.77\.\d+\.\d+", read_line(sock))
+    assert broker.proc.wait(30) == 0
+    events = [e["event"] for e in broker.events()]
+    assert "broker.stopping" in events
+    assert events[-1] == "broker.stopped"
+
+
+def test_connection_that_sends_nothing_launches_nothing(
+    start_broker: Callable[..., BrokerProcess], pool_name: str
+) -> None:
+    """A health probe that connects and closes is not a GET_WORKER (the seed launched one)."""
+    broker = start_broker()
+    for _ in range(3):
+        socket.create_connection(("127.0.0.1", broker.port), timeout=5).close()
+    assert broker.ask("HELP").startswith("OK commands:")
+    assert pool_instances(pool_name) == []
+
+
+def test_seed_python_snippet_works_unchanged(
+    start_broker: Callable[..., BrokerProcess], pool_name: str
+) -> None:
+    """The setup guide's Python client, as written (host and port filled in), gets a worker
+    and releases it."""
+    broker = start_broker()
+    snippet = textwrap.dedent(
+        """
+        import socket
+
+        # Get worker
+        sock = socket.socket()
+        sock.connect(('broker_host', 9000))
+        sock.send(b'GET_WORKER\\n')
+        worker_ip = sock.recv(1024).decode().strip()
+        sock.close()
+
+        print(f"Worker IP: {worker_ip}")
+
+        # ... do work on worker_ip:2560 ...
+
+        # Release worker
+        sock = socket.socket()
+        sock.connect(('broker_host', 9000))
+        sock.send(f'RELEASE {worker_ip}\\n'.encode())
+        sock.close()
+        """
+    )
+    snippet = snippet.replace("'broker_host', 9000", f"'127.0.0.1', {broker.port}")
+    result = subprocess.run(
+        [sys.executable, "-c", snippet], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert re.fullmatch(r"Worker IP: 127\.77\.\d+\.\d+\n", result.stdout)
+    wait_until(lambda: pool_instances(pool_name) == [])
+
+
+@pytest.mark.skipif(
+    shutil.which("nc") is None and not os.environ.get("CI"), reason="nc not installed"
+)
+def test_netcat_one_liner_gets_a_worker(start_broker: Callable[..., BrokerProcess]) -> None:
+    """`printf 'GET_WORKER\\n' | nc -N host port` prints the worker's IP."""
+    broker = start_broker()
+    result = subprocess.run(
+        f"printf 'GET_WORKER\\n' | nc -N 127.0.0.1 {broker.port}",
+        shell=True, capture_output=True, text=True, timeout=60, check=True,
+    )  # fmt: skip
+    assert re.fullmatch(r"127\.77\.\d+\.\d+\n", result.stdout)
+
+
+def test_bad_config_stops_the_broker_with_one_line_naming_the_key(tmp_path: Path) -> None:
+    """An unknown key: exit status 2 and one line on stderr naming it; nothing listens."""
+    config = tmp_path / "bad.yaml"
+    config.write_text("listen_prot: 9000\n")
+    result = subprocess.run(
+        [sys.executable, "-m", "broker", "serve", "--sandbox", "--config", str(config)],
+        cwd=ROOT, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert result.stdout == ""
+    (line,) = result.stderr.splitlines()
+    assert line.startswith("config: listen_prot: unknown key")
+    check = subprocess.run(
+        [sys.executable, "-m", "broker", "check-config", str(config)],
+        cwd=ROOT, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert check.returncode == 2
+    assert check.stderr == result.stderr
+
+
+def test_serving_aws_without_an_ami_is_refused_at_start(tmp_path: Path) -> None:
+    """Outside the sandbox, ami_id is required: the broker says so instead of failing later."""
+    result = subprocess.run(
+        [sys.executable, "-m", "broker", "serve", "--port", "0"],
+        cwd=ROOT, capture_output=True, text=True, timeout=60,
+        env={k: v for k, v in os.environ.items() if not k.startswith("COMPUTE_BROKER_")},
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert "ami_id" in result.stderr
+
+
+def test_sandbox_mode_serves_a_worker_with_no_aws_setup(tmp_path: Path) -> None:
+    """`compute-broker serve --sandbox` alone (embedded moto) hands out a loopback worker."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    config = tmp_path / "sandbox.yaml"
+    config.write_text("sandbox_boot_time: 0.2\ndescribe_interval: 0.1\nlog_format: json\n")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "broker", "serve", "--sandbox", "--host", "127.0.0.1",
+         "--port", "0", "--config", str(config)],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+    )  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        match = re.fullmatch(r"listening on 127\.0\.0\.1:(\d+)\n", line)
+        assert match, line
+        with socket.create_connection(("127.0.0.1", int(match.group(1))), timeout=30) as sock:
+            sock.sendall(b"GET_WORKER\n")
+            assert re.fullmatch(r"127\.77\.\d+\.\d+", read_line(sock))
+    finally:
+        proc.terminate()
+        assert proc.wait(30) == 0
