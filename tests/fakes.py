@@ -1,7 +1,8 @@
 """An in-memory `Cloud` for engine tests on Trio's MockClock (no threads, no boto3).
 
 Instances boot after `boot_time` virtual seconds. Every call is recorded so tests can count
-RunInstances and DescribeInstances calls. Errors are injected per operation.
+RunInstances and DescribeInstances calls. Errors are injected per operation. IPs come from
+TEST-NET-2 (never contacted) unless a test that probes workers asks for loopback ones.
 """
 
 from __future__ import annotations
@@ -30,8 +31,16 @@ class FakeInstance:
 class FakeCloud:
     """Implements `broker.cloud.Cloud` in memory."""
 
-    def __init__(self, clock: Clock, *, boot_time: float = 20.0, pool: str = "test") -> None:
+    def __init__(
+        self,
+        clock: Clock,
+        *,
+        boot_time: float = 20.0,
+        pool: str = "test",
+        ip_prefix: str = "198.51.100.",
+    ) -> None:
         self.clock = clock
+        self.ip_prefix = ip_prefix
         self.boot_time = boot_time
         self.pool = pool
         self.instances: dict[str, FakeInstance] = {}
@@ -49,7 +58,7 @@ class FakeCloud:
         n = next(self._ids)
         now = self.clock.now()
         instance = FakeInstance(
-            f"i-{n:08x}", spec, f"198.51.100.{n}", now, now, "running", pool or self.pool
+            f"i-{n:08x}", spec, f"{self.ip_prefix}{n}", now, now, "running", pool or self.pool
         )
         self.instances[instance.instance_id] = instance
         return instance
@@ -67,7 +76,7 @@ class FakeCloud:
         for _ in range(count):
             n = next(self._ids)
             running_at = float("inf") if self.never_boot else now + self.boot_time
-            instance = FakeInstance(f"i-{n:08x}", spec, f"198.51.100.{n}", now, running_at)
+            instance = FakeInstance(f"i-{n:08x}", spec, f"{self.ip_prefix}{n}", now, running_at)
             self.instances[instance.instance_id] = instance
             made.append(self._view(instance))
         return made

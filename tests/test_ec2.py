@@ -6,21 +6,20 @@ an `AWSResponse` is parsed and retried by botocore exactly like a real AWS error
 
 from __future__ import annotations
 
-import socket
 import threading
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import botocore.exceptions
 import pytest
 import trio
-from botocore.awsrequest import AWSResponse
 
 from broker.aws import call, make_client
 from broker.cloud import CloudError, LaunchSpec, Market
 from broker.ec2 import Ec2Cloud, Ec2Settings
 from broker.sandbox import MotoHandle, SandboxResources, prepare_resources
+from tests.aws_support import closed_loopback_port, ec2_error, inject
 from tests.harness import wait_for
 
 SPOT = LaunchSpec("c7i.large", Market.SPOT)
@@ -75,45 +74,6 @@ def record_params(cloud: Ec2Cloud, operation: str) -> list[dict[str, Any]]:
 
     cloud.client.meta.events.register(f"provide-client-params.ec2.{operation}", hook)
     return calls
-
-
-class _Body:
-    def __init__(self, data: bytes) -> None:
-        self.data = data
-
-    def stream(self, **_: Any) -> Iterator[bytes]:
-        yield self.data
-
-
-def ec2_error(status: int, code: str, message: str) -> AWSResponse:
-    body = (
-        '<?xml version="1.0" encoding="UTF-8"?>\n<Response><Errors><Error>'
-        f"<Code>{code}</Code><Message>{message}</Message>"
-        "</Error></Errors><RequestID>injected</RequestID></Response>"
-    ).encode()
-    return AWSResponse("https://ec2.injected/", status, {}, _Body(body))
-
-
-def inject(cloud: Ec2Cloud, operation: str, responses: list[AWSResponse]) -> list[int]:
-    """Answer the next `operation` attempts with `responses`, then let requests through.
-
-    Returns a list that grows by one per attempt sent."""
-    attempts: list[int] = []
-    pending = list(responses)
-
-    def hook(**_: Any) -> AWSResponse | None:
-        attempts.append(1)
-        return pending.pop(0) if pending else None
-
-    cloud.client.meta.events.register(f"before-send.ec2.{operation}", hook)
-    return attempts
-
-
-def closed_loopback_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-    return port
 
 
 def worker_tags(pool: str) -> dict[str, str]:

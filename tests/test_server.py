@@ -240,3 +240,30 @@ async def test_abandoned_get_worker_leaves_no_lease(broker: RunningBroker) -> No
     )
     await wait_for(lambda: broker.engine.pool.leases == {})
     assert len(broker.engine.pool.workers) == 1
+
+
+async def test_probe_hands_out_a_worker_only_once_its_port_accepts() -> None:
+    """With probe on, a running worker stays launching until worker_port accepts TCP."""
+    clock = Clock()
+    cloud = FakeCloud(clock, boot_time=0.05, ip_prefix="127.0.0.")  # loopback workers
+    with trio.socket.socket() as reserve:  # a free loopback port, nobody listening yet
+        await reserve.bind(("127.0.0.1", 0))
+        worker_port = reserve.getsockname()[1]
+    settings = EngineSettings(
+        default_spec=SPEC,
+        limits=Limits(10, None, 900.0),
+        launch_timeout=20.0,
+        describe_interval=0.02,
+        worker_port=worker_port,
+        probe=True,
+        probe_timeout=0.5,
+    )
+    engine = Engine(cloud, settings, clock, PriceTable.default())
+    async with running_broker(engine) as broker:
+        client = await LineClient.connect(broker.port)
+        await client.send(b"GET_WORKER\n")
+        await wait_for(lambda: len(cloud.describe_calls) >= 10)
+        assert [w.state for w in engine.pool.workers.values()] == ["launching"]
+        listener = (await trio.open_tcp_listeners(worker_port, host="127.0.0.1"))[0]
+        async with listener:
+            assert await client.readline() == b"127.0.0.1"
