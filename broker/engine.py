@@ -23,6 +23,8 @@ from broker.protocol import GetWorker
 
 _log = structlog.get_logger("broker.engine")
 
+WAIT_SLACK = 2.0  # seconds a default GET_WORKER waits beyond launch_timeout + describe_interval
+
 
 class Refusal(Exception):
     """A request the engine cannot satisfy; `str()` is the reason for `ERROR: <reason>`."""
@@ -82,7 +84,6 @@ class Engine:
         self._watch_wakeup = trio.Event()
         self._probing: set[str] = set()
         self._retry_terminate: set[str] = set()
-        self._adopted = False
         self._closing = False
         self._nursery: trio.Nursery | None = None
 
@@ -92,7 +93,7 @@ class Engine:
         """Adopt the pool's existing instances, then run the watcher and the reaper forever."""
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
-            await self._adopt()
+            await self._reconcile()  # adopt this pool's instances after a restart
             nursery.start_soon(self._watch_launches)
             nursery.start_soon(self._reap_loop)
             task_status.started()
@@ -113,7 +114,10 @@ class Engine:
             )
         if not self._closing and (ready := self.pool.choose_ready(spec)) is not None:
             return self._hand_out(ready, client, reused=True, waited=0.0)  # the warm path
-        wait = min(request.wait or self.settings.launch_timeout, self.settings.launch_timeout)
+        # Without wait=, a waiter outlives the launch it waits for by a little, so it hears the
+        # launch's own verdict ("launch timed out ...") rather than a generic one.
+        longest = self.settings.launch_timeout + self.settings.describe_interval + WAIT_SLACK
+        wait = min(request.wait, longest) if request.wait is not None else longest
         started = trio.current_time()
         joined: _Attempt | None = None
         with trio.move_on_after(wait):
@@ -218,7 +222,9 @@ class Engine:
         try:
             with trio.fail_after(self.settings.launch_timeout):
                 instances = await self.cloud.launch(spec, count, attempt.token)
-        except (CloudError, trio.TooSlowError) as exc:
+        except Exception as exc:
+            if not isinstance(exc, CloudError | trio.TooSlowError):
+                _log.exception("launch.crashed", client_token=attempt.token)
             attempt.error = self._launch_error(exc)
             self.pool.launch_failed(attempt.token)
             self._attempts.pop(attempt.token, None)
@@ -249,51 +255,65 @@ class Engine:
         self._watch_wakeup.set()
         self._notify()
 
-    def _launch_error(self, exc: CloudError | trio.TooSlowError) -> str:
+    def _launch_error(self, exc: Exception) -> str:
         if isinstance(exc, trio.TooSlowError):
+            # RunInstances may still complete in its abandoned thread: the reconciler adopts
+            # (and later reaps) whatever it launched.
             return f"launch timed out after {self.settings.launch_timeout:g}s"
-        if exc.unreachable:
-            return f"cloud unreachable: {exc.message or exc.code}"
-        return f"launch failed: {exc}"
+        if isinstance(exc, CloudError):
+            if exc.unreachable:
+                return f"cloud unreachable: {exc.message or exc.code}"
+            return f"launch failed: {exc}"
+        return "launch failed: internal error (logged by the broker)"
 
     # --- the boot watcher: one batched DescribeInstances for every pending launch ---------
 
     async def _watch_launches(self) -> None:
         while True:
-            waiting = [w for w in self.pool.launching() if w.instance_id not in self._probing]
-            if not waiting:
-                self._watch_wakeup = trio.Event()
-                await self._watch_wakeup.wait()
-                continue
             try:
-                described = await self.cloud.describe([w.instance_id for w in waiting])
-            except CloudError as exc:
-                _log.warning("describe.failed", error=str(exc), pending=len(waiting))
-                described = []
-            by_id = {instance.instance_id: instance for instance in described}
-            now = self.clock.now()
-            for worker in waiting:
-                self._advance(worker, by_id.get(worker.instance_id), now)
-            await self._fail_overdue(now)
-            self._notify()
+                if not await self._watch_once():
+                    self._watch_wakeup = trio.Event()
+                    await self._watch_wakeup.wait()
+                    continue
+            except Exception:
+                _log.exception("watcher.crashed")  # logged; the next pass starts afresh
             await trio.sleep(self.settings.describe_interval)
+
+    async def _watch_once(self) -> bool:
+        """One pass over the launching workers; False when there are none."""
+        waiting = self.pool.launching()
+        if not waiting:
+            return False
+        try:
+            described = await self.cloud.describe([w.instance_id for w in waiting])
+        except CloudError as exc:
+            _log.warning("describe.failed", error=str(exc), pending=len(waiting))
+            described = []
+        by_id = {instance.instance_id: instance for instance in described}
+        now = self.clock.now()
+        for worker in waiting:
+            self._advance(worker, by_id.get(worker.instance_id), now)
+        self._notify()
+        await self._fail_overdue(self.clock.now())
+        return True
 
     def _advance(self, worker: Worker, instance: Instance | None, now: float) -> None:
         if worker.state is not WorkerState.LAUNCHING or instance is None:
             return  # just launched instances may not be visible yet (eventual consistency)
         if instance.state == "running" and instance.public_ip:
-            if self.settings.probe:
+            if not self.settings.probe:
+                self._ready(worker, instance.public_ip, now)
+            elif worker.instance_id not in self._probing:
                 self._probing.add(worker.instance_id)
                 assert self._nursery is not None
                 self._nursery.start_soon(self._probe, worker, instance.public_ip)
-            else:
-                self._ready(worker, instance.public_ip, now)
         elif not instance.is_alive:
             self._lose(
                 worker, f"worker {worker.instance_id} was {instance.state} while booting", now
             )
 
     async def _probe(self, worker: Worker, ip: str) -> None:
+        """Hand the worker out only once its port accepts a TCP connection."""
         ok = False
         try:
             with trio.move_on_after(self.settings.probe_timeout):
@@ -330,11 +350,9 @@ class Engine:
         self._settle_attempt(worker.launch_token)
 
     async def _fail_overdue(self, now: float) -> None:
+        """Terminate launching workers older than launch_timeout (booting or failing probes)."""
         overdue = [
-            w
-            for w in self.pool.launching()
-            if now - w.launched_at > self.settings.launch_timeout
-            and w.instance_id not in self._probing
+            w for w in self.pool.launching() if now - w.launched_at > self.settings.launch_timeout
         ]
         if not overdue:
             return
@@ -344,6 +362,9 @@ class Engine:
             if attempt is not None:
                 attempt.error = reason
             worker.state = WorkerState.TERMINATING
+            self._settle_attempt(worker.launch_token)
+            _log.error("worker.boot_timeout", instance_id=worker.instance_id, reason=reason)
+        self._notify()  # waiters hear the verdict before the termination call returns
         try:
             await self._terminate(overdue, reason="boot_timeout")
         except CloudError:
@@ -387,12 +408,15 @@ class Engine:
     async def _reap_loop(self) -> None:
         while True:
             await trio.sleep(self.settings.reap_interval)
-            await self.reap_once()
+            try:
+                await self.reap_once()
+            except Exception:
+                _log.exception("reaper.crashed")  # logged; the next pass tries again
 
     async def reap_once(self) -> None:
-        """One reaper pass: expire idle leases, terminate idle workers, retry failed ones."""
-        if not self._adopted:
-            await self._adopt()
+        """One reaper pass: reconcile with EC2, expire idle leases, terminate idle workers,
+        retry failed terminations."""
+        await self._reconcile()
         now = self.clock.now()
         plan = self.pool.reap_plan(now)
         for lease in plan.expired_leases:
@@ -444,21 +468,31 @@ class Engine:
             )
         self._notify()
 
-    async def _adopt(self) -> None:
-        """Take over this pool's tagged pending/running instances (after a restart)."""
+    async def _reconcile(self) -> None:
+        """Make the pool agree with EC2's view of this pool's tagged instances.
+
+        A ready worker EC2 no longer runs (spot interruption, terminated by hand) is dropped
+        with its leases. A live tagged instance the pool does not know is adopted: after a
+        restart, or one launched by a RunInstances call cut off at launch_timeout. Adopted
+        workers start their idle clock now, so an unwanted one is reaped after idle_timeout.
+        """
         try:
             instances = await self.cloud.list_pool()
         except CloudError as exc:
-            _log.error("pool.adopt_failed", error=str(exc))
+            _log.error("reconcile.failed", error=str(exc))
             return
-        self._adopted = True
         now = self.clock.now()
+        alive = {instance.instance_id for instance in instances}
+        for worker in list(self.pool.workers.values()):
+            if worker.state is WorkerState.READY and worker.instance_id not in alive:
+                self._lose(worker, f"worker {worker.instance_id} is no longer running in EC2", now)
+        if self.pool.in_flight:
+            return  # an unanswered launch's instances may be listed already: not strangers
         for instance in instances:
             if instance.instance_id in self.pool.workers:
                 continue
-            ready = (
-                instance.state == "running" and bool(instance.public_ip) and not self.settings.probe
-            )
+            ready = instance.state == "running" and bool(instance.public_ip)
+            ready = ready and not self.settings.probe
             price = self.prices.price(instance.instance_type, instance.market)
             self.pool.add(instance, now, price=price, ready=ready)
             _log.info(

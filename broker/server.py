@@ -131,30 +131,34 @@ class Server:
         self, stream: trio.SocketStream, peer: str, log: structlog.typing.FilteringBoundLogger
     ) -> None:
         reader = LineReader()
-        # One cancel scope per connection, not one per read: its deadline is client_timeout
-        # ahead while we wait for the peer, and infinite while a request is being served.
-        with trio.CancelScope() as waiting:
+        # One cancel scope per connection, not one per read. Its deadline bounds each wait for
+        # a complete line (set when the connection opens and after each reply, not per chunk,
+        # so trickling bytes does not extend it) and each reply's send (a client that stops
+        # reading); it is infinite while a request is served, since a launch takes minutes.
+        with trio.CancelScope() as scope:
+            scope.deadline = trio.current_time() + self.settings.client_timeout
             while True:
                 event = reader.next_request()
                 if isinstance(event, NeedData):
                     if self._draining:
                         return
-                    waiting.deadline = trio.current_time() + self.settings.client_timeout
-                    self._idle_scopes.add(waiting)
+                    self._idle_scopes.add(scope)
                     try:
                         data = await stream.receive_some(RECEIVE_SIZE)
                     except (trio.BrokenResourceError, trio.ClosedResourceError):
                         data = b""
                     finally:
-                        self._idle_scopes.discard(waiting)
-                    waiting.deadline = math.inf
+                        self._idle_scopes.discard(scope)
+                    if scope.cancel_called:
+                        break  # the deadline or shutdown came as the data did: serve nothing
                     reader.receive_data(data)
                     continue
                 if isinstance(event, Closed):
                     return
-                if not await self._answer(stream, event, peer, log):
+                scope.deadline = math.inf
+                if not await self._answer(stream, event, peer, log, scope):
                     return
-        if waiting.cancelled_caught and not self._draining:
+        if scope.cancel_called and not self._draining:
             log.info("client.timeout", after_seconds=self.settings.client_timeout)
 
     async def _answer(
@@ -163,6 +167,7 @@ class Server:
         event: Command | BadRequest,
         peer: str,
         log: structlog.typing.FilteringBoundLogger,
+        scope: trio.CancelScope,
     ) -> bool:
         """Serve one request and send its reply; False when the connection is to close."""
         started = trio.current_time()
@@ -178,6 +183,7 @@ class Server:
                 reply=reply.text[:80],
                 ms=round((trio.current_time() - started) * 1000, 3),
             )
+        scope.deadline = trio.current_time() + self.settings.client_timeout
         try:
             await stream.send_all(reply.to_bytes())
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:

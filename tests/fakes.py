@@ -47,7 +47,7 @@ class FakeCloud:
         self.launch_calls: list[tuple[LaunchSpec, int, str]] = []
         self.describe_calls: list[list[str]] = []
         self.terminate_calls: list[list[str]] = []
-        self.launch_errors: list[CloudError] = []
+        self.launch_errors: list[Exception] = []
         self.terminate_errors: list[CloudError] = []
         self.never_boot = False
         self.launch_delay = 0.0

@@ -3,7 +3,6 @@ with botocore hooks, requests over TCP. Each becomes one `ERROR:` line, in bound
 
 from __future__ import annotations
 
-import re
 import threading
 import uuid
 from typing import Any
@@ -128,7 +127,7 @@ async def test_a_hanging_aws_call_is_cut_at_launch_timeout(resources: SandboxRes
                 assert (await ask_once(broker.port, "HELP")).startswith("OK commands:")
             with trio.fail_after(5):
                 reply = (await waiting.readline()).decode()
-            assert re.fullmatch(r"ERROR: (launch timed out|no worker ready) after 1.5s", reply)
+            assert reply == "ERROR: launch timed out after 1.5s"
             assert engine.pool.in_flight == {}
     finally:
         release.set()

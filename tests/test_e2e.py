@@ -340,10 +340,14 @@ def test_bad_config_stops_the_broker_with_one_line_naming_the_key(tmp_path: Path
 
 def test_serving_aws_without_an_ami_is_refused_at_start(tmp_path: Path) -> None:
     """Outside the sandbox, ami_id is required: the broker says so instead of failing later."""
+    # Even if the check regressed, nothing may reach real AWS: no credentials, and the
+    # endpoint is a closed loopback port.
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("COMPUTE_BROKER_", "AWS_"))}
+    env["AWS_ENDPOINT_URL"] = "http://127.0.0.1:9"
+    env["AWS_CONFIG_FILE"] = env["AWS_SHARED_CREDENTIALS_FILE"] = os.devnull
     result = subprocess.run(
-        [sys.executable, "-m", "broker", "serve", "--port", "0"],
-        cwd=ROOT, capture_output=True, text=True, timeout=60,
-        env={k: v for k, v in os.environ.items() if not k.startswith("COMPUTE_BROKER_")},
+        [sys.executable, "-m", "broker", "serve", "--host", "127.0.0.1", "--port", "0"],
+        cwd=ROOT, capture_output=True, text=True, timeout=60, env=env,
     )  # fmt: skip
     assert result.returncode == 2
     assert "ami_id" in result.stderr

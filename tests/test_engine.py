@@ -11,7 +11,7 @@ from trio.testing import MockClock
 
 from broker.clock import Clock
 from broker.cloud import CloudError, LaunchSpec, Market
-from broker.engine import Engine, EngineSettings, Refusal, WorkerNotFound
+from broker.engine import WAIT_SLACK, Engine, EngineSettings, Refusal, WorkerNotFound
 from broker.pool import Limits
 from broker.prices import PriceTable
 from broker.protocol import GetWorker
@@ -234,9 +234,9 @@ async def test_instance_that_never_boots_is_terminated_at_launch_timeout(
     async with trio.open_nursery() as nursery:
         await nursery.start(engine.run)
         start = trio.current_time()
-        with pytest.raises(Refusal, match=r"no worker ready after 120s|launch timed out"):
+        with pytest.raises(Refusal, match=r"^launch timed out after 120s$"):
             await get_ip(engine, GetWorker(), "a")
-        assert trio.current_time() - start <= 121
+        assert trio.current_time() - start <= 120 + 2.0 + WAIT_SLACK
         with trio.fail_after(10):
             while cloud.alive():
                 await trio.sleep(1)
@@ -279,6 +279,7 @@ async def test_burst_is_cut_to_max_workers_and_refused_when_full(
     async with trio.open_nursery() as nursery:
         await nursery.start(engine.run)
         assert len(await engine.burst(5)) == 3
+        assert [count for _, count, _ in cloud.launch_calls] == [3]  # one RunInstances call
         with pytest.raises(Refusal, match=r"^max_workers reached \(3\)$"):
             await engine.burst(1)
         nursery.cancel_scope.cancel()
@@ -347,3 +348,41 @@ async def test_status_reports_workers_leases_and_totals(
     assert status["leases"][0]["client"] == "a"
     assert status["totals"]["run_rate_per_hour"] == 0.5
     assert status["totals"]["by_state"]["ready"] == 1
+
+
+async def test_an_unexpected_error_in_a_launch_is_an_error_reply_not_a_crash(
+    autojump_clock: MockClock, engine: Engine, cloud: FakeCloud
+) -> None:
+    """A bug below the cloud port (here a KeyError) fails that launch only."""
+    cloud.launch_errors.append(KeyError("LaunchTime"))
+    with pytest.raises(Refusal, match=r"^launch failed: internal error \(logged by the broker\)$"):
+        await get_ip(engine, GetWorker(), "a")
+    assert engine.pool.in_flight == {}
+    assert await get_ip(engine, GetWorker(), "a")  # the engine still works
+
+
+async def test_a_ready_worker_that_dies_is_dropped_at_the_next_reaper_pass(
+    autojump_clock: MockClock, engine: Engine, cloud: FakeCloud
+) -> None:
+    """Spot interruption or a manual terminate: the worker is no longer handed out or pinged."""
+    ip = await get_ip(engine, GetWorker(), "a")
+    (instance,) = cloud.instances.values()
+    instance.state = "terminated"
+    await trio.sleep(61)
+    assert engine.pool.workers == {}
+    assert engine.pool.leases == {}
+    with pytest.raises(WorkerNotFound):
+        engine.ping(ip, "a")
+    assert await get_ip(engine, GetWorker(), "a") != ip
+
+
+async def test_an_unknown_tagged_instance_is_adopted_then_reaped_when_idle(
+    autojump_clock: MockClock, engine: Engine, cloud: FakeCloud
+) -> None:
+    """An instance of this pool the broker does not know (a launch cut off at launch_timeout)
+    is adopted by the reconciler and terminated after idle_timeout, not left billing."""
+    stray = cloud.add_running(SPEC)
+    await trio.sleep(61)
+    assert list(engine.pool.workers) == [stray.instance_id]
+    await trio.sleep(900)
+    assert cloud.alive() == []

@@ -267,3 +267,60 @@ async def test_probe_hands_out_a_worker_only_once_its_port_accepts() -> None:
         listener = (await trio.open_tcp_listeners(worker_port, host="127.0.0.1"))[0]
         async with listener:
             assert await client.readline() == b"127.0.0.1"
+
+
+async def test_trickling_bytes_does_not_extend_client_timeout(broker: RunningBroker) -> None:
+    """A line sent one byte at a time must still be complete within client_timeout (1 s)."""
+    client = await LineClient.connect(broker.port)
+    start = trio.current_time()
+    with trio.move_on_after(5):
+        for byte in b"STATUS-and-more-and-more":
+            try:
+                await client.send(bytes([byte]))
+            except trio.BrokenResourceError:
+                break
+            await trio.sleep(0.2)
+    assert await client.readline() == b""
+    assert trio.current_time() - start < 2
+
+
+async def test_budget_refusal_reaches_the_client_as_one_error_line() -> None:
+    """Over max_hourly_cost, GET_WORKER answers `ERROR: budget: ...` naming the numbers."""
+    clock = Clock()
+    settings = EngineSettings(
+        default_spec=SPEC, limits=Limits(10, 0.4, 900.0), describe_interval=0.02
+    )
+    engine = Engine(FakeCloud(clock, boot_time=0.05), settings, clock, PriceTable.default())
+    async with running_broker(engine) as broker:
+        reply = await ask_once(broker.port, "GET_WORKER")
+    assert reply == (
+        "ERROR: budget: launching one c7i.8xlarge spot ($0.5/h) would raise the run rate "
+        "from $0/h to $0.5/h, above max_hourly_cost $0.4/h"
+    )
+
+
+async def test_probe_that_never_succeeds_ends_in_a_timeout_and_a_termination() -> None:
+    """A worker whose port never opens is terminated at launch_timeout; the type is not
+    blocked: the next request launches again."""
+    clock = Clock()
+    cloud = FakeCloud(clock, boot_time=0.05, ip_prefix="127.0.0.")  # loopback workers
+    with trio.socket.socket() as reserve:  # a loopback port nobody listens on
+        await reserve.bind(("127.0.0.1", 0))
+        closed_port = reserve.getsockname()[1]
+    settings = EngineSettings(
+        default_spec=SPEC,
+        limits=Limits(10, None, 900.0),
+        launch_timeout=1.0,
+        describe_interval=0.05,
+        worker_port=closed_port,
+        probe=True,
+        probe_timeout=0.2,
+    )
+    engine = Engine(cloud, settings, clock, PriceTable.default())
+    async with running_broker(engine) as broker:
+        assert await ask_once(broker.port, "GET_WORKER") == "ERROR: launch timed out after 1s"
+        await wait_for(lambda: cloud.alive() == [])
+        assert await ask_once(broker.port, "GET_WORKER wait=0.3") == (
+            "ERROR: no worker ready after 0.3s"
+        )
+        assert len(cloud.launch_calls) == 2
