@@ -1,8 +1,8 @@
 """Load benchmark: start the sandbox broker, measure it on loopback, print a table.
 
-    .venv/bin/python bench/load.py [--quick]
+    .venv/bin/python bench/load.py [--quick] [--log-level warning]
 
-Measures (all against a broker started here with `compute-broker serve --sandbox`):
+Measures (against a `compute-broker serve` process using a moto server in this process):
   - the launch count of a 50-client cold storm on an empty pool (target: 1);
   - warm GET_WORKER latency p50/p99 and requests/s, sequential, one connection per request;
   - the same with 50 concurrent one-shot clients;
@@ -32,11 +32,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 HOST = "127.0.0.1"
 CONFIG = """\
-sandbox_boot_time: 2
 describe_interval: 0.5
 max_connections: 4096
 client_timeout: 60
-log_level: info
 log_format: json
 """
 
@@ -54,40 +52,41 @@ def percentile(samples: list[float], q: float) -> float:
 
 
 class Broker:
-    def __init__(self) -> None:
-        fd, self.config_path = tempfile.mkstemp(suffix=".yaml")
-        with os.fdopen(fd, "w") as config:
-            config.write(CONFIG)
-        self.proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "broker",
-                "serve",
-                "--sandbox",
-                "--host",
-                HOST,
-                "--port",
-                "0",
-                "--config",
-                self.config_path,
-            ],
-            cwd=ROOT,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.DEVNULL,
-            text=True,
+    """The broker as deployed: its own process, against a cloud it does not embed.
+
+    moto runs in this (the bench) process on loopback, so the broker's RSS is its own.
+    """
+
+    def __init__(self, log_level: str) -> None:
+        from broker import sandbox
+
+        self.moto = sandbox.start_moto()
+        for name in [name for name in os.environ if name.startswith("AWS_")]:
+            del os.environ[name]
+        os.environ.update(sandbox.sandbox_environment(self.moto.endpoint_url))
+        os.environ["AWS_CONFIG_FILE"] = os.environ["AWS_SHARED_CREDENTIALS_FILE"] = os.devnull
+        sandbox.install_unique_ips()
+        sandbox.install_boot_delay(2)
+        res = sandbox.prepare_resources()
+        config = CONFIG + (
+            f"log_level: {log_level}\nami_id: {res.ami_id}\n"
+            f"security_group_ids: [{res.security_group_id}]\nsubnet_id: {res.subnet_id}\n"
+            f"key_name: {res.key_name}\nregion: us-east-1\n"
         )
+        fd, self.config_path = tempfile.mkstemp(suffix=".yaml")
+        with os.fdopen(fd, "w") as config_file:
+            config_file.write(config)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "broker", "serve", "--host", HOST, "--port", "0",
+             "--config", self.config_path],
+            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+        )  # fmt: skip
         assert self.proc.stdout is not None
-        deadline = time.monotonic() + 60
-        for line in self.proc.stdout:
-            match = re.match(r"listening on (\S+):(\d+)", line)
-            if match:
-                self.port = int(match.group(2))
-                break
-            if time.monotonic() > deadline:
-                raise RuntimeError("broker did not start")
-        else:
-            raise RuntimeError("broker exited before listening")
+        line = self.proc.stdout.readline()
+        match = re.match(r"listening on (\S+):(\d+)", line)
+        if not match:
+            raise RuntimeError(f"broker did not start: {line!r}")
+        self.port = int(match.group(2))
 
     def stop(self) -> None:
         self.proc.terminate()
@@ -96,6 +95,7 @@ class Broker:
         except subprocess.TimeoutExpired:
             self.proc.kill()
         os.unlink(self.config_path)
+        self.moto.stop()
 
 
 async def one_shot(port: int, line: bytes) -> tuple[bytes, float]:
@@ -169,9 +169,9 @@ def row(name: str, latencies: list[float], seconds: float | None = None) -> str:
     return f"| {name} | {len(latencies)} | {rate:,.0f} | {p50:.2f} | {p99:.2f} |"
 
 
-async def main(quick: bool) -> None:
+async def main(quick: bool, log_level: str) -> None:
     scale = 10 if quick else 1
-    broker = Broker()
+    broker = Broker(log_level)
     try:
         port = broker.port
         launches, distinct = await cold_storm(port)
@@ -215,4 +215,9 @@ async def main(quick: bool) -> None:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a tenth of the requests")
-    asyncio.run(main(parser.parse_args().quick))
+    parser.add_argument(
+        "--log-level", default="info", help="the broker's log_level (default: info, as shipped)"
+    )
+    args = parser.parse_args()
+    print(f"broker log_level: {args.log_level}")
+    asyncio.run(main(args.quick, args.log_level))
