@@ -156,7 +156,12 @@ def build_engine(config: Config, clock: Clock) -> Engine:
     )
     settings = EngineSettings(
         default_spec=LaunchSpec(config.instance_type, Market(config.market)),
-        limits=Limits(config.max_workers, config.max_hourly_cost, config.idle_timeout),
+        limits=Limits(
+            config.max_workers,
+            config.max_hourly_cost,
+            config.idle_timeout,
+            config.clients_per_worker if config.sharing == "exclusive" else None,
+        ),
         launch_timeout=config.launch_timeout,
         describe_interval=config.describe_interval,
         reap_interval=config.reap_interval,

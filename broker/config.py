@@ -383,6 +383,21 @@ FIELDS: tuple[Field, ...] = (
         20,
     ),
     Field(
+        "sharing",
+        _choice("shared", "exclusive"),
+        "shared",
+        "shared: any number of clients share a worker (the seed's behaviour). exclusive: a "
+        "worker takes at most clients_per_worker leases; more clients mean more workers.",
+        "exclusive",
+    ),
+    Field(
+        "clients_per_worker",
+        _integer(1),
+        1,
+        "With sharing: exclusive, how many clients may hold one worker (1: one each).",
+        4,
+    ),
+    Field(
         "max_hourly_cost",
         _optional(_number(0, inclusive=False)),
         None,
@@ -490,6 +505,8 @@ class Config:
     launch_timeout: float = _default("launch_timeout")
     describe_interval: float = _default("describe_interval")
     max_workers: int = _default("max_workers")
+    sharing: Literal["shared", "exclusive"] = _default("sharing")
+    clients_per_worker: int = _default("clients_per_worker")
     max_hourly_cost: float | None = _default("max_hourly_cost")
     prices: Mapping[str, Mapping[str, float]] = _default("prices")
     client_timeout: float = _default("client_timeout")

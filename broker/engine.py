@@ -7,6 +7,7 @@ that makes it visible to other tasks (an in-flight launch, a lease) happen atomi
 
 from __future__ import annotations
 
+import math
 import uuid
 from collections.abc import Sequence
 from typing import Any
@@ -80,6 +81,7 @@ class Engine:
         self.prices = prices
         self.pool = Pool(settings.limits)
         self._attempts: dict[str, _Attempt] = {}
+        self._demand: dict[LaunchSpec, int] = {}  # requests waiting for a worker, per spec
         self._changed = trio.Event()
         self._watch_wakeup = trio.Event()
         self._probing: set[str] = set()
@@ -112,7 +114,7 @@ class Engine:
             spec = LaunchSpec(
                 request.instance_type or default.instance_type, request.market or default.market
             )
-        if not self._closing and (ready := self.pool.choose_ready(spec)) is not None:
+        if not self._closing and (ready := self.pool.choose_ready(spec, client)) is not None:
             return self._hand_out(ready, client, reused=True, waited=0.0)  # the warm path
         # Without wait=, a waiter outlives the launch it waits for by a little, so it hears the
         # launch's own verdict ("launch timed out ...") rather than a generic one.
@@ -120,23 +122,48 @@ class Engine:
         wait = min(request.wait, longest) if request.wait is not None else longest
         started = trio.current_time()
         joined: _Attempt | None = None
-        with trio.move_on_after(wait):
-            while True:
-                if self._closing:
-                    raise Refusal("broker shutting down")
-                worker = self.pool.choose_ready(spec)
-                if worker is not None:
-                    waited = trio.current_time() - started
-                    return self._hand_out(worker, client, reused=joined is None, waited=waited)
-                launching = self.pool.is_launching(spec)
-                if joined is not None and joined.error is not None and not launching:
-                    raise Refusal(joined.error)
-                if not launching:
-                    joined = self._start_launch(spec, 1)
-                elif joined is None:
-                    joined = self._attempt_for(spec)
-                await self._changed.wait()
+        refusal: str | None = None
+        self._demand[spec] = self._demand.get(spec, 0) + 1
+        try:
+            with trio.move_on_after(wait):
+                while True:
+                    if self._closing:
+                        raise Refusal("broker shutting down")
+                    worker = self.pool.choose_ready(spec, client)
+                    if worker is not None:
+                        waited = trio.current_time() - started
+                        return self._hand_out(worker, client, reused=joined is None, waited=waited)
+                    coming = self.pool.coming_capacity(spec)
+                    if joined is not None and joined.error is not None and not coming:
+                        raise Refusal(joined.error)
+                    if self._demand[spec] > coming:
+                        try:
+                            joined = self._launch_for_demand(spec, self._demand[spec] - coming)
+                        except Refusal as exc:
+                            if not self._may_free_up(spec):
+                                raise
+                            refusal = str(exc)  # wait for a holder to release a worker
+                    elif joined is None:
+                        joined = self._attempt_for(spec)
+                    await self._changed.wait()
+        finally:
+            self._demand[spec] -= 1
+        if refusal is not None:
+            raise Refusal(f"no worker free after {wait:g}s ({refusal})")
         raise Refusal(f"no worker ready after {wait:g}s")
+
+    def _launch_for_demand(self, spec: LaunchSpec, unserved: float) -> _Attempt:
+        """Launch enough workers for `unserved` waiting clients (one in shared mode)."""
+        capacity = self.settings.limits.clients_per_worker
+        count = 1 if capacity is None else max(1, math.ceil(unserved / capacity))
+        return self._start_launch(spec, count)
+
+    def _may_free_up(self, spec: LaunchSpec) -> bool:
+        """In exclusive mode, while the pool has workers (held, launching or on their way out),
+        a release or a termination may soon make room: a refused request waits for that."""
+        if self.settings.limits.clients_per_worker is None:
+            return False
+        return bool(self.pool.in_flight or self.pool.workers)
 
     def ping(self, ip: str, client: str) -> Worker:
         """Restart the worker's idle clock and the caller's lease."""
@@ -513,6 +540,7 @@ class Engine:
         self._changed = trio.Event()
 
     def _log_lease_end(self, lease: Lease, reason: str, now: float) -> None:
+        cost = lease.cost(now)
         _log.info(
             "lease.ended",
             client=lease.client,
@@ -520,4 +548,5 @@ class Engine:
             ip=lease.ip,
             reason=reason,
             duration_seconds=round(max(0.0, now - lease.started_at), 3),
+            cost_usd=None if cost is None else round(cost, 6),
         )

@@ -55,6 +55,13 @@ class Lease:
     ip: str
     started_at: float
     last_activity: float
+    price_per_hour: float | None = None
+
+    def cost(self, now: float) -> float | None:
+        """Dollars this lease has cost so far: the worker's price times the lease's duration."""
+        if self.price_per_hour is None:
+            return None
+        return self.price_per_hour * max(0.0, now - self.started_at) / 3600.0
 
 
 @attrs.frozen
@@ -70,11 +77,16 @@ class InFlight:
 
 @attrs.frozen
 class Limits:
-    """The caps and clocks the pool's decisions use."""
+    """The caps and clocks the pool's decisions use.
+
+    `clients_per_worker` is None when clients share workers without limit (sharing: shared),
+    else how many leases one worker takes (sharing: exclusive; 1 = a worker per client).
+    """
 
     max_workers: int
     max_hourly_cost: float | None
     idle_timeout: float
+    clients_per_worker: int | None = None
 
 
 @attrs.frozen
@@ -135,8 +147,9 @@ class Pool:
         """The open leases on a worker."""
         return [lease for lease in self.leases.values() if lease.instance_id == instance_id]
 
-    def choose_ready(self, spec: LaunchSpec) -> Worker | None:
-        """The ready worker to hand out: fewest holders, then the most recently used."""
+    def choose_ready(self, spec: LaunchSpec, client: str | None = None) -> Worker | None:
+        """The ready worker to hand out: one `client` already holds, else one with room
+        (fewest holders, then the most recently used)."""
         ready = [
             worker
             for worker in self.workers.values()
@@ -144,15 +157,32 @@ class Pool:
         ]
         if not ready:
             return None
+        if client is not None:
+            for worker in ready:
+                if (client, worker.instance_id) in self.leases:
+                    return worker
         counts = self._holder_counts()
+        capacity = self.limits.clients_per_worker
+        if capacity is not None:
+            ready = [w for w in ready if counts.get(w.instance_id, 0) < capacity]
+            if not ready:
+                return None
         return min(ready, key=lambda w: (counts.get(w.instance_id, 0), -w.last_activity))
+
+    def coming_capacity(self, spec: LaunchSpec) -> float:
+        """How many more clients the launches under way for `spec` will serve (inf: shared)."""
+        coming = sum(f.count for f in self.in_flight.values() if f.spec == spec)
+        coming += sum(
+            1 for w in self.workers.values() if w.state is WorkerState.LAUNCHING and w.matches(spec)
+        )
+        capacity = self.limits.clients_per_worker
+        if capacity is None:
+            return math.inf if coming else 0.0
+        return float(coming * capacity)
 
     def is_launching(self, spec: LaunchSpec) -> bool:
         """True if a launch that could satisfy `spec` is under way."""
-        return any(flight.spec == spec for flight in self.in_flight.values()) or any(
-            worker.state is WorkerState.LAUNCHING and worker.matches(spec)
-            for worker in self.workers.values()
-        )
+        return self.coming_capacity(spec) > 0
 
     def launching(self) -> list[Worker]:
         """Workers waiting for running + IP (+ probe)."""
@@ -260,7 +290,7 @@ class Pool:
             lease.last_activity = now
             return lease, False
         assert worker.ip is not None, "only ready workers are handed out"
-        lease = Lease(client, worker.instance_id, worker.ip, now, now)
+        lease = Lease(client, worker.instance_id, worker.ip, now, now, worker.price_per_hour)
         self.leases[key] = lease
         return lease, True
 
@@ -354,6 +384,7 @@ class Pool:
                 "ip": lease.ip,
                 "started_at": lease.started_at,
                 "idle_seconds": round(max(0.0, now - lease.last_activity), 3),
+                "cost_usd": _round(lease.cost(now)),
             }
             for lease in sorted(self.leases.values(), key=lambda lease: lease.started_at)
         ]
@@ -367,6 +398,7 @@ class Pool:
             "run_rate_per_hour": round(self.run_rate(), 6),
             "max_hourly_cost": self.limits.max_hourly_cost,
             "max_workers": self.limits.max_workers,
+            "clients_per_worker": self.limits.clients_per_worker,
         }
         return {"workers": workers, "leases": leases, "totals": totals}
 
@@ -380,3 +412,7 @@ class Pool:
         stale = [ip for ip, t in self.gone_ips.items() if now - t >= GONE_MEMORY_SECONDS]
         for ip in stale:
             del self.gone_ips[ip]
+
+
+def _round(value: float | None) -> float | None:
+    return None if value is None else round(value, 6)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 
 import pytest
+import structlog
 import trio
 import trio.testing
 from trio.testing import MockClock
@@ -386,3 +387,112 @@ async def test_an_unknown_tagged_instance_is_adopted_then_reaped_when_idle(
     assert list(engine.pool.workers) == [stray.instance_id]
     await trio.sleep(900)
     assert cloud.alive() == []
+
+
+def exclusive_engine(
+    cloud: FakeCloud, clock: Clock, *, per_worker: int, max_workers: int
+) -> Engine:
+    settings = EngineSettings(
+        default_spec=SPEC,
+        limits=Limits(max_workers, None, 900.0, clients_per_worker=per_worker),
+        describe_interval=2.0,
+    )
+    return Engine(cloud, settings, clock, PriceTable.default())
+
+
+async def test_exclusive_mode_gives_each_client_its_own_worker_up_to_max_workers(
+    autojump_clock: MockClock, cloud: FakeCloud, clock: Clock
+) -> None:
+    """40 clients, one worker each, max_workers 10: 10 distinct workers, never shared, at
+    most 10 instances; the other 30 get a clear ERROR after their wait."""
+    engine = exclusive_engine(cloud, clock, per_worker=1, max_workers=10)
+    got: dict[str, str] = {}
+    errors: list[str] = []
+
+    async def client(n: int) -> None:
+        try:
+            got[str(n)] = await get_ip(engine, GetWorker(wait=30), str(n))
+        except Refusal as exc:
+            errors.append(str(exc))
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(engine.run)
+        async with trio.open_nursery() as clients:
+            for n in range(40):
+                clients.start_soon(client, n)
+        nursery.cancel_scope.cancel()
+    assert len(got) == 10
+    assert len(set(got.values())) == 10
+    assert len(cloud.instances) == 10
+    assert errors == ["no worker free after 30s (max_workers reached (10))"] * 30
+
+
+async def test_exclusive_mode_launches_enough_for_everyone_waiting(
+    autojump_clock: MockClock, cloud: FakeCloud, clock: Clock
+) -> None:
+    """Three clients per worker: seven clients at once get three workers, spread evenly."""
+    engine = exclusive_engine(cloud, clock, per_worker=3, max_workers=10)
+    got: list[str] = []
+
+    async def client(n: int) -> None:
+        got.append(await get_ip(engine, GetWorker(), str(n)))
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(engine.run)
+        async with trio.open_nursery() as clients:
+            for n in range(7):
+                clients.start_soon(client, n)
+        nursery.cancel_scope.cancel()
+    assert len(cloud.instances) == 3
+    assert sorted(got.count(ip) for ip in set(got)) == [2, 2, 3]
+
+
+async def test_exclusive_holder_asking_again_gets_its_own_worker_back(
+    autojump_clock: MockClock, cloud: FakeCloud, clock: Clock
+) -> None:
+    """A repeated GET_WORKER from a holder refreshes its lease instead of taking another."""
+    engine = exclusive_engine(cloud, clock, per_worker=1, max_workers=10)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(engine.run)
+        first = await get_ip(engine, GetWorker(), "a")
+        assert await get_ip(engine, GetWorker(), "a") == first
+        assert len(cloud.instances) == 1
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_waiting_client_gets_a_worker_once_a_holder_releases(
+    autojump_clock: MockClock, cloud: FakeCloud, clock: Clock
+) -> None:
+    """At max_workers, a waiter is served after a release frees room."""
+    engine = exclusive_engine(cloud, clock, per_worker=1, max_workers=1)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(engine.run)
+        ip = await get_ip(engine, GetWorker(), "a")
+        got: list[str] = []
+
+        async def waiter() -> None:
+            got.append(await get_ip(engine, GetWorker(wait=120), "b"))
+
+        nursery.start_soon(waiter)
+        await trio.sleep(30)
+        assert got == []
+        await engine.release(ip, "a")
+        with trio.fail_after(60):
+            while not got:
+                await trio.sleep(1)
+        assert got[0] != ip
+        nursery.cancel_scope.cancel()
+
+
+async def test_ended_lease_logs_its_cost(autojump_clock: MockClock, engine: Engine) -> None:
+    """lease.ended carries the lease's cost: $0.50/h for two hours is $1."""
+    ip = await get_ip(engine, GetWorker(), "a")
+    for _ in range(12):
+        await trio.sleep(600)
+        engine.ping(ip, "a")
+    assert engine.status()["leases"][0]["cost_usd"] == pytest.approx(1.0, abs=0.01)
+    with structlog.testing.capture_logs() as logs:
+        await engine.release(ip, "a")
+    (ended,) = [e for e in logs if e["event"] == "lease.ended"]
+    assert ended["cost_usd"] == pytest.approx(1.0, abs=0.01)
+    assert ended["duration_seconds"] == pytest.approx(7200, abs=60)
