@@ -168,6 +168,7 @@ def build_engine(config: Config, clock: Clock) -> Engine:
         worker_port=config.worker_port,
         probe=config.probe,
         probe_timeout=config.probe_timeout,
+        warm_pool=config.warm_pool,
     )
     prices = PriceTable.default().with_overrides(config.prices)
     return Engine(cloud, settings, clock, prices)

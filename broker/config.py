@@ -20,6 +20,14 @@ from typing import Any, Literal
 import attrs
 import yaml
 
+from broker.schedule import (
+    WARM_POOL_EXAMPLE,
+    WARM_POOL_LABEL,
+    ScheduleError,
+    WarmPoolSchedule,
+    warm_pool_kind_check,
+)
+
 ENV_PREFIX = "COMPUTE_BROKER_"
 # The client libraries' variables share the prefix; the broker ignores them rather than refuse
 # to start on a machine that also runs a client.
@@ -225,6 +233,16 @@ def _price_table() -> Kind:
     return Kind("mapping of instance type to {spot, on-demand}", check)
 
 
+def _warm_pool() -> Kind:
+    def check(value: Any) -> WarmPoolSchedule:
+        try:
+            return warm_pool_kind_check(value)
+        except ScheduleError as exc:
+            raise _Invalid(exc.problem, exc.path) from None
+
+    return Kind(WARM_POOL_LABEL, check)
+
+
 def _suggestion(name: str, known: Iterable[str], fallback: str = "") -> str:
     close = difflib.get_close_matches(name, list(known), n=1)
     if close:
@@ -398,6 +416,15 @@ FIELDS: tuple[Field, ...] = (
         4,
     ),
     Field(
+        "warm_pool",
+        _warm_pool(),
+        {},
+        "Ready workers of the default type kept idle so GET_WORKER answers at once: min_idle, "
+        "and windows (days, from, to, min_idle) in a time zone that change it. Refilled in the "
+        "background; RELEASE and the reaper keep that many idle workers.",
+        dict(WARM_POOL_EXAMPLE),
+    ),
+    Field(
         "max_hourly_cost",
         _optional(_number(0, inclusive=False)),
         None,
@@ -507,6 +534,7 @@ class Config:
     max_workers: int = _default("max_workers")
     sharing: Literal["shared", "exclusive"] = _default("sharing")
     clients_per_worker: int = _default("clients_per_worker")
+    warm_pool: WarmPoolSchedule = _default("warm_pool")  # noqa: RUF009 (frozen: immutable)
     max_hourly_cost: float | None = _default("max_hourly_cost")
     prices: Mapping[str, Mapping[str, float]] = _default("prices")
     client_timeout: float = _default("client_timeout")

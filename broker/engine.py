@@ -21,6 +21,7 @@ from broker.cloud import Cloud, CloudError, Instance, LaunchSpec
 from broker.pool import Lease, Limits, Pool, ReleaseOutcome, Worker, WorkerState
 from broker.prices import PriceTable
 from broker.protocol import GetWorker
+from broker.schedule import WarmPoolSchedule, refill_count
 
 _log = structlog.get_logger("broker.engine")
 
@@ -47,6 +48,7 @@ class EngineSettings:
     worker_port: int = 2560
     probe: bool = False
     probe_timeout: float = 2.0
+    warm_pool: WarmPoolSchedule = attrs.field(factory=WarmPoolSchedule.default)
 
 
 @attrs.frozen
@@ -86,6 +88,8 @@ class Engine:
         self._watch_wakeup = trio.Event()
         self._probing: set[str] = set()
         self._retry_terminate: set[str] = set()
+        self._warm_wakeup = trio.Event()
+        self._warm_pool_configured = bool(settings.warm_pool.min_idle or settings.warm_pool.windows)
         self._closing = False
         self._nursery: trio.Nursery | None = None
 
@@ -98,6 +102,8 @@ class Engine:
             await self._reconcile()  # adopt this pool's instances after a restart
             nursery.start_soon(self._watch_launches)
             nursery.start_soon(self._reap_loop)
+            if self._warm_pool_configured:
+                nursery.start_soon(self._warm_loop)
             task_status.started()
 
     def stop_handing_out(self) -> None:
@@ -175,13 +181,16 @@ class Engine:
     async def release(self, ip: str, client: str) -> None:
         """End the caller's lease; terminate the worker if nobody else holds it."""
         now = self.clock.now()
-        released = self.pool.release(ip, client, now)
+        released = self.pool.release(ip, client, now, keep_idle=self._min_idle(now))
         if released.lease is not None:
             self._log_lease_end(released.lease, "released", now)
         if released.outcome is ReleaseOutcome.NOT_FOUND:
             raise WorkerNotFound(ip)
         if released.outcome is ReleaseOutcome.ALREADY_GONE:
             _log.info("worker.release", ip=ip, client=client, already_gone=True)
+            return
+        if released.outcome is ReleaseOutcome.KEPT_WARM:
+            _log.info("worker.release", ip=ip, client=client, terminated=False, kept_warm=True)
             return
         worker = released.worker
         assert worker is not None
@@ -412,6 +421,8 @@ class Engine:
 
     def _hand_out(self, worker: Worker, client: str, *, reused: bool, waited: float) -> Handout:
         lease, new = self.pool.hand_out(worker, client, self.clock.now())
+        if self._warm_pool_configured:
+            self._warm_wakeup.set()  # a warm worker may just have been taken: refill
         if new:
             _log.info(
                 "lease.started",
@@ -432,6 +443,53 @@ class Engine:
             self.pool.end_lease(lease)
             self._log_lease_end(lease, "reply_undeliverable", self.clock.now())
 
+    def _min_idle(self, now: float) -> int:
+        if not self._warm_pool_configured:
+            return 0
+        return self.settings.warm_pool.min_idle_at(now)
+
+    async def _warm_loop(self) -> None:
+        """Keep min_idle ready workers of the default type: refill in the background, at each
+        schedule change, after each hand-out, and at least every reap_interval."""
+        schedule = self.settings.warm_pool
+        next_change = schedule.next_change_after(self.clock.now())
+        while True:
+            try:
+                self.refill_once()
+            except Exception:
+                _log.exception("warm_pool.crashed")  # logged; the next pass tries again
+            now = self.clock.now()
+            if next_change is not None and now >= next_change:
+                next_change = schedule.next_change_after(now)
+            timeout = self.settings.reap_interval
+            if next_change is not None:
+                timeout = min(timeout, max(0.0, next_change - now))
+            self._warm_wakeup = trio.Event()
+            with trio.move_on_after(timeout):
+                await self._warm_wakeup.wait()
+
+    def refill_once(self) -> int:
+        """Launch what the warm pool lacks now (counting launches under way); how many."""
+        now = self.clock.now()
+        target = self._min_idle(now)
+        if target <= 0:
+            return 0
+        spec = self.settings.default_spec
+        idle = len(self.pool.idle_ready(spec))
+        waiting = self._demand.get(spec, 0)
+        per_worker = self.settings.limits.clients_per_worker
+        promised = (1 if waiting else 0) if per_worker is None else math.ceil(waiting / per_worker)
+        unpromised = max(0, self.pool.coming_instances(spec) - promised)
+        price = self.prices.price(spec.instance_type, spec.market)
+        room = self.pool.admit(spec, target, price).count
+        count = refill_count(target, idle, unpromised, room)
+        if count:
+            _log.info(
+                "warm_pool.refill", min_idle=target, idle=idle, launching=unpromised, count=count
+            )
+            self._start_launch(spec, count)
+        return count
+
     async def _reap_loop(self) -> None:
         while True:
             await trio.sleep(self.settings.reap_interval)
@@ -445,7 +503,9 @@ class Engine:
         retry failed terminations."""
         await self._reconcile()
         now = self.clock.now()
-        plan = self.pool.reap_plan(now)
+        plan = self.pool.reap_plan(
+            now, keep_idle=self._min_idle(now), keep_spec=self.settings.default_spec
+        )
         for lease in plan.expired_leases:
             self.pool.end_lease(lease)
             self._log_lease_end(lease, "expired", now)

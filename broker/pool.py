@@ -103,6 +103,7 @@ class ReleaseOutcome(enum.Enum):
     NOT_FOUND = "not_found"  # an IP the pool never knew
     ALREADY_GONE = "already_gone"  # a worker terminated earlier: OK, idempotent
     KEPT = "kept"  # other clients still hold it
+    KEPT_WARM = "kept_warm"  # nobody holds it, but the warm pool wants it: back to the pool
     TERMINATE = "terminate"  # nobody holds it: the engine terminates it
 
 
@@ -169,12 +170,25 @@ class Pool:
                 return None
         return min(ready, key=lambda w: (counts.get(w.instance_id, 0), -w.last_activity))
 
-    def coming_capacity(self, spec: LaunchSpec) -> float:
-        """How many more clients the launches under way for `spec` will serve (inf: shared)."""
+    def idle_ready(self, spec: LaunchSpec) -> list[Worker]:
+        """Ready workers of `spec` nobody holds."""
+        held = {lease.instance_id for lease in self.leases.values()}
+        return [
+            w
+            for w in self.workers.values()
+            if w.state is WorkerState.READY and w.matches(spec) and w.instance_id not in held
+        ]
+
+    def coming_instances(self, spec: LaunchSpec) -> int:
+        """Instances of `spec` launching or requested and not answered yet."""
         coming = sum(f.count for f in self.in_flight.values() if f.spec == spec)
-        coming += sum(
+        return coming + sum(
             1 for w in self.workers.values() if w.state is WorkerState.LAUNCHING and w.matches(spec)
         )
+
+    def coming_capacity(self, spec: LaunchSpec) -> float:
+        """How many more clients the launches under way for `spec` will serve (inf: shared)."""
+        coming = self.coming_instances(spec)
         capacity = self.limits.clients_per_worker
         if capacity is None:
             return math.inf if coming else 0.0
@@ -309,8 +323,12 @@ class Pool:
             lease.last_activity = now
         return worker
 
-    def release(self, ip: str, client: str, now: float) -> Released:
-        """End the caller's lease; decide whether the worker is to be terminated."""
+    def release(self, ip: str, client: str, now: float, *, keep_idle: int = 0) -> Released:
+        """End the caller's lease; decide whether the worker is to be terminated.
+
+        A worker nobody holds any more goes back to the pool instead when fewer than
+        `keep_idle` idle ready workers of its type and market would be left (the warm pool).
+        """
         worker = self.by_ip(ip)
         if worker is None:
             if any(w.ip == ip for w in self.workers.values()):
@@ -325,6 +343,11 @@ class Pool:
         others = self.holders(worker.instance_id)
         if others:
             return Released(ReleaseOutcome.KEPT, worker, lease, len(others))
+        if worker.state is WorkerState.READY and keep_idle > 0:
+            spec = LaunchSpec(worker.instance_type, worker.market)
+            idle_others = [w for w in self.idle_ready(spec) if w is not worker]
+            if len(idle_others) < keep_idle:
+                return Released(ReleaseOutcome.KEPT_WARM, worker, lease)
         worker.state = WorkerState.TERMINATING
         return Released(ReleaseOutcome.TERMINATE, worker, lease)
 
@@ -339,8 +362,13 @@ class Pool:
         self._forget_old_ips(now)
         return worker, ended
 
-    def reap_plan(self, now: float) -> ReapPlan:
-        """Leases and ready workers idle for `idle_timeout` or longer (workers: no holders)."""
+    def reap_plan(
+        self, now: float, *, keep_idle: int = 0, keep_spec: LaunchSpec | None = None
+    ) -> ReapPlan:
+        """Leases and ready workers idle for `idle_timeout` or longer (workers: no holders).
+
+        The `keep_idle` most recently used idle workers of `keep_spec` are kept (warm pool).
+        """
         timeout = self.limits.idle_timeout
         expired = tuple(
             lease for lease in self.leases.values() if now - lease.last_activity >= timeout
@@ -349,12 +377,21 @@ class Pool:
         still_held = {
             lease.instance_id for key, lease in self.leases.items() if key not in expired_keys
         }
-        idle = tuple(
+        unheld = [
             worker
             for worker in self.workers.values()
-            if worker.state is WorkerState.READY
-            and worker.instance_id not in still_held
-            and now - worker.last_activity >= timeout
+            if worker.state is WorkerState.READY and worker.instance_id not in still_held
+        ]
+        kept: set[str] = set()
+        if keep_idle > 0 and keep_spec is not None:
+            warm = sorted(
+                (w for w in unheld if w.matches(keep_spec)), key=lambda w: -w.last_activity
+            )
+            kept = {w.instance_id for w in warm[:keep_idle]}
+        idle = tuple(
+            worker
+            for worker in unheld
+            if worker.instance_id not in kept and now - worker.last_activity >= timeout
         )
         return ReapPlan(expired, idle)
 

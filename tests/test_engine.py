@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime
 
 import pytest
 import structlog
@@ -16,6 +17,7 @@ from broker.engine import WAIT_SLACK, Engine, EngineSettings, Refusal, WorkerNot
 from broker.pool import Limits
 from broker.prices import PriceTable
 from broker.protocol import GetWorker
+from broker.schedule import WarmPoolSchedule
 from tests.fakes import FakeCloud
 
 SPEC = LaunchSpec("c7i.8xlarge", Market.SPOT)
@@ -496,3 +498,76 @@ async def test_ended_lease_logs_its_cost(autojump_clock: MockClock, engine: Engi
     (ended,) = [e for e in logs if e["event"] == "lease.ended"]
     assert ended["cost_usd"] == pytest.approx(1.0, abs=0.01)
     assert ended["duration_seconds"] == pytest.approx(7200, abs=60)
+
+
+def warm_engine(cloud: FakeCloud, clock: Clock, warm: dict[str, object]) -> Engine:
+    settings = EngineSettings(
+        default_spec=SPEC,
+        limits=Limits(10, None, 900.0),
+        describe_interval=2.0,
+        warm_pool=WarmPoolSchedule.from_dict(warm),
+    )
+    return Engine(cloud, settings, clock, PriceTable.default())
+
+
+async def test_warm_pool_is_filled_in_the_background_and_answers_at_once(
+    autojump_clock: MockClock, cloud: FakeCloud, clock: Clock
+) -> None:
+    """min_idle 2: two workers boot before anyone asks; a GET_WORKER then waits 0 s, and the
+    pool is refilled to two idle workers, never overshooting."""
+    engine = warm_engine(cloud, clock, {"min_idle": 2})
+    async with trio.open_nursery() as nursery:
+        await nursery.start(engine.run)
+        await trio.sleep(30)
+        assert [count for _, count, _ in cloud.launch_calls] == [2]
+        assert len(engine.pool.idle_ready(SPEC)) == 2
+        start = trio.current_time()
+        await get_ip(engine, GetWorker(), "a")
+        assert trio.current_time() == start
+        await trio.sleep(30)
+        assert [count for _, count, _ in cloud.launch_calls] == [2, 1]
+        assert len(engine.pool.idle_ready(SPEC)) == 2
+        await trio.sleep(3000)  # idle reaping keeps the warm ones
+        assert len(cloud.alive()) == 2
+        nursery.cancel_scope.cancel()
+
+
+async def test_release_returns_a_worker_to_the_warm_pool_instead_of_terminating(
+    autojump_clock: MockClock, cloud: FakeCloud, clock: Clock
+) -> None:
+    """The last holder's RELEASE keeps the worker when the warm pool is short of it."""
+    engine = warm_engine(cloud, clock, {"min_idle": 1})
+    async with trio.open_nursery() as nursery:
+        await nursery.start(engine.run)
+        await trio.sleep(30)
+        ip = await get_ip(engine, GetWorker(), "a")
+        await engine.release(ip, "a")  # the refill may be booting: this one stays warm
+        assert ip in {w.ip for w in engine.pool.idle_ready(SPEC)}
+        nursery.cancel_scope.cancel()
+
+
+async def test_warm_pool_schedule_switches_at_the_stated_local_times(
+    autojump_clock: MockClock, cloud: FakeCloud
+) -> None:
+    """Weekdays 09:00-18:00 Berlin: 2 warm workers launched at 09:00 local, reaped after
+    18:00 + idle_timeout; over a day the refill launches exactly once."""
+    # 2026-11-23 is a Monday; start at 08:00 Berlin (07:00 UTC).
+    clock = Clock(epoch=datetime(2026, 11, 23, 7, 0, tzinfo=UTC).timestamp())
+    cloud.clock = clock
+    warm = {
+        "timezone": "Europe/Berlin",
+        "windows": [{"days": "mon-fri", "from": "09:00", "to": "18:00", "min_idle": 2}],
+    }
+    engine = warm_engine(cloud, clock, warm)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(engine.run)
+        await trio.sleep(3599)
+        assert cloud.launch_calls == []
+        await trio.sleep(2)
+        assert [count for _, count, _ in cloud.launch_calls] == [2]
+        launched_at = min(i.launched_at for i in cloud.instances.values())
+        assert datetime.fromtimestamp(launched_at, UTC).strftime("%H:%M") == "08:00"  # 09 local
+        await trio.sleep(9 * 3600)  # 18:00 local and past idle_timeout
+        assert cloud.alive() == []
+        assert len(cloud.launch_calls) == 1
+        nursery.cancel_scope.cancel()
