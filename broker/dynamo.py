@@ -1,0 +1,605 @@
+"""`DynamoRegistry`: the boto3 adapter implementing `broker.registry.Registry` on one table.
+
+One partition per pool (`pk = pool#<pool>`), one item per worker, lease, launch intent and the
+instance counter (`sk`, see docs/registry.md). Reads are Queries on the pool's partition,
+strongly consistent, with expired items filtered out (TTL deletes them late). Every check-and-set
+is one conditional write or one TransactWriteItems, so replicas sharing the table agree.
+Every call goes through `broker.aws.call`: off the event loop, under the limiter, with errors as
+`CloudError`; a condition that does not hold is an answer (False, None, 0), not an error.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Callable, Iterable, Mapping
+from decimal import Decimal
+from typing import Any, Final
+
+import attrs
+import botocore.exceptions
+import trio
+
+from broker.aws import call, cloud_error, make_client
+from broker.cloud import CloudError
+from broker.pool import WorkerState
+from broker.registry import ItemValue, LaunchIntent, LeaseRecord, Registry, WorkerRecord
+
+PARTITION_KEY: Final = "pk"
+SORT_KEY: Final = "sk"
+TTL_ATTRIBUTE: Final = "expires_at"
+WORKER_PREFIX: Final = "worker#"
+LEASE_PREFIX: Final = "lease#"
+INTENT_PREFIX: Final = "intent#"
+COUNTER_SK: Final = "counter#instances"
+COUNTER_ATTRIBUTE: Final = "reserved"
+
+# Conditional-update loops (claim, end, reserve, release) give up after this many rounds; each
+# failed round means another writer changed the item, i.e. made progress.
+MAX_ROUNDS: Final = 8
+# A write cancelled by a concurrent transaction on the same item (TransactionConflict) is retried
+# this many times, after a short randomised pause.
+CONFLICT_ATTEMPTS: Final = 5
+CONFLICT_BACKOFF: Final = 0.02  # seconds, doubled per attempt, times a random factor in [0.5, 1)
+# `ensure_table` polls DescribeTable while the table is being created.
+TABLE_WAIT_DELAY: Final = 2
+TABLE_WAIT_ATTEMPTS: Final = 60
+
+_CHECK_FAILED: Final = "ConditionalCheckFailed"
+_CONFLICT: Final = "TransactionConflict"
+
+
+@attrs.frozen
+class TableSetup:
+    """What `ensure_table` did: created the table, enabled TTL (both False: nothing to do)."""
+
+    created: bool
+    ttl_enabled: bool
+
+
+def ensure_table(client: Any, table_name: str) -> TableSetup:
+    """Blocking: create the registry table if absent (PAY_PER_REQUEST), wait until it is
+    ACTIVE, and enable TTL on `expires_at`. Idempotent. Raises `CloudError`, also when a table
+    of that name has other keys or TTL on another attribute."""
+    try:
+        created = _create_table(client, table_name)
+        return TableSetup(created, _enable_ttl(client, table_name))
+    except (botocore.exceptions.ClientError, botocore.exceptions.BotoCoreError) as exc:
+        raise cloud_error(exc) from exc
+
+
+def _create_table(client: Any, table_name: str) -> bool:
+    created = False
+    try:
+        table = client.describe_table(TableName=table_name)["Table"]
+    except botocore.exceptions.ClientError as exc:
+        if _code(exc) != "ResourceNotFoundException":
+            raise
+        try:
+            client.create_table(
+                TableName=table_name,
+                AttributeDefinitions=[
+                    {"AttributeName": PARTITION_KEY, "AttributeType": "S"},
+                    {"AttributeName": SORT_KEY, "AttributeType": "S"},
+                ],
+                KeySchema=[
+                    {"AttributeName": PARTITION_KEY, "KeyType": "HASH"},
+                    {"AttributeName": SORT_KEY, "KeyType": "RANGE"},
+                ],
+                BillingMode="PAY_PER_REQUEST",
+            )
+            created = True
+        except botocore.exceptions.ClientError as create_exc:
+            if _code(create_exc) != "ResourceInUseException":  # another setup created it
+                raise
+        table = {"TableStatus": "CREATING"}
+    if table["TableStatus"] != "ACTIVE":
+        client.get_waiter("table_exists").wait(
+            TableName=table_name,
+            WaiterConfig={"Delay": TABLE_WAIT_DELAY, "MaxAttempts": TABLE_WAIT_ATTEMPTS},
+        )
+        table = client.describe_table(TableName=table_name)["Table"]
+    keys = {(k["AttributeName"], k["KeyType"]) for k in table["KeySchema"]}
+    if keys != {(PARTITION_KEY, "HASH"), (SORT_KEY, "RANGE")}:
+        raise CloudError(
+            "TableMismatch",
+            f"table {table_name} exists with other keys than {PARTITION_KEY} (hash) and "
+            f"{SORT_KEY} (range)",
+        )
+    return created
+
+
+def _enable_ttl(client: Any, table_name: str) -> bool:
+    ttl = client.describe_time_to_live(TableName=table_name)["TimeToLiveDescription"]
+    status, attribute = ttl.get("TimeToLiveStatus"), ttl.get("AttributeName")
+    if status in ("ENABLED", "ENABLING"):
+        if attribute != TTL_ATTRIBUTE:
+            raise CloudError(
+                "TableMismatch",
+                f"table {table_name} has TTL on {attribute}, not on {TTL_ATTRIBUTE}",
+            )
+        return False
+    try:
+        client.update_time_to_live(
+            TableName=table_name,
+            TimeToLiveSpecification={"Enabled": True, "AttributeName": TTL_ATTRIBUTE},
+        )
+    except botocore.exceptions.ClientError as exc:
+        # Another setup enabled it since we looked: AWS refuses to enable it twice.
+        if "already enabled" not in str(exc.response.get("Error", {}).get("Message", "")):
+            raise
+        return False
+    return True
+
+
+class DynamoRegistry:
+    """Implements `broker.registry.Registry` on one DynamoDB table; blocking calls run in
+    threads under `limiter`."""
+
+    def __init__(
+        self,
+        table_name: str,
+        pool_name: str,
+        limiter: trio.CapacityLimiter,
+        client: Any = None,
+        *,
+        region: str | None = None,
+    ) -> None:
+        self.table_name = table_name
+        self.pool_name = pool_name
+        self.limiter = limiter
+        self.client: Any = client if client is not None else make_client("dynamodb", region=region)
+        self._pk = f"pool#{pool_name}"
+
+    async def ensure_table(self) -> TableSetup:
+        """`ensure_table` for this registry's table, off the event loop."""
+        return await call(self.limiter, ensure_table, self.client, self.table_name)
+
+    # --- workers -------------------------------------------------------------------------------
+
+    async def put_worker(self, worker: WorkerRecord) -> None:
+        await self._put(_worker_sk(worker.instance_id), worker.to_item())
+
+    async def get_worker(self, instance_id: str) -> WorkerRecord | None:
+        item = await self._get(_worker_sk(instance_id))
+        return None if item is None else WorkerRecord.from_item(item)
+
+    async def list_workers(self, now: float) -> list[WorkerRecord]:
+        workers = [WorkerRecord.from_item(i) for i in await self._query(WORKER_PREFIX)]
+        return [w for w in workers if not w.is_expired(now)]
+
+    async def expired_workers(self, now: float) -> list[WorkerRecord]:
+        workers = [WorkerRecord.from_item(i) for i in await self._query(WORKER_PREFIX)]
+        return [w for w in workers if w.is_expired(now)]
+
+    async def update_worker_activity(
+        self, instance_id: str, now: float, *, expires_at: float | None = None
+    ) -> bool:
+        changes: dict[str, ItemValue] = {"last_activity": now}
+        if expires_at is not None:
+            changes["expires_at"] = expires_at
+        return await self._update_existing(_worker_sk(instance_id), changes)
+
+    async def set_worker_state(
+        self,
+        instance_id: str,
+        state: WorkerState,
+        *,
+        expect: WorkerState | None = None,
+        ip: str | None = None,
+    ) -> bool:
+        changes: dict[str, ItemValue] = {"state": WorkerState(state).value}
+        if ip is not None:
+            changes["ip"] = ip
+        condition = None if expect is None else ("state", WorkerState(expect).value)
+        return await self._update_existing(_worker_sk(instance_id), changes, condition)
+
+    async def delete_worker(self, instance_id: str) -> None:
+        await self._write(self.client.delete_item, **self._request(_worker_sk(instance_id)))
+
+    # --- leases --------------------------------------------------------------------------------
+
+    async def claim_lease(self, lease: LeaseRecord, capacity: int | None) -> bool:
+        sk = _lease_sk(lease.instance_id, lease.client)
+        for _ in range(MAX_ROUNDS):
+            # One write: count the lease on the worker (if it may take one) and create it.
+            claimed = await self._transact(
+                {"Update": self._claim_worker(lease, capacity)},
+                {"Put": self._put_request(sk, lease.to_item(), "attribute_not_exists(#sk)")},
+            )
+            if claimed.ok:
+                return True
+            if claimed.reason(1) != _CHECK_FAILED:
+                return False  # the worker is missing, not ready, expired or full
+            # The client holds a lease on it already: refresh that one, uncounted.
+            refreshed = await self._transact(
+                {"Update": self._claim_worker(lease, None, count=False)},
+                {"Update": self._refresh_lease(sk, lease)},
+            )
+            if refreshed.ok:
+                return True
+            if refreshed.reason(0) == _CHECK_FAILED:
+                return False
+            # The lease ended in between: claim it anew.
+        return False
+
+    async def touch_lease(
+        self, client: str, instance_id: str, now: float, idle_timeout: float
+    ) -> bool:
+        return await self._update_existing(
+            _lease_sk(instance_id, client),
+            {"last_activity": now, "expires_at": now + idle_timeout},
+        )
+
+    async def end_lease(self, client: str, instance_id: str) -> LeaseRecord | None:
+        sk = _lease_sk(instance_id, client)
+        for _ in range(MAX_ROUNDS):
+            item = await self._get(sk)
+            if item is None:
+                return None
+            lease = LeaseRecord.from_item(item)
+            # Delete exactly the lease read (not one claimed again since) and uncount it.
+            delete = self._request(
+                sk,
+                condition="attribute_exists(#sk) AND #started_at = :started_at",
+                names=("sk", "started_at"),
+                values={"started_at": lease.started_at},
+            )
+            uncount = self._request(
+                _worker_sk(instance_id),
+                update="ADD #holders :minus_one",
+                condition="attribute_exists(#sk) AND #holders > :zero",
+                names=("sk", "holders"),
+                values={"minus_one": -1, "zero": 0},
+            )
+            ended = await self._transact({"Delete": delete}, {"Update": uncount})
+            if ended.ok:
+                return lease
+            if ended.reason(0) == _CHECK_FAILED:
+                continue  # ended or claimed again meanwhile: look again
+            # The worker is gone or counts no holder: the lease alone goes.
+            if (await self._write(self.client.delete_item, **delete)).ok:
+                return lease
+        return None
+
+    async def list_leases(self, now: float) -> list[LeaseRecord]:
+        leases = [LeaseRecord.from_item(i) for i in await self._query(LEASE_PREFIX)]
+        return [lease for lease in leases if not lease.is_expired(now)]
+
+    async def expired_leases(self, now: float) -> list[LeaseRecord]:
+        leases = [LeaseRecord.from_item(i) for i in await self._query(LEASE_PREFIX)]
+        return [lease for lease in leases if lease.is_expired(now)]
+
+    # --- launch intents ------------------------------------------------------------------------
+
+    async def put_intent(self, intent: LaunchIntent) -> None:
+        await self._put(_intent_sk(intent.token), intent.to_item())
+
+    async def complete_intent(self, token: str, instance_ids: Iterable[str]) -> bool:
+        return await self._update_existing(_intent_sk(token), {"instance_ids": list(instance_ids)})
+
+    async def delete_intent(self, token: str) -> None:
+        await self._write(self.client.delete_item, **self._request(_intent_sk(token)))
+
+    async def list_intents(self, now: float) -> list[LaunchIntent]:
+        intents = [LaunchIntent.from_item(i) for i in await self._query(INTENT_PREFIX)]
+        return [intent for intent in intents if not intent.is_expired(now)]
+
+    # --- the pool-wide instance counter ---------------------------------------------------------
+
+    async def reserve_instances(self, n: int, max_workers: int) -> int:
+        want = min(n, max_workers)
+        for _ in range(MAX_ROUNDS):
+            if want <= 0:
+                return 0
+            outcome = await self._add_to_counter(
+                want,
+                f"attribute_not_exists(#{COUNTER_ATTRIBUTE}) OR #{COUNTER_ATTRIBUTE} <= :limit",
+                max_workers - want,
+            )
+            if outcome.ok:
+                return want
+            want = min(n, max_workers - _counter_value(outcome.old))
+        return 0
+
+    async def release_instances(self, n: int) -> None:
+        give_back = n
+        for _ in range(MAX_ROUNDS):
+            if give_back <= 0:
+                return
+            outcome = await self._add_to_counter(
+                -give_back, f"#{COUNTER_ATTRIBUTE} >= :limit", give_back
+            )
+            if outcome.ok:
+                return
+            give_back = min(n, _counter_value(outcome.old))
+
+    async def reserved_instances(self) -> int:
+        return _counter_value(await self._get(COUNTER_SK))
+
+    async def correct_reserved_instances(self, seen: int, actual: int) -> bool:
+        condition = f"#{COUNTER_ATTRIBUTE} = :seen"
+        if seen == 0:
+            condition = f"attribute_not_exists(#{COUNTER_ATTRIBUTE}) OR {condition}"
+        request = self._request(
+            COUNTER_SK,
+            update=f"SET #{COUNTER_ATTRIBUTE} = :actual",
+            condition=condition,
+            names=(COUNTER_ATTRIBUTE,),
+            values={"seen": seen, "actual": max(0, actual)},
+        )
+        return (await self._write(self.client.update_item, **request)).ok
+
+    # --- requests ------------------------------------------------------------------------------
+
+    def _key(self, sk: str) -> dict[str, Any]:
+        return {PARTITION_KEY: {"S": self._pk}, SORT_KEY: {"S": sk}}
+
+    def _request(
+        self,
+        sk: str,
+        *,
+        update: str | None = None,
+        condition: str | None = None,
+        names: Iterable[str] = (),
+        values: Mapping[str, ItemValue] | None = None,
+    ) -> dict[str, Any]:
+        """The parameters of an UpdateItem/DeleteItem (or transaction part) on one item;
+        `#name` and `:value` placeholders stand for `names` and `values`."""
+        request: dict[str, Any] = {"TableName": self.table_name, "Key": self._key(sk)}
+        if update is not None:
+            request["UpdateExpression"] = update
+        if condition is not None:
+            request["ConditionExpression"] = condition
+        if names:
+            request["ExpressionAttributeNames"] = {f"#{name}": name for name in names}
+        if values:
+            request["ExpressionAttributeValues"] = {
+                f":{name}": encode(value) for name, value in values.items()
+            }
+        return request
+
+    def _put_request(
+        self, sk: str, item: Mapping[str, ItemValue], condition: str | None = None
+    ) -> dict[str, Any]:
+        request: dict[str, Any] = {
+            "TableName": self.table_name,
+            "Item": {**encode_item(item), **self._key(sk)},
+        }
+        if condition is not None:
+            request["ConditionExpression"] = condition
+            request["ExpressionAttributeNames"] = {"#sk": SORT_KEY}
+        return request
+
+    def _claim_worker(
+        self, lease: LeaseRecord, capacity: int | None, *, count: bool = True
+    ) -> dict[str, Any]:
+        """Update the lease's worker: activity now, one more holder if `count`; only if it
+        exists, is ready, is not expired and (with `capacity`) has room."""
+        condition = (
+            "attribute_exists(#sk) AND #state = :ready AND (attribute_not_exists(#expires_at)"
+            " OR attribute_type(#expires_at, :null) OR #expires_at >= :now)"
+        )
+        names = ["sk", "state", "expires_at", "last_activity"]
+        values: dict[str, ItemValue] = {
+            "ready": WorkerState.READY.value,
+            "null": "NULL",
+            "now": lease.last_activity,
+        }
+        update = "SET #last_activity = :now"
+        if count:
+            update += " ADD #holders :one"
+            names.append("holders")
+            values["one"] = 1
+            if capacity is not None:
+                condition += " AND #holders < :capacity"
+                values["capacity"] = capacity
+        return self._request(
+            _worker_sk(lease.instance_id),
+            update=update,
+            condition=condition,
+            names=names,
+            values=values,
+        )
+
+    def _refresh_lease(self, sk: str, lease: LeaseRecord) -> dict[str, Any]:
+        return self._request(
+            sk,
+            update="SET #last_activity = :now, #expires_at = :expires_at",
+            condition="attribute_exists(#sk)",
+            names=("sk", "last_activity", "expires_at"),
+            values={"now": lease.last_activity, "expires_at": lease.expires_at},
+        )
+
+    # --- calls ---------------------------------------------------------------------------------
+
+    async def _put(self, sk: str, item: Mapping[str, ItemValue]) -> None:
+        await self._write(self.client.put_item, **self._put_request(sk, item))
+
+    async def _get(self, sk: str) -> dict[str, Any] | None:
+        response = await call(
+            self.limiter,
+            self.client.get_item,
+            TableName=self.table_name,
+            Key=self._key(sk),
+            ConsistentRead=True,
+        )
+        item = response.get("Item")
+        return None if item is None else decode_item(item)
+
+    async def _query(self, prefix: str) -> list[dict[str, Any]]:
+        items = await call(self.limiter, self._query_all_pages, prefix)
+        return [decode_item(item) for item in items]
+
+    def _query_all_pages(self, prefix: str) -> list[dict[str, Any]]:
+        """Blocking: every item of the pool's partition whose sort key starts with `prefix`."""
+        pages = self.client.get_paginator("query").paginate(
+            TableName=self.table_name,
+            KeyConditionExpression="#pk = :pk AND begins_with(#sk, :prefix)",
+            ExpressionAttributeNames={"#pk": PARTITION_KEY, "#sk": SORT_KEY},
+            ExpressionAttributeValues={":pk": {"S": self._pk}, ":prefix": {"S": prefix}},
+            ConsistentRead=True,
+        )
+        return [item for page in pages for item in page["Items"]]
+
+    async def _update_existing(
+        self,
+        sk: str,
+        changes: Mapping[str, ItemValue],
+        expect: tuple[str, ItemValue] | None = None,
+    ) -> bool:
+        """SET `changes` on an existing item (and only if `expect`'s attribute has its value).
+        False if the item is missing or the expectation failed."""
+        names = {"sk", *changes}
+        values: dict[str, ItemValue] = {f"v_{name}": value for name, value in changes.items()}
+        condition = "attribute_exists(#sk)"
+        if expect is not None:
+            name, value = expect
+            names.add(name)
+            values["expected"] = value
+            condition += f" AND #{name} = :expected"
+        request = self._request(
+            sk,
+            update="SET " + ", ".join(f"#{name} = :v_{name}" for name in changes),
+            condition=condition,
+            names=sorted(names),
+            values=values,
+        )
+        return (await self._write(self.client.update_item, **request)).ok
+
+    async def _add_to_counter(self, delta: int, condition: str, limit: int) -> _Outcome:
+        request = self._request(
+            COUNTER_SK,
+            update=f"ADD #{COUNTER_ATTRIBUTE} :delta",
+            condition=condition,
+            names=(COUNTER_ATTRIBUTE,),
+            values={"delta": delta, "limit": limit},
+        )
+        request["ReturnValuesOnConditionCheckFailure"] = "ALL_OLD"
+        return await self._write(self.client.update_item, **request)
+
+    async def _transact(self, *parts: dict[str, Any]) -> _Outcome:
+        return await self._write(self.client.transact_write_items, TransactItems=list(parts))
+
+    async def _write(self, fn: Callable[..., Any], /, **params: Any) -> _Outcome:
+        """One write; a conflict with a concurrent transaction is retried a few times."""
+        for attempt in range(CONFLICT_ATTEMPTS):
+            outcome = await call(self.limiter, _attempt, fn, **params)
+            if not outcome.conflict:
+                return outcome
+            await trio.sleep(CONFLICT_BACKOFF * 2**attempt * random.uniform(0.5, 1))
+        raise CloudError(_CONFLICT, f"gave up after {CONFLICT_ATTEMPTS} conflicting attempts")
+
+
+@attrs.frozen
+class _Outcome:
+    """A write's result: done, or refused by a condition (with the item as it was when the
+    request asked for it, and per transaction part the reason code, "None" for parts that
+    passed)."""
+
+    ok: bool
+    old: dict[str, Any] | None = None
+    reasons: tuple[str, ...] = ()
+    conflict: bool = False
+
+    def reason(self, index: int) -> str:
+        return self.reasons[index] if index < len(self.reasons) else "None"
+
+
+def _attempt(fn: Callable[..., Any], /, **params: Any) -> _Outcome:
+    """Blocking: call `fn`; a failed condition or cancelled transaction is an outcome, other
+    errors propagate (`broker.aws.call` turns them into `CloudError`)."""
+    try:
+        fn(**params)
+    except botocore.exceptions.ClientError as exc:
+        code = _code(exc)
+        response: dict[str, Any] = dict(exc.response)
+        if code == "ConditionalCheckFailedException":
+            item = response.get("Item")
+            return _Outcome(False, old=None if item is None else decode_item(item))
+        if code == "TransactionCanceledException":
+            reasons = tuple(
+                str(reason.get("Code") or "None")
+                for reason in response.get("CancellationReasons", [])
+            )
+            return _Outcome(False, reasons=reasons, conflict=_CONFLICT in reasons)
+        if code == "TransactionConflictException":
+            return _Outcome(False, conflict=True)
+        raise
+    return _Outcome(True)
+
+
+def _code(exc: botocore.exceptions.ClientError) -> str:
+    return str(exc.response.get("Error", {}).get("Code", ""))
+
+
+def _counter_value(item: Mapping[str, Any] | None) -> int:
+    if item is None:
+        return 0
+    return int(item.get(COUNTER_ATTRIBUTE, 0))
+
+
+def _worker_sk(instance_id: str) -> str:
+    return f"{WORKER_PREFIX}{instance_id}"
+
+
+def _lease_sk(instance_id: str, client: str) -> str:
+    return f"{LEASE_PREFIX}{instance_id}#{client}"
+
+
+def _intent_sk(token: str) -> str:
+    return f"{INTENT_PREFIX}{token}"
+
+
+# --- attribute values ---------------------------------------------------------------------------
+
+
+def encode(value: ItemValue) -> dict[str, Any]:
+    """A plain value as a DynamoDB attribute value. Floats are written in their shortest
+    exact decimal form, so they read back as the same float."""
+    if value is None:
+        return {"NULL": True}
+    if isinstance(value, bool):
+        return {"BOOL": value}
+    if isinstance(value, int):
+        return {"N": str(value)}
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise ValueError(f"DynamoDB numbers are finite, not {value}")
+        return {"N": str(Decimal(repr(value)))}
+    if isinstance(value, str):
+        return {"S": value}
+    if isinstance(value, list):
+        return {"L": [encode(v) for v in value]}
+    raise TypeError(f"cannot store {type(value).__name__} in DynamoDB")
+
+
+def decode(attribute: Mapping[str, Any]) -> Any:
+    """A DynamoDB attribute value as a plain value; numbers as `Decimal` (exact)."""
+    [(kind, raw)] = attribute.items()
+    if kind == "NULL":
+        return None
+    if kind == "BOOL":
+        return bool(raw)
+    if kind == "N":
+        return Decimal(raw)
+    if kind == "S":
+        return raw
+    if kind == "L":
+        return [decode(v) for v in raw]
+    raise ValueError(f"unexpected DynamoDB attribute type {kind}")
+
+
+def encode_item(item: Mapping[str, ItemValue]) -> dict[str, dict[str, Any]]:
+    """A record's plain dict as DynamoDB attribute values."""
+    return {name: encode(value) for name, value in item.items()}
+
+
+def decode_item(item: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+    """A DynamoDB item as a plain dict (the keys `pk` and `sk` included)."""
+    return {name: decode(value) for name, value in item.items()}
+
+
+def _implements_registry(registry: DynamoRegistry) -> Registry:
+    """mypy checks here that `DynamoRegistry` implements `Registry`."""
+    return registry

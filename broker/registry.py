@@ -1,0 +1,508 @@
+"""The registry port: the pool's durable state as records, and the interface that stores it.
+
+Workers, leases, launch intents and the pool-wide instance counter. Two implementations behave
+the same (tests/test_registry.py runs one contract suite against both): `MemoryRegistry` here,
+for a single broker without DynamoDB and for unit tests, and `broker.dynamo.DynamoRegistry`,
+which lets replicas share one pool (see docs/registry.md). No boto3 here; time is always
+passed in (Unix seconds).
+
+An item "expires" when its `expires_at` is set and `expires_at < now`. Lists leave expired
+items out: storage deletes them late (DynamoDB's TTL takes hours or days), so readers filter.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Iterable, Mapping
+from decimal import Decimal
+from typing import Any, Protocol, TypeAlias
+
+import attrs
+import trio
+
+from broker.cloud import Instance, LaunchSpec, Market
+from broker.pool import WorkerState
+
+# A record as a plain dict: what `to_item` returns and `from_item` takes.
+ItemValue: TypeAlias = str | int | float | bool | list[str] | None
+Item: TypeAlias = dict[str, ItemValue]
+
+# Numbers may come back from storage as Decimal (boto3 decodes DynamoDB numbers so).
+Number: TypeAlias = int | float | Decimal
+
+
+class Provider(enum.StrEnum):
+    """Who runs a worker: the broker launches EC2 workers; local ones are declared or
+    registered by an agent and never launched or terminated by the broker."""
+
+    EC2 = "ec2"
+    LOCAL = "local"
+
+
+def _float(value: Number) -> float:
+    return float(value)
+
+
+def _optional_float(value: Number | None) -> float | None:
+    return None if value is None else float(value)
+
+
+def _int(value: Number) -> int:
+    return int(value)
+
+
+def _ids(value: Iterable[str]) -> tuple[str, ...]:
+    return tuple(value)
+
+
+def _expired(expires_at: float | None, now: float) -> bool:
+    return expires_at is not None and expires_at < now
+
+
+def _fields(cls: type[Any], item: Mapping[str, Any]) -> dict[str, Any]:
+    """The record's fields out of `item`; other keys (storage keys, newer attributes) are
+    ignored, so an older broker reads items a newer one wrote."""
+    return {f.name: item[f.name] for f in attrs.fields(cls) if f.name in item}
+
+
+@attrs.frozen
+class WorkerRecord:
+    """One worker of the pool. `holders` counts its open leases (kept by `claim_lease` and
+    `end_lease`); `expires_at` is set for workers that must heartbeat (local agents)."""
+
+    instance_id: str
+    provider: Provider = attrs.field(converter=Provider)
+    ip: str | None
+    instance_type: str
+    market: Market = attrs.field(converter=Market)
+    state: WorkerState = attrs.field(converter=WorkerState)
+    launched_at: float = attrs.field(converter=_float)
+    last_activity: float = attrs.field(converter=_float)
+    price_per_hour: float | None = attrs.field(converter=_optional_float)
+    launch_token: str | None
+    holders: int = attrs.field(default=0, converter=_int)
+    expires_at: float | None = attrs.field(default=None, converter=_optional_float)
+
+    @classmethod
+    def from_instance(
+        cls,
+        instance: Instance,
+        now: float,
+        *,
+        price_per_hour: float | None,
+        launch_token: str | None = None,
+        ready: bool = False,
+    ) -> WorkerRecord:
+        """An EC2 instance (launched or adopted) as a worker; its idle clock starts now."""
+        return cls(
+            instance_id=instance.instance_id,
+            provider=Provider.EC2,
+            ip=instance.public_ip,
+            instance_type=instance.instance_type,
+            market=instance.market,
+            state=WorkerState.READY if ready else WorkerState.LAUNCHING,
+            launched_at=instance.launched_at,
+            last_activity=now,
+            price_per_hour=price_per_hour,
+            launch_token=launch_token,
+        )
+
+    @classmethod
+    def from_item(cls, item: Mapping[str, Any]) -> WorkerRecord:
+        """The record `to_item` wrote."""
+        return cls(**_fields(cls, item))
+
+    def to_item(self) -> Item:
+        """The record as a plain dict."""
+        return {
+            "instance_id": self.instance_id,
+            "provider": self.provider.value,
+            "ip": self.ip,
+            "instance_type": self.instance_type,
+            "market": self.market.value,
+            "state": self.state.value,
+            "launched_at": self.launched_at,
+            "last_activity": self.last_activity,
+            "price_per_hour": self.price_per_hour,
+            "launch_token": self.launch_token,
+            "holders": self.holders,
+            "expires_at": self.expires_at,
+        }
+
+    def is_expired(self, now: float) -> bool:
+        """True once `expires_at` has passed (a local worker that stopped heartbeating)."""
+        return _expired(self.expires_at, now)
+
+
+@attrs.frozen
+class LeaseRecord:
+    """A client holds a worker until it releases it or is idle past `expires_at`."""
+
+    client: str
+    instance_id: str
+    ip: str
+    started_at: float = attrs.field(converter=_float)
+    last_activity: float = attrs.field(converter=_float)
+    expires_at: float = attrs.field(converter=_float)
+
+    @classmethod
+    def start(
+        cls, client: str, instance_id: str, ip: str, now: float, idle_timeout: float
+    ) -> LeaseRecord:
+        """A new lease starting now, expiring after `idle_timeout` without activity."""
+        return cls(client, instance_id, ip, now, now, now + idle_timeout)
+
+    @classmethod
+    def from_item(cls, item: Mapping[str, Any]) -> LeaseRecord:
+        """The record `to_item` wrote."""
+        return cls(**_fields(cls, item))
+
+    def to_item(self) -> Item:
+        """The record as a plain dict."""
+        return {
+            "client": self.client,
+            "instance_id": self.instance_id,
+            "ip": self.ip,
+            "started_at": self.started_at,
+            "last_activity": self.last_activity,
+            "expires_at": self.expires_at,
+        }
+
+    def is_expired(self, now: float) -> bool:
+        """True once the lease has been idle past its expiry."""
+        return _expired(self.expires_at, now)
+
+
+@attrs.frozen
+class LaunchIntent:
+    """A RunInstances call about to be made with `token` as its ClientToken; `instance_ids`
+    is filled in when it answers. After a crash, the intent tells what may be running."""
+
+    token: str
+    instance_type: str
+    market: Market = attrs.field(converter=Market)
+    count: int = attrs.field(converter=_int)
+    created_at: float = attrs.field(converter=_float)
+    expires_at: float = attrs.field(converter=_float)
+    instance_ids: tuple[str, ...] = attrs.field(default=(), converter=_ids)
+
+    @classmethod
+    def begin(
+        cls, token: str, spec: LaunchSpec, count: int, now: float, ttl: float
+    ) -> LaunchIntent:
+        """The intent to launch `count` instances of `spec`, kept for `ttl` seconds."""
+        return cls(token, spec.instance_type, spec.market, count, now, now + ttl)
+
+    @classmethod
+    def from_item(cls, item: Mapping[str, Any]) -> LaunchIntent:
+        """The record `to_item` wrote."""
+        return cls(**_fields(cls, item))
+
+    def to_item(self) -> Item:
+        """The record as a plain dict."""
+        return {
+            "token": self.token,
+            "instance_type": self.instance_type,
+            "market": self.market.value,
+            "count": self.count,
+            "created_at": self.created_at,
+            "expires_at": self.expires_at,
+            "instance_ids": list(self.instance_ids),
+        }
+
+    @property
+    def spec(self) -> LaunchSpec:
+        """What the intent launches."""
+        return LaunchSpec(self.instance_type, self.market)
+
+    def is_expired(self, now: float) -> bool:
+        """True once the intent is past its expiry."""
+        return _expired(self.expires_at, now)
+
+
+class Registry(Protocol):
+    """Where the pool's state lives. Several brokers (replicas) may share one registry: every
+    check-and-set below is atomic, so a lease, a state change or a reservation happens once.
+
+    Methods may raise `broker.cloud.CloudError` (storage unreachable or refusing); a condition
+    that does not hold is an answer (False, None, 0), not an error.
+    """
+
+    # --- workers -------------------------------------------------------------------------------
+
+    async def put_worker(self, worker: WorkerRecord) -> None:
+        """Create or replace a worker. Replacing overwrites `holders`: use it for new or
+        adopted workers, and `set_worker_state` / `update_worker_activity` for changes."""
+        ...
+
+    async def get_worker(self, instance_id: str) -> WorkerRecord | None:
+        """The worker, expired or not; None if there is none."""
+        ...
+
+    async def list_workers(self, now: float) -> list[WorkerRecord]:
+        """Every worker not expired at `now`, by instance id."""
+        ...
+
+    async def expired_workers(self, now: float) -> list[WorkerRecord]:
+        """The workers expired at `now` that storage still holds (to drop them)."""
+        ...
+
+    async def update_worker_activity(
+        self, instance_id: str, now: float, *, expires_at: float | None = None
+    ) -> bool:
+        """Restart the worker's idle clock at `now`; with `expires_at`, also move its expiry
+        (a local agent's heartbeat). False if there is no such worker."""
+        ...
+
+    async def set_worker_state(
+        self,
+        instance_id: str,
+        state: WorkerState,
+        *,
+        expect: WorkerState | None = None,
+        ip: str | None = None,
+    ) -> bool:
+        """Set the worker's state (and its IP when given: launching -> ready). With `expect`,
+        only if the state is `expect` now. False if it was not, or there is no such worker:
+        of several replicas racing to reap or terminate a worker, exactly one gets True."""
+        ...
+
+    async def delete_worker(self, instance_id: str) -> None:
+        """Forget a worker (idempotent). Its leases stay until `end_lease`."""
+        ...
+
+    # --- leases --------------------------------------------------------------------------------
+
+    async def claim_lease(self, lease: LeaseRecord, capacity: int | None) -> bool:
+        """Atomically create `lease` and count it in the worker's `holders`, if the worker
+        exists, is ready, has not expired at `lease.last_activity`, and (unless `capacity` is
+        None) has fewer than `capacity` holders. Also sets the worker's `last_activity`.
+
+        If the client already holds a lease on the worker (expired or not), it is refreshed
+        (`last_activity`, `expires_at`) and not counted again. False when the condition fails.
+        """
+        ...
+
+    async def touch_lease(
+        self, client: str, instance_id: str, now: float, idle_timeout: float
+    ) -> bool:
+        """Refresh a lease: activity at `now`, expiry `now + idle_timeout`. False if none."""
+        ...
+
+    async def end_lease(self, client: str, instance_id: str) -> LeaseRecord | None:
+        """Atomically delete the lease and uncount it from its worker's `holders` (never
+        below 0). The lease ended; None if there was none (so only one caller gets it)."""
+        ...
+
+    async def list_leases(self, now: float) -> list[LeaseRecord]:
+        """Every lease not expired at `now`, by instance id then client."""
+        ...
+
+    async def expired_leases(self, now: float) -> list[LeaseRecord]:
+        """The leases expired at `now` that storage still holds: end them (`end_lease`) to
+        uncount them; storage deleting them by TTL would not."""
+        ...
+
+    # --- launch intents ------------------------------------------------------------------------
+
+    async def put_intent(self, intent: LaunchIntent) -> None:
+        """Record a launch before RunInstances is called."""
+        ...
+
+    async def complete_intent(self, token: str, instance_ids: Iterable[str]) -> bool:
+        """Record the instances a launch produced. False if there is no such intent."""
+        ...
+
+    async def delete_intent(self, token: str) -> None:
+        """Forget a launch intent (idempotent)."""
+        ...
+
+    async def list_intents(self, now: float) -> list[LaunchIntent]:
+        """Every launch intent not expired at `now`, by token."""
+        ...
+
+    # --- the pool-wide instance counter ---------------------------------------------------------
+
+    async def reserve_instances(self, n: int, max_workers: int) -> int:
+        """Atomically reserve up to `n` instances without the counter exceeding
+        `max_workers`; how many were reserved (0..n)."""
+        ...
+
+    async def release_instances(self, n: int) -> None:
+        """Give back `n` reserved instances (the counter never goes below 0)."""
+        ...
+
+    async def reserved_instances(self) -> int:
+        """The counter's value."""
+        ...
+
+    async def correct_reserved_instances(self, seen: int, actual: int) -> bool:
+        """Set the counter to `actual` if it is still `seen` (the reconciler's repair after a
+        crash leaked a reservation). False if it changed meanwhile."""
+        ...
+
+
+@attrs.define
+class MemoryRegistry:
+    """`Registry` in this process's memory: one broker, no DynamoDB.
+
+    Each method checkpoints once, then reads and writes without awaiting, so every
+    check-and-set is atomic under Trio.
+    """
+
+    pool_name: str
+    _workers: dict[str, WorkerRecord] = attrs.field(factory=dict, init=False)
+    _leases: dict[tuple[str, str], LeaseRecord] = attrs.field(factory=dict, init=False)
+    _intents: dict[str, LaunchIntent] = attrs.field(factory=dict, init=False)
+    _reserved: int = attrs.field(default=0, init=False)
+
+    # --- workers -------------------------------------------------------------------------------
+
+    async def put_worker(self, worker: WorkerRecord) -> None:
+        await trio.lowlevel.checkpoint()
+        self._workers[worker.instance_id] = worker
+
+    async def get_worker(self, instance_id: str) -> WorkerRecord | None:
+        await trio.lowlevel.checkpoint()
+        return self._workers.get(instance_id)
+
+    async def list_workers(self, now: float) -> list[WorkerRecord]:
+        await trio.lowlevel.checkpoint()
+        return [w for _, w in sorted(self._workers.items()) if not w.is_expired(now)]
+
+    async def expired_workers(self, now: float) -> list[WorkerRecord]:
+        await trio.lowlevel.checkpoint()
+        return [w for _, w in sorted(self._workers.items()) if w.is_expired(now)]
+
+    async def update_worker_activity(
+        self, instance_id: str, now: float, *, expires_at: float | None = None
+    ) -> bool:
+        await trio.lowlevel.checkpoint()
+        worker = self._workers.get(instance_id)
+        if worker is None:
+            return False
+        changes: dict[str, Any] = {"last_activity": now}
+        if expires_at is not None:
+            changes["expires_at"] = expires_at
+        self._workers[instance_id] = attrs.evolve(worker, **changes)
+        return True
+
+    async def set_worker_state(
+        self,
+        instance_id: str,
+        state: WorkerState,
+        *,
+        expect: WorkerState | None = None,
+        ip: str | None = None,
+    ) -> bool:
+        await trio.lowlevel.checkpoint()
+        worker = self._workers.get(instance_id)
+        if worker is None or (expect is not None and worker.state != expect):
+            return False
+        new_ip = worker.ip if ip is None else ip
+        self._workers[instance_id] = attrs.evolve(worker, state=state, ip=new_ip)
+        return True
+
+    async def delete_worker(self, instance_id: str) -> None:
+        await trio.lowlevel.checkpoint()
+        self._workers.pop(instance_id, None)
+
+    # --- leases --------------------------------------------------------------------------------
+
+    async def claim_lease(self, lease: LeaseRecord, capacity: int | None) -> bool:
+        await trio.lowlevel.checkpoint()
+        now = lease.last_activity
+        worker = self._workers.get(lease.instance_id)
+        if worker is None or worker.state != WorkerState.READY or worker.is_expired(now):
+            return False
+        key = (lease.instance_id, lease.client)
+        held = self._leases.get(key)
+        if held is not None:
+            self._leases[key] = attrs.evolve(
+                held, last_activity=lease.last_activity, expires_at=lease.expires_at
+            )
+            holders = worker.holders
+        elif capacity is not None and worker.holders >= capacity:
+            return False
+        else:
+            self._leases[key] = lease
+            holders = worker.holders + 1
+        self._workers[worker.instance_id] = attrs.evolve(worker, holders=holders, last_activity=now)
+        return True
+
+    async def touch_lease(
+        self, client: str, instance_id: str, now: float, idle_timeout: float
+    ) -> bool:
+        await trio.lowlevel.checkpoint()
+        key = (instance_id, client)
+        lease = self._leases.get(key)
+        if lease is None:
+            return False
+        self._leases[key] = attrs.evolve(lease, last_activity=now, expires_at=now + idle_timeout)
+        return True
+
+    async def end_lease(self, client: str, instance_id: str) -> LeaseRecord | None:
+        await trio.lowlevel.checkpoint()
+        lease = self._leases.pop((instance_id, client), None)
+        worker = self._workers.get(instance_id)
+        if lease is not None and worker is not None and worker.holders > 0:
+            self._workers[instance_id] = attrs.evolve(worker, holders=worker.holders - 1)
+        return lease
+
+    async def list_leases(self, now: float) -> list[LeaseRecord]:
+        await trio.lowlevel.checkpoint()
+        return [lease for _, lease in sorted(self._leases.items()) if not lease.is_expired(now)]
+
+    async def expired_leases(self, now: float) -> list[LeaseRecord]:
+        await trio.lowlevel.checkpoint()
+        return [lease for _, lease in sorted(self._leases.items()) if lease.is_expired(now)]
+
+    # --- launch intents ------------------------------------------------------------------------
+
+    async def put_intent(self, intent: LaunchIntent) -> None:
+        await trio.lowlevel.checkpoint()
+        self._intents[intent.token] = intent
+
+    async def complete_intent(self, token: str, instance_ids: Iterable[str]) -> bool:
+        await trio.lowlevel.checkpoint()
+        intent = self._intents.get(token)
+        if intent is None:
+            return False
+        self._intents[token] = attrs.evolve(intent, instance_ids=tuple(instance_ids))
+        return True
+
+    async def delete_intent(self, token: str) -> None:
+        await trio.lowlevel.checkpoint()
+        self._intents.pop(token, None)
+
+    async def list_intents(self, now: float) -> list[LaunchIntent]:
+        await trio.lowlevel.checkpoint()
+        return [i for _, i in sorted(self._intents.items()) if not i.is_expired(now)]
+
+    # --- the pool-wide instance counter ---------------------------------------------------------
+
+    async def reserve_instances(self, n: int, max_workers: int) -> int:
+        await trio.lowlevel.checkpoint()
+        granted = max(0, min(n, max_workers - self._reserved))
+        self._reserved += granted
+        return granted
+
+    async def release_instances(self, n: int) -> None:
+        await trio.lowlevel.checkpoint()
+        self._reserved = max(0, self._reserved - max(0, n))
+
+    async def reserved_instances(self) -> int:
+        await trio.lowlevel.checkpoint()
+        return self._reserved
+
+    async def correct_reserved_instances(self, seen: int, actual: int) -> bool:
+        await trio.lowlevel.checkpoint()
+        if self._reserved != seen:
+            return False
+        self._reserved = max(0, actual)
+        return True
+
+
+def _implements_registry(registry: MemoryRegistry) -> Registry:
+    """mypy checks here that `MemoryRegistry` implements `Registry`."""
+    return registry
