@@ -20,6 +20,9 @@ NAME_TAG = "Name"
 WORKER_NAME = "compute-broker-worker"
 POOL_TAG = "compute-broker:pool"
 MANAGED_TAG = "compute-broker:managed"
+# The launch's ClientToken: after a crash between RunInstances and the registry write, the
+# reconciler matches instances to the launch intent the registry kept.
+LAUNCH_TOKEN_TAG = "compute-broker:launch-token"
 
 LIVE_STATES = ("pending", "running")
 # Ids per DescribeInstances/TerminateInstances call; one page holds a whole batch.
@@ -63,7 +66,7 @@ class Ec2Cloud:
             "MaxCount": count,
             "ClientToken": client_token,
             "SecurityGroupIds": list(self.settings.security_group_ids),
-            "TagSpecifications": [{"ResourceType": "instance", "Tags": self._tags()}],
+            "TagSpecifications": [{"ResourceType": "instance", "Tags": self._tags(client_token)}],
         }
         if self.settings.key_name is not None:
             params["KeyName"] = self.settings.key_name
@@ -104,11 +107,12 @@ class Ec2Cloud:
         for batch in _batches(list(dict.fromkeys(instance_ids))):
             await self._terminate(batch)
 
-    def _tags(self) -> list[dict[str, str]]:
+    def _tags(self, client_token: str) -> list[dict[str, str]]:
         return [
             {"Key": NAME_TAG, "Value": WORKER_NAME},
             {"Key": POOL_TAG, "Value": self.settings.pool_name},
             {"Key": MANAGED_TAG, "Value": "true"},
+            {"Key": LAUNCH_TOKEN_TAG, "Value": client_token},
         ]
 
     async def _describe(self, filters: list[dict[str, Any]]) -> list[Instance]:

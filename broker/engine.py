@@ -3,6 +3,11 @@
 `broker.pool` decides; the engine acts (through the `Cloud` port) and reports back. Every
 request-path method is synchronous up to its first `await`, so a decision and the bookkeeping
 that makes it visible to other tasks (an in-flight launch, a lease) happen atomically.
+
+Every decision that matters is written to the `Registry` before it is acted on or answered:
+a launch intent before RunInstances, a lease before the IP is sent. The in-memory pool is a
+write-through cache of it; at start the engine restores the pool from the registry, then
+reconciles with EC2 (see `_restore` and `_reconcile`).
 """
 
 from __future__ import annotations
@@ -21,9 +26,12 @@ from broker.cloud import Cloud, CloudError, Instance, LaunchSpec
 from broker.pool import Lease, Limits, Pool, ReleaseOutcome, Worker, WorkerState
 from broker.prices import PriceTable
 from broker.protocol import GetWorker
+from broker.registry import LaunchIntent, LeaseRecord, MemoryRegistry, Registry, WorkerRecord
 from broker.schedule import WarmPoolSchedule, refill_count
 
 _log = structlog.get_logger("broker.engine")
+
+LAUNCH_TOKEN_TAG = "compute-broker:launch-token"  # the EC2 adapter tags every launch with it
 
 WAIT_SLACK = 2.0  # seconds a default GET_WORKER waits beyond launch_timeout + describe_interval
 
@@ -75,9 +83,15 @@ class Engine:
     """Owns the pool; serves GET_WORKER/PING/RELEASE/BURST/STATUS; runs the background loops."""
 
     def __init__(
-        self, cloud: Cloud, settings: EngineSettings, clock: Clock, prices: PriceTable
+        self,
+        cloud: Cloud,
+        settings: EngineSettings,
+        clock: Clock,
+        prices: PriceTable,
+        registry: Registry | None = None,
     ) -> None:
         self.cloud = cloud
+        self.registry: Registry = registry if registry is not None else MemoryRegistry("default")
         self.settings = settings
         self.clock = clock
         self.prices = prices
@@ -88,6 +102,7 @@ class Engine:
         self._watch_wakeup = trio.Event()
         self._probing: set[str] = set()
         self._retry_terminate: set[str] = set()
+        self._to_persist: list[Worker] = []
         self._warm_wakeup = trio.Event()
         self._warm_pool_configured = bool(settings.warm_pool.min_idle or settings.warm_pool.windows)
         self._closing = False
@@ -99,7 +114,8 @@ class Engine:
         """Adopt the pool's existing instances, then run the watcher and the reaper forever."""
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
-            await self._reconcile()  # adopt this pool's instances after a restart
+            await self._restore()  # the pool as the registry has it (after a restart)
+            await self._reconcile()  # then as EC2 has it
             nursery.start_soon(self._watch_launches)
             nursery.start_soon(self._reap_loop)
             if self._warm_pool_configured:
@@ -121,7 +137,9 @@ class Engine:
                 request.instance_type or default.instance_type, request.market or default.market
             )
         if not self._closing and (ready := self.pool.choose_ready(spec, client)) is not None:
-            return self._hand_out(ready, client, reused=True, waited=0.0)  # the warm path
+            handout = await self._hand_out(ready, client, reused=True, waited=0.0)
+            if handout is not None:
+                return handout  # the warm path
         # Without wait=, a waiter outlives the launch it waits for by a little, so it hears the
         # launch's own verdict ("launch timed out ...") rather than a generic one.
         longest = self.settings.launch_timeout + self.settings.describe_interval + WAIT_SLACK
@@ -138,7 +156,11 @@ class Engine:
                     worker = self.pool.choose_ready(spec, client)
                     if worker is not None:
                         waited = trio.current_time() - started
-                        return self._hand_out(worker, client, reused=joined is None, waited=waited)
+                        reused = joined is None
+                        handout = await self._hand_out(worker, client, reused=reused, waited=waited)
+                        if handout is not None:
+                            return handout
+                        continue  # another replica took it: look again
                     coming = self.pool.coming_capacity(spec)
                     if joined is not None and joined.error is not None and not coming:
                         raise Refusal(joined.error)
@@ -171,11 +193,20 @@ class Engine:
             return False
         return bool(self.pool.in_flight or self.pool.workers)
 
-    def ping(self, ip: str, client: str) -> Worker:
-        """Restart the worker's idle clock and the caller's lease."""
-        worker = self.pool.ping(ip, client, self.clock.now())
+    async def ping(self, ip: str, client: str) -> Worker:
+        """Restart the worker's idle clock and the caller's lease (one registry write)."""
+        now = self.clock.now()
+        worker = self.pool.ping(ip, client, now)
         if worker is None:
             raise WorkerNotFound(ip)
+        try:
+            if (client, worker.instance_id) in self.pool.leases:
+                timeout = self.settings.limits.idle_timeout
+                await self.registry.touch_lease(client, worker.instance_id, now, timeout)
+            else:
+                await self.registry.update_worker_activity(worker.instance_id, now)
+        except CloudError as exc:
+            raise Refusal(f"registry unavailable: {exc}") from exc
         return worker
 
     async def release(self, ip: str, client: str) -> None:
@@ -184,6 +215,7 @@ class Engine:
         released = self.pool.release(ip, client, now, keep_idle=self._min_idle(now))
         if released.lease is not None:
             self._log_lease_end(released.lease, "released", now)
+            await self._forget_lease(released.lease)
         if released.outcome is ReleaseOutcome.NOT_FOUND:
             raise WorkerNotFound(ip)
         if released.outcome is ReleaseOutcome.ALREADY_GONE:
@@ -255,8 +287,12 @@ class Engine:
             client_token=attempt.token,
         )
         started = trio.current_time()
+        intent = LaunchIntent.begin(
+            attempt.token, spec, count, self.clock.now(), ttl=2 * self.settings.launch_timeout
+        )
         try:
             with trio.fail_after(self.settings.launch_timeout):
+                await self.registry.put_intent(intent)  # written before it is acted on
                 instances = await self.cloud.launch(spec, count, attempt.token)
         except Exception as exc:
             if not isinstance(exc, CloudError | trio.TooSlowError):
@@ -276,7 +312,9 @@ class Engine:
             return
         now = self.clock.now()
         attempt.instances = instances
-        for worker in self.pool.launch_answered(attempt.token, instances, now):
+        workers = self.pool.launch_answered(attempt.token, instances, now)
+        await self._persist_launched(attempt.token, workers)
+        for worker in workers:
             _log.info(
                 "worker.launched",
                 instance_id=worker.instance_id,
@@ -327,8 +365,11 @@ class Engine:
             described = []
         by_id = {instance.instance_id: instance for instance in described}
         now = self.clock.now()
+        self._to_persist = []
         for worker in waiting:
             self._advance(worker, by_id.get(worker.instance_id), now)
+        for worker in self._to_persist:
+            await self._persist_ready(worker)
         self._notify()
         await self._fail_overdue(self.clock.now())
         return True
@@ -339,6 +380,7 @@ class Engine:
         if instance.state == "running" and instance.public_ip:
             if not self.settings.probe:
                 self._ready(worker, instance.public_ip, now)
+                self._to_persist.append(worker)
             elif worker.instance_id not in self._probing:
                 self._probing.add(worker.instance_id)
                 assert self._nursery is not None
@@ -362,6 +404,7 @@ class Engine:
             self._probing.discard(worker.instance_id)
         if ok:
             self._ready(worker, ip, self.clock.now())
+            await self._persist_ready(worker)
             self._notify()
 
     def _ready(self, worker: Worker, ip: str, now: float) -> None:
@@ -379,6 +422,8 @@ class Engine:
         _, leases = self.pool.remove(worker.instance_id, now)
         for lease in leases:
             self._log_lease_end(lease, "worker_lost", now)
+        assert self._nursery is not None
+        self._nursery.start_soon(self._forget_worker, worker.instance_id, leases)
         _log.error("worker.lost", instance_id=worker.instance_id, reason=reason)
         attempt = self._attempts.get(worker.launch_token or "")
         if attempt is not None:
@@ -419,10 +464,31 @@ class Engine:
 
     # --- hand-out, reaping, termination ----------------------------------------------------
 
-    def _hand_out(self, worker: Worker, client: str, *, reused: bool, waited: float) -> Handout:
-        lease, new = self.pool.hand_out(worker, client, self.clock.now())
+    async def _hand_out(
+        self, worker: Worker, client: str, *, reused: bool, waited: float
+    ) -> Handout | None:
+        """Record the lease (pool, then registry) and return the hand-out; None if the registry
+        refused the claim (the worker is full: another replica got there first)."""
+        now = self.clock.now()
+        lease, new = self.pool.hand_out(worker, client, now)
         if self._warm_pool_configured:
             self._warm_wakeup.set()  # a warm worker may just have been taken: refill
+        timeout = self.settings.limits.idle_timeout
+        try:
+            if new:
+                record = LeaseRecord.start(client, worker.instance_id, lease.ip, now, timeout)
+                claimed = await self.registry.claim_lease(
+                    record, self.settings.limits.clients_per_worker
+                )
+            else:
+                claimed = await self.registry.touch_lease(client, worker.instance_id, now, timeout)
+        except CloudError as exc:
+            if new:
+                self.pool.end_lease(lease)
+            raise Refusal(f"registry unavailable: {exc}") from exc
+        if not claimed:
+            self.pool.end_lease(lease)
+            return None
         if new:
             _log.info(
                 "lease.started",
@@ -434,7 +500,7 @@ class Engine:
             )
         return Handout(lease.ip, worker.instance_id, new)
 
-    def undeliverable(self, handout: Handout, client: str) -> None:
+    async def undeliverable(self, handout: Handout, client: str) -> None:
         """The GET_WORKER reply could not be sent: drop the lease it created, if it did."""
         if not handout.new_lease:
             return
@@ -442,6 +508,7 @@ class Engine:
         if lease is not None:
             self.pool.end_lease(lease)
             self._log_lease_end(lease, "reply_undeliverable", self.clock.now())
+            await self._forget_lease(lease)
 
     def _min_idle(self, now: float) -> int:
         if not self._warm_pool_configured:
@@ -509,6 +576,7 @@ class Engine:
         for lease in plan.expired_leases:
             self.pool.end_lease(lease)
             self._log_lease_end(lease, "expired", now)
+            await self._forget_lease(lease)
         doomed = list(plan.idle_workers)
         doomed += [
             w
@@ -533,6 +601,11 @@ class Engine:
             pass  # logged; retried next pass
 
     async def _terminate(self, workers: Sequence[Worker], *, reason: str) -> None:
+        for worker in workers:
+            try:
+                await self.registry.set_worker_state(worker.instance_id, WorkerState.TERMINATING)
+            except CloudError as exc:
+                _log.warning("registry.write_failed", op="terminating", error=str(exc))
         ids = [w.instance_id for w in workers]
         try:
             await self.cloud.terminate(ids)
@@ -546,6 +619,7 @@ class Engine:
             _, leases = self.pool.remove(worker.instance_id, now)
             for lease in leases:
                 self._log_lease_end(lease, "worker_terminated", now)
+            await self._forget_worker(worker.instance_id, leases)
             _log.info(
                 "worker.terminated",
                 instance_id=worker.instance_id,
@@ -581,7 +655,9 @@ class Engine:
             ready = instance.state == "running" and bool(instance.public_ip)
             ready = ready and not self.settings.probe
             price = self.prices.price(instance.instance_type, instance.market)
-            self.pool.add(instance, now, price=price, ready=ready)
+            token = instance.tags.get(LAUNCH_TOKEN_TAG)
+            worker = self.pool.add(instance, now, price=price, ready=ready, token=token)
+            await self._persist_new(worker)
             _log.info(
                 "worker.adopted",
                 instance_id=instance.instance_id,
@@ -589,8 +665,124 @@ class Engine:
                 state=instance.state,
                 type=instance.instance_type,
             )
+        await self._settle_intents(instances, now)
         self._watch_wakeup.set()
         self._notify()
+
+    # --- persistence: the registry behind the pool ----------------------------------------
+
+    async def _restore(self) -> None:
+        """Load workers and leases from the registry: after a restart the pool has the same
+        workers, leases and idle clocks. Workers caught mid-termination are terminated."""
+        now = self.clock.now()
+        try:
+            records = await self.registry.list_workers(now)
+            leases = await self.registry.list_leases(now)
+        except CloudError as exc:
+            _log.error("registry.restore_failed", error=str(exc))
+            return
+        for record in records:
+            if record.instance_id in self.pool.workers:
+                continue
+            worker = Worker(
+                instance_id=record.instance_id,
+                instance_type=record.instance_type,
+                market=record.market,
+                state=record.state,
+                ip=record.ip,
+                launched_at=record.launched_at,
+                last_activity=record.last_activity,
+                price_per_hour=record.price_per_hour,
+                ready_at=record.launched_at if record.state is WorkerState.READY else None,
+                launch_token=record.launch_token,
+            )
+            self.pool.workers[worker.instance_id] = worker
+            if worker.state is WorkerState.TERMINATING:
+                self._retry_terminate.add(worker.instance_id)
+        for lease in leases:
+            held = self.pool.workers.get(lease.instance_id)
+            if held is None:
+                continue
+            self.pool.leases[(lease.client, lease.instance_id)] = Lease(
+                lease.client,
+                lease.instance_id,
+                lease.ip,
+                lease.started_at,
+                lease.last_activity,
+                held.price_per_hour,
+            )
+            held.last_activity = max(held.last_activity, lease.last_activity)
+        if records:
+            _log.info("registry.restored", workers=len(records), leases=len(leases))
+
+    async def _persist_new(self, worker: Worker) -> None:
+        record = WorkerRecord(
+            instance_id=worker.instance_id,
+            provider="ec2",
+            ip=worker.ip,
+            instance_type=worker.instance_type,
+            market=worker.market,
+            state=worker.state,
+            launched_at=worker.launched_at,
+            last_activity=worker.last_activity,
+            price_per_hour=worker.price_per_hour,
+            launch_token=worker.launch_token,
+        )
+        try:
+            await self.registry.put_worker(record)
+        except CloudError as exc:
+            _log.error("registry.write_failed", op="put_worker", error=str(exc))
+
+    async def _persist_launched(self, token: str, workers: Sequence[Worker]) -> None:
+        """RunInstances answered: record its workers, then drop the intent they fulfil."""
+        for worker in workers:
+            await self._persist_new(worker)
+        try:
+            await self.registry.delete_intent(token)
+        except CloudError as exc:
+            _log.error("registry.write_failed", op="delete_intent", error=str(exc))
+
+    async def _persist_ready(self, worker: Worker) -> None:
+        try:
+            await self.registry.set_worker_state(
+                worker.instance_id, WorkerState.READY, expect=WorkerState.LAUNCHING, ip=worker.ip
+            )
+        except CloudError as exc:
+            _log.error("registry.write_failed", op="ready", error=str(exc))
+
+    async def _forget_lease(self, lease: Lease) -> None:
+        try:
+            await self.registry.end_lease(lease.client, lease.instance_id)
+        except CloudError as exc:
+            _log.error("registry.write_failed", op="end_lease", error=str(exc))
+
+    async def _forget_worker(self, instance_id: str, leases: Sequence[Lease]) -> None:
+        for lease in leases:
+            await self._forget_lease(lease)
+        try:
+            await self.registry.delete_worker(instance_id)
+        except CloudError as exc:
+            _log.error("registry.write_failed", op="delete_worker", error=str(exc))
+
+    async def _settle_intents(self, instances: Sequence[Instance], now: float) -> None:
+        """Launch intents left by a crash: their instances (found by launch-token tag) have
+        been adopted above; an intent is dropped once it is answered or older than
+        launch_timeout (nobody waits for it any more)."""
+        try:
+            intents = await self.registry.list_intents(now)
+        except CloudError as exc:
+            _log.error("registry.read_failed", op="list_intents", error=str(exc))
+            return
+        launched = {instance.tags.get(LAUNCH_TOKEN_TAG) for instance in instances}
+        for intent in intents:
+            if intent.token in self._attempts:
+                continue  # a launch of ours still under way
+            if intent.token in launched or now - intent.created_at > self.settings.launch_timeout:
+                _log.info("launch.intent_settled", client_token=intent.token)
+                try:
+                    await self.registry.delete_intent(intent.token)
+                except CloudError as exc:
+                    _log.error("registry.write_failed", op="delete_intent", error=str(exc))
 
     # --- helpers ---------------------------------------------------------------------------
 

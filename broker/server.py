@@ -189,7 +189,7 @@ class Server:
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             log.info("client.gone", error=str(exc) or type(exc).__name__)
             if isinstance(event, GetWorker) and handout is not None:
-                self.engine.undeliverable(handout, _identity(peer, event.client))
+                await self.engine.undeliverable(handout, _identity(peer, event.client))
             return False
         return not reply.close
 
@@ -208,7 +208,7 @@ class Server:
     async def _execute(self, command: Command, peer: str) -> Reply:
         match command:
             case Ping(ip=ip, client=client):
-                self.engine.ping(ip, _identity(peer, client))
+                await self.engine.ping(ip, _identity(peer, client))
                 return Reply.ok()
             case Release(ip=ip, client=client):
                 await self.engine.release(ip, _identity(peer, client))

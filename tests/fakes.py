@@ -26,6 +26,7 @@ class FakeInstance:
     running_at: float
     state: str = "pending"
     pool: str = "test"
+    token: str = ""
 
 
 class FakeCloud:
@@ -76,7 +77,9 @@ class FakeCloud:
         for _ in range(count):
             n = next(self._ids)
             running_at = float("inf") if self.never_boot else now + self.boot_time
-            instance = FakeInstance(f"i-{n:08x}", spec, f"{self.ip_prefix}{n}", now, running_at)
+            instance = FakeInstance(
+                f"i-{n:08x}", spec, f"{self.ip_prefix}{n}", now, running_at, token=client_token
+            )
             self.instances[instance.instance_id] = instance
             made.append(self._view(instance))
         return made
@@ -121,5 +124,8 @@ class FakeCloud:
             state=state,
             public_ip=instance.ip if state == "running" else None,
             launched_at=instance.launched_at,
-            tags={"compute-broker:pool": instance.pool},
+            tags={
+                "compute-broker:pool": instance.pool,
+                "compute-broker:launch-token": instance.token,
+            },
         )

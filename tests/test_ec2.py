@@ -76,11 +76,12 @@ def record_params(cloud: Ec2Cloud, operation: str) -> list[dict[str, Any]]:
     return calls
 
 
-def worker_tags(pool: str) -> dict[str, str]:
+def worker_tags(pool: str, token: str) -> dict[str, str]:
     return {
         "Name": "compute-broker-worker",
         "compute-broker:pool": pool,
         "compute-broker:managed": "true",
+        "compute-broker:launch-token": token,
     }
 
 
@@ -117,7 +118,7 @@ async def test_launch_sets_tags_spot_options_and_client_token(
     for instance in launched:
         assert instance.market is Market.SPOT
         assert instance.instance_type == "c7i.large"
-        assert instance.tags == worker_tags(settings.pool_name)
+        assert instance.tags == worker_tags(settings.pool_name, "token-launch-1")
         assert instance.launched_at == raw[instance.instance_id]["LaunchTime"].timestamp()
         assert raw[instance.instance_id]["InstanceLifecycle"] == "spot"
 
@@ -191,7 +192,8 @@ async def test_list_pool_returns_only_this_pools_live_instances(
         pool = await cloud.list_pool()
 
     assert sorted(i.instance_id for i in pool) == sorted(i.instance_id for i in ours[1:])
-    assert all(i.is_alive and i.tags == worker_tags(settings.pool_name) for i in pool)
+    assert all(i.is_alive and i.tags["compute-broker:pool"] == settings.pool_name for i in pool)
+    assert all(i.tags["compute-broker:launch-token"] for i in pool)
 
 
 async def test_terminate_is_idempotent(cloud: Ec2Cloud) -> None:

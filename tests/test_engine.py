@@ -17,6 +17,7 @@ from broker.engine import WAIT_SLACK, Engine, EngineSettings, Refusal, WorkerNot
 from broker.pool import Limits
 from broker.prices import PriceTable
 from broker.protocol import GetWorker
+from broker.registry import LaunchIntent, MemoryRegistry
 from broker.schedule import WarmPoolSchedule
 from tests.fakes import FakeCloud
 
@@ -142,7 +143,7 @@ async def test_ping_keeps_a_worker_alive_past_the_idle_timeout(
     ip = await get_ip(engine, GetWorker(), "a")
     for _ in range(5):
         await trio.sleep(600)
-        engine.ping(ip, "a")
+        await engine.ping(ip, "a")
     assert len(cloud.alive()) == 1
     assert len(engine.pool.leases) == 1
 
@@ -179,7 +180,7 @@ async def test_release_is_idempotent_and_unknown_ips_are_not_found(
     with pytest.raises(WorkerNotFound):
         await engine.release("203.0.113.9", "a")
     with pytest.raises(WorkerNotFound):
-        engine.ping(ip, "a")
+        await engine.ping(ip, "a")
 
 
 async def test_lease_expires_after_idle_timeout_while_others_keep_the_worker(
@@ -190,7 +191,7 @@ async def test_lease_expires_after_idle_timeout_while_others_keep_the_worker(
     await get_ip(engine, GetWorker(), "busy")
     for _ in range(4):
         await trio.sleep(300)
-        engine.ping(ip, "busy")
+        await engine.ping(ip, "busy")
     assert [lease.client for lease in engine.pool.leases.values()] == ["busy"]
     assert len(cloud.alive()) == 1
 
@@ -375,7 +376,7 @@ async def test_a_ready_worker_that_dies_is_dropped_at_the_next_reaper_pass(
     assert engine.pool.workers == {}
     assert engine.pool.leases == {}
     with pytest.raises(WorkerNotFound):
-        engine.ping(ip, "a")
+        await engine.ping(ip, "a")
     assert await get_ip(engine, GetWorker(), "a") != ip
 
 
@@ -491,7 +492,7 @@ async def test_ended_lease_logs_its_cost(autojump_clock: MockClock, engine: Engi
     ip = await get_ip(engine, GetWorker(), "a")
     for _ in range(12):
         await trio.sleep(600)
-        engine.ping(ip, "a")
+        await engine.ping(ip, "a")
     assert engine.status()["leases"][0]["cost_usd"] == pytest.approx(1.0, abs=0.01)
     with structlog.testing.capture_logs() as logs:
         await engine.release(ip, "a")
@@ -569,5 +570,62 @@ async def test_warm_pool_schedule_switches_at_the_stated_local_times(
         assert datetime.fromtimestamp(launched_at, UTC).strftime("%H:%M") == "08:00"  # 09 local
         await trio.sleep(9 * 3600)  # 18:00 local and past idle_timeout
         assert cloud.alive() == []
+        assert len(cloud.launch_calls) == 1
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_restarted_engine_has_the_same_workers_leases_and_idle_clocks(
+    autojump_clock: MockClock, cloud: FakeCloud, clock: Clock
+) -> None:
+    """Everything that matters is in the registry: a new engine on it continues seamlessly."""
+    registry = MemoryRegistry("test")
+    first = Engine(cloud, make_engine(cloud, clock).settings, clock, PriceTable.default(), registry)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(first.run)
+        ip = await get_ip(first, GetWorker(), "a")
+        await get_ip(first, GetWorker(), "b")
+        await trio.sleep(100)
+        await first.ping(ip, "b")
+        await first.release(ip, "a")
+        before = first.status()
+        nursery.cancel_scope.cancel()  # the broker dies; the registry and EC2 remain
+    await trio.sleep(50)
+    second = Engine(cloud, first.settings, clock, PriceTable.default(), registry)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(second.run)
+        after = second.status()
+        assert [w["instance_id"] for w in after["workers"]] == [
+            w["instance_id"] for w in before["workers"]
+        ]
+        assert [(le["client"], le["started_at"]) for le in after["leases"]] == [
+            (le["client"], le["started_at"]) for le in before["leases"]
+        ]
+        assert after["workers"][0]["idle_seconds"] == pytest.approx(50)
+        assert len(cloud.launch_calls) == 1
+        assert await get_ip(second, GetWorker(), "b") == ip
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_launch_interrupted_before_its_registry_write_is_adopted_after_restart(
+    autojump_clock: MockClock, cloud: FakeCloud, clock: Clock
+) -> None:
+    """Crash between RunInstances and the registry write: the intent and the instance's
+    launch-token tag let the next engine adopt the instance and settle the intent."""
+    registry = MemoryRegistry("test")
+    token = "crashed-launch"
+    await registry.put_intent(LaunchIntent.begin(token, SPEC, 1, clock.now(), ttl=600))
+    await cloud.launch(SPEC, 1, token)  # EC2 launched; the broker died before writing it
+    engine = Engine(
+        cloud, make_engine(cloud, clock).settings, clock, PriceTable.default(), registry
+    )
+    async with trio.open_nursery() as nursery:
+        await nursery.start(engine.run)
+        (worker,) = engine.pool.workers.values()
+        assert worker.launch_token == token
+        assert [r.instance_id for r in await registry.list_workers(clock.now())] == [
+            worker.instance_id
+        ]
+        assert await registry.list_intents(clock.now()) == []
+        await get_ip(engine, GetWorker(), "a")
         assert len(cloud.launch_calls) == 1
         nursery.cancel_scope.cancel()
