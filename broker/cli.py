@@ -2,6 +2,7 @@
 
 compute-broker serve [--config FILE] [--sandbox] [--host H] [--port P]
 compute-broker check-config FILE
+compute-broker setup [--config FILE]
 compute-broker config-reference | sample-config
 """
 
@@ -18,14 +19,16 @@ import structlog
 import trio
 
 from broker import __version__
+from broker.aws import make_client
 from broker.clock import Clock
-from broker.cloud import LaunchSpec, Market
+from broker.cloud import CloudError, LaunchSpec, Market
 from broker.config import Config, ConfigError, load_config, reference_markdown, sample_yaml
 from broker.ec2 import Ec2Cloud, Ec2Settings
 from broker.engine import Engine, EngineSettings
 from broker.log import configure_logging
 from broker.pool import Limits
 from broker.prices import PriceTable
+from broker.registry import MemoryRegistry, Registry
 from broker.sdnotify import notify
 from broker.server import Server, ServerSettings
 
@@ -63,6 +66,8 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument(
         "--aws", action="store_true", help="also require what serving against AWS needs (ami_id)"
     )
+    setup = sub.add_parser("setup", help="create the DynamoDB registry table (idempotent)")
+    setup.add_argument("--config", help="YAML config file (default: built-in defaults)")
     sub.add_parser("config-reference", help="print the config reference (Markdown)")
     sub.add_parser("sample-config", help="print a commented sample config")
     return parser
@@ -81,6 +86,29 @@ def _check_config(args: argparse.Namespace) -> int:
         print(exc, file=sys.stderr)
         return EXIT_CONFIG
     print(f"{args.file}: ok ({len(attrs.asdict(config))} keys)")
+    return 0
+
+
+def _setup(args: argparse.Namespace) -> int:
+    """Create the registry table: PAY_PER_REQUEST, TTL on expires_at; a second run is a no-op."""
+    from broker.dynamo import ensure_table
+
+    try:
+        config = _load(args.config)
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return EXIT_CONFIG
+    if config.registry != "dynamodb":
+        print("registry: memory needs no setup")
+        return 0
+    try:
+        done = ensure_table(make_client("dynamodb", region=config.region), config.registry_table)
+    except CloudError as exc:
+        print(f"setup failed: {exc}", file=sys.stderr)
+        return 1
+    state = "created" if done.created else "exists"
+    ttl = "enabled now" if done.ttl_enabled else "already enabled"
+    print(f"table {config.registry_table}: {state}; TTL on expires_at: {ttl}")
     return 0
 
 
@@ -127,6 +155,10 @@ def _start_sandbox(config: Config) -> Config:
     sandbox.install_unique_ips()
     sandbox.install_boot_delay(config.sandbox_boot_time)
     resources = sandbox.prepare_resources(config.region or "us-east-1")
+    if config.registry == "dynamodb":
+        from broker.dynamo import ensure_table
+
+        ensure_table(make_client("dynamodb", region="us-east-1"), config.registry_table)
     structlog.get_logger("broker").info(
         "sandbox.started", endpoint=handle.endpoint_url, ami_id=resources.ami_id
     )
@@ -140,9 +172,19 @@ def _start_sandbox(config: Config) -> Config:
     )
 
 
+def build_registry(config: Config, limiter: trio.CapacityLimiter) -> Registry:
+    """The registry the config asks for."""
+    if config.registry == "memory":
+        return MemoryRegistry(config.pool_name)
+    from broker.dynamo import DynamoRegistry
+
+    return DynamoRegistry(config.registry_table, config.pool_name, limiter, region=config.region)
+
+
 def build_engine(config: Config, clock: Clock) -> Engine:
-    """The engine for a config, talking to EC2 through boto3."""
+    """The engine for a config, talking to EC2 (and DynamoDB) through boto3."""
     assert config.ami_id is not None
+    limiter = trio.CapacityLimiter(config.aws_max_concurrency)
     cloud = Ec2Cloud(
         Ec2Settings(
             ami_id=config.ami_id,
@@ -152,7 +194,7 @@ def build_engine(config: Config, clock: Clock) -> Engine:
             pool_name=config.pool_name,
             region=config.region,
         ),
-        trio.CapacityLimiter(config.aws_max_concurrency),
+        limiter,
     )
     settings = EngineSettings(
         default_spec=LaunchSpec(config.instance_type, Market(config.market)),
@@ -171,7 +213,7 @@ def build_engine(config: Config, clock: Clock) -> Engine:
         warm_pool=config.warm_pool,
     )
     prices = PriceTable.default().with_overrides(config.prices)
-    return Engine(cloud, settings, clock, prices)
+    return Engine(cloud, settings, clock, prices, build_registry(config, limiter))
 
 
 async def _run(config: Config) -> None:
@@ -211,6 +253,7 @@ async def _run(config: Config) -> None:
 _COMMANDS = {
     "serve": _serve,
     "check-config": _check_config,
+    "setup": _setup,
     "config-reference": _config_reference,
     "sample-config": _sample_config,
 }

@@ -401,6 +401,22 @@ FIELDS: tuple[Field, ...] = (
         20,
     ),
     Field(
+        "registry",
+        _choice("dynamodb", "memory"),
+        "dynamodb",
+        "Where the pool's state (workers, leases, launch intents) lives. dynamodb: survives "
+        "restarts and is shared by replicas (create the table with `compute-broker setup`); "
+        "memory: one broker, forgotten on restart (EC2 instances are still adopted by tag).",
+        "memory",
+    ),
+    Field(
+        "registry_table",
+        _text(r"[A-Za-z0-9_.-]{3,255}", "3-255 of A-Z a-z 0-9 _ . -"),
+        "compute-broker",
+        "The DynamoDB table of the registry (one table can hold several pools).",
+        "lab-compute-broker",
+    ),
+    Field(
         "sharing",
         _choice("shared", "exclusive"),
         "shared",
@@ -532,6 +548,8 @@ class Config:
     launch_timeout: float = _default("launch_timeout")
     describe_interval: float = _default("describe_interval")
     max_workers: int = _default("max_workers")
+    registry: Literal["dynamodb", "memory"] = _default("registry")
+    registry_table: str = _default("registry_table")
     sharing: Literal["shared", "exclusive"] = _default("sharing")
     clients_per_worker: int = _default("clients_per_worker")
     warm_pool: WarmPoolSchedule = _default("warm_pool")  # noqa: RUF009 (frozen: immutable)

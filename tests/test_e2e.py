@@ -27,6 +27,7 @@ import pytest
 import yaml
 
 from broker.aws import make_client
+from broker.dynamo import ensure_table
 from broker.sandbox import MotoHandle, SandboxResources, prepare_resources
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -35,6 +36,7 @@ START_TIMEOUT = 60.0
 
 @pytest.fixture(scope="module")
 def resources(moto_server: MotoHandle) -> SandboxResources:
+    ensure_table(make_client("dynamodb", region="us-east-1"), "compute-broker")
     return prepare_resources()
 
 
@@ -237,7 +239,7 @@ def test_restart_adopts_running_workers_instead_of_launching(
     second = start_broker()
     assert second.ask("GET_WORKER") == ip
     assert len(pool_instances(pool_name, ("pending", "running", "terminated"))) == 1
-    assert any(e["event"] == "worker.adopted" for e in second.events())
+    assert any(e["event"] == "registry.restored" for e in second.events())
 
 
 def test_sigterm_lets_a_waiting_request_finish(
@@ -374,3 +376,87 @@ def test_sandbox_mode_serves_a_worker_with_no_aws_setup(tmp_path: Path) -> None:
     finally:
         proc.terminate()
         assert proc.wait(30) == 0
+
+
+def status_of(broker: BrokerProcess) -> dict[str, Any]:
+    status: dict[str, Any] = json.loads(broker.ask("STATUS"))
+    return status
+
+
+def test_sigkill_with_leases_held_loses_nothing(
+    start_broker: Callable[..., BrokerProcess], pool_name: str
+) -> None:
+    """kill -9 with leases held: the restarted broker has the same workers, the same leases
+    and the same idle clocks (they kept running while it was down), and launches nothing."""
+    first = start_broker()
+    ip = first.ask("GET_WORKER client=alice")
+    assert first.ask("GET_WORKER client=bob") == ip
+    before = status_of(first)
+    first.stop(signal.SIGKILL)
+    time.sleep(1.5)  # downtime the idle clocks must account for
+    second = start_broker()
+    after = status_of(second)
+    assert [w["instance_id"] for w in after["workers"]] == [
+        w["instance_id"] for w in before["workers"]
+    ]
+    assert sorted((le["client"], le["started_at"]) for le in after["leases"]) == sorted(
+        (le["client"], le["started_at"]) for le in before["leases"]
+    )
+    assert after["workers"][0]["idle_seconds"] >= 1.5
+    assert after["workers"][0]["clients"] == 2
+    assert second.ask(f"RELEASE {ip} client=alice") == "OK"
+    assert len(pool_instances(pool_name)) == 1  # bob still holds it
+    assert len(pool_instances(pool_name, ("pending", "running", "terminated"))) == 1
+
+
+def test_sigkill_while_idle_keeps_the_worker_and_its_idle_clock(
+    start_broker: Callable[..., BrokerProcess], pool_name: str
+) -> None:
+    """kill -9 with an idle worker: after the restart the worker is reaped on the original
+    schedule, not idle_timeout after the restart."""
+    first = start_broker(idle_timeout=4, reap_interval=0.2)
+    ip = first.ask("GET_WORKER")
+    assert first.ask(f"RELEASE {ip}") == "OK"  # terminated: nobody holds it
+    ip = first.ask("GET_WORKER client=x")
+    first.stop(signal.SIGKILL)
+    killed = time.monotonic()
+    second = start_broker(idle_timeout=4, reap_interval=0.2)
+    assert status_of(second)["workers"][0]["ip"] == ip
+    wait_until(lambda: pool_instances(pool_name) == [], timeout=15)
+    assert time.monotonic() - killed < 4 + 3  # idle since before the kill
+
+
+def test_crash_between_run_instances_and_the_registry_write_is_adopted(
+    start_broker: Callable[..., BrokerProcess],
+    pool_name: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The broker is killed after EC2 launched but before the worker reached DynamoDB: the
+    next broker adopts that instance (launch-token tag + intent) and launches no other."""
+    from moto.dynamodb.responses import DynamoHandler
+
+    broker = start_broker()
+    original = DynamoHandler.put_item
+    killed: list[bool] = []
+
+    def put_item_then_crash(handler: Any) -> Any:
+        if "worker#" in str(handler.body) and not killed:  # the worker item, after RunInstances
+            killed.append(True)
+            os.kill(broker.proc.pid, signal.SIGKILL)  # dies before this write lands
+            raise ConnectionAbortedError("broker killed")
+        return original(handler)
+
+    monkeypatch.setattr(DynamoHandler, "put_item", put_item_then_crash)
+    with socket.create_connection(("127.0.0.1", broker.port), timeout=30) as sock:
+        sock.sendall(b"GET_WORKER\n")
+        assert read_line(sock) == ""  # the broker died mid-request
+    assert broker.proc.wait(10) == -signal.SIGKILL
+    monkeypatch.setattr(DynamoHandler, "put_item", original)
+    (launched,) = pool_instances(pool_name)
+    second = start_broker()
+    assert [w["instance_id"] for w in status_of(second)["workers"]] == [launched]
+    assert re.fullmatch(r"127\.77\.\d+\.\d+", second.ask("GET_WORKER"))
+    assert pool_instances(pool_name, ("pending", "running", "terminated")) == [launched]
+    events = [e["event"] for e in second.events()]
+    assert "worker.adopted" in events
+    assert "launch.intent_settled" in events
