@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from decimal import Decimal
 from typing import Any, Final
 
@@ -187,12 +187,17 @@ class DynamoRegistry:
         *,
         expect: WorkerState | None = None,
         ip: str | None = None,
+        unheld: bool = False,
     ) -> bool:
         changes: dict[str, ItemValue] = {"state": WorkerState(state).value}
         if ip is not None:
             changes["ip"] = ip
-        condition = None if expect is None else ("state", WorkerState(expect).value)
-        return await self._update_existing(_worker_sk(instance_id), changes, condition)
+        conditions: list[tuple[str, ItemValue]] = []
+        if expect is not None:
+            conditions.append(("state", WorkerState(expect).value))
+        if unheld:
+            conditions.append(("holders", 0))
+        return await self._update_existing(_worker_sk(instance_id), changes, conditions)
 
     async def delete_worker(self, instance_id: str) -> None:
         await self._write(self.client.delete_item, **self._request(_worker_sk(instance_id)))
@@ -446,18 +451,17 @@ class DynamoRegistry:
         self,
         sk: str,
         changes: Mapping[str, ItemValue],
-        expect: tuple[str, ItemValue] | None = None,
+        expect: Sequence[tuple[str, ItemValue]] = (),
     ) -> bool:
-        """SET `changes` on an existing item (and only if `expect`'s attribute has its value).
-        False if the item is missing or the expectation failed."""
+        """SET `changes` on an existing item (and only if each `expect` attribute has its
+        value). False if the item is missing or an expectation failed."""
         names = {"sk", *changes}
         values: dict[str, ItemValue] = {f"v_{name}": value for name, value in changes.items()}
         condition = "attribute_exists(#sk)"
-        if expect is not None:
-            name, value = expect
+        for name, value in expect:
             names.add(name)
-            values["expected"] = value
-            condition += f" AND #{name} = :expected"
+            values[f"expected_{name}"] = value
+            condition += f" AND #{name} = :expected_{name}"
         request = self._request(
             sk,
             update="SET " + ", ".join(f"#{name} = :v_{name}" for name in changes),

@@ -31,9 +31,14 @@ from broker.schedule import WarmPoolSchedule, refill_count
 
 _log = structlog.get_logger("broker.engine")
 
+TERMINATING = WorkerState.TERMINATING
 LAUNCH_TOKEN_TAG = "compute-broker:launch-token"  # the EC2 adapter tags every launch with it
 
 WAIT_SLACK = 2.0  # seconds a default GET_WORKER waits beyond launch_timeout + describe_interval
+
+
+class _AllReserved(Exception):
+    """The pool-wide instance counter is at max_workers (other replicas' launches count)."""
 
 
 class Refusal(Exception):
@@ -287,16 +292,25 @@ class Engine:
             client_token=attempt.token,
         )
         started = trio.current_time()
-        intent = LaunchIntent.begin(
-            attempt.token, spec, count, self.clock.now(), ttl=2 * self.settings.launch_timeout
-        )
+        reserved = 0
         try:
             with trio.fail_after(self.settings.launch_timeout):
+                # max_workers across replicas: a pool-wide counter in the registry.
+                max_workers = self.settings.limits.max_workers
+                reserved = await self.registry.reserve_instances(count, max_workers)
+                if reserved == 0:
+                    raise _AllReserved(f"max_workers reached ({max_workers}) across replicas")
+                count = reserved
+                intent = LaunchIntent.begin(
+                    attempt.token, spec, count, self.clock.now(), 2 * self.settings.launch_timeout
+                )
                 await self.registry.put_intent(intent)  # written before it is acted on
                 instances = await self.cloud.launch(spec, count, attempt.token)
         except Exception as exc:
-            if not isinstance(exc, CloudError | trio.TooSlowError):
+            if not isinstance(exc, CloudError | trio.TooSlowError | _AllReserved):
                 _log.exception("launch.crashed", client_token=attempt.token)
+            if reserved and not isinstance(exc, trio.TooSlowError):
+                await self._unreserve(reserved)  # nothing was launched (a timeout may have)
             attempt.error = self._launch_error(exc)
             self.pool.launch_failed(attempt.token)
             self._attempts.pop(attempt.token, None)
@@ -312,6 +326,8 @@ class Engine:
             return
         now = self.clock.now()
         attempt.instances = instances
+        if len(instances) < reserved:
+            await self._unreserve(reserved - len(instances))
         workers = self.pool.launch_answered(attempt.token, instances, now)
         await self._persist_launched(attempt.token, workers)
         for worker in workers:
@@ -330,6 +346,8 @@ class Engine:
         self._notify()
 
     def _launch_error(self, exc: Exception) -> str:
+        if isinstance(exc, _AllReserved):
+            return str(exc)
         if isinstance(exc, trio.TooSlowError):
             # RunInstances may still complete in its abandoned thread: the reconciler adopts
             # (and later reaps) whatever it launched.
@@ -577,7 +595,7 @@ class Engine:
             self.pool.end_lease(lease)
             self._log_lease_end(lease, "expired", now)
             await self._forget_lease(lease)
-        doomed = list(plan.idle_workers)
+        doomed = [w for w in plan.idle_workers if await self._claim_reap(w)]
         doomed += [
             w
             for w in self.pool.workers.values()
@@ -599,6 +617,21 @@ class Engine:
             await self._terminate(doomed, reason="idle")
         except CloudError:
             pass  # logged; retried next pass
+
+    async def _claim_reap(self, worker: Worker) -> bool:
+        """Mark an idle worker terminating in the registry, only if it is still ready and
+        nobody holds it there: of two replicas reaping it, or one reaping while another hands
+        it out, exactly one wins. A loser forgets it (another replica reaps it) or keeps it."""
+        try:
+            won = await self.registry.set_worker_state(
+                worker.instance_id, WorkerState.TERMINATING, expect=WorkerState.READY, unheld=True
+            )
+        except CloudError as exc:
+            _log.warning("registry.write_failed", op="reap", error=str(exc))
+            return False
+        if not won:
+            _log.info("worker.reap_skipped", instance_id=worker.instance_id)
+        return won
 
     async def _terminate(self, workers: Sequence[Worker], *, reason: str) -> None:
         for worker in workers:
@@ -666,6 +699,7 @@ class Engine:
                 type=instance.instance_type,
             )
         await self._settle_intents(instances, now)
+        await self._sync_from_registry(instances, now)
         self._watch_wakeup.set()
         self._notify()
 
@@ -684,18 +718,7 @@ class Engine:
         for record in records:
             if record.instance_id in self.pool.workers:
                 continue
-            worker = Worker(
-                instance_id=record.instance_id,
-                instance_type=record.instance_type,
-                market=record.market,
-                state=record.state,
-                ip=record.ip,
-                launched_at=record.launched_at,
-                last_activity=record.last_activity,
-                price_per_hour=record.price_per_hour,
-                ready_at=record.launched_at if record.state is WorkerState.READY else None,
-                launch_token=record.launch_token,
-            )
+            worker = _worker_from_record(record)
             self.pool.workers[worker.instance_id] = worker
             if worker.state is WorkerState.TERMINATING:
                 self._retry_terminate.add(worker.instance_id)
@@ -703,13 +726,8 @@ class Engine:
             held = self.pool.workers.get(lease.instance_id)
             if held is None:
                 continue
-            self.pool.leases[(lease.client, lease.instance_id)] = Lease(
-                lease.client,
-                lease.instance_id,
-                lease.ip,
-                lease.started_at,
-                lease.last_activity,
-                held.price_per_hour,
+            self.pool.leases[(lease.client, lease.instance_id)] = _lease_from_record(
+                lease, held.price_per_hour
             )
             held.last_activity = max(held.last_activity, lease.last_activity)
         if records:
@@ -763,6 +781,50 @@ class Engine:
             await self.registry.delete_worker(instance_id)
         except CloudError as exc:
             _log.error("registry.write_failed", op="delete_worker", error=str(exc))
+        await self._unreserve(1)
+
+    async def _unreserve(self, count: int) -> None:
+        try:
+            await self.registry.release_instances(count)
+        except CloudError as exc:
+            _log.error("registry.write_failed", op="release_instances", error=str(exc))
+
+    async def _sync_from_registry(self, instances: Sequence[Instance], now: float) -> None:
+        """Learn what other replicas did: their workers and leases join this pool (so either
+        broker hands out any worker), workers they terminated leave it, and the pool-wide
+        instance counter is repaired if a crash leaked a reservation."""
+        try:
+            records = {r.instance_id: r for r in await self.registry.list_workers(now)}
+            leases = await self.registry.list_leases(now)
+            intents = await self.registry.list_intents(now)
+            seen = await self.registry.reserved_instances()
+        except CloudError as exc:
+            _log.error("registry.read_failed", op="sync", error=str(exc))
+            return
+        alive = {instance.instance_id for instance in instances}
+        for record in records.values():
+            known = record.instance_id in self.pool.workers
+            if not known and record.instance_id in alive and record.state is not TERMINATING:
+                self.pool.workers[record.instance_id] = _worker_from_record(record)
+        for worker in list(self.pool.workers.values()):
+            gone = worker.instance_id not in records or (
+                records[worker.instance_id].state is WorkerState.TERMINATING
+                and worker.state is not WorkerState.TERMINATING
+            )
+            if gone and worker.state is WorkerState.READY and not self.pool.in_flight:
+                self.pool.remove(worker.instance_id, now)
+                _log.info("worker.gone_elsewhere", instance_id=worker.instance_id)
+        for lease in leases:
+            key = (lease.client, lease.instance_id)
+            held = self.pool.workers.get(lease.instance_id)
+            if held is not None and key not in self.pool.leases:
+                self.pool.leases[key] = _lease_from_record(lease, held.price_per_hour)
+        launched = {instance.tags.get(LAUNCH_TOKEN_TAG) for instance in instances}
+        pending = sum(i.count for i in intents if i.token not in launched)
+        actual = len(alive) + pending
+        repair = seen != actual and not self.pool.in_flight
+        if repair and await self.registry.correct_reserved_instances(seen, actual):
+            _log.info("registry.counter_repaired", was=seen, now=actual)
 
     async def _settle_intents(self, instances: Sequence[Instance], now: float) -> None:
         """Launch intents left by a crash: their instances (found by launch-token tag) have
@@ -802,3 +864,29 @@ class Engine:
             duration_seconds=round(max(0.0, now - lease.started_at), 3),
             cost_usd=None if cost is None else round(cost, 6),
         )
+
+
+def _worker_from_record(record: WorkerRecord) -> Worker:
+    return Worker(
+        instance_id=record.instance_id,
+        instance_type=record.instance_type,
+        market=record.market,
+        state=record.state,
+        ip=record.ip,
+        launched_at=record.launched_at,
+        last_activity=record.last_activity,
+        price_per_hour=record.price_per_hour,
+        ready_at=record.launched_at if record.state is WorkerState.READY else None,
+        launch_token=record.launch_token,
+    )
+
+
+def _lease_from_record(record: LeaseRecord, price_per_hour: float | None) -> Lease:
+    return Lease(
+        record.client,
+        record.instance_id,
+        record.ip,
+        record.started_at,
+        record.last_activity,
+        price_per_hour,
+    )

@@ -261,10 +261,12 @@ class Registry(Protocol):
         *,
         expect: WorkerState | None = None,
         ip: str | None = None,
+        unheld: bool = False,
     ) -> bool:
         """Set the worker's state (and its IP when given: launching -> ready). With `expect`,
-        only if the state is `expect` now. False if it was not, or there is no such worker:
-        of several replicas racing to reap or terminate a worker, exactly one gets True."""
+        only if the state is `expect` now; with `unheld`, only if nobody holds it (a reap must
+        not take a worker another replica has just leased). False if a condition failed or
+        there is no such worker: of several replicas racing to reap a worker, one gets True."""
         ...
 
     async def delete_worker(self, instance_id: str) -> None:
@@ -394,10 +396,13 @@ class MemoryRegistry:
         *,
         expect: WorkerState | None = None,
         ip: str | None = None,
+        unheld: bool = False,
     ) -> bool:
         await trio.lowlevel.checkpoint()
         worker = self._workers.get(instance_id)
         if worker is None or (expect is not None and worker.state != expect):
+            return False
+        if unheld and worker.holders:
             return False
         new_ip = worker.ip if ip is None else ip
         self._workers[instance_id] = attrs.evolve(worker, state=state, ip=new_ip)

@@ -460,3 +460,33 @@ def test_crash_between_run_instances_and_the_registry_write_is_adopted(
     events = [e["event"] for e in second.events()]
     assert "worker.adopted" in events
     assert "launch.intent_settled" in events
+
+
+def test_two_replicas_share_one_pool_without_double_leasing_or_overshooting(
+    start_broker: Callable[..., BrokerProcess],
+    pool_name: str,
+    boot_delay: Callable[[float], None],
+) -> None:
+    """Two brokers on one table, exclusive mode, max_workers 10: of 40 concurrent requests
+    split across them, 10 get distinct workers, none is leased twice, at most 10 instances
+    are ever launched, and every other request gets an ERROR line."""
+    boot_delay(0.5)
+    settings = {"sharing": "exclusive", "clients_per_worker": 1, "max_workers": 10}
+    brokers = [start_broker(**settings), start_broker(**settings)]
+    replies: list[str] = []
+
+    def client(n: int) -> None:
+        replies.append(brokers[n % 2].ask(f"GET_WORKER wait=10 client=c{n}", timeout=60))
+
+    threads = [threading.Thread(target=client, args=(n,)) for n in range(40)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(90)
+    assert len(replies) == 40
+    ips = [r for r in replies if not r.startswith("ERROR")]
+    errors = [r for r in replies if r.startswith("ERROR")]
+    assert len(ips) == 10
+    assert len(set(ips)) == 10
+    assert all(e.startswith("ERROR: ") for e in errors)
+    assert len(pool_instances(pool_name, ("pending", "running", "terminated"))) <= 10

@@ -633,3 +633,17 @@ async def test_errors_other_than_conditions_are_cloud_errors(atomic_moto: None) 
         await registry.claim_lease(lease("a:1"), 1)
 
     assert caught.value.code == "ResourceNotFoundException"
+
+
+async def test_a_reap_condition_fails_once_the_worker_is_held(registry: Registry) -> None:
+    """set_worker_state(unheld=True) refuses a worker with holders: a replica cannot reap a
+    worker another replica has just leased; once released, the reap goes through."""
+    await registry.put_worker(worker())
+    assert await registry.claim_lease(lease("a"), None)
+    assert not await registry.set_worker_state(
+        "i-0a", WorkerState.TERMINATING, expect=WorkerState.READY, unheld=True
+    )
+    await registry.end_lease("a", "i-0a")
+    assert await registry.set_worker_state(
+        "i-0a", WorkerState.TERMINATING, expect=WorkerState.READY, unheld=True
+    )
