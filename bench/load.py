@@ -1,6 +1,6 @@
 """Load benchmark: start the sandbox broker, measure it on loopback, print a table.
 
-    .venv/bin/python bench/load.py [--quick] [--log-level warning]
+    .venv/bin/python bench/load.py [--quick] [--log-level warning] [--registry dynamodb]
 
 Measures (against a `compute-broker serve` process using a moto server in this process):
   - the launch count of a 50-client cold storm on an empty pool (target: 1);
@@ -57,8 +57,10 @@ class Broker:
     moto runs in this (the bench) process on loopback, so the broker's RSS is its own.
     """
 
-    def __init__(self, log_level: str) -> None:
+    def __init__(self, log_level: str, registry: str) -> None:
         from broker import sandbox
+        from broker.aws import make_client
+        from broker.dynamo import ensure_table
 
         self.moto = sandbox.start_moto()
         for name in [name for name in os.environ if name.startswith("AWS_")]:
@@ -68,8 +70,10 @@ class Broker:
         sandbox.install_unique_ips()
         sandbox.install_boot_delay(2)
         res = sandbox.prepare_resources()
+        ensure_table(make_client("dynamodb", region="us-east-1"), "compute-broker")
+        self.dynamodb_writes = count_dynamodb_writes()
         config = CONFIG + (
-            f"log_level: {log_level}\nami_id: {res.ami_id}\n"
+            f"registry: {registry}\nlog_level: {log_level}\nami_id: {res.ami_id}\n"
             f"security_group_ids: [{res.security_group_id}]\nsubnet_id: {res.subnet_id}\n"
             f"key_name: {res.key_name}\nregion: us-east-1\n"
         )
@@ -96,6 +100,22 @@ class Broker:
             self.proc.kill()
         os.unlink(self.config_path)
         self.moto.stop()
+
+
+def count_dynamodb_writes() -> list[int]:
+    """Count the DynamoDB write requests moto serves in this process: [writes]."""
+    from moto.dynamodb.responses import DynamoHandler
+
+    counter = [0]
+    for name in ("put_item", "update_item", "delete_item", "transact_write_items"):
+        original = getattr(DynamoHandler, name)
+
+        def counted(handler: object, _original: object = original) -> object:
+            counter[0] += 1
+            return _original(handler)  # type: ignore[operator]
+
+        setattr(DynamoHandler, name, counted)
+    return counter
 
 
 async def one_shot(port: int, line: bytes) -> tuple[bytes, float]:
@@ -169,9 +189,9 @@ def row(name: str, latencies: list[float], seconds: float | None = None) -> str:
     return f"| {name} | {len(latencies)} | {rate:,.0f} | {p50:.2f} | {p99:.2f} |"
 
 
-async def main(quick: bool, log_level: str) -> None:
+async def main(quick: bool, log_level: str, registry: str) -> None:
     scale = 10 if quick else 1
-    broker = Broker(log_level)
+    broker = Broker(log_level, registry)
     try:
         port = broker.port
         launches, distinct = await cold_storm(port)
@@ -182,8 +202,10 @@ async def main(quick: bool, log_level: str) -> None:
         await sequential(port, 200)  # warm-up
         print("\n| load (warm GET_WORKER) | requests | req/s | p50 ms | p99 ms |")
         print("| --- | ---: | ---: | ---: | ---: |")
+        writes_before = broker.dynamodb_writes[0]
         lat = await sequential(port, 5000 // scale)
         print(row("sequential, one connection per request", lat))
+        per_request = (broker.dynamodb_writes[0] - writes_before) / len(lat)
         lat, secs = await concurrent_one_shot(port, 50, 400 // scale)
         print(row("50 concurrent clients, one connection per request", lat, secs))
         lat, secs = await persistent(port, 50, 1000 // scale)
@@ -194,7 +216,8 @@ async def main(quick: bool, log_level: str) -> None:
         await persistent(port, 50, total // 50)
         after = rss_kib(broker.proc.pid)
         print(
-            f"\nRSS across {total:,} requests: {before / 1024:.1f} MB -> {after / 1024:.1f} MB "
+            f"\nDynamoDB writes per warm GET_WORKER (registry {registry}): {per_request:.2f}\n"
+            f"RSS across {total:,} requests: {before / 1024:.1f} MB -> {after / 1024:.1f} MB "
             f"({(after - before) / before * 100:+.1f} %)"
         )
 
@@ -218,6 +241,9 @@ if __name__ == "__main__":
     parser.add_argument(
         "--log-level", default="info", help="the broker's log_level (default: info, as shipped)"
     )
+    parser.add_argument(
+        "--registry", default="memory", choices=["memory", "dynamodb"], help="default: memory"
+    )
     args = parser.parse_args()
-    print(f"broker log_level: {args.log_level}")
-    asyncio.run(main(args.quick, args.log_level))
+    print(f"broker log_level: {args.log_level}, registry: {args.registry}")
+    asyncio.run(main(args.quick, args.log_level, args.registry))

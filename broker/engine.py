@@ -34,6 +34,7 @@ _log = structlog.get_logger("broker.engine")
 TERMINATING = WorkerState.TERMINATING
 LAUNCH_TOKEN_TAG = "compute-broker:launch-token"  # the EC2 adapter tags every launch with it
 
+ACTIVITY_WRITE_EVERY = 30.0  # seconds; lease activity is written at most this often
 WAIT_SLACK = 2.0  # seconds a default GET_WORKER waits beyond launch_timeout + describe_interval
 
 
@@ -205,9 +206,9 @@ class Engine:
         if worker is None:
             raise WorkerNotFound(ip)
         try:
-            if (client, worker.instance_id) in self.pool.leases:
-                timeout = self.settings.limits.idle_timeout
-                await self.registry.touch_lease(client, worker.instance_id, now, timeout)
+            lease = self.pool.leases.get((client, worker.instance_id))
+            if lease is not None:
+                await self._persist_activity(lease, now)
             else:
                 await self.registry.update_worker_activity(worker.instance_id, now)
         except CloudError as exc:
@@ -498,8 +499,9 @@ class Engine:
                 claimed = await self.registry.claim_lease(
                     record, self.settings.limits.clients_per_worker
                 )
+                lease.persisted_activity = now
             else:
-                claimed = await self.registry.touch_lease(client, worker.instance_id, now, timeout)
+                claimed = await self._persist_activity(lease, now)
         except CloudError as exc:
             if new:
                 self.pool.end_lease(lease)
@@ -759,6 +761,18 @@ class Engine:
             await self.registry.delete_intent(token)
         except CloudError as exc:
             _log.error("registry.write_failed", op="delete_intent", error=str(exc))
+
+    async def _persist_activity(self, lease: Lease, now: float) -> bool:
+        """Write a lease's activity to the registry, at most every ACTIVITY_WRITE_EVERY:
+        a client asking again and again costs no write per request; a restart loses at
+        most that much of the idle clock. False if the registry no longer has the lease."""
+        every = min(ACTIVITY_WRITE_EVERY, self.settings.limits.idle_timeout / 10)
+        if lease.persisted_activity is not None and now - lease.persisted_activity < every:
+            return True
+        timeout = self.settings.limits.idle_timeout
+        touched = await self.registry.touch_lease(lease.client, lease.instance_id, now, timeout)
+        lease.persisted_activity = now
+        return touched
 
     async def _persist_ready(self, worker: Worker) -> None:
         try:

@@ -56,6 +56,7 @@ class Lease:
     started_at: float
     last_activity: float
     price_per_hour: float | None = None
+    persisted_activity: float | None = None  # the last activity time written to the registry
 
     def cost(self, now: float) -> float | None:
         """Dollars this lease has cost so far: the worker's price times the lease's duration."""

@@ -17,7 +17,7 @@ from broker.engine import WAIT_SLACK, Engine, EngineSettings, Refusal, WorkerNot
 from broker.pool import Limits
 from broker.prices import PriceTable
 from broker.protocol import GetWorker
-from broker.registry import LaunchIntent, MemoryRegistry
+from broker.registry import LaunchIntent, LeaseRecord, MemoryRegistry
 from broker.schedule import WarmPoolSchedule
 from tests.fakes import FakeCloud
 
@@ -628,4 +628,44 @@ async def test_a_launch_interrupted_before_its_registry_write_is_adopted_after_r
         assert await registry.list_intents(clock.now()) == []
         await get_ip(engine, GetWorker(), "a")
         assert len(cloud.launch_calls) == 1
+        nursery.cancel_scope.cancel()
+
+
+class CountingRegistry(MemoryRegistry):
+    """A MemoryRegistry that counts lease writes."""
+
+    writes = 0
+
+    async def claim_lease(self, lease: LeaseRecord, capacity: int | None) -> bool:
+        self.writes += 1
+        return await super().claim_lease(lease, capacity)
+
+    async def touch_lease(
+        self, client: str, instance_id: str, now: float, idle_timeout: float
+    ) -> bool:
+        self.writes += 1
+        return await super().touch_lease(client, instance_id, now, idle_timeout)
+
+
+async def test_a_client_asking_again_and_again_costs_one_write_per_interval(
+    autojump_clock: MockClock, cloud: FakeCloud, clock: Clock
+) -> None:
+    """Warm path: the first GET_WORKER writes the lease; repeats and PINGs within 30 s write
+    nothing more; the next one after 30 s writes once."""
+    registry = CountingRegistry("test")
+    engine = Engine(
+        cloud, make_engine(cloud, clock).settings, clock, PriceTable.default(), registry
+    )
+    async with trio.open_nursery() as nursery:
+        await nursery.start(engine.run)
+        ip = await get_ip(engine, GetWorker(), "a")
+        assert registry.writes == 1
+        for _ in range(100):
+            await get_ip(engine, GetWorker(), "a")
+            await engine.ping(ip, "a")
+            await trio.sleep(0.1)
+        assert registry.writes == 1
+        await trio.sleep(30)
+        await get_ip(engine, GetWorker(), "a")
+        assert registry.writes == 2
         nursery.cancel_scope.cancel()
