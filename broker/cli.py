@@ -3,6 +3,7 @@
 compute-broker serve [--config FILE] [--sandbox] [--host H] [--port P]
 compute-broker check-config FILE
 compute-broker setup [--config FILE]
+compute-broker agent --name NAME --ip IP [--config FILE]
 compute-broker config-reference | sample-config
 """
 
@@ -68,6 +69,10 @@ def _parser() -> argparse.ArgumentParser:
     )
     setup = sub.add_parser("setup", help="create the DynamoDB registry table (idempotent)")
     setup.add_argument("--config", help="YAML config file (default: built-in defaults)")
+    agent = sub.add_parser("agent", help="register this lab machine as a local worker")
+    agent.add_argument("--name", required=True, help="the worker's name (1-64 of A-Za-z0-9_.-)")
+    agent.add_argument("--ip", required=True, help="the IP clients connect to")
+    agent.add_argument("--config", help="YAML config file (registry, pool_name, heartbeat)")
     sub.add_parser("config-reference", help="print the config reference (Markdown)")
     sub.add_parser("sample-config", help="print a commented sample config")
     return parser
@@ -109,6 +114,42 @@ def _setup(args: argparse.Namespace) -> int:
     state = "created" if done.created else "exists"
     ttl = "enabled now" if done.ttl_enabled else "already enabled"
     print(f"table {config.registry_table}: {state}; TTL on expires_at: {ttl}")
+    return 0
+
+
+def _agent(args: argparse.Namespace) -> int:
+    from broker.agent import AgentSettings, run_agent
+
+    try:
+        config = load_config(
+            args.config,
+            {
+                **os.environ,
+                "COMPUTE_BROKER_LOCAL_WORKERS": f"[{{name: {args.name}, ip: {args.ip}}}]",
+            },
+        )
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return EXIT_CONFIG
+    if config.registry != "dynamodb":
+        print(
+            "agent: needs registry: dynamodb (the brokers read local workers from it)",
+            file=sys.stderr,
+        )
+        return EXIT_CONFIG
+    configure_logging(config.log_format, config.log_level)
+    (worker,) = config.local_workers  # validated name and ip
+
+    async def main() -> None:
+        registry = build_registry(config, trio.CapacityLimiter(2))
+        settings = AgentSettings(worker, config.agent_heartbeat)
+        await run_agent(registry, settings, Clock())
+
+    try:
+        trio.run(main)
+    except CloudError as exc:
+        print(f"agent: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -211,6 +252,8 @@ def build_engine(config: Config, clock: Clock) -> Engine:
         probe=config.probe,
         probe_timeout=config.probe_timeout,
         warm_pool=config.warm_pool,
+        local_workers=config.local_workers,
+        prefer_local=config.prefer_local,
     )
     prices = PriceTable.default().with_overrides(config.prices)
     return Engine(cloud, settings, clock, prices, build_registry(config, limiter))
@@ -254,6 +297,7 @@ _COMMANDS = {
     "serve": _serve,
     "check-config": _check_config,
     "setup": _setup,
+    "agent": _agent,
     "config-reference": _config_reference,
     "sample-config": _sample_config,
 }

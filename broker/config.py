@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+import ipaddress
 import math
 import os
 import re
@@ -20,6 +21,7 @@ from typing import Any, Literal
 import attrs
 import yaml
 
+from broker.pool import LocalWorker
 from broker.schedule import (
     WARM_POOL_EXAMPLE,
     WARM_POOL_LABEL,
@@ -203,6 +205,31 @@ def _list_of(kind: Kind) -> Kind:
         return tuple(items)
 
     return Kind(f"list of {kind.label}s", check)
+
+
+def _local_worker() -> Kind:
+    name_kind = _text(r"[A-Za-z0-9_.-]{1,64}", "1-64 of A-Z a-z 0-9 _ . -")
+
+    def check(value: Any) -> LocalWorker:
+        if not isinstance(value, Mapping):
+            raise _must("be a mapping with name and ip", value)
+        unknown = sorted(str(key) for key in value if key not in ("name", "ip"))
+        if unknown:
+            raise _Invalid("unknown key (a local worker has name and ip)", (unknown[0],))
+        for key in ("name", "ip"):
+            if key not in value:
+                raise _Invalid("is required", (key,))
+        try:
+            name = name_kind.check(value["name"])
+        except _Invalid as exc:
+            raise exc.below("name") from None
+        try:
+            ip = str(ipaddress.ip_address(str(value["ip"])))
+        except ValueError:
+            raise _Invalid(f"must be an IP address (got {_show(value['ip'])})", ("ip",)) from None
+        return LocalWorker(name, ip)
+
+    return Kind("local worker (name, ip)", check)
 
 
 def _price_table() -> Kind:
@@ -417,6 +444,28 @@ FIELDS: tuple[Field, ...] = (
         "lab-compute-broker",
     ),
     Field(
+        "local_workers",
+        _list_of(_local_worker()),
+        [],
+        "Lab machines and instruments leased like cloud workers but never launched or "
+        "terminated; more can register at run time with `compute-broker agent`.",
+        [{"name": "lab-ws-1", "ip": "10.0.0.5"}],
+    ),
+    Field(
+        "prefer_local",
+        _boolean(),
+        True,
+        "GET_WORKER without type= or market= hands out an idle local worker before a cloud one.",
+        False,
+    ),
+    Field(
+        "agent_heartbeat",
+        _duration(),
+        30,
+        "How often `compute-broker agent` heartbeats; its entry expires after 3 missed beats.",
+        "30s",
+    ),
+    Field(
         "sharing",
         _choice("shared", "exclusive"),
         "shared",
@@ -550,6 +599,9 @@ class Config:
     max_workers: int = _default("max_workers")
     registry: Literal["dynamodb", "memory"] = _default("registry")
     registry_table: str = _default("registry_table")
+    local_workers: tuple[LocalWorker, ...] = _default("local_workers")
+    prefer_local: bool = _default("prefer_local")
+    agent_heartbeat: float = _default("agent_heartbeat")
     sharing: Literal["shared", "exclusive"] = _default("sharing")
     clients_per_worker: int = _default("clients_per_worker")
     warm_pool: WarmPoolSchedule = _default("warm_pool")  # noqa: RUF009 (frozen: immutable)

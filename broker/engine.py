@@ -23,7 +23,16 @@ import trio
 
 from broker.clock import Clock
 from broker.cloud import Cloud, CloudError, Instance, LaunchSpec
-from broker.pool import Lease, Limits, Pool, ReleaseOutcome, Worker, WorkerState
+from broker.pool import (
+    LOCAL_TYPE,
+    Lease,
+    Limits,
+    LocalWorker,
+    Pool,
+    ReleaseOutcome,
+    Worker,
+    WorkerState,
+)
 from broker.prices import PriceTable
 from broker.protocol import GetWorker
 from broker.registry import LaunchIntent, LeaseRecord, MemoryRegistry, Registry, WorkerRecord
@@ -63,6 +72,8 @@ class EngineSettings:
     probe: bool = False
     probe_timeout: float = 2.0
     warm_pool: WarmPoolSchedule = attrs.field(factory=WarmPoolSchedule.default)
+    local_workers: tuple[LocalWorker, ...] = ()
+    prefer_local: bool = True
 
 
 @attrs.frozen
@@ -121,6 +132,7 @@ class Engine:
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             await self._restore()  # the pool as the registry has it (after a restart)
+            await self._add_declared_local_workers()
             await self._reconcile()  # then as EC2 has it
             nursery.start_soon(self._watch_launches)
             nursery.start_soon(self._reap_loop)
@@ -138,11 +150,14 @@ class Engine:
     async def get_worker(self, request: GetWorker, client: str) -> Handout:
         """A ready worker for `client`: reuse one, join a launch in flight, or launch."""
         spec = default = self.settings.default_spec
-        if request.instance_type is not None or request.market is not None:
+        local_ok = request.instance_type is None and request.market is None
+        prefer = self.settings.prefer_local
+        if not local_ok:
             spec = LaunchSpec(
                 request.instance_type or default.instance_type, request.market or default.market
             )
-        if not self._closing and (ready := self.pool.choose_ready(spec, client)) is not None:
+        ready = self.pool.choose_ready(spec, client, local_ok=local_ok, prefer_local=prefer)
+        if not self._closing and ready is not None:
             handout = await self._hand_out(ready, client, reused=True, waited=0.0)
             if handout is not None:
                 return handout  # the warm path
@@ -159,7 +174,9 @@ class Engine:
                 while True:
                     if self._closing:
                         raise Refusal("broker shutting down")
-                    worker = self.pool.choose_ready(spec, client)
+                    worker = self.pool.choose_ready(
+                        spec, client, local_ok=local_ok, prefer_local=prefer
+                    )
                     if worker is not None:
                         waited = trio.current_time() - started
                         reused = joined is None
@@ -442,7 +459,7 @@ class Engine:
         for lease in leases:
             self._log_lease_end(lease, "worker_lost", now)
         assert self._nursery is not None
-        self._nursery.start_soon(self._forget_worker, worker.instance_id, leases)
+        self._nursery.start_soon(self._forget_worker, worker.instance_id, leases, not worker.local)
         _log.error("worker.lost", instance_id=worker.instance_id, reason=reason)
         attempt = self._attempts.get(worker.launch_token or "")
         if attempt is not None:
@@ -680,6 +697,8 @@ class Engine:
         now = self.clock.now()
         alive = {instance.instance_id for instance in instances}
         for worker in list(self.pool.workers.values()):
+            if worker.local:
+                continue  # not an EC2 instance
             if worker.state is WorkerState.READY and worker.instance_id not in alive:
                 self._lose(worker, f"worker {worker.instance_id} is no longer running in EC2", now)
         if self.pool.in_flight:
@@ -735,21 +754,35 @@ class Engine:
         if records:
             _log.info("registry.restored", workers=len(records), leases=len(leases))
 
+    async def _add_declared_local_workers(self) -> None:
+        """Local workers from the config join the pool (and the registry, where leases are
+        claimed), ready at once; they are never launched, reaped or terminated."""
+        now = self.clock.now()
+        for spec in self.settings.local_workers:
+            if spec.instance_id in self.pool.workers:
+                continue
+            worker = Worker(
+                instance_id=spec.instance_id,
+                instance_type=LOCAL_TYPE,
+                market=self.settings.default_spec.market,
+                state=WorkerState.READY,
+                ip=spec.ip,
+                launched_at=now,
+                last_activity=now,
+                price_per_hour=None,
+                ready_at=now,
+                local=True,
+            )
+            self.pool.workers[worker.instance_id] = worker
+            try:
+                if await self.registry.get_worker(worker.instance_id) is None:
+                    await self.registry.put_worker(_record_of(worker))
+            except CloudError as exc:
+                _log.error("registry.write_failed", op="local_worker", error=str(exc))
+
     async def _persist_new(self, worker: Worker) -> None:
-        record = WorkerRecord(
-            instance_id=worker.instance_id,
-            provider="ec2",
-            ip=worker.ip,
-            instance_type=worker.instance_type,
-            market=worker.market,
-            state=worker.state,
-            launched_at=worker.launched_at,
-            last_activity=worker.last_activity,
-            price_per_hour=worker.price_per_hour,
-            launch_token=worker.launch_token,
-        )
         try:
-            await self.registry.put_worker(record)
+            await self.registry.put_worker(_record_of(worker))
         except CloudError as exc:
             _log.error("registry.write_failed", op="put_worker", error=str(exc))
 
@@ -788,14 +821,18 @@ class Engine:
         except CloudError as exc:
             _log.error("registry.write_failed", op="end_lease", error=str(exc))
 
-    async def _forget_worker(self, instance_id: str, leases: Sequence[Lease]) -> None:
+    async def _forget_worker(
+        self, instance_id: str, leases: Sequence[Lease], reserved: bool = True
+    ) -> None:
+        """Drop a worker and its leases from the registry; give back its reservation."""
         for lease in leases:
             await self._forget_lease(lease)
         try:
             await self.registry.delete_worker(instance_id)
         except CloudError as exc:
             _log.error("registry.write_failed", op="delete_worker", error=str(exc))
-        await self._unreserve(1)
+        if reserved:
+            await self._unreserve(1)
 
     async def _unreserve(self, count: int) -> None:
         try:
@@ -818,9 +855,20 @@ class Engine:
         alive = {instance.instance_id for instance in instances}
         for record in records.values():
             known = record.instance_id in self.pool.workers
-            if not known and record.instance_id in alive and record.state is not TERMINATING:
+            local = record.provider == "local"
+            joins = not known and (record.instance_id in alive or local)
+            if joins and record.state is not TERMINATING:
                 self.pool.workers[record.instance_id] = _worker_from_record(record)
+                if local:
+                    _log.info("worker.local_joined", instance_id=record.instance_id)
+        declared = {spec.instance_id for spec in self.settings.local_workers}
         for worker in list(self.pool.workers.values()):
+            if worker.local:
+                if worker.instance_id not in records and worker.instance_id not in declared:
+                    self._lose(
+                        worker, f"local worker {worker.instance_id} stopped heartbeating", now
+                    )
+                continue
             gone = worker.instance_id not in records or (
                 records[worker.instance_id].state is WorkerState.TERMINATING
                 and worker.state is not WorkerState.TERMINATING
@@ -882,6 +930,7 @@ class Engine:
 
 def _worker_from_record(record: WorkerRecord) -> Worker:
     return Worker(
+        local=record.provider == "local",
         instance_id=record.instance_id,
         instance_type=record.instance_type,
         market=record.market,
@@ -903,4 +952,19 @@ def _lease_from_record(record: LeaseRecord, price_per_hour: float | None) -> Lea
         record.started_at,
         record.last_activity,
         price_per_hour,
+    )
+
+
+def _record_of(worker: Worker) -> WorkerRecord:
+    return WorkerRecord(
+        instance_id=worker.instance_id,
+        provider="local" if worker.local else "ec2",
+        ip=worker.ip,
+        instance_type=worker.instance_type,
+        market=worker.market,
+        state=worker.state,
+        launched_at=worker.launched_at,
+        last_activity=worker.last_activity,
+        price_per_hour=worker.price_per_hour,
+        launch_token=worker.launch_token,
     )

@@ -26,9 +26,26 @@ class WorkerState(enum.StrEnum):
     TERMINATING = "terminating"  # chosen for termination; never handed out again
 
 
+LOCAL_TYPE: Final = "local"  # the instance_type of local (lab) workers
+
+
+@attrs.frozen
+class LocalWorker:
+    """A lab machine or instrument declared in the config (or registered by an agent)."""
+
+    name: str
+    ip: str
+
+    @property
+    def instance_id(self) -> str:
+        """The worker's id in the pool and the registry."""
+        return f"local:{self.name}"
+
+
 @attrs.define
 class Worker:
-    """One instance the pool runs."""
+    """One worker of the pool: an EC2 instance, or a local lab machine (`local`), which is
+    leased like the others but never launched, counted against caps, reaped or terminated."""
 
     instance_id: str
     instance_type: str
@@ -40,6 +57,7 @@ class Worker:
     price_per_hour: float | None
     ready_at: float | None = None
     launch_token: str | None = None
+    local: bool = False
 
     def matches(self, spec: LaunchSpec) -> bool:
         """True if this worker is of the requested type and market."""
@@ -149,13 +167,22 @@ class Pool:
         """The open leases on a worker."""
         return [lease for lease in self.leases.values() if lease.instance_id == instance_id]
 
-    def choose_ready(self, spec: LaunchSpec, client: str | None = None) -> Worker | None:
+    def choose_ready(
+        self,
+        spec: LaunchSpec,
+        client: str | None = None,
+        *,
+        local_ok: bool = False,
+        prefer_local: bool = True,
+    ) -> Worker | None:
         """The ready worker to hand out: one `client` already holds, else one with room
-        (fewest holders, then the most recently used)."""
+        (local ones first when `prefer_local`, then fewest holders, then most recently used).
+        Local workers qualify only with `local_ok` (a request that named no type or market)."""
         ready = [
             worker
             for worker in self.workers.values()
-            if worker.state is WorkerState.READY and worker.matches(spec)
+            if worker.state is WorkerState.READY
+            and (worker.matches(spec) or (local_ok and worker.local))
         ]
         if not ready:
             return None
@@ -169,7 +196,12 @@ class Pool:
             ready = [w for w in ready if counts.get(w.instance_id, 0) < capacity]
             if not ready:
                 return None
-        return min(ready, key=lambda w: (counts.get(w.instance_id, 0), -w.last_activity))
+
+        def rank(w: Worker) -> tuple[bool, int, float]:
+            cloud_first = w.local != prefer_local  # False sorts first
+            return (cloud_first, counts.get(w.instance_id, 0), -w.last_activity)
+
+        return min(ready, key=rank)
 
     def idle_ready(self, spec: LaunchSpec) -> list[Worker]:
         """Ready workers of `spec` nobody holds."""
@@ -204,8 +236,9 @@ class Pool:
         return [w for w in self.workers.values() if w.state is WorkerState.LAUNCHING]
 
     def instance_count(self) -> int:
-        """Instances running or on their way, in-flight launches included."""
-        return len(self.workers) + sum(flight.count for flight in self.in_flight.values())
+        """Instances running or on their way, in-flight launches included (not local ones)."""
+        cloud = sum(1 for w in self.workers.values() if not w.local)
+        return cloud + sum(flight.count for flight in self.in_flight.values())
 
     def run_rate(self) -> float:
         """$/hour of every worker and in-flight launch (unknown prices count as 0)."""
@@ -344,6 +377,8 @@ class Pool:
         others = self.holders(worker.instance_id)
         if others:
             return Released(ReleaseOutcome.KEPT, worker, lease, len(others))
+        if worker.local:
+            return Released(ReleaseOutcome.KEPT_WARM, worker, lease)  # never terminated
         if worker.state is WorkerState.READY and keep_idle > 0:
             spec = LaunchSpec(worker.instance_type, worker.market)
             idle_others = [w for w in self.idle_ready(spec) if w is not worker]
@@ -381,7 +416,9 @@ class Pool:
         unheld = [
             worker
             for worker in self.workers.values()
-            if worker.state is WorkerState.READY and worker.instance_id not in still_held
+            if worker.state is WorkerState.READY
+            and worker.instance_id not in still_held
+            and not worker.local
         ]
         kept: set[str] = set()
         if keep_idle > 0 and keep_spec is not None:
@@ -412,6 +449,7 @@ class Pool:
                 "idle_seconds": round(max(0.0, now - w.last_activity), 3),
                 "price_per_hour": w.price_per_hour,
                 "launched_at": w.launched_at,
+                "provider": "local" if w.local else "ec2",
             }
             for w in sorted(self.workers.values(), key=lambda w: w.launched_at)
         ]

@@ -490,3 +490,37 @@ def test_two_replicas_share_one_pool_without_double_leasing_or_overshooting(
     assert len(set(ips)) == 10
     assert all(e.startswith("ERROR: ") for e in errors)
     assert len(pool_instances(pool_name, ("pending", "running", "terminated"))) <= 10
+
+
+def test_agent_registers_a_local_worker_that_is_preferred_and_expires(
+    start_broker: Callable[..., BrokerProcess],
+    pool_name: str,
+    aws_env: dict[str, str],
+    tmp_path: Path,
+) -> None:
+    """`compute-broker agent` registers a lab machine: brokers hand it out before launching;
+    after the agent dies (no deregistration) its entry expires and a cloud worker is used."""
+    broker = start_broker(reap_interval=0.2)
+    config = tmp_path / "agent.yaml"
+    config.write_text(
+        yaml.safe_dump({"pool_name": pool_name, "agent_heartbeat": 0.5, "log_format": "json"})
+    )
+    agent = subprocess.Popen(
+        [sys.executable, "-m", "broker", "agent", "--name", "lab-ws-1", "--ip", "10.20.30.40",
+         "--config", str(config)],
+        cwd=ROOT, env={**os.environ, **aws_env}, stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        wait_until(lambda: any(w["provider"] == "local" for w in status_of(broker)["workers"]))
+        assert broker.ask("GET_WORKER client=a") == "10.20.30.40"
+        assert broker.ask("RELEASE 10.20.30.40 client=a") == "OK"
+        time.sleep(2)  # heartbeats keep it registered past its 1.5 s expiry
+        assert broker.ask("GET_WORKER client=a") == "10.20.30.40"
+        assert pool_instances(pool_name) == []
+        agent.kill()  # no deregistration: the entry must expire
+        agent.wait(10)
+        wait_until(lambda: all(w["provider"] != "local" for w in status_of(broker)["workers"]))
+        assert re.fullmatch(r"127\.77\.\d+\.\d+", broker.ask("GET_WORKER client=b"))
+    finally:
+        agent.kill()

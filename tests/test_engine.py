@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 
+import attrs
 import pytest
 import structlog
 import trio
@@ -14,7 +15,7 @@ from trio.testing import MockClock
 from broker.clock import Clock
 from broker.cloud import CloudError, LaunchSpec, Market
 from broker.engine import WAIT_SLACK, Engine, EngineSettings, Refusal, WorkerNotFound
-from broker.pool import Limits
+from broker.pool import Limits, LocalWorker
 from broker.prices import PriceTable
 from broker.protocol import GetWorker
 from broker.registry import LaunchIntent, LeaseRecord, MemoryRegistry
@@ -668,4 +669,43 @@ async def test_a_client_asking_again_and_again_costs_one_write_per_interval(
         await trio.sleep(30)
         await get_ip(engine, GetWorker(), "a")
         assert registry.writes == 2
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_local_worker_is_handed_out_first_and_never_terminated(
+    autojump_clock: MockClock, cloud: FakeCloud, clock: Clock
+) -> None:
+    """A declared lab machine goes to the first default request, is not reaped when idle,
+    stays after RELEASE, and a request naming a type still gets a cloud worker."""
+    settings = attrs.evolve(
+        make_engine(cloud, clock).settings, local_workers=(LocalWorker("ws1", "10.1.2.3"),)
+    )
+    engine = Engine(cloud, settings, clock, PriceTable.default())
+    async with trio.open_nursery() as nursery:
+        await nursery.start(engine.run)
+        assert await get_ip(engine, GetWorker(), "a") == "10.1.2.3"
+        await engine.release("10.1.2.3", "a")
+        await trio.sleep(3000)
+        assert await get_ip(engine, GetWorker(), "b") == "10.1.2.3"
+        assert cloud.launch_calls == []
+        cloud_ip = await get_ip(engine, GetWorker(instance_type="c7i.8xlarge"), "c")
+        assert cloud_ip != "10.1.2.3"
+        assert engine.status()["totals"]["workers"] == 2
+        nursery.cancel_scope.cancel()
+
+
+async def test_prefer_local_off_hands_out_cloud_workers_first(
+    autojump_clock: MockClock, cloud: FakeCloud, clock: Clock
+) -> None:
+    """With prefer_local false, a ready cloud worker wins over an idle local one."""
+    cloud.add_running(SPEC)
+    settings = attrs.evolve(
+        make_engine(cloud, clock).settings,
+        local_workers=(LocalWorker("ws1", "10.1.2.3"),),
+        prefer_local=False,
+    )
+    engine = Engine(cloud, settings, clock, PriceTable.default())
+    async with trio.open_nursery() as nursery:
+        await nursery.start(engine.run)
+        assert await get_ip(engine, GetWorker(), "a") != "10.1.2.3"
         nursery.cancel_scope.cancel()
