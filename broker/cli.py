@@ -4,6 +4,7 @@ compute-broker serve [--config FILE] [--sandbox] [--host H] [--port P]
 compute-broker check-config FILE
 compute-broker setup [--config FILE]
 compute-broker agent --name NAME --ip IP [--config FILE]
+compute-broker stop-all [--config FILE] [--dry-run]
 compute-broker config-reference | sample-config
 """
 
@@ -24,7 +25,7 @@ from broker.aws import make_client
 from broker.clock import Clock
 from broker.cloud import CloudError, LaunchSpec, Market
 from broker.config import Config, ConfigError, load_config, reference_markdown, sample_yaml
-from broker.ec2 import Ec2Cloud, Ec2Settings
+from broker.ec2 import BILLABLE_STATES, Ec2Cloud, Ec2Settings
 from broker.engine import Engine, EngineSettings
 from broker.log import configure_logging
 from broker.pool import Limits
@@ -73,6 +74,11 @@ def _parser() -> argparse.ArgumentParser:
     agent.add_argument("--name", required=True, help="the worker's name (1-64 of A-Za-z0-9_.-)")
     agent.add_argument("--ip", required=True, help="the IP clients connect to")
     agent.add_argument("--config", help="YAML config file (registry, pool_name, heartbeat)")
+    stop_all = sub.add_parser(
+        "stop-all", help="emergency stop: terminate every instance tagged with this pool"
+    )
+    stop_all.add_argument("--config", help="YAML config file (pool_name, region, registry)")
+    stop_all.add_argument("--dry-run", action="store_true", help="list them, terminate nothing")
     sub.add_parser("config-reference", help="print the config reference (Markdown)")
     sub.add_parser("sample-config", help="print a commented sample config")
     return parser
@@ -153,6 +159,48 @@ def _agent(args: argparse.Namespace) -> int:
     return 0
 
 
+def _stop_all(args: argparse.Namespace) -> int:
+    """Terminate every instance tagged with the pool (found in EC2, so it works with the broker
+    down or the registry lost), then forget them in the registry."""
+    try:
+        config = _load(args.config)
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return EXIT_CONFIG
+    configure_logging(config.log_format, config.log_level)
+
+    async def main() -> int:
+        limiter = trio.CapacityLimiter(4)
+        cloud = Ec2Cloud(_ec2_settings(config), limiter)
+        instances = await cloud.list_pool(BILLABLE_STATES)
+        for instance in instances:
+            print(f"{instance.instance_id} {instance.state} {instance.public_ip or '-'}")
+        print(f"{len(instances)} instance(s) in pool {config.pool_name}")
+        if args.dry_run or not instances:
+            return 0
+        await cloud.terminate([i.instance_id for i in instances])
+        structlog.get_logger("broker").warning(
+            "pool.stop_all", pool=config.pool_name, instance_ids=[i.instance_id for i in instances]
+        )
+        registry = build_registry(config, limiter)
+        now = Clock().now()
+        leases = await registry.list_leases(now) + await registry.expired_leases(now)
+        stopped = {i.instance_id for i in instances}
+        for lease in leases:
+            if lease.instance_id in stopped:
+                await registry.end_lease(lease.client, lease.instance_id)
+        for instance_id in stopped:
+            await registry.delete_worker(instance_id)
+        print("terminated")
+        return 0
+
+    try:
+        return trio.run(main)
+    except CloudError as exc:
+        print(f"stop-all failed: {exc}", file=sys.stderr)
+        return 1
+
+
 def _config_reference(args: argparse.Namespace) -> int:
     sys.stdout.write(reference_markdown())
     return 0
@@ -222,21 +270,21 @@ def build_registry(config: Config, limiter: trio.CapacityLimiter) -> Registry:
     return DynamoRegistry(config.registry_table, config.pool_name, limiter, region=config.region)
 
 
+def _ec2_settings(config: Config) -> Ec2Settings:
+    return Ec2Settings(
+        ami_id=config.ami_id or "",  # serve validates it; stop-all launches nothing
+        security_group_ids=tuple(config.security_group_ids),
+        key_name=config.key_name,
+        subnet_id=config.subnet_id,
+        pool_name=config.pool_name,
+        region=config.region,
+    )
+
+
 def build_engine(config: Config, clock: Clock) -> Engine:
     """The engine for a config, talking to EC2 (and DynamoDB) through boto3."""
-    assert config.ami_id is not None
     limiter = trio.CapacityLimiter(config.aws_max_concurrency)
-    cloud = Ec2Cloud(
-        Ec2Settings(
-            ami_id=config.ami_id,
-            security_group_ids=tuple(config.security_group_ids),
-            key_name=config.key_name,
-            subnet_id=config.subnet_id,
-            pool_name=config.pool_name,
-            region=config.region,
-        ),
-        limiter,
-    )
+    cloud = Ec2Cloud(_ec2_settings(config), limiter)
     settings = EngineSettings(
         default_spec=LaunchSpec(config.instance_type, Market(config.market)),
         limits=Limits(
@@ -298,6 +346,7 @@ _COMMANDS = {
     "check-config": _check_config,
     "setup": _setup,
     "agent": _agent,
+    "stop-all": _stop_all,
     "config-reference": _config_reference,
     "sample-config": _sample_config,
 }

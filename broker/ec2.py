@@ -25,6 +25,8 @@ MANAGED_TAG = "compute-broker:managed"
 LAUNCH_TOKEN_TAG = "compute-broker:launch-token"
 
 LIVE_STATES = ("pending", "running")
+# Everything that may still bill: what `compute-broker stop-all` terminates.
+BILLABLE_STATES = ("pending", "running", "stopping", "stopped")
 # Ids per DescribeInstances/TerminateInstances call; one page holds a whole batch.
 BATCH_SIZE = 200
 PAGE_SIZE = 1000
@@ -93,12 +95,12 @@ class Ec2Cloud:
             instances += await self._describe([{"Name": "instance-id", "Values": batch}])
         return instances
 
-    async def list_pool(self) -> list[Instance]:
-        """This pool's pending and running instances."""
+    async def list_pool(self, states: Sequence[str] = LIVE_STATES) -> list[Instance]:
+        """This pool's instances in `states` (default: pending and running)."""
         return await self._describe(
             [
                 {"Name": f"tag:{POOL_TAG}", "Values": [self.settings.pool_name]},
-                {"Name": "instance-state-name", "Values": list(LIVE_STATES)},
+                {"Name": "instance-state-name", "Values": list(states)},
             ]
         )
 

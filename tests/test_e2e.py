@@ -524,3 +524,33 @@ def test_agent_registers_a_local_worker_that_is_preferred_and_expires(
         assert re.fullmatch(r"127\.77\.\d+\.\d+", broker.ask("GET_WORKER client=b"))
     finally:
         agent.kill()
+
+
+def test_stop_all_terminates_only_this_pools_tagged_instances(
+    start_broker: Callable[..., BrokerProcess],
+    pool_name: str,
+    resources: SandboxResources,
+    aws_env: dict[str, str],
+) -> None:
+    """`compute-broker stop-all`: --dry-run lists and keeps; the real run terminates every
+    instance of the pool, even with the broker down; an untagged instance survives."""
+    broker = start_broker()
+    broker.ask("GET_WORKER")
+    assert broker.ask("BURST 2").startswith("OK 2 ")
+    ec2 = make_client("ec2", region="us-east-1")
+    stranger = ec2.run_instances(ImageId=resources.ami_id, MinCount=1, MaxCount=1)
+    stranger_id = stranger["Instances"][0]["InstanceId"]
+    broker.stop(signal.SIGKILL)  # works with the broker down
+    env = {**os.environ, **aws_env, "COMPUTE_BROKER_POOL_NAME": pool_name}
+    command = [sys.executable, "-m", "broker", "stop-all"]
+    dry = subprocess.run(
+        [*command, "--dry-run"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60
+    )
+    assert dry.returncode == 0, dry.stderr
+    assert f"3 instance(s) in pool {pool_name}" in dry.stdout
+    assert len(pool_instances(pool_name)) == 3
+    real = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert real.returncode == 0, real.stderr
+    assert pool_instances(pool_name) == []
+    described = ec2.describe_instances(InstanceIds=[stranger_id])
+    assert described["Reservations"][0]["Instances"][0]["State"]["Name"] == "running"
