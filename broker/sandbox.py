@@ -71,6 +71,7 @@ def start_moto(host: str = "127.0.0.1", port: int = 0) -> MotoHandle:
     # has no level set.
     logging.getLogger("werkzeug").setLevel(logging.WARNING)
     install_launch_fidelity()
+    install_atomic_dynamodb()
     server = ThreadedMotoServer(ip_address=host, port=port, verbose=False)
     server.start()
     bound_host, bound_port = server.get_host_and_port()
@@ -177,6 +178,31 @@ def _next_loopback_ip() -> str:
         prefix = _ip_prefix
     block, host = divmod(number, _HOSTS_PER_BLOCK)
     return f"{prefix}.{block}.{host + 1}"
+
+
+def install_atomic_dynamodb() -> None:
+    """Serialise moto's DynamoDB requests, as DynamoDB's per-item atomicity does.
+
+    moto's threaded server runs requests concurrently without locking, and a cancelled
+    TransactWriteItems restores a copy of the whole table taken when it started, undoing
+    concurrent writes: without this, conditional claims could let two replicas (or two
+    clients) win the same worker in the sandbox, which real DynamoDB never allows. Idempotent.
+    """
+    from moto.dynamodb.responses import DynamoHandler
+
+    with _lock:
+        if "atomic_dynamodb" in _installed:
+            return
+        dynamo_lock = threading.Lock()
+        unlocked: Callable[[Any], Any] = DynamoHandler.call_action
+
+        @functools.wraps(unlocked)
+        def call_action(handler: Any) -> Any:
+            with dynamo_lock:
+                return unlocked(handler)
+
+        DynamoHandler.call_action = call_action  # type: ignore[method-assign]
+        _installed.add("atomic_dynamodb")
 
 
 def install_launch_fidelity() -> None:

@@ -6,9 +6,8 @@ requests really overlap (one thread each)."""
 from __future__ import annotations
 
 import random
-import threading
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any
 
@@ -45,25 +44,12 @@ AWKWARD_FLOATS = (0.1, 1e-05, 1e16, 1712345678.123456, 2.0, 0.0416, 1 / 3)
 
 
 @pytest.fixture(scope="module")
-def atomic_moto(moto_server: MotoHandle) -> Iterator[None]:
-    """Serialise moto's DynamoDB requests, as DynamoDB's per-item atomicity does.
+def atomic_moto(moto_server: MotoHandle) -> None:
+    """moto's DynamoDB serialised like DynamoDB's per-item atomicity (`start_moto` installs
+    it; without it the concurrency tests would test moto, not the registry)."""
+    from broker.sandbox import install_atomic_dynamodb
 
-    moto's threaded server runs requests concurrently without locking, and a cancelled
-    TransactWriteItems restores a copy of the whole table taken when it started, undoing
-    concurrent writes: without this, the concurrency tests test moto, not the registry.
-    """
-    from moto.dynamodb.responses import DynamoHandler
-
-    lock = threading.Lock()
-    unlocked = DynamoHandler.call_action
-
-    def call_action(self: DynamoHandler) -> Any:
-        with lock:
-            return unlocked(self)
-
-    with pytest.MonkeyPatch.context() as monkeypatch:
-        monkeypatch.setattr(DynamoHandler, "call_action", call_action)
-        yield
+    install_atomic_dynamodb()
 
 
 def unique(prefix: str) -> str:
