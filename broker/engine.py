@@ -168,6 +168,9 @@ class Engine:
         started = trio.current_time()
         joined: _Attempt | None = None
         refusal: str | None = None
+        refused: set[str] = set()  # workers whose registry claim failed: full elsewhere
+        if ready is not None and not self._closing:
+            refused.add(ready.instance_id)
         self._demand[spec] = self._demand.get(spec, 0) + 1
         try:
             with trio.move_on_after(wait):
@@ -175,7 +178,7 @@ class Engine:
                     if self._closing:
                         raise Refusal("broker shutting down")
                     worker = self.pool.choose_ready(
-                        spec, client, local_ok=local_ok, prefer_local=prefer
+                        spec, client, local_ok=local_ok, prefer_local=prefer, exclude=refused
                     )
                     if worker is not None:
                         waited = trio.current_time() - started
@@ -183,7 +186,8 @@ class Engine:
                         handout = await self._hand_out(worker, client, reused=reused, waited=waited)
                         if handout is not None:
                             return handout
-                        continue  # another replica took it: look again
+                        refused.add(worker.instance_id)  # full elsewhere: launch or wait
+                        continue
                     coming = self.pool.coming_capacity(spec)
                     if joined is not None and joined.error is not None and not coming:
                         raise Refusal(joined.error)
@@ -610,10 +614,7 @@ class Engine:
         plan = self.pool.reap_plan(
             now, keep_idle=self._min_idle(now), keep_spec=self.settings.default_spec
         )
-        for lease in plan.expired_leases:
-            self.pool.end_lease(lease)
-            self._log_lease_end(lease, "expired", now)
-            await self._forget_lease(lease)
+        await self._expire_leases(plan.expired_leases, now)
         doomed = [w for w in plan.idle_workers if await self._claim_reap(w)]
         doomed += [
             w
@@ -636,6 +637,38 @@ class Engine:
             await self._terminate(doomed, reason="idle")
         except CloudError:
             pass  # logged; retried next pass
+
+    async def _expire_leases(self, local_view: Sequence[Lease], now: float) -> None:
+        """End the leases the registry says have expired (another replica may have kept one
+        alive that looks idle here; a lease may have expired while the broker was down), and
+        drop local copies the registry no longer has."""
+        try:
+            expired = await self.registry.expired_leases(now)
+        except CloudError as exc:
+            _log.error("registry.read_failed", op="expired_leases", error=str(exc))
+            return
+        for record in expired:
+            ended = await self._end_lease_record(record.client, record.instance_id)
+            lease = self.pool.leases.get((record.client, record.instance_id))
+            if lease is not None:
+                self.pool.end_lease(lease)
+                if ended:
+                    self._log_lease_end(lease, "expired", now)
+        try:
+            live = {(r.client, r.instance_id) for r in await self.registry.list_leases(now)}
+        except CloudError as exc:
+            _log.error("registry.read_failed", op="list_leases", error=str(exc))
+            return
+        for lease in local_view:
+            if (lease.client, lease.instance_id) not in live:
+                self.pool.end_lease(lease)  # ended or expired in the registry meanwhile
+
+    async def _end_lease_record(self, client: str, instance_id: str) -> bool:
+        try:
+            return await self.registry.end_lease(client, instance_id) is not None
+        except CloudError as exc:
+            _log.error("registry.write_failed", op="end_lease", error=str(exc))
+            return False
 
     async def _claim_reap(self, worker: Worker) -> bool:
         """Mark an idle worker terminating in the registry, only if it is still ready and

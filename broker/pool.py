@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import enum
 import math
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from typing import Any, Final
 
 import attrs
@@ -174,6 +174,7 @@ class Pool:
         *,
         local_ok: bool = False,
         prefer_local: bool = True,
+        exclude: Collection[str] = (),
     ) -> Worker | None:
         """The ready worker to hand out: one `client` already holds, else one with room
         (local ones first when `prefer_local`, then fewest holders, then most recently used).
@@ -183,6 +184,7 @@ class Pool:
             for worker in self.workers.values()
             if worker.state is WorkerState.READY
             and (worker.matches(spec) or (local_ok and worker.local))
+            and worker.instance_id not in exclude
         ]
         if not ready:
             return None
