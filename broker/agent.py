@@ -58,7 +58,11 @@ async def run_agent(
     """Register, heartbeat until SIGTERM/SIGINT, deregister."""
     worker = settings.worker
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-        await registry.put_worker(local_record(worker, clock.now(), settings.interval))
+        now = clock.now()
+        expires = now + MISSED_BEATS * settings.interval
+        # A restarted agent keeps its entry (and the count of clients holding it).
+        if not await registry.update_worker_activity(worker.instance_id, now, expires_at=expires):
+            await registry.put_worker(local_record(worker, now, settings.interval))
         _log.info("agent.registered", instance_id=worker.instance_id, ip=worker.ip)
         task_status.started()
         async with trio.open_nursery() as nursery:

@@ -94,6 +94,7 @@ class _Attempt:
     answered: trio.Event = attrs.field(factory=trio.Event)
     instances: list[Instance] = attrs.field(factory=list)
     error: str | None = None
+    capped: bool = False  # refused by the pool-wide counter: may succeed later
 
 
 class Engine:
@@ -119,7 +120,9 @@ class Engine:
         self._watch_wakeup = trio.Event()
         self._probing: set[str] = set()
         self._retry_terminate: set[str] = set()
-        self._to_persist: list[Worker] = []
+        self._to_persist: list[tuple[Worker, str]] = []
+        self._counter_suspect: tuple[int, int] | None = None
+        self._capped: dict[LaunchSpec, tuple[float, str]] = {}  # spec -> (retry at, reason)
         self._warm_wakeup = trio.Event()
         self._warm_pool_configured = bool(settings.warm_pool.min_idle or settings.warm_pool.windows)
         self._closing = False
@@ -190,7 +193,11 @@ class Engine:
                         continue
                     coming = self.pool.coming_capacity(spec)
                     if joined is not None and joined.error is not None and not coming:
-                        raise Refusal(joined.error)
+                        if not joined.capped:
+                            raise Refusal(joined.error)
+                        refusal, joined = joined.error, None  # may free up: wait for it
+                        await self._changed.wait()
+                        continue
                     if self._demand[spec] > coming:
                         try:
                             joined = self._launch_for_demand(spec, self._demand[spec] - coming)
@@ -208,14 +215,23 @@ class Engine:
         raise Refusal(f"no worker ready after {wait:g}s")
 
     def _launch_for_demand(self, spec: LaunchSpec, unserved: float) -> _Attempt:
-        """Launch enough workers for `unserved` waiting clients (one in shared mode)."""
+        """Launch enough workers for `unserved` waiting clients (one in shared mode).
+
+        After the pool-wide counter refused a launch, no new launch for `spec` is tried for
+        a describe_interval, so waiters do not hammer the registry."""
+        capped = self._capped.get(spec)
+        if capped is not None and trio.current_time() < capped[0]:
+            raise Refusal(capped[1])
         capacity = self.settings.limits.clients_per_worker
         count = 1 if capacity is None else max(1, math.ceil(unserved / capacity))
         return self._start_launch(spec, count)
 
     def _may_free_up(self, spec: LaunchSpec) -> bool:
         """In exclusive mode, while the pool has workers (held, launching or on their way out),
-        a release or a termination may soon make room: a refused request waits for that."""
+        a release or a termination may soon make room: a refused request waits for that. So
+        it does after the pool-wide counter refused (other replicas' workers may free up)."""
+        if spec in self._capped:
+            return True
         if self.settings.limits.clients_per_worker is None:
             return False
         return bool(self.pool.in_flight or self.pool.workers)
@@ -228,8 +244,8 @@ class Engine:
             raise WorkerNotFound(ip)
         try:
             lease = self.pool.leases.get((client, worker.instance_id))
-            if lease is not None:
-                await self._persist_activity(lease, now)
+            if lease is not None and not await self._persist_activity(lease, now):
+                self.pool.end_lease(lease)  # ended or expired in the registry
             else:
                 await self.registry.update_worker_activity(worker.instance_id, now)
         except CloudError as exc:
@@ -263,6 +279,9 @@ class Engine:
             terminated=terminate,
             holders=released.holders,
         )
+        if terminate and not await self._claim_reap(worker):
+            worker.state = WorkerState.READY  # held through another replica: keep it
+            return
         if terminate:
             self._notify()
             try:
@@ -334,6 +353,10 @@ class Engine:
             if reserved and not isinstance(exc, trio.TooSlowError):
                 await self._unreserve(reserved)  # nothing was launched (a timeout may have)
             attempt.error = self._launch_error(exc)
+            if isinstance(exc, _AllReserved):
+                attempt.capped = True
+                retry_at = trio.current_time() + self.settings.describe_interval
+                self._capped[spec] = (retry_at, attempt.error)
             self.pool.launch_failed(attempt.token)
             self._attempts.pop(attempt.token, None)
             _log.error(
@@ -348,6 +371,7 @@ class Engine:
             return
         now = self.clock.now()
         attempt.instances = instances
+        self._capped.pop(spec, None)
         if len(instances) < reserved:
             await self._unreserve(reserved - len(instances))
         workers = self.pool.launch_answered(attempt.token, instances, now)
@@ -408,8 +432,11 @@ class Engine:
         self._to_persist = []
         for worker in waiting:
             self._advance(worker, by_id.get(worker.instance_id), now)
-        for worker in self._to_persist:
-            await self._persist_ready(worker)
+        for worker, ip in self._to_persist:
+            # The registry first: a hand-out claims the lease there, and a worker must be
+            # ready there before anyone here can be given it.
+            await self._persist_ready(worker, ip)
+            self._ready(worker, ip, self.clock.now())
         self._notify()
         await self._fail_overdue(self.clock.now())
         return True
@@ -419,8 +446,7 @@ class Engine:
             return  # just launched instances may not be visible yet (eventual consistency)
         if instance.state == "running" and instance.public_ip:
             if not self.settings.probe:
-                self._ready(worker, instance.public_ip, now)
-                self._to_persist.append(worker)
+                self._to_persist.append((worker, instance.public_ip))
             elif worker.instance_id not in self._probing:
                 self._probing.add(worker.instance_id)
                 assert self._nursery is not None
@@ -443,8 +469,8 @@ class Engine:
         finally:
             self._probing.discard(worker.instance_id)
         if ok:
+            await self._persist_ready(worker, ip)
             self._ready(worker, ip, self.clock.now())
-            await self._persist_ready(worker)
             self._notify()
 
     def _ready(self, worker: Worker, ip: str, now: float) -> None:
@@ -486,6 +512,11 @@ class Engine:
             self._settle_attempt(worker.launch_token)
             _log.error("worker.boot_timeout", instance_id=worker.instance_id, reason=reason)
         self._notify()  # waiters hear the verdict before the termination call returns
+        for worker in overdue:
+            try:
+                await self.registry.set_worker_state(worker.instance_id, WorkerState.TERMINATING)
+            except CloudError as exc:
+                _log.warning("registry.write_failed", op="terminating", error=str(exc))
         try:
             await self._terminate(overdue, reason="boot_timeout")
         except CloudError:
@@ -516,13 +547,19 @@ class Engine:
         timeout = self.settings.limits.idle_timeout
         try:
             if new:
+                # Set before the await: a concurrent refresh of this lease writes nothing
+                # while the claim is in flight.
+                lease.persisted_activity = now
                 record = LeaseRecord.start(client, worker.instance_id, lease.ip, now, timeout)
                 claimed = await self.registry.claim_lease(
                     record, self.settings.limits.clients_per_worker
                 )
-                lease.persisted_activity = now
+            elif not await self._persist_activity(lease, now):
+                # The registry lost this lease (ended or expired elsewhere): claim it anew.
+                self.pool.end_lease(lease)
+                return await self._hand_out(worker, client, reused=reused, waited=waited)
             else:
-                claimed = await self._persist_activity(lease, now)
+                claimed = True
         except CloudError as exc:
             if new:
                 self.pool.end_lease(lease)
@@ -686,11 +723,7 @@ class Engine:
         return won
 
     async def _terminate(self, workers: Sequence[Worker], *, reason: str) -> None:
-        for worker in workers:
-            try:
-                await self.registry.set_worker_state(worker.instance_id, WorkerState.TERMINATING)
-            except CloudError as exc:
-                _log.warning("registry.write_failed", op="terminating", error=str(exc))
+        """Terminate workers already marked terminating (here and in the registry)."""
         ids = [w.instance_id for w in workers]
         try:
             await self.cloud.terminate(ids)
@@ -734,6 +767,9 @@ class Engine:
                 continue  # not an EC2 instance
             if worker.state is WorkerState.READY and worker.instance_id not in alive:
                 self._lose(worker, f"worker {worker.instance_id} is no longer running in EC2", now)
+        # Other replicas' workers join from the registry first, so they are not "adopted"
+        # (which would overwrite their records).
+        intents = await self._sync_from_registry(instances, now)
         if self.pool.in_flight:
             return  # an unanswered launch's instances may be listed already: not strangers
         for instance in instances:
@@ -752,8 +788,7 @@ class Engine:
                 state=instance.state,
                 type=instance.instance_type,
             )
-        await self._settle_intents(instances, now)
-        await self._sync_from_registry(instances, now)
+        await self._settle_intents(instances, intents, now)
         self._watch_wakeup.set()
         self._notify()
 
@@ -840,10 +875,10 @@ class Engine:
         lease.persisted_activity = now
         return touched
 
-    async def _persist_ready(self, worker: Worker) -> None:
+    async def _persist_ready(self, worker: Worker, ip: str) -> None:
         try:
             await self.registry.set_worker_state(
-                worker.instance_id, WorkerState.READY, expect=WorkerState.LAUNCHING, ip=worker.ip
+                worker.instance_id, WorkerState.READY, expect=WorkerState.LAUNCHING, ip=ip
             )
         except CloudError as exc:
             _log.error("registry.write_failed", op="ready", error=str(exc))
@@ -861,10 +896,14 @@ class Engine:
         for lease in leases:
             await self._forget_lease(lease)
         try:
+            # Only the broker that finds the record releases its reservation (two replicas
+            # may both see a spot worker vanish).
+            existed = await self.registry.get_worker(instance_id) is not None
             await self.registry.delete_worker(instance_id)
         except CloudError as exc:
             _log.error("registry.write_failed", op="delete_worker", error=str(exc))
-        if reserved:
+            return
+        if reserved and existed:
             await self._unreserve(1)
 
     async def _unreserve(self, count: int) -> None:
@@ -873,7 +912,9 @@ class Engine:
         except CloudError as exc:
             _log.error("registry.write_failed", op="release_instances", error=str(exc))
 
-    async def _sync_from_registry(self, instances: Sequence[Instance], now: float) -> None:
+    async def _sync_from_registry(
+        self, instances: Sequence[Instance], now: float
+    ) -> list[LaunchIntent]:
         """Learn what other replicas did: their workers and leases join this pool (so either
         broker hands out any worker), workers they terminated leave it, and the pool-wide
         instance counter is repaired if a crash leaked a reservation."""
@@ -884,7 +925,7 @@ class Engine:
             seen = await self.registry.reserved_instances()
         except CloudError as exc:
             _log.error("registry.read_failed", op="sync", error=str(exc))
-            return
+            return []
         alive = {instance.instance_id for instance in instances}
         for record in records.values():
             known = record.instance_id in self.pool.workers
@@ -912,24 +953,29 @@ class Engine:
         for lease in leases:
             key = (lease.client, lease.instance_id)
             held = self.pool.workers.get(lease.instance_id)
-            if held is not None and key not in self.pool.leases:
+            mine = self.pool.leases.get(key)
+            if mine is not None:  # kept alive through another replica?
+                mine.last_activity = max(mine.last_activity, lease.last_activity)
+            elif held is not None:
                 self.pool.leases[key] = _lease_from_record(lease, held.price_per_hour)
         launched = {instance.tags.get(LAUNCH_TOKEN_TAG) for instance in instances}
         pending = sum(i.count for i in intents if i.token not in launched)
         actual = len(alive) + pending
-        repair = seen != actual and not self.pool.in_flight
-        if repair and await self.registry.correct_reserved_instances(seen, actual):
+        # A snapshot can be stale (another replica launched meanwhile): repair only a
+        # discrepancy seen on two passes in a row with nothing of ours in flight.
+        suspect = (seen, actual) if seen != actual and not self.pool.in_flight else None
+        confirmed = suspect is not None and suspect == self._counter_suspect
+        self._counter_suspect = None if confirmed else suspect
+        if confirmed and await self.registry.correct_reserved_instances(seen, actual):
             _log.info("registry.counter_repaired", was=seen, now=actual)
+        return intents
 
-    async def _settle_intents(self, instances: Sequence[Instance], now: float) -> None:
+    async def _settle_intents(
+        self, instances: Sequence[Instance], intents: Sequence[LaunchIntent], now: float
+    ) -> None:
         """Launch intents left by a crash: their instances (found by launch-token tag) have
         been adopted above; an intent is dropped once it is answered or older than
         launch_timeout (nobody waits for it any more)."""
-        try:
-            intents = await self.registry.list_intents(now)
-        except CloudError as exc:
-            _log.error("registry.read_failed", op="list_intents", error=str(exc))
-            return
         launched = {instance.tags.get(LAUNCH_TOKEN_TAG) for instance in instances}
         for intent in intents:
             if intent.token in self._attempts:
