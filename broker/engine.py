@@ -29,6 +29,7 @@ from broker.pool import (
     Limits,
     LocalWorker,
     Pool,
+    Released,
     ReleaseOutcome,
     Worker,
     WorkerState,
@@ -259,6 +260,8 @@ class Engine:
         if released.lease is not None:
             self._log_lease_end(released.lease, "released", now)
             await self._forget_lease(released.lease)
+        if released.outcome is ReleaseOutcome.KEPT and released.worker is not None:
+            released = await self._recheck_holders(released.worker, ip, client, now) or released
         if released.outcome is ReleaseOutcome.NOT_FOUND:
             raise WorkerNotFound(ip)
         if released.outcome is ReleaseOutcome.ALREADY_GONE:
@@ -288,6 +291,21 @@ class Engine:
                 await self._terminate([worker], reason="released")
             except CloudError as exc:
                 raise Refusal(f"terminate failed: {exc}; the broker will retry") from exc
+
+    async def _recheck_holders(
+        self, worker: Worker, ip: str, client: str, now: float
+    ) -> Released | None:
+        """Other holders known here may have released through another replica: if the
+        registry counts none, drop the stale local leases and decide again."""
+        try:
+            record = await self.registry.get_worker(worker.instance_id)
+        except CloudError:
+            return None  # keep the worker: the safe side
+        if record is None or record.holders > 0:
+            return None
+        for stale in self.pool.holders(worker.instance_id):
+            self.pool.end_lease(stale)
+        return self.pool.release(ip, client, now, keep_idle=self._min_idle(now))
 
     async def burst(self, count: int) -> list[str]:
         """Launch up to `count` workers of the default spec now; their instance ids."""

@@ -709,3 +709,73 @@ async def test_prefer_local_off_hands_out_cloud_workers_first(
         await nursery.start(engine.run)
         assert await get_ip(engine, GetWorker(), "a") != "10.1.2.3"
         nursery.cancel_scope.cancel()
+
+
+async def test_replicas_a_lease_kept_alive_through_the_other_replica_is_not_reaped(
+    autojump_clock: MockClock, cloud: FakeCloud, clock: Clock
+) -> None:
+    """Alice gets a worker from A and pings only through B: A must not expire her lease or
+    reap the worker, however idle it looks from A."""
+    registry = MemoryRegistry("test")
+    settings = make_engine(cloud, clock).settings
+    a = Engine(cloud, settings, clock, PriceTable.default(), registry)
+    b = Engine(cloud, settings, clock, PriceTable.default(), registry)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(a.run)
+        await nursery.start(b.run)
+        ip = await get_ip(a, GetWorker(), "alice")
+        await trio.sleep(61)  # B learns the worker and the lease at its reconciliation
+        for _ in range(30):
+            await b.ping(ip, "alice")
+            await trio.sleep(60)
+        assert len(cloud.alive()) == 1
+        assert [lease.client for lease in await registry.list_leases(clock.now())] == ["alice"]
+        nursery.cancel_scope.cancel()
+
+
+async def test_replicas_release_on_one_keeps_a_worker_held_through_the_other(
+    autojump_clock: MockClock, cloud: FakeCloud, clock: Clock
+) -> None:
+    """Shared mode: alice (via A) and bob (via B) hold one worker; alice's RELEASE on A does
+    not terminate it, because the registry still counts bob."""
+    registry = MemoryRegistry("test")
+    settings = make_engine(cloud, clock).settings
+    a = Engine(cloud, settings, clock, PriceTable.default(), registry)
+    b = Engine(cloud, settings, clock, PriceTable.default(), registry)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(a.run)
+        ip = await get_ip(a, GetWorker(), "alice")
+        await nursery.start(b.run)  # B restores the worker from the registry
+        assert await get_ip(b, GetWorker(), "bob") == ip
+        await a.release(ip, "alice")
+        assert len(cloud.alive()) == 1
+        assert (await registry.get_worker(next(iter(a.pool.workers)))) is not None
+        await b.release(ip, "bob")
+        assert cloud.alive() == []
+        nursery.cancel_scope.cancel()
+
+
+async def test_replicas_together_never_exceed_max_workers(
+    autojump_clock: MockClock, cloud: FakeCloud, clock: Clock
+) -> None:
+    """Exclusive mode, max_workers 3, two engines, 10 clients each: 3 instances at most."""
+    registry = MemoryRegistry("test")
+    settings = exclusive_engine(cloud, clock, per_worker=1, max_workers=3).settings
+    engines = [Engine(cloud, settings, clock, PriceTable.default(), registry) for _ in range(2)]
+    served: list[str] = []
+
+    async def client(engine: Engine, n: int) -> None:
+        try:
+            served.append(await get_ip(engine, GetWorker(wait=60), f"c{n}"))
+        except Refusal:
+            pass
+
+    async with trio.open_nursery() as nursery:
+        for engine in engines:
+            await nursery.start(engine.run)
+        async with trio.open_nursery() as clients:
+            for n in range(20):
+                clients.start_soon(client, engines[n % 2], n)
+        nursery.cancel_scope.cancel()
+    assert len(cloud.instances) <= 3
+    assert len(served) == len(set(served)) == 3
