@@ -40,11 +40,13 @@ from __future__ import annotations
 
 import difflib
 import math
-import re
 from collections.abc import Mapping, Sequence
 from typing import Any, Final, Literal
 
 import attrs
+
+from broker.values import parse_duration
+from broker.values import show as _show
 
 Mode = Literal["manual", "auto"]
 MODES: Final = ("manual", "auto")
@@ -62,9 +64,6 @@ BURST_POLICY_EXAMPLE: Final[Mapping[str, Any]] = {
 
 # Budget arithmetic in dollars: a launch that fits to within a millionth of a cent fits.
 _BUDGET_SLACK: Final = 1e-8
-_DURATION = re.compile(r"(\d+(?:\.\d*)?|\.\d+)\s*([smhd]?)")
-_UNIT_SECONDS: Final = {"": 1.0, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
-_SHOWN_CHARS: Final = 60
 # Keys of the guide's burst_policy that describe the launch, which the pool's top-level settings
 # own here.
 _LAUNCH_KEYS: Final = frozenset(
@@ -309,16 +308,6 @@ def _scale_down(
 # --- validation -------------------------------------------------------------------------------
 
 
-def _show(value: Any) -> str:
-    if value is None:
-        shown = "null"
-    elif isinstance(value, bool):
-        shown = "true" if value else "false"
-    else:
-        shown = repr(value)
-    return shown if len(shown) <= _SHOWN_CHARS else shown[: _SHOWN_CHARS - 3] + "..."
-
-
 def _must(rule: str, value: Any, key: str | None = None) -> BurstPolicyError:
     return BurstPolicyError(f"must {rule} (got {_show(value)})", () if key is None else (key,))
 
@@ -357,30 +346,12 @@ def _budget(value: Any) -> float | None:
     return float(value)
 
 
-def parse_seconds(value: Any) -> float | None:
-    """Seconds from a number or a string like `90`, `30s`, `5m`, `1.5h`, `1d`; None if neither.
-
-    The grammar of broker.config's durations; not imported from there because the config
-    validates `burst_policy` through this module, as it does `warm_pool` through
-    broker.schedule, and the import would be a cycle.
-    """
-    if isinstance(value, bool):
-        return None
-    if isinstance(value, int | float):
-        return float(value) if math.isfinite(value) else None
-    if isinstance(value, str):
-        match = _DURATION.fullmatch(value.strip())
-        if match:
-            return float(match[1]) * _UNIT_SECONDS[match[2]]
-    return None
-
-
 def _duration(
     data: Mapping[Any, Any], key: str, minimum: float | None, default: BurstPolicy
 ) -> float:
     """A duration >= `minimum`, or > 0 when `minimum` is None."""
     value = data.get(key, getattr(default, key))
-    seconds = parse_seconds(value)
+    seconds = parse_duration(value)
     bound = ">= 0" if minimum is not None else "> 0"
     if seconds is None or (seconds < minimum if minimum is not None else seconds <= 0):
         raise _must(f"be a duration {bound} like 5m or 300", value, key)

@@ -29,6 +29,8 @@ from broker.schedule import (
     WarmPoolSchedule,
     warm_pool_kind_check,
 )
+from broker.values import parse_duration
+from broker.values import show as _show
 
 ENV_PREFIX = "COMPUTE_BROKER_"
 # The client libraries' variables share the prefix; the broker ignores them rather than refuse
@@ -39,10 +41,7 @@ CLIENT_VARIABLES = frozenset(
 MAX_REAP_INTERVAL = 60.0
 
 _INSTANCE_TYPE = re.compile(r"[a-z][a-z0-9-]*\.[a-z0-9-]+")  # as in broker/protocol.py
-_DURATION = re.compile(r"(\d+(?:\.\d*)?|\.\d+)\s*([smhd]?)")
-_UNIT_SECONDS = {"": 1.0, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 _MARKETS = ("spot", "on-demand")
-_SHOWN_CHARS = 60
 
 
 class ConfigError(Exception):
@@ -79,17 +78,6 @@ class Kind:
     label: str
     check: Callable[[Any], Any]
     text: bool = False
-
-
-def _show(value: Any) -> str:
-    """A value as an error message quotes it: YAML-ish, one line, short."""
-    if value is None:
-        shown = "null"
-    elif isinstance(value, bool):
-        shown = "true" if value else "false"
-    else:
-        shown = repr(value)
-    return shown if len(shown) <= _SHOWN_CHARS else shown[: _SHOWN_CHARS - 3] + "..."
 
 
 def _must(rule: str, value: Any) -> _Invalid:
@@ -152,19 +140,6 @@ def _boolean() -> Kind:
         return value
 
     return Kind("boolean", check)
-
-
-def parse_duration(value: Any) -> float | None:
-    """Seconds from a number or a string like `90`, `90s`, `15m`, `1.5h`, `2d`; None if neither."""
-    if isinstance(value, bool):
-        return None
-    if isinstance(value, int | float):
-        return float(value)
-    if isinstance(value, str):
-        match = _DURATION.fullmatch(value.strip())
-        if match:
-            return float(match[1]) * _UNIT_SECONDS[match[2]]
-    return None
 
 
 def _duration(*, allow_zero: bool = False, maximum: float | None = None) -> Kind:

@@ -44,6 +44,8 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import attrs
 
+from broker.values import show as _show
+
 DAY_NAMES: Final = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")  # index = date.weekday()
 ALL_DAYS: Final = frozenset(range(7))
 # next_change_after looks this many local days ahead: two weeks of a weekly schedule, so a
@@ -52,7 +54,6 @@ _HORIZON_DAYS: Final = 15
 _TIME = re.compile(r"(\d{1,2}):(\d{2})")
 _TOP_KEYS: Final = ("timezone", "min_idle", "windows")
 _WINDOW_KEYS: Final = ("days", "from", "to", "min_idle")
-_SHOWN_CHARS = 60
 
 WARM_POOL_LABEL: Final = "warm pool schedule (timezone, min_idle, windows)"
 WARM_POOL_EXAMPLE: Final[Mapping[str, Any]] = {
@@ -79,17 +80,6 @@ class ScheduleError(ValueError):
 def _path_text(path: tuple[str | int, ...]) -> str:
     text = "".join(f"[{step}]" if isinstance(step, int) else f".{step}" for step in path)
     return text.removeprefix(".")
-
-
-def _show(value: Any) -> str:
-    """A value as an error message quotes it: YAML-ish, one line, short."""
-    if value is None:
-        shown = "null"
-    elif isinstance(value, bool):
-        shown = "true" if value else "false"
-    else:
-        shown = repr(value)
-    return shown if len(shown) <= _SHOWN_CHARS else shown[: _SHOWN_CHARS - 3] + "..."
 
 
 def _must(rule: str, value: Any, step: str | int | None = None) -> ScheduleError:

@@ -19,10 +19,10 @@ from broker.burst import (
     BurstPolicyError,
     WorkerView,
     decide,
-    parse_seconds,
     workers_needed,
 )
 from broker.clock import Clock
+from broker.values import parse_duration
 
 NOW = 1_800_000_000.0
 QUEUE = "https://sqs.us-east-1.amazonaws.com/123456789012/lab-jobs"
@@ -249,7 +249,7 @@ def test_documented_example_parses() -> None:
 )
 def test_durations_accept_numbers_and_units(text: Any, seconds: float) -> None:
     """Durations are numbers of seconds or strings with s, m, h or d."""
-    assert parse_seconds(text) == seconds
+    assert parse_duration(text) == seconds
     policy = BurstPolicy.from_dict({"scale_down_delay": text, "check_interval": text})
     assert (policy.scale_down_delay, policy.check_interval) == (seconds, seconds)
 
