@@ -618,7 +618,7 @@ class Engine:
         next_change = schedule.next_change_after(self.clock.now())
         while True:
             try:
-                self.refill_once()
+                await self.refill_once()
             except Exception:
                 _log.exception("warm_pool.crashed")  # logged; the next pass tries again
             now = self.clock.now()
@@ -631,8 +631,12 @@ class Engine:
             with trio.move_on_after(timeout):
                 await self._warm_wakeup.wait()
 
-    def refill_once(self) -> int:
-        """Launch what the warm pool lacks now (counting launches under way); how many."""
+    async def refill_once(self) -> int:
+        """Launch what the warm pool lacks now (counting launches under way); how many.
+
+        When the local view says to launch, the registry is consulted first: other replicas'
+        idle workers and their launches (intents are written before RunInstances) count too,
+        so two replicas do not both refill."""
         now = self.clock.now()
         target = self._min_idle(now)
         if target <= 0:
@@ -645,6 +649,12 @@ class Engine:
         unpromised = max(0, self.pool.coming_instances(spec) - promised)
         price = self.prices.price(spec.instance_type, spec.market)
         room = self.pool.admit(spec, target, price).count
+        if refill_count(target, idle, unpromised, room) == 0:
+            return 0
+        try:
+            idle, unpromised = await self._registry_warm_view(spec, now, idle, unpromised)
+        except CloudError as exc:
+            _log.warning("registry.read_failed", op="warm_view", error=str(exc))
         count = refill_count(target, idle, unpromised, room)
         if count:
             _log.info(
@@ -652,6 +662,29 @@ class Engine:
             )
             self._start_launch(spec, count)
         return count
+
+    async def _registry_warm_view(
+        self, spec: LaunchSpec, now: float, idle: int, launching: int
+    ) -> tuple[int, int]:
+        """Idle and launching counts for `spec` across replicas (at least the local ones)."""
+        records = await self.registry.list_workers(now)
+        intents = await self.registry.list_intents(now)
+        shared_idle = sum(
+            1
+            for r in records
+            if r.state is WorkerState.READY
+            and r.holders == 0
+            and r.provider != "local"
+            and (r.instance_type, r.market) == (spec.instance_type, spec.market)
+        )
+        booting = sum(
+            1
+            for r in records
+            if r.state is WorkerState.LAUNCHING
+            and (r.instance_type, r.market) == (spec.instance_type, spec.market)
+        )
+        requested = sum(i.count for i in intents if i.spec == spec and not i.instance_ids)
+        return max(idle, shared_idle), max(launching, booting + requested)
 
     async def _reap_loop(self) -> None:
         while True:

@@ -779,3 +779,23 @@ async def test_replicas_together_never_exceed_max_workers(
         nursery.cancel_scope.cancel()
     assert len(cloud.instances) <= 3
     assert len(served) == len(set(served)) == 3
+
+
+async def test_replicas_do_not_both_fill_the_warm_pool(
+    autojump_clock: MockClock, cloud: FakeCloud, clock: Clock
+) -> None:
+    """min_idle 2 on two replicas: the second one counts the first's launch and idle
+    workers in the registry and launches nothing."""
+    registry = MemoryRegistry("test")
+    settings = warm_engine(cloud, clock, {"min_idle": 2}).settings
+    a = Engine(cloud, settings, clock, PriceTable.default(), registry)
+    b = Engine(cloud, settings, clock, PriceTable.default(), registry)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(a.run)
+        await trio.sleep(1)  # A's launch intent is in the registry
+        await nursery.start(b.run)
+        await trio.sleep(120)
+        assert sum(count for _, count, _ in cloud.launch_calls) == 2
+        await trio.sleep(3000)
+        assert len(cloud.alive()) == 2
+        nursery.cancel_scope.cancel()
