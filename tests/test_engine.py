@@ -711,15 +711,21 @@ async def test_prefer_local_off_hands_out_cloud_workers_first(
         nursery.cancel_scope.cancel()
 
 
+def replicas(
+    cloud: FakeCloud, clock: Clock, settings: EngineSettings, count: int = 2
+) -> tuple[MemoryRegistry, list[Engine]]:
+    """`count` engines sharing one registry and one cloud, as replicas share DynamoDB and EC2."""
+    registry = MemoryRegistry("test")
+    engines = [Engine(cloud, settings, clock, PriceTable.default(), registry) for _ in range(count)]
+    return registry, engines
+
+
 async def test_replicas_a_lease_kept_alive_through_the_other_replica_is_not_reaped(
     autojump_clock: MockClock, cloud: FakeCloud, clock: Clock
 ) -> None:
     """Alice gets a worker from A and pings only through B: A must not expire her lease or
     reap the worker, however idle it looks from A."""
-    registry = MemoryRegistry("test")
-    settings = make_engine(cloud, clock).settings
-    a = Engine(cloud, settings, clock, PriceTable.default(), registry)
-    b = Engine(cloud, settings, clock, PriceTable.default(), registry)
+    registry, (a, b) = replicas(cloud, clock, make_engine(cloud, clock).settings)
     async with trio.open_nursery() as nursery:
         await nursery.start(a.run)
         await nursery.start(b.run)
@@ -738,10 +744,7 @@ async def test_replicas_release_on_one_keeps_a_worker_held_through_the_other(
 ) -> None:
     """Shared mode: alice (via A) and bob (via B) hold one worker; alice's RELEASE on A does
     not terminate it, because the registry still counts bob."""
-    registry = MemoryRegistry("test")
-    settings = make_engine(cloud, clock).settings
-    a = Engine(cloud, settings, clock, PriceTable.default(), registry)
-    b = Engine(cloud, settings, clock, PriceTable.default(), registry)
+    registry, (a, b) = replicas(cloud, clock, make_engine(cloud, clock).settings)
     async with trio.open_nursery() as nursery:
         await nursery.start(a.run)
         ip = await get_ip(a, GetWorker(), "alice")
@@ -759,9 +762,8 @@ async def test_replicas_together_never_exceed_max_workers(
     autojump_clock: MockClock, cloud: FakeCloud, clock: Clock
 ) -> None:
     """Exclusive mode, max_workers 3, two engines, 10 clients each: 3 instances at most."""
-    registry = MemoryRegistry("test")
     settings = exclusive_engine(cloud, clock, per_worker=1, max_workers=3).settings
-    engines = [Engine(cloud, settings, clock, PriceTable.default(), registry) for _ in range(2)]
+    _, engines = replicas(cloud, clock, settings)
     served: list[str] = []
 
     async def client(engine: Engine, n: int) -> None:
@@ -786,10 +788,7 @@ async def test_replicas_do_not_both_fill_the_warm_pool(
 ) -> None:
     """min_idle 2 on two replicas: the second one counts the first's launch and idle
     workers in the registry and launches nothing."""
-    registry = MemoryRegistry("test")
-    settings = warm_engine(cloud, clock, {"min_idle": 2}).settings
-    a = Engine(cloud, settings, clock, PriceTable.default(), registry)
-    b = Engine(cloud, settings, clock, PriceTable.default(), registry)
+    _, (a, b) = replicas(cloud, clock, warm_engine(cloud, clock, {"min_idle": 2}).settings)
     async with trio.open_nursery() as nursery:
         await nursery.start(a.run)
         await trio.sleep(1)  # A's launch intent is in the registry
