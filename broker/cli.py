@@ -302,9 +302,15 @@ def build_engine(config: Config, clock: Clock) -> Engine:
         warm_pool=config.warm_pool,
         local_workers=config.local_workers,
         prefer_local=config.prefer_local,
+        burst=config.burst_policy,
     )
     prices = PriceTable.default().with_overrides(config.prices)
-    return Engine(cloud, settings, clock, prices, build_registry(config, limiter))
+    queue = None
+    if config.burst_policy.mode == "auto" and config.burst_policy.queue_url:
+        from broker.sqs import SqsQueue
+
+        queue = SqsQueue(config.burst_policy.queue_url, limiter, region=config.region)
+    return Engine(cloud, settings, clock, prices, build_registry(config, limiter), queue)
 
 
 async def _run(config: Config) -> None:

@@ -21,6 +21,7 @@ from typing import Any, Literal
 import attrs
 import yaml
 
+from broker.burst import BURST_POLICY_EXAMPLE, BURST_POLICY_LABEL, BurstPolicy, BurstPolicyError
 from broker.pool import LocalWorker
 from broker.schedule import (
     WARM_POOL_EXAMPLE,
@@ -233,6 +234,16 @@ def _price_table() -> Kind:
         return table
 
     return Kind("mapping of instance type to {spot, on-demand}", check)
+
+
+def _burst_policy() -> Kind:
+    def check(value: Any) -> BurstPolicy:
+        try:
+            return BurstPolicy.from_dict(value)
+        except BurstPolicyError as exc:
+            raise _Invalid(exc.problem, exc.path) from None
+
+    return Kind(BURST_POLICY_LABEL, check)
 
 
 def _warm_pool() -> Kind:
@@ -465,6 +476,15 @@ FIELDS: tuple[Field, ...] = (
         dict(WARM_POOL_EXAMPLE),
     ),
     Field(
+        "burst_policy",
+        _burst_policy(),
+        {},
+        "Bursting on an SQS job queue's depth (the hybrid guide's burst_policy): mode "
+        "manual|auto, queue_url, queue_depth_threshold, jobs_per_worker, min/max_cloud_instances, "
+        "cost_budget, scale_down_delay, check_interval. Manual (off) by default.",
+        dict(BURST_POLICY_EXAMPLE),
+    ),
+    Field(
         "max_hourly_cost",
         _optional(_number(0, inclusive=False)),
         None,
@@ -580,6 +600,7 @@ class Config:
     sharing: Literal["shared", "exclusive"] = _default("sharing")
     clients_per_worker: int = _default("clients_per_worker")
     warm_pool: WarmPoolSchedule = _default("warm_pool")  # noqa: RUF009 (frozen: immutable)
+    burst_policy: BurstPolicy = _default("burst_policy")  # noqa: RUF009 (frozen: immutable)
     max_hourly_cost: float | None = _default("max_hourly_cost")
     prices: Mapping[str, Mapping[str, float]] = _default("prices")
     client_timeout: float = _default("client_timeout")

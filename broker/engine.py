@@ -21,6 +21,7 @@ import attrs
 import structlog
 import trio
 
+from broker.burst import BurstDecision, BurstPolicy, WorkerView, decide
 from broker.clock import Clock
 from broker.cloud import Cloud, CloudError, Instance, LaunchSpec
 from broker.pool import (
@@ -38,6 +39,7 @@ from broker.prices import PriceTable
 from broker.protocol import GetWorker
 from broker.registry import LaunchIntent, LeaseRecord, MemoryRegistry, Registry, WorkerRecord
 from broker.schedule import WarmPoolSchedule, refill_count
+from broker.sqs import JobQueue
 
 _log = structlog.get_logger("broker.engine")
 
@@ -75,6 +77,7 @@ class EngineSettings:
     warm_pool: WarmPoolSchedule = attrs.field(factory=WarmPoolSchedule.default)
     local_workers: tuple[LocalWorker, ...] = ()
     prefer_local: bool = True
+    burst: BurstPolicy = attrs.field(factory=BurstPolicy.default)
 
 
 @attrs.frozen
@@ -108,8 +111,10 @@ class Engine:
         clock: Clock,
         prices: PriceTable,
         registry: Registry | None = None,
+        queue: JobQueue | None = None,
     ) -> None:
         self.cloud = cloud
+        self.queue = queue
         self.registry: Registry = registry if registry is not None else MemoryRegistry("default")
         self.settings = settings
         self.clock = clock
@@ -142,6 +147,8 @@ class Engine:
             nursery.start_soon(self._reap_loop)
             if self._warm_pool_configured:
                 nursery.start_soon(self._warm_loop)
+            if self.settings.burst.mode == "auto" and self.queue is not None:
+                nursery.start_soon(self._burst_loop)
             task_status.started()
 
     def stop_handing_out(self) -> None:
@@ -685,6 +692,70 @@ class Engine:
         )
         requested = sum(i.count for i in intents if i.spec == spec and not i.instance_ids)
         return max(idle, shared_idle), max(launching, booting + requested)
+
+    async def _burst_loop(self) -> None:
+        """Every check_interval, scale the cloud pool on the job queue's depth."""
+        while True:
+            try:
+                await self.burst_once()
+            except Exception:
+                _log.exception("burst.crashed")  # logged; the next check tries again
+            await trio.sleep(self.settings.burst.check_interval)
+
+    async def burst_once(self) -> BurstDecision | None:
+        """One burst check: read the depth, decide (broker.burst), launch and terminate."""
+        assert self.queue is not None
+        try:
+            depth = await self.queue.depth()
+        except CloudError as exc:
+            _log.warning("burst.depth_failed", error=str(exc))
+            return None
+        now = self.clock.now()
+        spec = self.settings.default_spec
+        held = {lease.instance_id for lease in self.pool.leases.values()}
+        views = [
+            WorkerView(
+                w.instance_id, w.local, w.instance_id in held, w.last_activity, w.price_per_hour
+            )
+            for w in self.pool.workers.values()
+            if w.state is WorkerState.READY and (w.local or w.matches(spec))
+        ]
+        decision = decide(
+            self.settings.burst,
+            depth,
+            views,
+            now,
+            launching=self.pool.coming_instances(spec),
+            run_rate=self.pool.run_rate(),
+            price_per_hour=self.prices.price(spec.instance_type, spec.market),
+        )
+        if decision.launch or decision.terminate:
+            _log.info(
+                "burst.decision",
+                depth=depth,
+                launch=decision.launch,
+                terminate=list(decision.terminate),
+                reason=decision.reason,
+            )
+        if decision.launch:
+            try:
+                self._start_launch(spec, decision.launch)
+            except Refusal as exc:
+                _log.warning("burst.launch_refused", reason=str(exc))
+        doomed = []
+        for instance_id in decision.terminate:
+            worker = self.pool.workers.get(instance_id)
+            ready = worker is not None and worker.state is WorkerState.READY
+            if ready and worker is not None and await self._claim_reap(worker):
+                worker.state = WorkerState.TERMINATING
+                doomed.append(worker)
+        if doomed:
+            self._notify()
+            try:
+                await self._terminate(doomed, reason="burst_scale_down")
+            except CloudError:
+                pass  # logged; the reaper retries
+        return decision
 
     async def _reap_loop(self) -> None:
         while True:
