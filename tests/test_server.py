@@ -242,23 +242,29 @@ async def test_abandoned_get_worker_leaves_no_lease(broker: RunningBroker) -> No
     assert len(broker.engine.pool.workers) == 1
 
 
-async def test_probe_hands_out_a_worker_only_once_its_port_accepts() -> None:
-    """With probe on, a running worker stays launching until worker_port accepts TCP."""
+async def probing_engine(*, launch_timeout: float) -> tuple[Engine, FakeCloud, int]:
+    """An engine with the readiness probe on, loopback workers, and a worker port on which
+    nobody listens yet (tests may open it)."""
     clock = Clock()
-    cloud = FakeCloud(clock, boot_time=0.05, ip_prefix="127.0.0.")  # loopback workers
-    with trio.socket.socket() as reserve:  # a free loopback port, nobody listening yet
+    cloud = FakeCloud(clock, boot_time=0.05, ip_prefix="127.0.0.")  # loopback workers only
+    with trio.socket.socket() as reserve:
         await reserve.bind(("127.0.0.1", 0))
-        worker_port = reserve.getsockname()[1]
+        worker_port: int = reserve.getsockname()[1]
     settings = EngineSettings(
         default_spec=SPEC,
         limits=Limits(10, None, 900.0),
-        launch_timeout=20.0,
+        launch_timeout=launch_timeout,
         describe_interval=0.02,
         worker_port=worker_port,
         probe=True,
-        probe_timeout=0.5,
+        probe_timeout=0.2,
     )
-    engine = Engine(cloud, settings, clock, PriceTable.default())
+    return Engine(cloud, settings, clock, PriceTable.default()), cloud, worker_port
+
+
+async def test_probe_hands_out_a_worker_only_once_its_port_accepts() -> None:
+    """With probe on, a running worker stays launching until worker_port accepts TCP."""
+    engine, cloud, worker_port = await probing_engine(launch_timeout=20.0)
     async with running_broker(engine) as broker:
         client = await LineClient.connect(broker.port)
         await client.send(b"GET_WORKER\n")
@@ -302,21 +308,7 @@ async def test_budget_refusal_reaches_the_client_as_one_error_line() -> None:
 async def test_probe_that_never_succeeds_ends_in_a_timeout_and_a_termination() -> None:
     """A worker whose port never opens is terminated at launch_timeout; the type is not
     blocked: the next request launches again."""
-    clock = Clock()
-    cloud = FakeCloud(clock, boot_time=0.05, ip_prefix="127.0.0.")  # loopback workers
-    with trio.socket.socket() as reserve:  # a loopback port nobody listens on
-        await reserve.bind(("127.0.0.1", 0))
-        closed_port = reserve.getsockname()[1]
-    settings = EngineSettings(
-        default_spec=SPEC,
-        limits=Limits(10, None, 900.0),
-        launch_timeout=1.0,
-        describe_interval=0.05,
-        worker_port=closed_port,
-        probe=True,
-        probe_timeout=0.2,
-    )
-    engine = Engine(cloud, settings, clock, PriceTable.default())
+    engine, cloud, _ = await probing_engine(launch_timeout=1.0)
     async with running_broker(engine) as broker:
         assert await ask_once(broker.port, "GET_WORKER") == "ERROR: launch timed out after 1s"
         await wait_for(lambda: cloud.alive() == [])
