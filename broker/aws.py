@@ -51,7 +51,8 @@ def make_client(
 
     The endpoint comes from `AWS_ENDPOINT_URL` when set (boto3 reads it). Without `region`
     the configured one is used, else us-east-1. `max_attempts` is botocore's setting of that
-    name, which counts retries: up to `max_attempts + 1` requests per call.
+    name, which counts retries: up to `max_attempts + 1` requests per call, so 0 sends exactly
+    one request and leaves retrying to the caller.
     """
     botocore_session = botocore.session.Session()
     botocore_session.register_component("data_loader", _LOADER)

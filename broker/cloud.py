@@ -8,9 +8,44 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Mapping, Sequence
-from typing import Protocol
+from typing import Final, Protocol
 
 import attrs
+
+# The offering (instance type, Availability Zone, market) cannot be had now: try another one
+# rather than the same one again. The codes AWS ParallelCluster fails over on, from EC2's
+# error-code reference; MaxSpotInstanceCountExceeded is per market (spot) and Unsupported is
+# a type not offered in the zone.
+CAPACITY_ERRORS: Final = frozenset(
+    {
+        "InsufficientInstanceCapacity",
+        "SpotMaxPriceTooLow",
+        "MaxSpotInstanceCountExceeded",
+        "Unsupported",
+        "InsufficientHostCapacity",
+        "InsufficientReservedInstanceCapacity",
+        "InsufficientCapacity",
+        "UnfulfillableCapacity",
+    }
+)
+
+# The request was refused for its rate: the same request may succeed after a pause. EC2 says
+# RequestLimitExceeded; the others are what other AWS services say (botocore's list).
+THROTTLING_ERRORS: Final = frozenset(
+    {
+        "RequestLimitExceeded",
+        "Throttling",
+        "ThrottlingException",
+        "ThrottledException",
+        "RequestThrottled",
+        "RequestThrottledException",
+        "TooManyRequestsException",
+        "ProvisionedThroughputExceededException",
+        "BandwidthLimitExceeded",
+        "SlowDown",
+        "EC2ThrottledException",
+    }
+)
 
 
 class Market(enum.StrEnum):
@@ -22,10 +57,37 @@ class Market(enum.StrEnum):
 
 @attrs.frozen
 class LaunchSpec:
-    """What to launch: the parts of RunInstances that vary per request."""
+    """What to launch: the parts of RunInstances that vary per request.
+
+    A request's spec may also accept other types (`fallback_types`, tried in order after
+    `instance_type` when EC2 has no capacity) and, for spot, on-demand after every spot
+    offering failed (`on_demand_fallback`). The cloud port is always given a plain spec.
+    """
 
     instance_type: str
     market: Market
+    fallback_types: tuple[str, ...] = ()
+    on_demand_fallback: bool = False
+
+    @property
+    def types(self) -> tuple[str, ...]:
+        """Every acceptable type, in the order they are tried."""
+        return (self.instance_type, *(t for t in self.fallback_types if t != self.instance_type))
+
+    @property
+    def markets(self) -> tuple[Market, ...]:
+        """Every acceptable market, in the order they are tried."""
+        if self.on_demand_fallback and self.market is Market.SPOT:
+            return (Market.SPOT, Market.ON_DEMAND)
+        return (self.market,)
+
+    def accepts(self, instance_type: str, market: Market) -> bool:
+        """True if a worker of this type and market satisfies the spec."""
+        return instance_type in self.types and market in self.markets
+
+    def plain(self, instance_type: str, market: Market) -> LaunchSpec:
+        """One concrete offering's spec, without alternatives."""
+        return LaunchSpec(instance_type, market)
 
 
 @attrs.frozen
@@ -62,6 +124,16 @@ class CloudError(Exception):
         self.message = message
         self.unreachable = unreachable
 
+    @property
+    def capacity(self) -> bool:
+        """True when the offering (type, zone, market) cannot be had now: try another."""
+        return self.code in CAPACITY_ERRORS
+
+    @property
+    def throttled(self) -> bool:
+        """True when AWS refused the request for its rate: retry it after a pause."""
+        return self.code in THROTTLING_ERRORS
+
 
 class Cloud(Protocol):
     """The EC2 operations the broker uses. Every method may raise `CloudError`.
@@ -70,10 +142,15 @@ class Cloud(Protocol):
     (a cancelled call may still complete in its thread).
     """
 
-    async def launch(self, spec: LaunchSpec, count: int, client_token: str) -> list[Instance]:
+    async def launch(
+        self, spec: LaunchSpec, count: int, client_token: str, *, subnet: str | None = None
+    ) -> list[Instance]:
         """Launch up to `count` (at least 1) tagged instances in one RunInstances call.
 
         The same `client_token` must be passed when a launch is retried, so EC2 launches once.
+        `subnet` picks the subnet (and so the Availability Zone); None means the adapter's
+        configured default. A `CloudError` whose `capacity` is True means this offering
+        cannot be had now: another type, zone or market may be.
         """
         ...
 

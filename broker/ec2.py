@@ -6,15 +6,20 @@ or touches other instances in the account.
 
 from __future__ import annotations
 
+import random
 import re
 from collections.abc import Iterator, Mapping, Sequence
-from typing import Any
+from datetime import UTC, datetime
+from typing import Any, Final
 
 import attrs
+import structlog
 import trio
 
 from broker.aws import call, make_client
+from broker.clock import wall_time
 from broker.cloud import CloudError, Instance, LaunchSpec, Market
+from broker.ratelimit import Backoff, TokenBucket
 
 NAME_TAG = "Name"
 WORKER_NAME = "compute-broker-worker"
@@ -31,8 +36,23 @@ BILLABLE_STATES = ("pending", "running", "stopping", "stopped")
 BATCH_SIZE = 200
 PAGE_SIZE = 1000
 
+# EC2's request bucket for non-mutating actions (Describe*): 100 tokens, 20 a second.
+DESCRIBE_BURST = 100
+DESCRIBE_RATE = 20.0
+# RunInstances retries (throttling, 5xx, unreachable): at most 5 requests, 7.5 s of waiting.
+LAUNCH_BACKOFF: Final = Backoff(base=0.5, cap=10.0, attempts=5)
+SPOT_PRODUCT = "Linux/UNIX"
+
+# EC2's server-side errors that say nothing about the request itself. botocore names a 5xx
+# whose body is not an AWS error (an HTML page from a proxy) by its status code.
+_TRANSIENT_ERRORS: Final = frozenset(
+    {"InternalError", "InternalFailure", "ServiceUnavailable", "Unavailable"}
+    | {"500", "502", "503", "504"}
+)
 _NOT_FOUND = "InvalidInstanceID.NotFound"
 _INSTANCE_ID = re.compile(r"\bi-[0-9a-f]+\b")
+
+_log = structlog.get_logger("broker.ec2")
 
 
 @attrs.frozen
@@ -48,19 +68,48 @@ class Ec2Settings:
 
 
 class Ec2Cloud:
-    """Implements `broker.cloud.Cloud` with boto3; blocking calls run in threads."""
+    """Implements `broker.cloud.Cloud` with boto3; blocking calls run in threads.
+
+    RunInstances goes through `launch_client`, which must not retry (botocore's standard mode
+    would spend ~15 s retrying InsufficientInstanceCapacity, an HTTP 500, before the broker
+    could try another offering): the adapter retries throttling and transient failures itself
+    with `launch_backoff`, and capacity errors reach the caller after one request. Every
+    DescribeInstances request first takes a token from `describe_bucket`.
+    """
 
     def __init__(
-        self, settings: Ec2Settings, limiter: trio.CapacityLimiter, client: Any = None
+        self,
+        settings: Ec2Settings,
+        limiter: trio.CapacityLimiter,
+        client: Any = None,
+        *,
+        launch_client: Any = None,
+        launch_backoff: Backoff = LAUNCH_BACKOFF,
+        describe_bucket: TokenBucket | None = None,
     ) -> None:
         self.settings = settings
         self.limiter = limiter
         self.client: Any = (
             client if client is not None else make_client("ec2", region=settings.region)
         )
+        self.launch_client: Any = (
+            launch_client
+            if launch_client is not None
+            else make_client("ec2", region=settings.region, max_attempts=0)
+        )
+        self.launch_backoff = launch_backoff
+        self.describe_bucket = (
+            describe_bucket
+            if describe_bucket is not None
+            else TokenBucket(DESCRIBE_BURST, DESCRIBE_RATE)
+        )
 
-    async def launch(self, spec: LaunchSpec, count: int, client_token: str) -> list[Instance]:
-        """One RunInstances call for 1..count tagged instances, idempotent on `client_token`."""
+    async def launch(
+        self, spec: LaunchSpec, count: int, client_token: str, *, subnet: str | None = None
+    ) -> list[Instance]:
+        """One RunInstances for 1..count tagged instances, idempotent on `client_token`, in
+        `subnet` (default: the configured one). Throttling and transient failures are retried
+        with the same token; any other error, capacity errors first of all, is raised at once."""
         params: dict[str, Any] = {
             "ImageId": self.settings.ami_id,
             "InstanceType": spec.instance_type,
@@ -72,8 +121,9 @@ class Ec2Cloud:
         }
         if self.settings.key_name is not None:
             params["KeyName"] = self.settings.key_name
-        if self.settings.subnet_id is not None:
-            params["SubnetId"] = self.settings.subnet_id
+        subnet = subnet if subnet is not None else self.settings.subnet_id
+        if subnet is not None:
+            params["SubnetId"] = subnet
         if spec.market is Market.SPOT:
             params["InstanceMarketOptions"] = {
                 "MarketType": "spot",
@@ -82,7 +132,7 @@ class Ec2Cloud:
                     "InstanceInterruptionBehavior": "terminate",
                 },
             }
-        response = await call(self.limiter, self.client.run_instances, **params)
+        response = await self._run_instances(params)
         return [
             instance_from_description(item, market=spec.market) for item in response["Instances"]
         ]
@@ -109,6 +159,34 @@ class Ec2Cloud:
         for batch in _batches(list(dict.fromkeys(instance_ids))):
             await self._terminate(batch)
 
+    async def spot_prices(self, instance_types: Sequence[str]) -> dict[str, float]:
+        """The current Linux spot price ($/hour) of each type, from DescribeSpotPriceHistory.
+
+        A type is priced at its highest price across the Region's Availability Zones: launches
+        may go to any configured subnet, and a budget should not assume the cheapest zone.
+        Types EC2 reports no price for (unknown, not offered in the Region) are left out.
+        Raises `CloudError`, e.g. UnauthorizedOperation when the account may not ask.
+        """
+        types = list(dict.fromkeys(instance_types))
+        if not types:
+            return {}
+        now = datetime.fromtimestamp(wall_time(), tz=UTC)
+        history = await call(self.limiter, self._spot_price_history, types, now)
+        prices: dict[str, float] = {}
+        for entry in history:
+            instance_type = entry["InstanceType"]
+            price = float(entry["SpotPrice"])
+            prices[instance_type] = max(price, prices.get(instance_type, price))
+        return prices
+
+    def _spot_price_history(self, types: list[str], now: datetime) -> list[dict[str, Any]]:
+        """Blocking: with StartTime now, EC2 answers the price in effect in each zone."""
+        paginator = self.client.get_paginator("describe_spot_price_history")
+        pages = paginator.paginate(
+            InstanceTypes=types, ProductDescriptions=[SPOT_PRODUCT], StartTime=now, EndTime=now
+        )
+        return [entry for page in pages for entry in page["SpotPriceHistory"]]
+
     def _tags(self, client_token: str) -> list[dict[str, str]]:
         return [
             {"Key": NAME_TAG, "Value": WORKER_NAME},
@@ -117,20 +195,43 @@ class Ec2Cloud:
             {"Key": LAUNCH_TOKEN_TAG, "Value": client_token},
         ]
 
-    async def _describe(self, filters: list[dict[str, Any]]) -> list[Instance]:
-        items = await call(self.limiter, self._describe_all_pages, filters)
-        return [instance_from_description(item) for item in items]
+    async def _run_instances(self, params: dict[str, Any]) -> Any:
+        """RunInstances with our own retries; `params` (its ClientToken) is the same each time."""
+        backoff = self.launch_backoff
+        attempt = 1
+        while True:
+            try:
+                return await call(self.limiter, self.launch_client.run_instances, **params)
+            except CloudError as exc:
+                if attempt >= backoff.attempts or not _retryable(exc):
+                    raise
+                delay = backoff.delay(attempt, random.random())
+                _log.warning(
+                    "launch.retry",
+                    code=exc.code,
+                    attempt=attempt,
+                    delay=round(delay, 3),
+                    client_token=params["ClientToken"],
+                )
+                await trio.sleep(delay)
+                attempt += 1
 
-    def _describe_all_pages(self, filters: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        """Blocking: every instance matching `filters`, across pages (one page per batch)."""
-        paginator = self.client.get_paginator("describe_instances")
-        pages = paginator.paginate(Filters=filters, PaginationConfig={"PageSize": PAGE_SIZE})
-        return [
-            item
-            for page in pages
-            for reservation in page["Reservations"]
-            for item in reservation["Instances"]
-        ]
+    async def _describe(self, filters: list[dict[str, Any]]) -> list[Instance]:
+        """Every instance matching `filters`, one page (one bucket token) per request."""
+        items: list[dict[str, Any]] = []
+        page_token: str | None = None
+        while True:
+            await trio.sleep(self.describe_bucket.reserve(trio.current_time()))
+            params: dict[str, Any] = {"Filters": filters, "MaxResults": PAGE_SIZE}
+            if page_token:
+                params["NextToken"] = page_token
+            page = await call(self.limiter, self.client.describe_instances, **params)
+            items += [
+                item for reservation in page["Reservations"] for item in reservation["Instances"]
+            ]
+            page_token = page.get("NextToken")
+            if not page_token:
+                return [instance_from_description(item) for item in items]
 
     async def _terminate(self, instance_ids: list[str]) -> None:
         """TerminateInstances fails as a whole when one id is unknown: drop the ids named in
@@ -169,6 +270,11 @@ def instance_from_description(item: Mapping[str, Any], *, market: Market | None 
         launched_at=item["LaunchTime"].timestamp(),
         tags={tag["Key"]: tag["Value"] for tag in item.get("Tags", [])},
     )
+
+
+def _retryable(exc: CloudError) -> bool:
+    """Worth sending again as it was: throttled, a transient server error, or unreachable."""
+    return not exc.capacity and (exc.throttled or exc.unreachable or exc.code in _TRANSIENT_ERRORS)
 
 
 def _batches(ids: list[str]) -> Iterator[list[str]]:

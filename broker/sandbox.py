@@ -3,7 +3,7 @@
 The broker talks to it through its production boto3 path (`AWS_ENDPOINT_URL`, fake
 credentials). A few in-process patches make moto behave more like EC2 where the broker
 depends on it: launches honour MaxCount and ClientToken, instances take a configurable time
-to boot, and every worker gets a distinct loopback address.
+to boot, every worker gets a distinct loopback address, and spot prices are the price table's.
 
 moto is an optional extra: `pip install 'compute-broker[sandbox]'`.
 """
@@ -27,6 +27,7 @@ try:
     from moto.ec2.models.instances import Instance as _MotoInstance
     from moto.ec2.models.instances import InstanceState as _MotoInstanceState
     from moto.ec2.responses.instances import InstanceResponse as _MotoInstanceResponse
+    from moto.ec2.responses.spot_instances import SpotInstances as _MotoSpotInstances
     from moto.server import ThreadedMotoServer
 except ImportError as exc:  # pragma: no cover - depends on the installed extras
     raise ImportError(
@@ -34,6 +35,7 @@ except ImportError as exc:  # pragma: no cover - depends on the installed extras
     ) from exc
 
 from broker.aws import make_client
+from broker.prices import PriceTable
 
 AMI_NAME = "compute-broker-sandbox-worker"
 SECURITY_GROUP_NAME = "compute-broker-workers"
@@ -47,6 +49,7 @@ _installed: set[str] = set()
 _boot_delay = 0.0
 _ip_prefix = "127.77"
 _ip_numbers = itertools.count()
+_spot_prices = PriceTable.default()
 # Host bytes 1..254 of each /24 under the prefix.
 _HOSTS_PER_BLOCK = 254
 _BLOCKS = 256
@@ -72,6 +75,7 @@ def start_moto(host: str = "127.0.0.1", port: int = 0) -> MotoHandle:
     logging.getLogger("werkzeug").setLevel(logging.WARNING)
     install_launch_fidelity()
     install_atomic_dynamodb()
+    install_spot_prices()
     server = ThreadedMotoServer(ip_address=host, port=port, verbose=False)
     server.start()
     bound_host, bound_port = server.get_host_and_port()
@@ -238,6 +242,32 @@ def install_launch_fidelity() -> None:
 
         _MotoInstanceResponse.run_instances = run_instances_like_ec2  # type: ignore[method-assign,assignment]
         _installed.add("launch_fidelity")
+
+
+def install_spot_prices(prices: PriceTable | None = None) -> None:
+    """Make DescribeSpotPriceHistory answer `prices`' spot price (default: the built-in table)
+    for the types it knows, in every zone, so budgets behave in the sandbox as with EC2's
+    prices; moto answers $0.00001 for everything. Calling again changes the table."""
+    global _spot_prices
+    with _lock:
+        _spot_prices = prices if prices is not None else PriceTable.default()
+        if "spot_prices" in _installed:
+            return
+        original: Callable[[Any], Any] = _MotoSpotInstances.describe_spot_price_history
+
+        @functools.wraps(original)
+        def describe_spot_price_history(response: Any) -> Any:
+            result = original(response)
+            with _lock:
+                table = _spot_prices
+            for entry in result.result["SpotPriceHistory"]:
+                price = table.price(entry["InstanceType"], "spot")
+                if price is not None:
+                    entry["SpotPrice"] = f"{price:.6f}"
+            return result
+
+        _MotoSpotInstances.describe_spot_price_history = describe_spot_price_history  # type: ignore[method-assign,assignment]
+        _installed.add("spot_prices")
 
 
 # --- resources ------------------------------------------------------------------------------

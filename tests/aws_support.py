@@ -2,6 +2,8 @@
 
 A `before-send` handler that returns an `AWSResponse` replaces the HTTP exchange; botocore then
 parses it and retries it exactly as it would a real AWS error (throttling, 5xx, capacity).
+`Ec2Cloud` sends RunInstances through its retry-less `launch_client` and retries in the
+adapter; hooks for it go there, hooks for every other operation on `client`.
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 import socket
 from collections.abc import Iterator
 from typing import Any
+from urllib.parse import parse_qsl
 
 from botocore.awsrequest import AWSResponse
 
@@ -24,26 +27,41 @@ class _Body:
 
 
 def ec2_error(status: int, code: str, message: str) -> AWSResponse:
-    body = (
-        '<?xml version="1.0" encoding="UTF-8"?>\n<Response><Errors><Error>'
+    """An EC2 error reply, as AWS words it."""
+    return ec2_reply(
+        status,
+        "<Response><Errors><Error>"
         f"<Code>{code}</Code><Message>{message}</Message>"
-        "</Error></Errors><RequestID>injected</RequestID></Response>"
-    ).encode()
+        "</Error></Errors><RequestID>injected</RequestID></Response>",
+    )
+
+
+def ec2_reply(status: int, xml: str) -> AWSResponse:
+    """An EC2 reply with this status and XML document (without the XML declaration)."""
+    body = f'<?xml version="1.0" encoding="UTF-8"?>\n{xml}'.encode()
     return AWSResponse("https://ec2.injected/", status, {}, _Body(body))
 
 
-def inject(cloud: Ec2Cloud, operation: str, responses: list[AWSResponse]) -> list[int]:
+def client_for(cloud: Ec2Cloud, operation: str) -> Any:
+    """The boto3 client through which `cloud` sends `operation`."""
+    return cloud.launch_client if operation == "RunInstances" else cloud.client
+
+
+def inject(cloud: Ec2Cloud, operation: str, responses: list[AWSResponse]) -> list[dict[str, str]]:
     """Answer the next `operation` attempts with `responses`, then let requests through.
 
-    Returns a list that grows by one per attempt sent."""
-    attempts: list[int] = []
+    Returns a list that grows by one per attempt sent: the request's form parameters
+    (`ClientToken`, `InstanceType`, `SubnetId`, ...), as sent on the wire."""
+    attempts: list[dict[str, str]] = []
     pending = list(responses)
 
-    def hook(**_: Any) -> AWSResponse | None:
-        attempts.append(1)
+    def hook(request: Any, **_: Any) -> AWSResponse | None:
+        body = request.body or b""
+        text = body.decode() if isinstance(body, bytes) else str(body)
+        attempts.append(dict(parse_qsl(text)))
         return pending.pop(0) if pending else None
 
-    cloud.client.meta.events.register(f"before-send.ec2.{operation}", hook)
+    client_for(cloud, operation).meta.events.register(f"before-send.ec2.{operation}", hook)
     return attempts
 
 

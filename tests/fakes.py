@@ -46,6 +46,7 @@ class FakeCloud:
         self.pool = pool
         self.instances: dict[str, FakeInstance] = {}
         self.launch_calls: list[tuple[LaunchSpec, int, str]] = []
+        self.subnets: list[str | None] = []  # the `subnet` of each launch call
         self.describe_calls: list[list[str]] = []
         self.terminate_calls: list[list[str]] = []
         self.launch_errors: list[Exception] = []
@@ -64,8 +65,11 @@ class FakeCloud:
         self.instances[instance.instance_id] = instance
         return instance
 
-    async def launch(self, spec: LaunchSpec, count: int, client_token: str) -> list[Instance]:
+    async def launch(
+        self, spec: LaunchSpec, count: int, client_token: str, *, subnet: str | None = None
+    ) -> list[Instance]:
         self.launch_calls.append((spec, count, client_token))
+        self.subnets.append(subnet)
         if self.launch_delay:
             await trio.sleep(self.launch_delay)
         else:

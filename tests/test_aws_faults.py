@@ -17,8 +17,9 @@ from broker.ec2 import Ec2Cloud, Ec2Settings
 from broker.engine import Engine, EngineSettings
 from broker.pool import Limits
 from broker.prices import PriceTable
+from broker.ratelimit import Backoff
 from broker.sandbox import MotoHandle, SandboxResources, prepare_resources
-from tests.aws_support import closed_loopback_port, ec2_error, inject
+from tests.aws_support import client_for, closed_loopback_port, ec2_error, inject
 from tests.harness import LineClient, ask_once, running_broker
 
 SPEC = LaunchSpec("c7i.8xlarge", Market.SPOT)
@@ -41,7 +42,10 @@ def make_engine(
         region="us-east-1",
     )
     client = make_client("ec2", region="us-east-1", max_attempts=retries, connect_timeout=1)
-    cloud = Ec2Cloud(settings, trio.CapacityLimiter(4), client=client)
+    # RunInstances is retried by the adapter (throttling, 5xx, unreachable): quickly here.
+    cloud = Ec2Cloud(
+        settings, trio.CapacityLimiter(4), client=client, launch_backoff=Backoff(base=0.05)
+    )
     engine_settings = EngineSettings(
         default_spec=SPEC,
         limits=Limits(10, None, 900.0),
@@ -84,7 +88,7 @@ async def test_ec2_launch_errors_become_one_error_line(
 async def test_throttling_is_retried_and_the_request_then_succeeds(
     resources: SandboxResources,
 ) -> None:
-    """RequestLimitExceeded once: botocore retries, the client just gets its worker."""
+    """RequestLimitExceeded once: the adapter retries, the client just gets its worker."""
     engine = make_engine(resources, retries=3)
     attempts = inject(
         cloud_of(engine), "RunInstances", [ec2_error(503, "RequestLimitExceeded", "Slow down")]
@@ -118,7 +122,9 @@ async def test_a_hanging_aws_call_is_cut_at_launch_timeout(resources: SandboxRes
     def hang(**_: Any) -> None:
         release.wait(10)
 
-    cloud_of(engine).client.meta.events.register("before-send.ec2.RunInstances", hang)
+    client_for(cloud_of(engine), "RunInstances").meta.events.register(
+        "before-send.ec2.RunInstances", hang
+    )
     try:
         async with running_broker(engine) as broker:
             waiting = await LineClient.connect(broker.port)

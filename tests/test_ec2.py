@@ -1,12 +1,14 @@
 """`Ec2Cloud` and `broker.aws` over the embedded moto server: the production boto3 path.
 
-Faults are injected with botocore event hooks on the adapter's client: `before-send` returning
-an `AWSResponse` is parsed and retried by botocore exactly like a real AWS error.
+Faults are injected with botocore event hooks on the adapter's clients: `before-send` returning
+an `AWSResponse` is parsed like a real AWS error (and retried by botocore, except RunInstances,
+which the adapter retries itself: see tests/test_ec2_retries.py).
 """
 
 from __future__ import annotations
 
 import threading
+import time
 import uuid
 from collections.abc import Callable
 from typing import Any
@@ -15,11 +17,14 @@ import botocore.exceptions
 import pytest
 import trio
 
+from broker import sandbox
 from broker.aws import call, make_client
 from broker.cloud import CloudError, LaunchSpec, Market
 from broker.ec2 import Ec2Cloud, Ec2Settings
+from broker.prices import PriceTable
+from broker.ratelimit import TokenBucket
 from broker.sandbox import MotoHandle, SandboxResources, prepare_resources
-from tests.aws_support import closed_loopback_port, ec2_error, inject
+from tests.aws_support import client_for, closed_loopback_port, ec2_error, ec2_reply, inject
 from tests.harness import wait_for
 
 SPOT = LaunchSpec("c7i.large", Market.SPOT)
@@ -72,7 +77,9 @@ def record_params(cloud: Ec2Cloud, operation: str) -> list[dict[str, Any]]:
     def hook(params: dict[str, Any], **_: Any) -> None:
         calls.append(dict(params))
 
-    cloud.client.meta.events.register(f"provide-client-params.ec2.{operation}", hook)
+    client_for(cloud, operation).meta.events.register(
+        f"provide-client-params.ec2.{operation}", hook
+    )
     return calls
 
 
@@ -173,6 +180,31 @@ async def test_describe_batches_200_ids_per_call(cloud: Ec2Cloud) -> None:
     assert [len(p["Filters"][0]["Values"]) for p in sent] == [200, 200, 50]
 
 
+async def test_describe_requests_beyond_the_burst_are_spread_out(
+    settings: Ec2Settings, limiter: trio.CapacityLimiter
+) -> None:
+    """Six concurrent describes, a bucket of 2 at 20/s: past the burst, one per 50 ms."""
+    cloud = Ec2Cloud(settings, limiter, describe_bucket=TokenBucket(capacity=2, rate=20))
+    sent_at: list[float] = []
+
+    def stamp(**_: Any) -> None:
+        sent_at.append(time.perf_counter())
+
+    cloud.client.meta.events.register("before-send.ec2.DescribeInstances", stamp)
+    started = time.perf_counter()
+    with trio.fail_after(DEADLINE):
+        async with trio.open_nursery() as nursery:
+            for _ in range(6):
+                nursery.start_soon(cloud.describe, [UNKNOWN_ID])
+
+    offsets = sorted(t - started for t in sent_at)
+    # The k-th request past the burst may not leave before k refills (1/20 s each).
+    earliest = [0, 0, 0.05, 0.10, 0.15, 0.20]
+    assert len(offsets) == 6
+    assert all(offset >= floor - 0.005 for offset, floor in zip(offsets, earliest, strict=True))
+    assert offsets[-1] < 1.0
+
+
 async def test_list_pool_returns_only_this_pools_live_instances(
     cloud: Ec2Cloud, settings: Ec2Settings, limiter: trio.CapacityLimiter
 ) -> None:
@@ -236,7 +268,7 @@ async def test_insufficient_capacity_becomes_cloud_error(
     with trio.fail_after(DEADLINE), pytest.raises(CloudError) as caught:
         await cloud.launch(SPOT, 1, "token-ice")
 
-    assert len(attempts) == 2  # a 500 is transient to botocore: retried once
+    assert len(attempts) == 1  # a 500, but a capacity error: not retried
     assert caught.value.code == "InsufficientInstanceCapacity"
     assert caught.value.message == message
     assert not caught.value.unreachable
@@ -246,7 +278,7 @@ async def test_insufficient_capacity_becomes_cloud_error(
 async def test_throttling_is_retried_and_the_call_succeeds(
     settings: Ec2Settings, limiter: trio.CapacityLimiter
 ) -> None:
-    """One RequestLimitExceeded (503) is retried by botocore; the launch then succeeds."""
+    """One RequestLimitExceeded (503) is retried by the adapter; the launch then succeeds."""
     cloud = fast_cloud(settings, limiter, retries=2)
     throttled = ec2_error(503, "RequestLimitExceeded", "Request limit exceeded.")
     attempts = inject(cloud, "RunInstances", [throttled])
@@ -255,6 +287,77 @@ async def test_throttling_is_retried_and_the_call_succeeds(
 
     assert len(attempts) == 2
     assert len(launched) == 1
+
+
+async def test_spot_prices_ask_for_the_linux_price_now_and_leave_out_unknown_types(
+    cloud: Ec2Cloud,
+) -> None:
+    """One DescribeSpotPriceHistory for the Linux price now; unknown types are left out.
+
+    The sandbox answers the built-in price table's spot prices (moto alone says $0.00001)."""
+    sent = record_params(cloud, "DescribeSpotPriceHistory")
+    with trio.fail_after(DEADLINE):
+        prices = await cloud.spot_prices(["c7i.8xlarge", "t3.micro", "c7i.8xlarge", "x9.nope"])
+        none = await cloud.spot_prices([])
+
+    table = PriceTable.default()
+    assert prices == {
+        "c7i.8xlarge": table.price("c7i.8xlarge", "spot"),
+        "t3.micro": table.price("t3.micro", "spot"),
+    }
+    assert none == {}
+    assert len(sent) == 1
+    assert sent[0]["InstanceTypes"] == ["c7i.8xlarge", "t3.micro", "x9.nope"]
+    assert sent[0]["ProductDescriptions"] == ["Linux/UNIX"]
+    assert abs(sent[0]["StartTime"].timestamp() - time.time()) < 60
+
+
+async def test_a_spot_price_is_the_highest_across_zones(cloud: Ec2Cloud) -> None:
+    """Zones priced differently: the type costs what its dearest zone costs."""
+    items = "".join(
+        f"<item><instanceType>{kind}</instanceType><productDescription>Linux/UNIX"
+        f"</productDescription><spotPrice>{price}</spotPrice><timestamp>"
+        f"2026-11-23T10:00:00.000Z</timestamp><availabilityZone>{zone}</availabilityZone></item>"
+        for kind, zone, price in [
+            ("c7i.large", "us-east-1a", "0.031"),
+            ("c7i.large", "us-east-1b", "0.045"),
+            ("c7i.large", "us-east-1c", "0.029"),
+            ("t3.micro", "us-east-1a", "0.0031"),
+        ]
+    )
+    history = ec2_reply(
+        200,
+        '<DescribeSpotPriceHistoryResponse xmlns="http://ec2.amazonaws.com/doc/2016-11-15/">'
+        f"<requestId>injected</requestId><spotPriceHistorySet>{items}</spotPriceHistorySet>"
+        "</DescribeSpotPriceHistoryResponse>",
+    )
+    inject(cloud, "DescribeSpotPriceHistory", [history])
+    with trio.fail_after(DEADLINE):
+        prices = await cloud.spot_prices(["c7i.large", "t3.micro"])
+
+    assert prices == {"c7i.large": 0.045, "t3.micro": 0.0031}
+
+
+async def test_sandbox_spot_prices_follow_the_installed_table(cloud: Ec2Cloud) -> None:
+    """`install_spot_prices` swaps the table; types it does not price keep moto's figure."""
+    try:
+        sandbox.install_spot_prices(PriceTable({("m5.large", "spot"): 0.031}))
+        with trio.fail_after(DEADLINE):
+            prices = await cloud.spot_prices(["m5.large", "c7i.8xlarge"])
+    finally:
+        sandbox.install_spot_prices()
+
+    assert prices == {"m5.large": 0.031, "c7i.8xlarge": 0.00001}
+
+
+async def test_spot_prices_not_allowed_is_a_cloud_error(cloud: Ec2Cloud) -> None:
+    """An account that may not read spot prices gets AWS's code as a CloudError."""
+    denied = ec2_error(403, "UnauthorizedOperation", "You are not authorized.")
+    inject(cloud, "DescribeSpotPriceHistory", [denied])
+    with trio.fail_after(DEADLINE), pytest.raises(CloudError) as caught:
+        await cloud.spot_prices(["c7i.8xlarge"])
+
+    assert caught.value.code == "UnauthorizedOperation"
 
 
 async def test_closed_endpoint_is_unreachable_quickly(
