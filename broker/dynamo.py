@@ -22,8 +22,17 @@ import trio
 
 from broker.aws import call, cloud_error, make_client
 from broker.cloud import CloudError
+from broker.ledger import admit_count
 from broker.pool import WorkerState
-from broker.registry import ItemValue, LaunchIntent, LeaseRecord, Registry, WorkerRecord
+from broker.registry import (
+    CoverOutcome,
+    ItemValue,
+    LaunchIntent,
+    LeaseRecord,
+    Registry,
+    SpendGrant,
+    WorkerRecord,
+)
 
 PARTITION_KEY: Final = "pk"
 SORT_KEY: Final = "sk"
@@ -33,6 +42,8 @@ LEASE_PREFIX: Final = "lease#"
 INTENT_PREFIX: Final = "intent#"
 COUNTER_SK: Final = "counter#instances"
 COUNTER_ATTRIBUTE: Final = "reserved"
+SPEND_PREFIX: Final = "spend#"  # one item per ledger period key, e.g. spend#day:2026-11-23
+SPEND_ATTRIBUTE: Final = "committed"  # micro-dollars
 
 # Conditional-update loops (claim, end, reserve, release) give up after this many rounds; each
 # failed round means another writer changed the item, i.e. made progress.
@@ -199,8 +210,12 @@ class DynamoRegistry:
             conditions.append(("holders", 0))
         return await self._update_existing(_worker_sk(instance_id), changes, conditions)
 
-    async def delete_worker(self, instance_id: str) -> None:
-        await self._write(self.client.delete_item, **self._request(_worker_sk(instance_id)))
+    async def delete_worker(self, instance_id: str) -> WorkerRecord | None:
+        request = self._request(_worker_sk(instance_id))
+        request["ReturnValues"] = "ALL_OLD"
+        response = await call(self.limiter, self.client.delete_item, **request)
+        old = response.get("Attributes")
+        return None if not old else WorkerRecord.from_item(decode_item(old))
 
     # --- leases --------------------------------------------------------------------------------
 
@@ -334,6 +349,86 @@ class DynamoRegistry:
             values={"seen": seen, "actual": max(0, actual)},
         )
         return (await self._write(self.client.update_item, **request)).ok
+
+    # --- the dollar ledger ---------------------------------------------------------------------
+
+    async def reserve_spend(
+        self, per_instance: Mapping[str, int], count: int, limits: Mapping[str, int]
+    ) -> SpendGrant:
+        committed: dict[str, int] = {}
+        for _ in range(MAX_ROUNDS):
+            committed = await self.spend(per_instance)
+            granted = admit_count(per_instance, committed, limits, count)
+            if granted == 0:
+                return SpendGrant(0, committed)
+            parts = [
+                self._charge(key, granted * amount, limits.get(key))
+                for key, amount in per_instance.items()
+            ]
+            if (await self._transact(*({"Update": part} for part in parts))).ok:
+                after = {key: committed[key] + granted * per_instance[key] for key in committed}
+                return SpendGrant(granted, after)
+        return SpendGrant(0, committed)
+
+    async def extend_cover(
+        self,
+        instance_id: str,
+        seen: float | None,
+        paid_until: float,
+        charges: Mapping[str, int],
+        limits: Mapping[str, int],
+    ) -> CoverOutcome:
+        if admit_count(charges, {}, limits, 1) < 1:
+            return CoverOutcome.CAPPED  # more than a whole period's cap (no item to check)
+        if seen is None:
+            cover = "(attribute_not_exists(#paid_until) OR attribute_type(#paid_until, :null))"
+            values: dict[str, ItemValue] = {"null": "NULL", "new": paid_until}
+        else:
+            cover = "#paid_until = :seen"
+            values = {"seen": seen, "new": paid_until}
+        worker = self._request(
+            _worker_sk(instance_id),
+            update="SET #paid_until = :new",
+            condition=f"attribute_exists(#sk) AND {cover}",
+            names=("sk", "paid_until"),
+            values=values,
+        )
+        parts = [worker] + [
+            self._charge(key, amount, limits.get(key)) for key, amount in charges.items()
+        ]
+        outcome = await self._transact(*({"Update": part} for part in parts))
+        if outcome.ok:
+            return CoverOutcome.EXTENDED
+        if outcome.reason(0) != "None":
+            return CoverOutcome.STALE
+        return CoverOutcome.CAPPED
+
+    async def refund_spend(self, amounts: Mapping[str, int]) -> None:
+        for key, amount in amounts.items():
+            if amount > 0:
+                await self._write(self.client.update_item, **self._charge(key, -amount, None))
+
+    async def spend(self, keys: Iterable[str]) -> dict[str, int]:
+        committed: dict[str, int] = {}
+        for key in keys:
+            item = await self._get(_spend_sk(key))
+            committed[key] = 0 if item is None else int(item.get(SPEND_ATTRIBUTE, 0))
+        return committed
+
+    def _charge(self, key: str, amount: int, limit: int | None) -> dict[str, Any]:
+        """ADD `amount` to a period's committed total, only if it stays within `limit`."""
+        values: dict[str, ItemValue] = {"amount": amount}
+        condition = None
+        if limit is not None and amount > 0:
+            condition = f"attribute_not_exists(#{SPEND_ATTRIBUTE}) OR #{SPEND_ATTRIBUTE} <= :max"
+            values["max"] = limit - amount
+        return self._request(
+            _spend_sk(key),
+            update=f"ADD #{SPEND_ATTRIBUTE} :amount",
+            condition=condition,
+            names=(SPEND_ATTRIBUTE,),
+            values=values,
+        )
 
     # --- requests ------------------------------------------------------------------------------
 
@@ -553,6 +648,10 @@ def _lease_sk(instance_id: str, client: str) -> str:
 
 def _intent_sk(token: str) -> str:
     return f"{INTENT_PREFIX}{token}"
+
+
+def _spend_sk(key: str) -> str:
+    return f"{SPEND_PREFIX}{key}"
 
 
 # --- attribute values ---------------------------------------------------------------------------

@@ -1,7 +1,8 @@
 """The registry port: the pool's durable state as records, and the interface that stores it.
 
-Workers, leases, launch intents and the pool-wide instance counter. Two implementations behave
-the same (tests/test_registry.py runs one contract suite against both): `MemoryRegistry` here,
+Workers, leases, launch intents, the pool-wide instance counter and the dollar ledger. Two
+implementations behave the same (tests/test_registry.py runs one contract suite against both):
+`MemoryRegistry` here,
 for a single broker without DynamoDB and for unit tests, and `broker.dynamo.DynamoRegistry`,
 which lets replicas share one pool (see docs/registry.md). No boto3 here; time is always
 passed in (Unix seconds).
@@ -21,6 +22,7 @@ import attrs
 import trio
 
 from broker.cloud import Instance, LaunchSpec, Market
+from broker.ledger import admit_count
 from broker.pool import WorkerState
 
 # A record as a plain dict: what `to_item` returns and `from_item` takes.
@@ -82,6 +84,7 @@ class WorkerRecord:
     launch_token: str | None
     holders: int = attrs.field(default=0, converter=_int)
     expires_at: float | None = attrs.field(default=None, converter=_optional_float)
+    paid_until: float | None = attrs.field(default=None, converter=_optional_float)
 
     @classmethod
     def from_instance(
@@ -92,6 +95,7 @@ class WorkerRecord:
         price_per_hour: float | None,
         launch_token: str | None = None,
         ready: bool = False,
+        paid_until: float | None = None,
     ) -> WorkerRecord:
         """An EC2 instance (launched or adopted) as a worker; its idle clock starts now."""
         return cls(
@@ -105,6 +109,7 @@ class WorkerRecord:
             last_activity=now,
             price_per_hour=price_per_hour,
             launch_token=launch_token,
+            paid_until=paid_until,
         )
 
     @classmethod
@@ -127,6 +132,7 @@ class WorkerRecord:
             "launch_token": self.launch_token,
             "holders": self.holders,
             "expires_at": self.expires_at,
+            "paid_until": self.paid_until,
         }
 
     def is_expired(self, now: float) -> bool:
@@ -220,6 +226,23 @@ class LaunchIntent:
         return _expired(self.expires_at, now)
 
 
+@attrs.frozen
+class SpendGrant:
+    """What `reserve_spend` did: instances granted, and each key's committed total as the
+    decision saw it (after the grant when one was made)."""
+
+    count: int
+    committed: Mapping[str, int]
+
+
+class CoverOutcome(enum.Enum):
+    """What `extend_cover` did."""
+
+    EXTENDED = "extended"
+    CAPPED = "capped"  # a cap would be passed
+    STALE = "stale"  # the worker is gone or its cover moved meanwhile
+
+
 class Registry(Protocol):
     """Where the pool's state lives. Several brokers (replicas) may share one registry: every
     check-and-set below is atomic, so a lease, a state change or a reservation happens once.
@@ -269,8 +292,10 @@ class Registry(Protocol):
         there is no such worker: of several replicas racing to reap a worker, one gets True."""
         ...
 
-    async def delete_worker(self, instance_id: str) -> None:
-        """Forget a worker (idempotent). Its leases stay until `end_lease`."""
+    async def delete_worker(self, instance_id: str) -> WorkerRecord | None:
+        """Forget a worker (idempotent). Its leases stay until `end_lease`. Returns the record
+        deleted; None if there was none (so of several callers, one gets it and settles its
+        cover and reservation)."""
         ...
 
     # --- leases --------------------------------------------------------------------------------
@@ -343,6 +368,36 @@ class Registry(Protocol):
         crash leaked a reservation). False if it changed meanwhile."""
         ...
 
+    # --- the dollar ledger (micro-dollars per period key, see broker.ledger) -------------------
+
+    async def reserve_spend(
+        self, per_instance: Mapping[str, int], count: int, limits: Mapping[str, int]
+    ) -> SpendGrant:
+        """Atomically commit `per_instance` for as many of `count` instances (0..count) as
+        keep every key's committed total within `limits` (keys without a limit: no cap)."""
+        ...
+
+    async def extend_cover(
+        self,
+        instance_id: str,
+        seen: float | None,
+        paid_until: float,
+        charges: Mapping[str, int],
+        limits: Mapping[str, int],
+    ) -> CoverOutcome:
+        """Atomically move the worker's `paid_until` from `seen` to `paid_until` and commit
+        `charges`, within `limits`. STALE if the worker is gone or its cover is no longer
+        `seen` (another replica extended it); CAPPED if a limit would be passed."""
+        ...
+
+    async def refund_spend(self, amounts: Mapping[str, int]) -> None:
+        """Give back committed micro-dollars (cover a worker did not use)."""
+        ...
+
+    async def spend(self, keys: Iterable[str]) -> dict[str, int]:
+        """The committed micro-dollars of each key (0 for keys never charged)."""
+        ...
+
 
 @attrs.define
 class MemoryRegistry:
@@ -357,6 +412,7 @@ class MemoryRegistry:
     _leases: dict[tuple[str, str], LeaseRecord] = attrs.field(factory=dict, init=False)
     _intents: dict[str, LaunchIntent] = attrs.field(factory=dict, init=False)
     _reserved: int = attrs.field(default=0, init=False)
+    _spend: dict[str, int] = attrs.field(factory=dict, init=False)
 
     # --- workers -------------------------------------------------------------------------------
 
@@ -408,9 +464,9 @@ class MemoryRegistry:
         self._workers[instance_id] = attrs.evolve(worker, state=state, ip=new_ip)
         return True
 
-    async def delete_worker(self, instance_id: str) -> None:
+    async def delete_worker(self, instance_id: str) -> WorkerRecord | None:
         await trio.lowlevel.checkpoint()
-        self._workers.pop(instance_id, None)
+        return self._workers.pop(instance_id, None)
 
     # --- leases --------------------------------------------------------------------------------
 
@@ -506,6 +562,45 @@ class MemoryRegistry:
             return False
         self._reserved = max(0, actual)
         return True
+
+    # --- the dollar ledger ---------------------------------------------------------------------
+
+    async def reserve_spend(
+        self, per_instance: Mapping[str, int], count: int, limits: Mapping[str, int]
+    ) -> SpendGrant:
+        await trio.lowlevel.checkpoint()
+        granted = admit_count(per_instance, self._spend, limits, count)
+        for key, amount in per_instance.items():
+            self._spend[key] = self._spend.get(key, 0) + granted * amount
+        return SpendGrant(granted, {key: self._spend.get(key, 0) for key in per_instance})
+
+    async def extend_cover(
+        self,
+        instance_id: str,
+        seen: float | None,
+        paid_until: float,
+        charges: Mapping[str, int],
+        limits: Mapping[str, int],
+    ) -> CoverOutcome:
+        await trio.lowlevel.checkpoint()
+        worker = self._workers.get(instance_id)
+        if worker is None or worker.paid_until != seen:
+            return CoverOutcome.STALE
+        if admit_count(charges, self._spend, limits, 1) < 1:
+            return CoverOutcome.CAPPED
+        for key, amount in charges.items():
+            self._spend[key] = self._spend.get(key, 0) + amount
+        self._workers[instance_id] = attrs.evolve(worker, paid_until=paid_until)
+        return CoverOutcome.EXTENDED
+
+    async def refund_spend(self, amounts: Mapping[str, int]) -> None:
+        await trio.lowlevel.checkpoint()
+        for key, amount in amounts.items():
+            self._spend[key] = max(0, self._spend.get(key, 0) - amount)
+
+    async def spend(self, keys: Iterable[str]) -> dict[str, int]:
+        await trio.lowlevel.checkpoint()
+        return {key: self._spend.get(key, 0) for key in keys}
 
 
 def _implements_registry(registry: MemoryRegistry) -> Registry:

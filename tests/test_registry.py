@@ -21,6 +21,7 @@ from broker.cloud import CloudError, Instance, LaunchSpec, Market
 from broker.dynamo import DynamoRegistry, decode_item, encode_item, ensure_table
 from broker.pool import WorkerState
 from broker.registry import (
+    CoverOutcome,
     LaunchIntent,
     LeaseRecord,
     MemoryRegistry,
@@ -253,10 +254,11 @@ async def test_set_worker_state_with_expect_succeeds_once_among_10(registry: Reg
 
 
 async def test_delete_worker_is_idempotent(registry: Registry) -> None:
-    """Deleting a worker twice, or one never stored, is not an error."""
+    """Deleting a worker twice is not an error; only the first delete returns the record."""
     await registry.put_worker(worker())
-    await registry.delete_worker("i-0a")
-    await registry.delete_worker("i-0a")
+    deleted = await registry.delete_worker("i-0a")
+    assert worker() == deleted
+    assert await registry.delete_worker("i-0a") is None
 
     assert await registry.get_worker("i-0a") is None
     assert await registry.list_workers(NOW) == []
@@ -464,6 +466,77 @@ async def test_reserve_never_exceeds_max_workers_under_30_callers(registry: Regi
     assert 0 < sum(granted) <= 25
     await gather([lambda g=g: registry.release_instances(g) for g in granted])
     assert await registry.reserved_instances() == 0
+
+
+# --- the dollar ledger -------------------------------------------------------------------------
+
+DAY = "day:2026-11-23"
+MONTH = "month:2026-11"
+
+
+async def test_reserve_spend_grants_what_fits_under_the_caps(registry: Registry) -> None:
+    """Spend is committed per instance while every capped key stays within its limit."""
+    per = {DAY: 300, MONTH: 300}
+    first = await registry.reserve_spend(per, 2, {DAY: 1000})
+    assert (first.count, dict(first.committed)) == (2, {DAY: 600, MONTH: 600})
+    second = await registry.reserve_spend(per, 5, {DAY: 1000})
+    assert (second.count, dict(second.committed)) == (1, {DAY: 900, MONTH: 900})
+    refused = await registry.reserve_spend(per, 1, {DAY: 1000})
+    assert (refused.count, dict(refused.committed)) == (0, {DAY: 900, MONTH: 900})
+    assert await registry.spend([DAY, MONTH, "day:other"]) == {DAY: 900, MONTH: 900, "day:other": 0}
+
+
+async def test_reserve_spend_never_passes_a_cap_under_30_callers(registry: Registry) -> None:
+    """Thirty concurrent reservations commit at most the cap, and exactly what they granted."""
+    per = {DAY: 70, MONTH: 70}
+    grants = await gather(
+        [lambda: registry.reserve_spend(per, 2, {DAY: 1000, MONTH: 5000}) for _ in range(30)]
+    )
+    granted = sum(grant.count for grant in grants)
+    assert granted == 14  # 14 * 70 = 980 <= 1000 < 15 * 70
+    assert await registry.spend([DAY, MONTH]) == {DAY: 980, MONTH: 980}
+
+
+async def test_refund_spend_gives_back(registry: Registry) -> None:
+    """A refund lowers the committed total, so a launch fits again."""
+    await registry.reserve_spend({DAY: 600}, 1, {DAY: 1000})
+    assert (await registry.reserve_spend({DAY: 600}, 1, {DAY: 1000})).count == 0
+    await registry.refund_spend({DAY: 250})
+    assert (await registry.reserve_spend({DAY: 600}, 1, {DAY: 1000})).count == 1
+    assert await registry.spend([DAY]) == {DAY: 950}
+
+
+async def test_extend_cover_moves_paid_until_once(registry: Registry) -> None:
+    """Of two replicas extending the same cover, one wins; the other sees STALE."""
+    await registry.put_worker(worker())
+    outcomes = await gather(
+        [
+            lambda: registry.extend_cover("i-0a", None, NOW + 600, {DAY: 100}, {DAY: 1000})
+            for _ in range(2)
+        ]
+    )
+    assert sorted(outcomes, key=lambda o: o.value) == [CoverOutcome.EXTENDED, CoverOutcome.STALE]
+    stored = await registry.get_worker("i-0a")
+    assert stored is not None
+    assert stored.paid_until == NOW + 600
+    assert await registry.spend([DAY]) == {DAY: 100}
+    again = await registry.extend_cover("i-0a", NOW + 600, NOW + 1200, {DAY: 100}, {DAY: 1000})
+    assert again == CoverOutcome.EXTENDED
+
+
+async def test_extend_cover_refuses_past_a_cap_and_for_unknown_workers(
+    registry: Registry,
+) -> None:
+    """A cover that would pass a cap is CAPPED (nothing changes); an unknown worker is STALE."""
+    await registry.put_worker(worker())
+    capped = await registry.extend_cover("i-0a", None, NOW + 600, {DAY: 1001}, {DAY: 1000})
+    assert capped == CoverOutcome.CAPPED
+    stored = await registry.get_worker("i-0a")
+    assert stored is not None
+    assert stored.paid_until is None
+    assert await registry.spend([DAY]) == {DAY: 0}
+    gone = await registry.extend_cover("i-0b", None, NOW + 600, {DAY: 1}, {})
+    assert gone == CoverOutcome.STALE
 
 
 async def test_correct_reserved_instances_only_from_the_value_seen(registry: Registry) -> None:
