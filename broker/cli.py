@@ -27,12 +27,14 @@ from broker.cloud import CloudError, LaunchSpec, Market
 from broker.config import Config, ConfigError, load_config, reference_markdown, sample_yaml
 from broker.ec2 import BILLABLE_STATES, Ec2Cloud, Ec2Settings
 from broker.engine import Engine, EngineSettings
+from broker.ledger import Budget, OnCap
 from broker.log import configure_logging
 from broker.pool import Limits
 from broker.prices import PriceTable
 from broker.registry import MemoryRegistry, Registry
 from broker.sdnotify import notify
 from broker.server import Server, ServerSettings
+from broker.sqs import EventQueue, SqsQueue, ensure_events_queue
 
 EXIT_CONFIG = 2
 
@@ -70,6 +72,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     setup = sub.add_parser("setup", help="create the DynamoDB registry table (idempotent)")
     setup.add_argument("--config", help="YAML config file (default: built-in defaults)")
+    setup.add_argument(
+        "--events-queue",
+        metavar="NAME",
+        help="also create the SQS queue for EC2 interruption events (prints its URL)",
+    )
     agent = sub.add_parser("agent", help="register this lab machine as a local worker")
     agent.add_argument("--name", required=True, help="the worker's name (1-64 of A-Za-z0-9_.-)")
     agent.add_argument("--ip", required=True, help="the IP clients connect to")
@@ -109,17 +116,23 @@ def _setup(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(exc, file=sys.stderr)
         return EXIT_CONFIG
-    if config.registry != "dynamodb":
-        print("registry: memory needs no setup")
-        return 0
     try:
-        done = ensure_table(make_client("dynamodb", region=config.region), config.registry_table)
+        if config.registry == "dynamodb":
+            client = make_client("dynamodb", region=config.region)
+            done = ensure_table(client, config.registry_table)
+            state = "created" if done.created else "exists"
+            ttl = "enabled now" if done.ttl_enabled else "already enabled"
+            print(f"table {config.registry_table}: {state}; TTL on expires_at: {ttl}")
+        else:
+            print("registry: memory needs no setup")
+        if args.events_queue:
+            url = ensure_events_queue(make_client("sqs", region=config.region), args.events_queue)
+            print(f"events queue {args.events_queue}: {url}")
+            print(f"  set events_queue_url: {url} and point an EventBridge rule at it")
+            print("  (docs/interruptions.md)")
     except CloudError as exc:
         print(f"setup failed: {exc}", file=sys.stderr)
         return 1
-    state = "created" if done.created else "exists"
-    ttl = "enabled now" if done.ttl_enabled else "already enabled"
-    print(f"table {config.registry_table}: {state}; TTL on expires_at: {ttl}")
     return 0
 
 
@@ -286,7 +299,12 @@ def build_engine(config: Config, clock: Clock) -> Engine:
     limiter = trio.CapacityLimiter(config.aws_max_concurrency)
     cloud = Ec2Cloud(_ec2_settings(config), limiter)
     settings = EngineSettings(
-        default_spec=LaunchSpec(config.instance_type, Market(config.market)),
+        default_spec=LaunchSpec(
+            config.instance_type,
+            Market(config.market),
+            config.instance_types,
+            config.on_demand_fallback,
+        ),
         limits=Limits(
             config.max_workers,
             config.max_hourly_cost,
@@ -303,14 +321,31 @@ def build_engine(config: Config, clock: Clock) -> Engine:
         local_workers=config.local_workers,
         prefer_local=config.prefer_local,
         burst=config.burst_policy,
+        budget=Budget(
+            config.max_daily_cost,
+            config.max_monthly_cost,
+            config.budget_timezone,
+            OnCap(config.on_cap),
+        ),
+        subnets=config.subnets or (config.subnet_id,),
     )
     prices = PriceTable.default().with_overrides(config.prices)
-    queue = None
+    queue = events = None
     if config.burst_policy.mode == "auto" and config.burst_policy.queue_url:
-        from broker.sqs import SqsQueue
-
         queue = SqsQueue(config.burst_policy.queue_url, limiter, region=config.region)
-    return Engine(cloud, settings, clock, prices, build_registry(config, limiter), queue)
+    if config.events_queue_url:
+        # Long polls hold a thread for up to 20 s: their own limiter, not the shared one.
+        events = EventQueue(config.events_queue_url, trio.CapacityLimiter(1), region=config.region)
+    return Engine(
+        cloud,
+        settings,
+        clock,
+        prices,
+        build_registry(config, limiter),
+        queue,
+        events=events,
+        spot_prices=cloud if config.spot_price_history else None,
+    )
 
 
 async def _run(config: Config) -> None:

@@ -17,6 +17,7 @@ import re
 import textwrap
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Literal
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import attrs
 import yaml
@@ -256,6 +257,19 @@ def _warm_pool() -> Kind:
     return Kind(WARM_POOL_LABEL, check)
 
 
+def _timezone() -> Kind:
+    def check(value: Any) -> str:
+        if not isinstance(value, str):
+            raise _must("be an IANA time zone name (Europe/Berlin)", value)
+        try:
+            ZoneInfo(value)
+        except (ZoneInfoNotFoundError, ValueError, OSError):
+            raise _must("be an IANA time zone name (Europe/Berlin)", value) from None
+        return value
+
+    return Kind("time zone", check, text=True)
+
+
 def _suggestion(name: str, known: Iterable[str], fallback: str = "") -> str:
     close = difflib.get_close_matches(name, list(known), n=1)
     if close:
@@ -335,6 +349,23 @@ FIELDS: tuple[Field, ...] = (
         "on-demand",
     ),
     Field(
+        "instance_types",
+        _list_of(_text(_INSTANCE_TYPE.pattern, "look like an EC2 instance type (c7i.8xlarge)")),
+        [],
+        "More acceptable types for a GET_WORKER that names none, tried in order after "
+        "instance_type when EC2 has no capacity for it (InsufficientInstanceCapacity, "
+        "SpotMaxPriceTooLow, MaxSpotInstanceCountExceeded, Unsupported).",
+        ["c6i.8xlarge", "m7i.8xlarge"],
+    ),
+    Field(
+        "on_demand_fallback",
+        _boolean(),
+        False,
+        "With market spot: when no spot offering (type x subnet) has capacity, launch on-demand "
+        "(charged at the on-demand price). A GET_WORKER with market=spot never falls back.",
+        True,
+    ),
+    Field(
         "security_group_ids",
         _list_of(_text(r"sg-[0-9a-f]{8,17}", "look like sg-0123456789abcdef0")),
         [],
@@ -354,6 +385,14 @@ FIELDS: tuple[Field, ...] = (
         None,
         "Subnet of the workers. null: EC2 picks one in the default VPC.",
         "subnet-0123456789abcdef0",
+    ),
+    Field(
+        "subnets",
+        _list_of(_text(r"subnet-[0-9a-f]{8,17}", "look like subnet-0123456789abcdef0")),
+        [],
+        "Subnets (one per availability zone) tried in order for each type when EC2 has no "
+        "capacity; replaces subnet_id when set. []: subnet_id.",
+        ["subnet-0123456789abcdef0", "subnet-0fedcba9876543210"],
     ),
     Field(
         "worker_port",
@@ -493,6 +532,56 @@ FIELDS: tuple[Field, ...] = (
         12.5,
     ),
     Field(
+        "max_daily_cost",
+        _optional(_number(0, inclusive=False)),
+        None,
+        "Cap on the pool's spend per calendar day (budget_timezone), in $: a launch is admitted "
+        "only if the day's spend plus what running and new workers cost until they can be "
+        "reaped stays under it. Shared by replicas through the registry. null: no cap.",
+        50,
+    ),
+    Field(
+        "max_monthly_cost",
+        _optional(_number(0, inclusive=False)),
+        None,
+        "Cap on the pool's spend per calendar month (budget_timezone), in $, like "
+        "max_daily_cost. null: no cap.",
+        800,
+    ),
+    Field(
+        "budget_timezone",
+        _timezone(),
+        "UTC",
+        "IANA time zone whose midnights start the days and months of max_daily_cost and "
+        "max_monthly_cost.",
+        "Europe/Berlin",
+    ),
+    Field(
+        "on_cap",
+        _choice("refuse", "terminate_idle"),
+        "refuse",
+        "When a cap is reached: refuse launches (idle workers live out what is paid for), or "
+        "also terminate every idle worker at once. Either way the warm pool stops refilling "
+        "until the period ends.",
+        "terminate_idle",
+    ),
+    Field(
+        "spot_price_history",
+        _boolean(),
+        True,
+        "Price spot workers from EC2's spot price history (refreshed hourly, highest price "
+        "across availability zones) where the account allows it; else from prices.",
+        False,
+    ),
+    Field(
+        "events_queue_url",
+        _optional(_text(r"https?://\S+", "be an SQS queue URL")),
+        None,
+        "SQS queue an EventBridge rule feeds with EC2 spot interruption warnings, rebalance "
+        "recommendations and state changes (docs/interruptions.md); null: none.",
+        "https://sqs.eu-west-1.amazonaws.com/123456789012/compute-broker-events",
+    ),
+    Field(
         "prices",
         _price_table(),
         {},
@@ -579,11 +668,16 @@ class Config:
     ami_id: str | None = _default("ami_id")
     instance_type: str = _default("instance_type")
     market: Literal["spot", "on-demand"] = _default("market")
+    instance_types: tuple[str, ...] = attrs.field(
+        default=_default("instance_types"), converter=_string_tuple
+    )
+    on_demand_fallback: bool = _default("on_demand_fallback")
     security_group_ids: tuple[str, ...] = attrs.field(
         default=_default("security_group_ids"), converter=_string_tuple
     )
     key_name: str | None = _default("key_name")
     subnet_id: str | None = _default("subnet_id")
+    subnets: tuple[str, ...] = attrs.field(default=_default("subnets"), converter=_string_tuple)
     worker_port: int = _default("worker_port")
     probe: bool = _default("probe")
     probe_timeout: float = _default("probe_timeout")
@@ -602,6 +696,12 @@ class Config:
     warm_pool: WarmPoolSchedule = _default("warm_pool")  # noqa: RUF009 (frozen: immutable)
     burst_policy: BurstPolicy = _default("burst_policy")  # noqa: RUF009 (frozen: immutable)
     max_hourly_cost: float | None = _default("max_hourly_cost")
+    max_daily_cost: float | None = _default("max_daily_cost")
+    max_monthly_cost: float | None = _default("max_monthly_cost")
+    budget_timezone: str = _default("budget_timezone")
+    on_cap: Literal["refuse", "terminate_idle"] = _default("on_cap")
+    spot_price_history: bool = _default("spot_price_history")
+    events_queue_url: str | None = _default("events_queue_url")
     prices: Mapping[str, Mapping[str, float]] = _default("prices")
     client_timeout: float = _default("client_timeout")
     max_connections: int = _default("max_connections")

@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 import uuid
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Protocol
 
 import attrs
 import structlog
@@ -24,8 +24,27 @@ import trio
 from broker.burst import BurstDecision, BurstPolicy, WorkerView, decide
 from broker.clock import Clock
 from broker.cloud import Cloud, CloudError, Instance, LaunchSpec
+from broker.interruptions import (
+    InterruptionWarning,
+    RebalanceRecommendation,
+    StateChange,
+    Unrecognised,
+    parse_event,
+)
+from broker.ledger import (
+    Budget,
+    CoverPolicy,
+    OnCap,
+    PeriodSpend,
+    charge,
+    outstanding,
+    refund,
+    refusal,
+)
+from broker.offerings import Offering, OfferingMemory, offerings
 from broker.pool import (
     LOCAL_TYPE,
+    Interruption,
     Lease,
     Limits,
     LocalWorker,
@@ -37,9 +56,16 @@ from broker.pool import (
 )
 from broker.prices import PriceTable
 from broker.protocol import GetWorker
-from broker.registry import LaunchIntent, LeaseRecord, MemoryRegistry, Registry, WorkerRecord
+from broker.registry import (
+    CoverOutcome,
+    LaunchIntent,
+    LeaseRecord,
+    MemoryRegistry,
+    Registry,
+    WorkerRecord,
+)
 from broker.schedule import WarmPoolSchedule, refill_count
-from broker.sqs import JobQueue
+from broker.sqs import EventQueue, JobQueue
 
 _log = structlog.get_logger("broker.engine")
 
@@ -48,10 +74,27 @@ LAUNCH_TOKEN_TAG = "compute-broker:launch-token"  # the EC2 adapter tags every l
 
 ACTIVITY_WRITE_EVERY = 30.0  # seconds; lease activity is written at most this often
 WAIT_SLACK = 2.0  # seconds a default GET_WORKER waits beyond launch_timeout + describe_interval
+FALLBACKS_SHOWN = 20  # the latest capacity fallbacks STATUS lists
+MAX_COVER_ROUNDS = 3  # extend_cover attempts when other replicas move the same cover
+EVENTS_WAIT = 20  # seconds an SQS long poll for EC2 events waits
+EVENTS_RETRY = 10.0  # seconds before polling again after the events queue failed
+SPOT_PRICE_REFRESH = 3600.0  # seconds between spot price history reads
+
+
+class SpotPriceSource(Protocol):
+    """Where current spot prices come from (`broker.ec2.Ec2Cloud`)."""
+
+    async def spot_prices(self, instance_types: Sequence[str]) -> dict[str, float]:
+        """$/hour per type; may raise CloudError (e.g. the account may not ask)."""
+        ...
 
 
 class _AllReserved(Exception):
     """The pool-wide instance counter is at max_workers (other replicas' launches count)."""
+
+
+class _OverBudget(Exception):
+    """The dollar ledger refused the launch: a daily or monthly cap would be passed."""
 
 
 class Refusal(Exception):
@@ -60,6 +103,14 @@ class Refusal(Exception):
 
 class WorkerNotFound(Exception):
     """PING or RELEASE of an IP the pool does not know."""
+
+
+class WorkerInterrupted(Exception):
+    """PING of a worker being taken away (spot interruption, rebalance, budget)."""
+
+    def __init__(self, interruption: Interruption) -> None:
+        super().__init__(interruption.reason)
+        self.interruption = interruption
 
 
 @attrs.frozen
@@ -78,6 +129,8 @@ class EngineSettings:
     local_workers: tuple[LocalWorker, ...] = ()
     prefer_local: bool = True
     burst: BurstPolicy = attrs.field(factory=BurstPolicy.default)
+    budget: Budget = attrs.field(factory=Budget)
+    subnets: tuple[str | None, ...] = ()
 
 
 @attrs.frozen
@@ -99,6 +152,8 @@ class _Attempt:
     instances: list[Instance] = attrs.field(factory=list)
     error: str | None = None
     capped: bool = False  # refused by the pool-wide counter: may succeed later
+    reserved: int = 0  # instances reserved on the pool-wide counter, not yet launched
+    charged: tuple[dict[str, int], int] | None = None  # spend committed: (per instance, count)
 
 
 class Engine:
@@ -112,9 +167,14 @@ class Engine:
         prices: PriceTable,
         registry: Registry | None = None,
         queue: JobQueue | None = None,
+        *,
+        events: EventQueue | None = None,
+        spot_prices: SpotPriceSource | None = None,
     ) -> None:
         self.cloud = cloud
         self.queue = queue
+        self.events = events
+        self.spot_prices = spot_prices
         self.registry: Registry = registry if registry is not None else MemoryRegistry("default")
         self.settings = settings
         self.clock = clock
@@ -131,6 +191,13 @@ class Engine:
         self._capped: dict[LaunchSpec, tuple[float, str]] = {}  # spec -> (retry at, reason)
         self._warm_wakeup = trio.Event()
         self._warm_pool_configured = bool(settings.warm_pool.min_idle or settings.warm_pool.windows)
+        self._cover = CoverPolicy(
+            settings.limits.idle_timeout, settings.reap_interval, settings.launch_timeout
+        )
+        self._offering_memory = OfferingMemory()
+        self._fallbacks: list[dict[str, Any]] = []  # the latest fallbacks, for STATUS
+        self._committed: dict[str, int] = {}  # the ledger's totals as last seen, for STATUS
+        self._cap_reached: str | None = None  # the ledger key whose cap was last reached
         self._closing = False
         self._nursery: trio.Nursery | None = None
 
@@ -149,6 +216,10 @@ class Engine:
                 nursery.start_soon(self._warm_loop)
             if self.settings.burst.mode == "auto" and self.queue is not None:
                 nursery.start_soon(self._burst_loop)
+            if self.events is not None:
+                nursery.start_soon(self._events_loop)
+            if self.spot_prices is not None:
+                nursery.start_soon(self._price_loop)
             task_status.started()
 
     def stop_handing_out(self) -> None:
@@ -165,7 +236,10 @@ class Engine:
         prefer = self.settings.prefer_local
         if not local_ok:
             spec = LaunchSpec(
-                request.instance_type or default.instance_type, request.market or default.market
+                request.instance_type or default.instance_type,
+                request.market or default.market,
+                () if request.instance_type else default.fallback_types,
+                default.on_demand_fallback if request.market is None else False,
             )
         ready = self.pool.choose_ready(spec, client, local_ok=local_ok, prefer_local=prefer)
         if not self._closing and ready is not None:
@@ -250,14 +324,19 @@ class Engine:
         worker = self.pool.ping(ip, client, now)
         if worker is None:
             raise WorkerNotFound(ip)
+        if worker.interruption is not None:
+            raise WorkerInterrupted(worker.interruption)
         try:
             lease = self.pool.leases.get((client, worker.instance_id))
             if lease is not None and not await self._persist_activity(lease, now):
                 self.pool.end_lease(lease)  # ended or expired in the registry
             else:
                 await self.registry.update_worker_activity(worker.instance_id, now)
+            covered = await self._covered(worker, now)
         except CloudError as exc:
             raise Refusal(f"registry unavailable: {exc}") from exc
+        if not covered:
+            raise WorkerInterrupted(self._interrupt_for_budget(worker, now))
         return worker
 
     async def release(self, ip: str, client: str) -> None:
@@ -324,7 +403,49 @@ class Engine:
 
     def status(self) -> dict[str, Any]:
         """The STATUS document."""
-        return self.pool.status(self.clock.now())
+        now = self.clock.now()
+        document = self.pool.status(now)
+        document["budget"] = self._budget_status(now)
+        document["capacity"] = {
+            "failed_offerings": [
+                {
+                    "offering": failed.offering.describe(),
+                    "code": failed.code,
+                    "retry_after": round(failed.until, 3),
+                }
+                for failed in self._offering_memory.failed(now)
+            ],
+            "fallbacks": list(self._fallbacks),
+        }
+        return document
+
+    def _budget_status(self, now: float) -> dict[str, Any]:
+        budget = self.settings.budget
+        periods = {}
+        for key in budget.current_keys(now):
+            spend = self._period_spend(key, now)
+            periods[key.partition(":")[0]] = spend.to_status()
+        return {
+            **periods,
+            "timezone": budget.timezone,
+            "on_cap": str(budget.on_cap),
+            "run_rate_per_hour": round(self.pool.run_rate(), 6),
+            "max_hourly_cost": self.settings.limits.max_hourly_cost,
+        }
+
+    def _period_spend(self, key: str, now: float) -> PeriodSpend:
+        covers = [
+            (w.price_per_hour, w.paid_until)
+            for w in self.pool.workers.values()
+            if w.price_per_hour is not None and w.paid_until is not None and not w.local
+        ]
+        unused = outstanding(covers, now, key, self.settings.budget.zone)
+        for attempt in self._attempts.values():  # launches charged, not answered yet
+            if attempt.charged is not None:
+                per_instance, count = attempt.charged
+                unused += per_instance.get(key, 0) * count
+        limit = self.settings.budget.limits([key]).get(key)
+        return PeriodSpend(key, self._committed.get(key, 0), unused, limit)
 
     # --- launching -------------------------------------------------------------------------
 
@@ -358,32 +479,30 @@ class Engine:
             client_token=attempt.token,
         )
         started = trio.current_time()
-        reserved = 0
         try:
             with trio.fail_after(self.settings.launch_timeout):
                 # max_workers across replicas: a pool-wide counter in the registry.
                 max_workers = self.settings.limits.max_workers
-                reserved = await self.registry.reserve_instances(count, max_workers)
-                if reserved == 0:
+                attempt.reserved = await self.registry.reserve_instances(count, max_workers)
+                if attempt.reserved == 0:
                     raise _AllReserved(f"max_workers reached ({max_workers}) across replicas")
-                count = reserved
-                intent = LaunchIntent.begin(
-                    attempt.token, spec, count, self.clock.now(), 2 * self.settings.launch_timeout
-                )
-                await self.registry.put_intent(intent)  # written before it is acted on
-                instances = await self.cloud.launch(spec, count, attempt.token)
+                instances, offering, price, paid_until = await self._launch_offerings(attempt)
         except Exception as exc:
-            if not isinstance(exc, CloudError | trio.TooSlowError | _AllReserved):
+            if not isinstance(exc, CloudError | trio.TooSlowError | _AllReserved | _OverBudget):
                 _log.exception("launch.crashed", client_token=attempt.token)
-            if reserved and not isinstance(exc, trio.TooSlowError):
-                await self._unreserve(reserved)  # nothing was launched (a timeout may have)
+            if not isinstance(exc, trio.TooSlowError):
+                await self._undo_reservations(attempt)  # nothing was launched (a timeout may have)
             attempt.error = self._launch_error(exc)
-            if isinstance(exc, _AllReserved):
-                attempt.capped = True
-                retry_at = trio.current_time() + self.settings.describe_interval
-                self._capped[spec] = (retry_at, attempt.error)
             self.pool.launch_failed(attempt.token)
             self._attempts.pop(attempt.token, None)
+            if isinstance(exc, _AllReserved):
+                attempt.capped = True
+            if isinstance(exc, _OverBudget):
+                # Exclusive mode with workers: a release refunds their cover; wait for it.
+                attempt.capped = self._may_free_up(spec)
+            if attempt.capped:
+                retry_at = trio.current_time() + self.settings.describe_interval
+                self._capped[spec] = (retry_at, attempt.error)
             _log.error(
                 "launch.failed",
                 reason=attempt.error,
@@ -397,9 +516,14 @@ class Engine:
         now = self.clock.now()
         attempt.instances = instances
         self._capped.pop(spec, None)
-        if len(instances) < reserved:
-            await self._unreserve(reserved - len(instances))
-        workers = self.pool.launch_answered(attempt.token, instances, now)
+        attempt.reserved -= len(instances)
+        if attempt.charged is not None:
+            per_instance, charged = attempt.charged
+            attempt.charged = (per_instance, charged - len(instances))
+        await self._undo_reservations(attempt)  # what RunInstances did not launch
+        workers = self.pool.launch_answered(attempt.token, instances, now, price=price)
+        for worker in workers:
+            worker.paid_until = paid_until
         await self._persist_launched(attempt.token, workers)
         for worker in workers:
             _log.info(
@@ -407,6 +531,8 @@ class Engine:
                 instance_id=worker.instance_id,
                 type=worker.instance_type,
                 market=str(worker.market),
+                subnet=offering.subnet,
+                price_per_hour=price,
                 api_seconds=round(trio.current_time() - started, 3),
             )
         if not instances:
@@ -416,8 +542,288 @@ class Engine:
         self._watch_wakeup.set()
         self._notify()
 
+    async def _launch_offerings(
+        self, attempt: _Attempt
+    ) -> tuple[list[Instance], Offering, float | None, float | None]:
+        """Try the spec's offerings in order until EC2 has capacity for one: each is charged
+        to the ledger first, and refunded if EC2 answers a capacity error (remembered, so the
+        next launches skip that offering for a while). The instances, the offering, its price
+        and the cover committed for each instance."""
+        spec = attempt.spec
+        now = self.clock.now()
+        candidates = offerings(spec, self.settings.subnets)
+        tried = self._offering_memory.available(candidates, now)
+        if not tried:
+            skipped = ", ".join(f.offering.describe() for f in self._offering_memory.failed(now))
+            raise CloudError("InsufficientInstanceCapacity", f"no capacity recently: {skipped}")
+        failures: list[str] = []
+        last: CloudError | None = None
+        for index, offering in enumerate(tried):
+            price = self.prices.price(offering.instance_type, offering.market)
+            paid_until = await self._charge_launch(attempt, offering, price)
+            token = attempt.token if index == 0 else f"{attempt.token}-{index}"
+            intent = LaunchIntent.begin(
+                token, offering.spec, attempt.reserved, now, 2 * self.settings.launch_timeout
+            )
+            await self.registry.put_intent(intent)  # written before it is acted on
+            try:
+                instances = await self.cloud.launch(
+                    offering.spec, attempt.reserved, token, subnet=offering.subnet
+                )
+            except CloudError as exc:
+                await self._refund_charge(attempt)
+                await self._drop_intent(token)
+                if not exc.capacity:
+                    raise
+                now, last = self.clock.now(), exc
+                self._offering_memory.fail(offering, exc.code, now)
+                failures.append(f"{offering.describe()}: {exc.code}")
+                following = tried[index + 1] if index + 1 < len(tried) else None
+                _log.warning(
+                    "launch.fallback",
+                    offering=offering.describe(),
+                    code=exc.code,
+                    next=None if following is None else following.describe(),
+                    client_token=attempt.token,
+                )
+                continue
+            self._offering_memory.succeeded(offering)
+            if index > 0:
+                self._note_fallback(spec, offering, failures, now)
+            return instances, offering, price, paid_until
+        if last is not None and len(failures) == 1:
+            raise last  # AWS's own words when there was nothing to fall back to
+        raise CloudError(
+            "InsufficientInstanceCapacity", "no offering had capacity: " + "; ".join(failures)
+        )
+
+    async def _charge_launch(
+        self, attempt: _Attempt, offering: Offering, price: float | None
+    ) -> float | None:
+        """Commit the cost of `attempt.reserved` new workers of `offering` until they could
+        first be reaped; fewer if only fewer fit under the caps. The cover's end (None when
+        the price is unknown: nothing is charged)."""
+        budget = self.settings.budget
+        if price is None:
+            if budget.capped:
+                raise _OverBudget(
+                    f"budget: no price known for {offering.instance_type} {offering.market}; "
+                    "add it under prices in the config"
+                )
+            return None
+        now = self.clock.now()
+        paid_until = self._cover.initial(now)
+        per_instance = charge(price, now, paid_until, budget.zone)
+        limits = budget.limits(per_instance)
+        grant = await self.registry.reserve_spend(per_instance, attempt.reserved, limits)
+        self._committed.update(grant.committed)
+        if grant.count == 0:
+            self._on_cap(now)
+            binding = next(
+                key
+                for key, limit in limits.items()
+                if grant.committed.get(key, 0) + per_instance[key] > limit
+            )
+            raise _OverBudget(refusal(self._period_spend(binding, now), per_instance[binding]))
+        attempt.charged = (per_instance, grant.count)
+        if grant.count < attempt.reserved:
+            await self._unreserve(attempt.reserved - grant.count)
+            attempt.reserved = grant.count
+        return paid_until
+
+    async def _refund_charge(self, attempt: _Attempt) -> None:
+        """Give back what `_charge_launch` committed (nothing was launched with it)."""
+        if attempt.charged is None:
+            return
+        per_instance, count = attempt.charged
+        attempt.charged = None
+        if count > 0:
+            await self._refund({key: amount * count for key, amount in per_instance.items()})
+
+    async def _undo_reservations(self, attempt: _Attempt) -> None:
+        await self._refund_charge(attempt)
+        if attempt.reserved > 0:
+            await self._unreserve(attempt.reserved)
+            attempt.reserved = 0
+
+    async def _drop_intent(self, token: str) -> None:
+        try:
+            await self.registry.delete_intent(token)
+        except CloudError as exc:
+            _log.error("registry.write_failed", op="delete_intent", error=str(exc))
+
+    def _note_fallback(
+        self, spec: LaunchSpec, offering: Offering, failures: Sequence[str], now: float
+    ) -> None:
+        """A launch got its workers from a later offering: keep it for STATUS."""
+        self._fallbacks.append(
+            {
+                "at": round(now, 3),
+                "wanted": f"{spec.instance_type} {spec.market}",
+                "got": offering.describe(),
+                "after": list(failures),
+            }
+        )
+        del self._fallbacks[:-FALLBACKS_SHOWN]
+        _log.info("launch.fell_back", got=offering.describe(), after=list(failures))
+
+    # --- the dollar ledger -----------------------------------------------------------------
+
+    async def _covered(self, worker: Worker, now: float) -> bool:
+        """Make sure the worker's cost is committed until it could next be reaped (extending
+        its cover in the ledger when its activity lets it live longer); False when a cap
+        forbids. May raise CloudError (registry unavailable)."""
+        price = worker.price_per_hour
+        if worker.local or price is None:
+            return True
+        needed = self._cover.needed(worker.last_activity, now)
+        budget = self.settings.budget
+        for _ in range(MAX_COVER_ROUNDS):
+            seen = worker.paid_until
+            if seen is not None and seen >= needed:
+                return True
+            start = worker.launched_at if seen is None else seen
+            if start < now:
+                # Time already run without cover (adopted, or the broker was down): spent,
+                # so charged whatever the caps say.
+                spent = charge(price, start, now, budget.zone)
+                outcome = await self.registry.extend_cover(worker.instance_id, seen, now, spent, {})
+                if outcome is CoverOutcome.EXTENDED:
+                    self._add_committed(spent)
+                    worker.paid_until = seen = start = now
+                elif not await self._reload_cover(worker):
+                    return False
+                else:
+                    continue
+            target = self._cover.extended(now)
+            charges = charge(price, start, target, budget.zone)
+            outcome = await self.registry.extend_cover(
+                worker.instance_id, seen, target, charges, budget.limits(charges)
+            )
+            if outcome is CoverOutcome.EXTENDED:
+                self._add_committed(charges)
+                worker.paid_until = target
+                return True
+            if outcome is CoverOutcome.CAPPED:
+                self._on_cap(now)
+                return False
+            if not await self._reload_cover(worker):
+                return False
+        return worker.paid_until is not None and worker.paid_until >= needed
+
+    async def _reload_cover(self, worker: Worker) -> bool:
+        """Another replica moved the worker's cover: read it. False if the worker is gone."""
+        record = await self.registry.get_worker(worker.instance_id)
+        if record is None:
+            return False
+        worker.paid_until = record.paid_until
+        return True
+
+    def _interrupt_for_budget(self, worker: Worker, now: float) -> Interruption:
+        """A cap forbids extending the worker's cover: it goes when the cover runs out."""
+        if worker.interruption is None:
+            worker.interruption = Interruption("budget", worker.paid_until, now)
+            _log.warning(
+                "worker.budget_exhausted",
+                instance_id=worker.instance_id,
+                ip=worker.ip,
+                paid_until=worker.paid_until,
+            )
+            self._notify()
+        return worker.interruption
+
+    def _on_cap(self, now: float) -> None:
+        """A cap refused a charge: the warm pool stops refilling for the rest of the period,
+        and with on_cap: terminate_idle the idle workers go at once."""
+        budget = self.settings.budget
+        keys = budget.current_keys(now)
+        first = self._cap_reached not in keys
+        self._cap_reached = keys[0]
+        if first:
+            _log.warning("budget.cap_reached", period=keys[0], on_cap=str(budget.on_cap))
+        if budget.on_cap is OnCap.TERMINATE_IDLE and self._nursery is not None:
+            self._nursery.start_soon(self._terminate_idle, "budget_cap")
+
+    async def _terminate_idle(self, reason: str) -> None:
+        held = {lease.instance_id for lease in self.pool.leases.values()}
+        idle = [
+            w
+            for w in self.pool.workers.values()
+            if w.state is WorkerState.READY and not w.local and w.instance_id not in held
+        ]
+        doomed = [w for w in idle if await self._claim_reap(w)]
+        if not doomed:
+            return
+        for worker in doomed:
+            worker.state = WorkerState.TERMINATING
+        self._notify()
+        try:
+            await self._terminate(doomed, reason=reason)
+        except CloudError:
+            pass  # logged; the reaper retries
+
+    async def _refund(self, amounts: dict[str, int]) -> None:
+        try:
+            await self.registry.refund_spend(amounts)
+        except CloudError as exc:
+            _log.error("registry.write_failed", op="refund_spend", error=str(exc))
+            return
+        self._add_committed({key: -amount for key, amount in amounts.items()})
+
+    async def _refund_cover(self, record: WorkerRecord, now: float) -> None:
+        """A worker ended before its cover ran out: give back the unused part."""
+        price, paid_until = record.price_per_hour, record.paid_until
+        if price is None or paid_until is None or paid_until <= now:
+            return
+        amounts = refund(price, now, paid_until, self.settings.budget.zone)
+        if amounts:
+            await self._refund(amounts)
+
+    def _add_committed(self, amounts: dict[str, int]) -> None:
+        for key, amount in amounts.items():
+            if key in self._committed:
+                self._committed[key] = max(0, self._committed[key] + amount)
+
+    async def _check_covers(self, now: float) -> None:
+        """Each reaper pass: extend the covers running workers need; a worker whose cover a
+        cap forbids extending is interrupted, and terminated before its cover runs out."""
+        try:
+            self._committed.update(
+                await self.registry.spend(self.settings.budget.current_keys(now))
+            )
+        except CloudError as exc:
+            _log.warning("registry.read_failed", op="spend", error=str(exc))
+        doomed: list[Worker] = []
+        for worker in list(self.pool.workers.values()):
+            if worker.local or worker.state is not WorkerState.READY:
+                continue
+            try:
+                covered = await self._covered(worker, now)
+            except CloudError as exc:
+                _log.warning("registry.write_failed", op="extend_cover", error=str(exc))
+                continue
+            if covered:
+                continue
+            self._interrupt_for_budget(worker, now)
+            ends = worker.paid_until if worker.paid_until is not None else now
+            if ends <= now + self.settings.reap_interval and worker.state is WorkerState.READY:
+                doomed.append(worker)
+        if not doomed:
+            return
+        for worker in doomed:
+            worker.state = WorkerState.TERMINATING
+            try:
+                await self.registry.set_worker_state(worker.instance_id, WorkerState.TERMINATING)
+            except CloudError as exc:
+                _log.warning("registry.write_failed", op="terminating", error=str(exc))
+        self._notify()
+        try:
+            await self._terminate(doomed, reason="budget")
+        except CloudError:
+            pass  # logged; retried next pass
+
     def _launch_error(self, exc: Exception) -> str:
-        if isinstance(exc, _AllReserved):
+        if isinstance(exc, _AllReserved | _OverBudget):
             return str(exc)
         if isinstance(exc, trio.TooSlowError):
             # RunInstances may still complete in its abandoned thread: the reconciler adopts
@@ -567,10 +973,13 @@ class Engine:
         refused the claim (the worker is full: another replica got there first)."""
         now = self.clock.now()
         lease, new = self.pool.hand_out(worker, client, now)
-        if self._warm_pool_configured:
-            self._warm_wakeup.set()  # a warm worker may just have been taken: refill
         timeout = self.settings.limits.idle_timeout
         try:
+            if not await self._covered(worker, now):
+                if new:
+                    self.pool.end_lease(lease)
+                self._interrupt_for_budget(worker, now)
+                return None  # a cap forbids keeping it longer: launch (and be refused) or wait
             if new:
                 # Set before the await: a concurrent refresh of this lease writes nothing
                 # while the claim is in flight.
@@ -592,6 +1001,8 @@ class Engine:
         if not claimed:
             self.pool.end_lease(lease)
             return None
+        if self._warm_pool_configured:
+            self._warm_wakeup.set()  # a warm worker may just have been taken: refill
         if new:
             _log.info(
                 "lease.started",
@@ -648,6 +1059,8 @@ class Engine:
         target = self._min_idle(now)
         if target <= 0:
             return 0
+        if self._cap_reached in self.settings.budget.current_keys(now):
+            return 0  # a cap was reached this period: no speculative launches until it ends
         spec = self.settings.default_spec
         idle = len(self.pool.idle_ready(spec))
         waiting = self._demand.get(spec, 0)
@@ -682,15 +1095,18 @@ class Engine:
             if r.state is WorkerState.READY
             and r.holders == 0
             and r.provider != "local"
-            and (r.instance_type, r.market) == (spec.instance_type, spec.market)
+            and spec.accepts(r.instance_type, r.market)
         )
         booting = sum(
             1
             for r in records
-            if r.state is WorkerState.LAUNCHING
-            and (r.instance_type, r.market) == (spec.instance_type, spec.market)
+            if r.state is WorkerState.LAUNCHING and spec.accepts(r.instance_type, r.market)
         )
-        requested = sum(i.count for i in intents if i.spec == spec and not i.instance_ids)
+        requested = sum(
+            i.count
+            for i in intents
+            if spec.accepts(i.instance_type, i.market) and not i.instance_ids
+        )
         return max(idle, shared_idle), max(launching, booting + requested)
 
     async def _burst_loop(self) -> None:
@@ -757,6 +1173,126 @@ class Engine:
                 pass  # logged; the reaper retries
         return decision
 
+    # --- EC2 events: spot interruptions, rebalance recommendations, state changes --------
+
+    async def _events_loop(self) -> None:
+        """Long-poll the events queue for ever; a failing queue is retried after a pause."""
+        while True:
+            try:
+                await self.events_once(wait_seconds=EVENTS_WAIT)
+                continue
+            except CloudError as exc:
+                _log.warning("events.receive_failed", error=str(exc))
+            except Exception:
+                _log.exception("events.crashed")  # logged; the next poll starts afresh
+            await trio.sleep(EVENTS_RETRY)
+
+    async def events_once(self, *, wait_seconds: int = 0) -> int:
+        """Receive one batch of EC2 events, act on those about this pool's workers, delete
+        them all (events about other instances included); how many were received."""
+        assert self.events is not None
+        received = await self.events.receive(wait_seconds=wait_seconds)
+        for message in received:
+            event = parse_event(message.body)
+            try:
+                await self._on_event(event)
+            except Exception:
+                _log.exception("events.handling_crashed")
+        if received:
+            await self.events.delete([message.receipt_handle for message in received])
+        return len(received)
+
+    async def _on_event(
+        self, event: InterruptionWarning | RebalanceRecommendation | StateChange | Unrecognised
+    ) -> None:
+        if isinstance(event, Unrecognised):
+            _log.info("events.ignored", reason=event.reason)
+            return
+        worker = self.pool.workers.get(event.instance_id)
+        if worker is None or worker.local:
+            return  # not ours (or gone already): the queue serves the whole region
+        now = self.clock.now()
+        if isinstance(event, StateChange):
+            if not event.is_alive and worker.state is not WorkerState.TERMINATING:
+                self._lose(worker, f"worker {worker.instance_id} is {event.state} (EC2 event)", now)
+                self._notify()
+            return
+        if isinstance(event, InterruptionWarning):
+            reason, deadline = "spot_interruption", event.deadline
+        else:
+            reason, deadline = "rebalance_recommendation", None
+        previous = worker.interruption
+        if previous is not None and (previous.deadline is not None or deadline is None):
+            return  # already known (SQS delivers at least once)
+        worker.interruption = Interruption(reason, deadline, now)
+        holders = self.pool.holders(worker.instance_id)
+        _log.warning(
+            "worker.interrupted",
+            instance_id=worker.instance_id,
+            ip=worker.ip,
+            reason=reason,
+            deadline=deadline,
+            holders=len(holders),
+        )
+        self._notify()
+        if holders:
+            if previous is None:
+                self._replace(worker)
+            return
+        if await self._claim_interrupted(worker):
+            worker.state = WorkerState.TERMINATING
+            self._notify()
+            try:
+                await self._terminate([worker], reason=reason)
+            except CloudError:
+                pass  # logged; the reaper retries
+
+    async def _claim_interrupted(self, worker: Worker) -> bool:
+        """Mark an interrupted worker nobody holds terminating (booting ones too: nobody
+        will be given it)."""
+        if worker.state is WorkerState.READY:
+            return await self._claim_reap(worker)
+        if worker.state is not WorkerState.LAUNCHING:
+            return False
+        try:
+            return await self.registry.set_worker_state(
+                worker.instance_id, WorkerState.TERMINATING, expect=WorkerState.LAUNCHING
+            )
+        except CloudError as exc:
+            _log.warning("registry.write_failed", op="terminating", error=str(exc))
+            return False
+
+    def _replace(self, worker: Worker) -> None:
+        """Launch one worker like `worker` for its holders to move to (they learn of the
+        interruption from PING and ask GET_WORKER again)."""
+        default = self.settings.default_spec
+        spec = (
+            default if worker.matches(default) else LaunchSpec(worker.instance_type, worker.market)
+        )
+        try:
+            self._start_launch(spec, 1)
+        except Refusal as exc:
+            _log.warning(
+                "worker.replacement_refused", instance_id=worker.instance_id, reason=str(exc)
+            )
+            return
+        _log.info("worker.replacement", instance_id=worker.instance_id, type=spec.instance_type)
+
+    async def _price_loop(self) -> None:
+        """Read current spot prices from EC2 every hour; the price table stays the fallback."""
+        assert self.spot_prices is not None
+        types = list(self.settings.default_spec.types)
+        while True:
+            try:
+                found = await self.spot_prices.spot_prices(types)
+            except CloudError as exc:
+                _log.warning("prices.spot_history_unavailable", error=str(exc))
+            else:
+                spot = {instance_type: {"spot": price} for instance_type, price in found.items()}
+                self.prices = self.prices.with_overrides(spot)
+                _log.info("prices.spot_refreshed", prices=found)
+            await trio.sleep(SPOT_PRICE_REFRESH)
+
     async def _reap_loop(self) -> None:
         while True:
             await trio.sleep(self.settings.reap_interval)
@@ -769,6 +1305,7 @@ class Engine:
         """One reaper pass: reconcile with EC2, expire idle leases, terminate idle workers,
         retry failed terminations."""
         await self._reconcile()
+        await self._check_covers(self.clock.now())
         now = self.clock.now()
         plan = self.pool.reap_plan(
             now, keep_idle=self._min_idle(now), keep_spec=self.settings.default_spec
@@ -857,6 +1394,7 @@ class Engine:
         for worker in workers:
             self._retry_terminate.discard(worker.instance_id)
             _, leases = self.pool.remove(worker.instance_id, now)
+            self._settle_attempt(worker.launch_token)  # it may have been booting
             for lease in leases:
                 self._log_lease_end(lease, "worker_terminated", now)
             await self._forget_worker(worker.instance_id, leases)
@@ -1018,15 +1556,17 @@ class Engine:
         for lease in leases:
             await self._forget_lease(lease)
         try:
-            # Only the broker that finds the record releases its reservation (two replicas
-            # may both see a spot worker vanish).
-            existed = await self.registry.get_worker(instance_id) is not None
-            await self.registry.delete_worker(instance_id)
+            # Only the broker whose delete finds the record releases its reservation and
+            # refunds its unused cover (two replicas may both see a spot worker vanish).
+            record = await self.registry.delete_worker(instance_id)
         except CloudError as exc:
             _log.error("registry.write_failed", op="delete_worker", error=str(exc))
             return
-        if reserved and existed:
+        if record is None:
+            return
+        if reserved:
             await self._unreserve(1)
+        await self._refund_cover(record, self.clock.now())
 
     async def _unreserve(self, count: int) -> None:
         try:
@@ -1057,6 +1597,11 @@ class Engine:
                 self.pool.workers[record.instance_id] = _worker_from_record(record)
                 if local:
                     _log.info("worker.local_joined", instance_id=record.instance_id)
+        for record in records.values():
+            known_worker = self.pool.workers.get(record.instance_id)
+            if known_worker is not None and record.paid_until is not None:
+                cover = known_worker.paid_until
+                known_worker.paid_until = max(cover or 0.0, record.paid_until)
         declared = {spec.instance_id for spec in self.settings.local_workers}
         for worker in list(self.pool.workers.values()):
             if worker.local:
@@ -1142,6 +1687,7 @@ def _worker_from_record(record: WorkerRecord) -> Worker:
         price_per_hour=record.price_per_hour,
         ready_at=record.launched_at if record.state is WorkerState.READY else None,
         launch_token=record.launch_token,
+        paid_until=record.paid_until,
     )
 
 
@@ -1168,4 +1714,5 @@ def _record_of(worker: Worker) -> WorkerRecord:
         last_activity=worker.last_activity,
         price_per_hour=worker.price_per_hour,
         launch_token=worker.launch_token,
+        paid_until=worker.paid_until,
     )

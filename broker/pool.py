@@ -42,6 +42,17 @@ class LocalWorker:
         return f"local:{self.name}"
 
 
+@attrs.frozen
+class Interruption:
+    """The worker is being taken away: by EC2 (a spot interruption warning or a rebalance
+    recommendation) or by the budget (its cover cannot be extended). It is handed out no
+    more; its holders' PINGs are answered `ERROR: Worker interrupted <deadline>`."""
+
+    reason: str  # "spot_interruption", "rebalance_recommendation" or "budget"
+    deadline: float | None  # when it goes away, when known
+    noticed_at: float
+
+
 @attrs.define
 class Worker:
     """One worker of the pool: an EC2 instance, or a local lab machine (`local`), which is
@@ -58,10 +69,17 @@ class Worker:
     ready_at: float | None = None
     launch_token: str | None = None
     local: bool = False
+    paid_until: float | None = None  # the end of its cover in the dollar ledger
+    interruption: Interruption | None = None
 
     def matches(self, spec: LaunchSpec) -> bool:
-        """True if this worker is of the requested type and market."""
-        return self.instance_type == spec.instance_type and self.market == spec.market
+        """True if this worker is of a type and market the spec accepts."""
+        return spec.accepts(self.instance_type, self.market)
+
+    @property
+    def available(self) -> bool:
+        """True if it may be handed out: ready and not being taken away."""
+        return self.state is WorkerState.READY and self.interruption is None
 
 
 @attrs.define
@@ -182,7 +200,7 @@ class Pool:
         ready = [
             worker
             for worker in self.workers.values()
-            if worker.state is WorkerState.READY
+            if worker.available
             and (worker.matches(spec) or (local_ok and worker.local))
             and worker.instance_id not in exclude
         ]
@@ -211,7 +229,7 @@ class Pool:
         return [
             w
             for w in self.workers.values()
-            if w.state is WorkerState.READY and w.matches(spec) and w.instance_id not in held
+            if w.available and w.matches(spec) and w.instance_id not in held
         ]
 
     def coming_instances(self, spec: LaunchSpec) -> int:
@@ -287,11 +305,18 @@ class Pool:
         self.in_flight.pop(token, None)
 
     def launch_answered(
-        self, token: str, instances: Iterable[Instance], now: float
+        self,
+        token: str,
+        instances: Iterable[Instance],
+        now: float,
+        *,
+        price: float | None = None,
     ) -> list[Worker]:
-        """RunInstances answered: its instances become launching workers."""
+        """RunInstances answered: its instances become launching workers (at `price`, else
+        the price the launch was admitted at)."""
         flight = self.in_flight.pop(token, None)
-        price = flight.price_per_hour if flight else None
+        if price is None and flight is not None:
+            price = flight.price_per_hour
         added = [self.add(instance, now, price=price, token=token) for instance in instances]
         return added
 
@@ -425,13 +450,16 @@ class Pool:
         kept: set[str] = set()
         if keep_idle > 0 and keep_spec is not None:
             warm = sorted(
-                (w for w in unheld if w.matches(keep_spec)), key=lambda w: -w.last_activity
+                (w for w in unheld if w.available and w.matches(keep_spec)),
+                key=lambda w: -w.last_activity,
             )
             kept = {w.instance_id for w in warm[:keep_idle]}
+        # An interrupted worker nobody holds goes at once: it is handed out no more.
         idle = tuple(
             worker
             for worker in unheld
-            if worker.instance_id not in kept and now - worker.last_activity >= timeout
+            if worker.instance_id not in kept
+            and (now - worker.last_activity >= timeout or worker.interruption is not None)
         )
         return ReapPlan(expired, idle)
 
@@ -452,6 +480,10 @@ class Pool:
                 "price_per_hour": w.price_per_hour,
                 "launched_at": w.launched_at,
                 "provider": "local" if w.local else "ec2",
+                "paid_until": w.paid_until,
+                "interrupted": None
+                if w.interruption is None
+                else {"reason": w.interruption.reason, "deadline": w.interruption.deadline},
             }
             for w in sorted(self.workers.values(), key=lambda w: w.launched_at)
         ]

@@ -16,6 +16,7 @@ from typing import Final
 import attrs
 
 from broker.cloud import Market
+from broker.interruptions import format_deadline
 
 MAX_LINE_BYTES: Final = 1024
 MAX_BURST: Final = 100
@@ -60,6 +61,17 @@ def _one_line(text: str) -> str:
 
 UNKNOWN_COMMAND: Final = Reply("ERROR: Unknown command")
 WORKER_NOT_FOUND: Final = Reply("ERROR: Worker not found")
+WORKER_INTERRUPTED: Final = "ERROR: Worker interrupted"
+
+
+def worker_interrupted(deadline: float | None) -> Reply:
+    """`ERROR: Worker interrupted <deadline>`: EC2 (or the budget) takes the worker away at
+    `deadline` (ISO 8601 UTC, whole seconds); without a known deadline, nothing follows."""
+    if deadline is None:
+        return Reply(WORKER_INTERRUPTED)
+    return Reply(f"{WORKER_INTERRUPTED} {format_deadline(deadline)}")
+
+
 LINE_TOO_LONG: Final = Reply.error("line too long", close=True)
 NOT_UTF8: Final = Reply.error("line is not valid UTF-8")
 TOO_MANY_CONNECTIONS: Final = Reply.error("too many connections", close=True)

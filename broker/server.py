@@ -18,7 +18,7 @@ import structlog
 import trio
 
 from broker import protocol
-from broker.engine import Engine, Handout, Refusal, WorkerNotFound
+from broker.engine import Engine, Handout, Refusal, WorkerInterrupted, WorkerNotFound
 from broker.protocol import (
     BadRequest,
     Burst,
@@ -204,6 +204,8 @@ class Server:
             return Reply.error(str(exc)), None
         except WorkerNotFound:
             return protocol.WORKER_NOT_FOUND, None
+        except WorkerInterrupted as exc:
+            return protocol.worker_interrupted(exc.interruption.deadline), None
 
     async def _execute(self, command: Command, peer: str) -> Reply:
         match command:

@@ -1,0 +1,171 @@
+"""Spot interruptions end to end: EventBridge-shaped EC2 events on a (moto) SQS queue reach the
+engine, which stops handing the worker out, launches a replacement for its holders, answers
+their PING with the deadline, and drops workers EC2 stopped outside the broker."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from datetime import UTC, datetime
+from typing import Any
+
+import pytest
+import trio
+
+from broker.aws import make_client
+from broker.clock import Clock
+from broker.cloud import LaunchSpec, Market
+from broker.engine import Engine, EngineSettings
+from broker.interruptions import format_deadline
+from broker.pool import Limits
+from broker.prices import PriceTable
+from broker.sandbox import MotoHandle
+from broker.sqs import EventQueue, ensure_events_queue
+from tests.fakes import FakeCloud
+from tests.harness import LineClient, running_broker, wait_for
+
+SPEC = LaunchSpec("c7i.8xlarge", Market.SPOT)
+
+
+@pytest.fixture
+def events_url(moto_server: MotoHandle) -> str:
+    sqs = make_client("sqs", region="us-east-1")
+    return ensure_events_queue(sqs, f"compute-broker-events-{uuid.uuid4().hex[:8]}")
+
+
+def ec2_event(detail_type: str, detail: dict[str, Any], at: float) -> str:
+    """One message body as the EventBridge rule delivers it to SQS."""
+    return json.dumps(
+        {
+            "version": "0",
+            "id": str(uuid.uuid4()),
+            "detail-type": detail_type,
+            "source": "aws.ec2",
+            "account": "123456789012",
+            "time": datetime.fromtimestamp(int(at), UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+            "region": "us-east-1",
+            "resources": [f"arn:aws:ec2:us-east-1:123456789012:instance/{detail['instance-id']}"],
+            "detail": detail,
+        }
+    )
+
+
+def send(url: str, body: str) -> None:
+    make_client("sqs", region="us-east-1").send_message(QueueUrl=url, MessageBody=body)
+
+
+def events_engine(cloud: FakeCloud, clock: Clock, url: str) -> Engine:
+    settings = EngineSettings(
+        default_spec=SPEC,
+        limits=Limits(10, None, 600.0, 1),  # exclusive: a worker per client
+        describe_interval=0.05,
+    )
+    events = EventQueue(url, trio.CapacityLimiter(1), region="us-east-1")
+    return Engine(cloud, settings, clock, PriceTable.default(), events=events)
+
+
+async def test_an_interruption_warning_stops_hand_out_replaces_and_answers_ping(
+    events_url: str,
+) -> None:
+    """A warning for a held worker: it is handed out no more, one replacement is launched, its
+    holder's PING answers `ERROR: Worker interrupted <deadline>`, STATUS marks it, and a new
+    GET_WORKER gets the replacement. The message is deleted from the queue."""
+    clock = Clock()
+    cloud = FakeCloud(clock, boot_time=0.05)
+    engine = events_engine(cloud, clock, events_url)
+    with trio.fail_after(30):
+        async with running_broker(engine) as broker:
+            client = await LineClient.connect(broker.port)
+            ip = await client.ask("GET_WORKER client=job-1")
+            worker = engine.pool.by_ip(ip)
+            assert worker is not None
+            sent_at = time.time()
+            body = ec2_event(
+                "EC2 Spot Instance Interruption Warning",
+                {"instance-id": worker.instance_id, "instance-action": "terminate"},
+                sent_at,
+            )
+            send(events_url, body)
+            await wait_for(lambda: worker.interruption is not None, timeout=25)
+            deadline = int(sent_at) + 120
+            assert await client.ask(f"PING {ip} client=job-1") == (
+                f"ERROR: Worker interrupted {format_deadline(deadline)}"
+            )
+            await wait_for(lambda: len(cloud.launch_calls) == 2)
+            status = json.loads(await client.ask("STATUS"))
+            marked = [w for w in status["workers"] if w["interrupted"]]
+            assert [(ip, "spot_interruption", deadline)] == [
+                (w["ip"], w["interrupted"]["reason"], w["interrupted"]["deadline"]) for w in marked
+            ]
+            replacement = await client.ask("GET_WORKER client=job-1")
+            assert replacement != ip
+            assert replacement.count(".") == 3
+            assert await client.ask(f"RELEASE {ip} client=job-1") == "OK"
+            await client.aclose()
+    attributes = make_client("sqs", region="us-east-1").get_queue_attributes(
+        QueueUrl=events_url, AttributeNames=["ApproximateNumberOfMessages"]
+    )
+    assert attributes["Attributes"]["ApproximateNumberOfMessages"] == "0"
+
+
+async def test_an_interrupted_idle_worker_is_terminated_and_not_replaced(
+    events_url: str,
+) -> None:
+    """A rebalance recommendation for a worker nobody holds: terminated at once, no
+    replacement (nobody needs one); events about other instances are ignored."""
+    clock = Clock()
+    cloud = FakeCloud(clock, boot_time=0.05)
+    engine = events_engine(cloud, clock, events_url)
+    with trio.fail_after(30):
+        async with running_broker(engine) as broker:
+            assert len(await engine.burst(1)) == 1
+            [worker] = engine.pool.workers.values()
+            send(
+                events_url,
+                ec2_event(
+                    "EC2 Instance Rebalance Recommendation",
+                    {"instance-id": "i-0other"},
+                    time.time(),
+                ),
+            )
+            send(
+                events_url,
+                ec2_event(
+                    "EC2 Instance Rebalance Recommendation",
+                    {"instance-id": worker.instance_id},
+                    time.time(),
+                ),
+            )
+            await wait_for(lambda: worker.instance_id not in cloud.alive(), timeout=25)
+            assert len(cloud.launch_calls) == 1
+            assert broker.engine.pool.workers == {}
+
+
+async def test_a_state_change_to_terminated_drops_the_worker_and_its_leases(
+    events_url: str,
+) -> None:
+    """EC2 terminated a worker outside the broker: it and its lease go at once, without
+    waiting for the reaper's next poll; PING of it is then `ERROR: Worker not found`."""
+    clock = Clock()
+    cloud = FakeCloud(clock, boot_time=0.05)
+    engine = events_engine(cloud, clock, events_url)
+    with trio.fail_after(30):
+        async with running_broker(engine) as broker:
+            client = await LineClient.connect(broker.port)
+            ip = await client.ask("GET_WORKER client=job-1")
+            worker = engine.pool.by_ip(ip)
+            assert worker is not None
+            cloud.instances[worker.instance_id].state = "terminated"
+            send(
+                events_url,
+                ec2_event(
+                    "EC2 Instance State-change Notification",
+                    {"instance-id": worker.instance_id, "state": "terminated"},
+                    time.time(),
+                ),
+            )
+            await wait_for(lambda: not engine.pool.leases, timeout=25)
+            assert engine.pool.workers == {}
+            assert await client.ask(f"PING {ip} client=job-1") == "ERROR: Worker not found"
+            await client.aclose()
