@@ -7,6 +7,8 @@
 #
 #   Errors are raised with -errorcode {COMPUTE_BROKER <TYPE> <detail>}:
 #     BROKER_ERROR  the broker answered a line beginning with ERROR (message = that line)
+#     INTERRUPTED   PING found the worker interrupted: {COMPUTE_BROKER INTERRUPTED ip deadline},
+#                   deadline YYYY-MM-DDTHH:MM:SSZ (UTC) or "" when none was given
 #     TIMEOUT       no connection or no reply within the timeout
 #     UNAVAILABLE   connection refused/unreachable, or closed without a reply line
 #     PROTOCOL      a reply that does not fit the protocol (e.g. GET_WORKER answered "OK")
@@ -16,7 +18,7 @@ package require Tcl 8.6
 
 namespace eval ::compute_broker {
     namespace export configure get_worker ping release status burst help \
-        with_worker keepalive_start keepalive_stop
+        with_worker replace_worker interrupted keepalive_start keepalive_stop
 
     variable version 0.1.0
 
@@ -42,6 +44,18 @@ namespace eval ::compute_broker {
     # Keep-alive schedules: key -> dict (see KeepaliveStart).
     variable keepalives
     array set keepalives {}
+
+    # with_worker blocks running: key (withN) -> dict ip, get (GET_WORKER options), conn
+    # (PING/RELEASE options), who (host port client-id: whose lease), kopts (keep-alive
+    # options, {} without keep-alive).
+    variable blocks
+    array set blocks {}
+
+    # Workers whose last PING from this interpreter answered "ERROR: Worker interrupted":
+    # ip -> deadline ("" if none). A PING answered OK, a RELEASE, or GET_WORKER handing the
+    # address out again forgets it.
+    variable interruptions
+    array set interruptions {}
 }
 
 # ---------------------------------------------------------------------------------------
@@ -106,29 +120,36 @@ proc ::compute_broker::get_worker {args} {
     if {![regexp {^[0-9A-Fa-f.:]+$} $reply]} {
         Protocol GET_WORKER $reply
     }
+    variable interruptions
+    unset -nocomplain interruptions($reply)
     return $reply
 }
 
 # compute_broker::ping ip ?-host h? ?-port p? ?-timeout ms? ?-client id?  -> OK
+#   An interrupted worker raises {COMPUTE_BROKER INTERRUPTED ip deadline}.
 proc ::compute_broker::ping {ip args} {
-    set opts [ParseOptions ping $args {-host -port -timeout -client}]
-    CheckWord ip $ip
-    set reply [Call $opts "PING $ip[ClientArg $opts]" PING]
-    if {![regexp {^OK(\s|$)} $reply]} {
-        Protocol PING $reply
-    }
-    return $reply
+    IpCommand PING $ip $args
 }
 
 # compute_broker::release ip ?-host h? ?-port p? ?-timeout ms? ?-client id?  -> OK
 proc ::compute_broker::release {ip args} {
-    set opts [ParseOptions release $args {-host -port -timeout -client}]
-    CheckWord ip $ip
-    set reply [Call $opts "RELEASE $ip[ClientArg $opts]" RELEASE]
-    if {![regexp {^OK(\s|$)} $reply]} {
-        Protocol RELEASE $reply
+    IpCommand RELEASE $ip $args
+}
+
+# compute_broker::interrupted ip ?deadline_var?
+#   1 if the last PING of ip from this interpreter (a keep-alive's or ping's) found the worker
+#   interrupted, else 0. With deadline_var, sets it to the deadline (YYYY-MM-DDTHH:MM:SSZ, or
+#   "" when none was given).
+proc ::compute_broker::interrupted {ip {deadline_var ""}} {
+    variable interruptions
+    if {![info exists interruptions($ip)]} {
+        return 0
     }
-    return $reply
+    if {$deadline_var ne ""} {
+        upvar 1 $deadline_var deadline
+        set deadline $interruptions($ip)
+    }
+    return 1
 }
 
 # compute_broker::status ?-host h? ?-port p? ?-timeout ms?  -> the JSON line
@@ -171,7 +192,8 @@ proc ::compute_broker::help {args} {
 # compute_broker::keepalive_start ip ?-interval ms? ?-command cmd? ?-host h? ?-port p?
 #                                 ?-timeout ms? ?-client id?
 #   PINGs ip every -interval ms (default 60000) from the event loop until keepalive_stop.
-#   -command is called after each PING as: {*}cmd ip ok|error result
+#   -command is called after each PING as: {*}cmd ip ok|error|interrupted result, where
+#   result is the reply, the error message, or the interruption's deadline ("" if none)
 proc ::compute_broker::keepalive_start {ip args} {
     set opts [ParseOptions keepalive_start $args \
         {-interval -command -host -port -timeout -client}]
@@ -188,13 +210,17 @@ proc ::compute_broker::keepalive_stop {ip} {
 
 # compute_broker::with_worker ip_var body ?-type t? ?-market m? ?-wait s? ?-timeout ms?
 #     ?-host h? ?-port p? ?-client id? ?-keepalive ms? ?-keepalivecommand cmd?
+#     ?-oninterrupt cmd?
 #   Gets a worker, sets ip_var in the caller, runs body in the caller's scope while PINGing
 #   the worker every -keepalive ms (0: no keep-alive), then RELEASEs the worker however the
 #   body ends. -timeout bounds the GET_WORKER only; PING and RELEASE use the configured one.
+#   When a keep-alive PING finds the worker interrupted, -oninterrupt is called once for that
+#   worker as {*}cmd ip deadline; the body switches workers with replace_worker ip_var.
 proc ::compute_broker::with_worker {ip_var body args} {
     variable seq
+    variable blocks
     set opts [ParseOptions with_worker $args {-host -port -type -market -wait -timeout
-        -client -keepalive -keepalivecommand}]
+        -client -keepalive -keepalivecommand -oninterrupt}]
     set interval 60000
     if {[dict exists $opts -keepalive]} {
         set interval [dict get $opts -keepalive]
@@ -202,21 +228,31 @@ proc ::compute_broker::with_worker {ip_var body args} {
             Usage "bad -keepalive \"$interval\": must be a number of milliseconds (0: off)"
         }
     }
+    if {$interval == 0 && [dict exists $opts -oninterrupt]} {
+        Usage "-oninterrupt needs the keep-alive: -keepalive must not be 0"
+    }
     set conn [dict filter $opts key -host -port -client]
     # Resolve and check the connection settings before a worker is launched.
     Endpoint $conn
     ClientId $conn
 
-    set ip [get_worker {*}[dict filter $opts key -host -port -client -type -market \
-        -wait -timeout]]
+    set get [dict filter $opts key -host -port -client -type -market -wait -timeout]
+    set kopts {}
+    if {$interval > 0} {
+        set kopts [dict merge $conn [list -interval $interval]]
+        foreach {opt kopt} {-keepalivecommand -command -oninterrupt -oninterrupt} {
+            if {[dict exists $opts $opt]} {
+                dict set kopts $kopt [dict get $opts $opt]
+            }
+        }
+    }
+    set ip [get_worker {*}$get]
 
     set key with[incr seq]
+    set who [list {*}[lrange [Endpoint $conn] 0 1] [ClientId $conn]]
+    set blocks($key) [dict create ip $ip get $get conn $conn who $who kopts $kopts]
     set code [catch {
-        if {$interval > 0} {
-            set kopts [dict merge $conn [list -interval $interval]]
-            if {[dict exists $opts -keepalivecommand]} {
-                dict set kopts -command [dict get $opts -keepalivecommand]
-            }
+        if {$kopts ne ""} {
             KeepaliveStart $key $ip $kopts
         }
         upvar 1 $ip_var worker
@@ -224,7 +260,14 @@ proc ::compute_broker::with_worker {ip_var body args} {
         uplevel 1 $body
     } result ropts]
     KeepaliveStop $key
-    set rcode [catch {release $ip {*}$conn} rmsg rinfo]
+    # The worker held now: replace_worker may have switched it.
+    set ip [dict get $blocks($key) ip]
+    set shared [Shared $key]
+    unset blocks($key)
+    set rcode 0
+    if {!$shared} {
+        set rcode [catch {release $ip {*}$conn} rmsg rinfo]
+    }
 
     switch -- $code {
         0 {
@@ -253,6 +296,72 @@ proc ::compute_broker::with_worker {ip_var body args} {
             return -code $code $result
         }
     }
+}
+
+# compute_broker::replace_worker ip_var  -> the new IP
+#   Called in a with_worker body (ip_var as given to with_worker): gets another worker with
+#   the block's GET_WORKER options, then RELEASEs the one $ip_var holds, moves the keep-alive
+#   and the final RELEASE to the new one and sets ip_var to its IP. For an interrupted worker
+#   the broker hands out another; a healthy one may come back unchanged. If GET_WORKER fails,
+#   its error is raised and the block keeps its worker.
+proc ::compute_broker::replace_worker {ip_var} {
+    variable blocks
+    upvar 1 $ip_var worker
+    if {![info exists worker]} {
+        Usage "replace_worker: no variable \"$ip_var\""
+    }
+    set old $worker
+    set key ""
+    foreach candidate [lsort -dictionary -decreasing [array names blocks]] {
+        if {[dict get $blocks($candidate) ip] eq $old} {
+            set key $candidate
+            break
+        }
+    }
+    if {$key eq ""} {
+        Usage "replace_worker: no with_worker block holds worker \"$old\""
+    }
+    set block $blocks($key)
+    set new [get_worker {*}[dict get $block get]]
+    set conn [dict get $block conn]
+    # Another replace_worker of this block (from an event handler) may have won meanwhile.
+    set current [expr {[info exists blocks($key)] ? [dict get $blocks($key) ip] : ""}]
+    if {$current ne $old} {
+        if {$new ni [list $current $old]} {
+            catch {release $new {*}$conn}
+        }
+        if {$current eq ""} {
+            return -code error -errorcode [list COMPUTE_BROKER USAGE "block ended"] \
+                "compute_broker: replace_worker: the with_worker block has ended"
+        }
+        set worker $current
+        return $current
+    }
+    dict set blocks($key) ip $new
+    if {[dict get $block kopts] ne ""} {
+        KeepaliveStart $key $new [dict get $block kopts]
+    }
+    # Unless the broker handed back the same worker, or an enclosing block holds the old one
+    # under the same lease (nested with_workers with one client id share it).
+    if {$new ne $old && ![Shared $key $old]} {
+        catch {release $old {*}$conn}
+    }
+    set worker $new
+    return $new
+}
+
+# 1 if another with_worker block holds ip (default: block key's) under the same lease.
+proc ::compute_broker::Shared {key {ip ""}} {
+    variable blocks
+    if {$ip eq ""} {set ip [dict get $blocks($key) ip]}
+    set who [dict get $blocks($key) who]
+    foreach other [array names blocks] {
+        if {$other ne $key && [dict get $blocks($other) ip] eq $ip
+                && [dict get $blocks($other) who] eq $who} {
+            return 1
+        }
+    }
+    return 0
 }
 
 # ---------------------------------------------------------------------------------------
@@ -400,15 +509,79 @@ set ::compute_broker::randomClient [::compute_broker::NewClientId]
 # Requests: one connection per request, event driven, bounded by a timeout
 # ---------------------------------------------------------------------------------------
 
-# Sends line, returns the reply line; raises BROKER_ERROR for an ERROR reply.
+# Sends line, returns the reply line; raises the error an ERROR reply stands for.
 proc ::compute_broker::Call {opts line command {timeout ""}} {
     lassign [Endpoint $opts] host port quick
     if {$timeout eq ""} {set timeout $quick}
     set reply [Request $host $port $line $timeout $command]
-    if {[string match ERROR* $reply]} {
-        return -code error -errorcode [list COMPUTE_BROKER BROKER_ERROR $reply] $reply
+    CheckReply $line $reply
+    return $reply
+}
+
+# PING or RELEASE: "COMMAND ip ?client=ID?", whose success reply is OK.
+proc ::compute_broker::IpCommand {command ip arglist} {
+    set opts [ParseOptions [string tolower $command] $arglist {-host -port -timeout -client}]
+    CheckWord ip $ip
+    set reply [Call $opts "$command $ip[ClientArg $opts]" $command]
+    if {![regexp {^OK(\s|$)} $reply]} {
+        Protocol $command $reply
     }
     return $reply
+}
+
+# Raises (in the caller) the error a reply to the request line stands for, if any:
+# INTERRUPTED for PING's "ERROR: Worker interrupted ?deadline?", BROKER_ERROR for any other
+# ERROR line. Remembers the verdict of PING and RELEASE for interrupted.
+proc ::compute_broker::CheckReply {line reply} {
+    variable interruptions
+    lassign [regexp -all -inline {\S+} $line] command ip
+    set command [string toupper $command]
+    if {![string match ERROR* $reply]} {
+        if {$command in {PING RELEASE}} {
+            unset -nocomplain interruptions($ip)
+        }
+        return
+    }
+    if {$command eq "PING" && [regexp -nocase \
+            {^ERROR:?[ \t]*Worker interrupted(?:[ \t]+(\S+).*)?$} $reply -> text]} {
+        set deadline [IsoUtc $text]
+        set interruptions($ip) $deadline
+        if {$deadline ne ""} {
+            set message "worker $ip interrupted: it goes away at $deadline"
+        } elseif {$text ne ""} {
+            set message "worker $ip interrupted (unreadable deadline \"$text\")"
+        } else {
+            set message "worker $ip interrupted (no deadline given)"
+        }
+        return -code error -level 2 \
+            -errorcode [list COMPUTE_BROKER INTERRUPTED $ip $deadline] "compute_broker: $message"
+    }
+    return -code error -level 2 -errorcode [list COMPUTE_BROKER BROKER_ERROR $reply] $reply
+}
+
+# An ISO 8601 time with Z or an offset (fractions of a second dropped) as
+# YYYY-MM-DDTHH:MM:SSZ in UTC; "" if it is not one.
+proc ::compute_broker::IsoUtc {text} {
+    set re {^([0-9]{4}-[0-9]{2}-[0-9]{2})[Tt ]([0-9]{2}:[0-9]{2}:[0-9]{2})(?:[.,][0-9]+)?}
+    append re {(?:[Zz]|([+-])([0-9]{2}):?([0-9]{2}))$}
+    if {![regexp $re $text -> date time sign hours minutes]} {
+        return ""
+    }
+    set format {%Y-%m-%d %H:%M:%S}
+    if {[catch {clock scan "$date $time" -format $format -gmt 1} seconds]
+            || [clock format $seconds -format $format -gmt 1] ne "$date $time"} {
+        return ""    ;# e.g. month 13: clock scan would roll it over
+    }
+    if {$sign ne ""} {
+        scan $hours %d hours
+        scan $minutes %d minutes
+        if {$hours > 23 || $minutes > 59} {
+            return ""
+        }
+        set offset [expr {$hours * 3600 + $minutes * 60}]
+        set seconds [expr {$sign eq "+" ? $seconds - $offset : $seconds + $offset}]
+    }
+    return [clock format $seconds -format {%Y-%m-%dT%H:%M:%SZ} -gmt 1]
 }
 
 # Synchronous request: starts it and enters the event loop (vwait) until it completes.
@@ -550,8 +723,11 @@ proc ::compute_broker::KeepaliveStart {key ip opts} {
     if {[dict exists $opts -interval]} {set interval [dict get $opts -interval]}
     set command ""
     if {[dict exists $opts -command]} {set command [dict get $opts -command]}
+    set oninterrupt ""
+    if {[dict exists $opts -oninterrupt]} {set oninterrupt [dict get $opts -oninterrupt]}
     set keepalives($key) [dict create ip $ip interval $interval host $host port $port \
-        timeout $timeout client [ClientArg $opts] command $command request "" \
+        timeout $timeout client [ClientArg $opts] command $command \
+        oninterrupt $oninterrupt notified 0 request "" \
         after [after $interval [list [namespace current]::KeepaliveTick $key]]]
 }
 
@@ -574,19 +750,43 @@ proc ::compute_broker::KeepaliveTick {key} {
         [dict get $k timeout] PING [list [namespace current]::KeepaliveDone $key]]
 }
 
+# A PING's outcome: code ok (result: the OK line), error (the ERROR line or the failure's
+# message) or interrupted (result: the deadline, or ""). Schedules the next PING, then calls
+# -command every time and -oninterrupt on the first interruption.
 proc ::compute_broker::KeepaliveDone {key code result errorcode} {
     variable keepalives
     if {![info exists keepalives($key)]} return
-    if {$code eq "ok" && ![regexp {^OK(\s|$)} $result]} {
-        set code error
+    set ip [dict get $keepalives($key) ip]
+    if {$code eq "ok"} {
+        if {[catch {CheckReply "PING $ip" $result} msg opts]} {
+            set errorcode [dict get $opts -errorcode]
+            if {[lindex $errorcode 1] eq "INTERRUPTED"} {
+                set code interrupted
+                set result [lindex $errorcode 3]
+            } else {
+                set code error
+            }
+        } elseif {![regexp {^OK(\s|$)} $result]} {
+            set code error
+        }
     }
     dict set keepalives($key) request ""
     set k $keepalives($key)
     dict set keepalives($key) after \
         [after [dict get $k interval] [list [namespace current]::KeepaliveTick $key]]
-    set command [dict get $k command]
-    if {$command ne ""} {
-        if {[catch {uplevel #0 [list {*}$command [dict get $k ip] $code $result]} msg opts]} {
+    set callbacks {}
+    if {[dict get $k command] ne ""} {
+        lappend callbacks [list {*}[dict get $k command] $ip $code $result]
+    }
+    if {$code eq "interrupted" && ![dict get $k notified]} {
+        dict set keepalives($key) notified 1
+        if {[dict get $k oninterrupt] ne ""} {
+            lappend callbacks [list {*}[dict get $k oninterrupt] $ip $result]
+        }
+    }
+    # The callbacks may stop or restart this schedule (keepalive_stop, replace_worker).
+    foreach callback $callbacks {
+        if {[catch {uplevel #0 $callback} msg opts]} {
             BackgroundError $msg $opts
         }
     }

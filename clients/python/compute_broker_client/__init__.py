@@ -6,6 +6,13 @@
     with client.worker() as ip:  # kept alive with PINGs, RELEASEd at the end
         ...  # talk to the worker at ip:2560
 
+    w = client.worker(keepalive=15)  # the handle: w.ip, w.interrupted, w.replace()
+    with w:
+        for chunk in chunks:
+            if w.interrupted:  # e.g. a spot interruption: switch to another worker
+                w.replace()
+            ...  # talk to the worker at w.ip
+
 Every call opens one TCP connection, sends one request line, reads one reply line and closes
 the connection: nothing to keep alive between calls, nothing stale after a broker restart, and
 the broker's 30 s idle-connection limit never applies. Every wait is bounded.
@@ -13,7 +20,7 @@ the broker's 30 s idle-connection limit never applies. Every wait is bounded.
 
 from __future__ import annotations
 
-import contextlib
+import datetime
 import ipaddress
 import itertools
 import json
@@ -25,7 +32,8 @@ import secrets
 import socket
 import threading
 import time
-from typing import Any, Iterator
+from types import TracebackType
+from typing import Any, Callable
 
 __all__ = [
     "DEFAULT_HOST",
@@ -38,6 +46,8 @@ __all__ = [
     "BrokerTimeout",
     "BrokerUnavailable",
     "ClientError",
+    "Worker",
+    "WorkerInterrupted",
     "default_client_id",
 ]
 
@@ -75,6 +85,44 @@ class BrokerError(ClientError):
 
     def __str__(self) -> str:
         return self.message
+
+
+class WorkerInterrupted(BrokerError):
+    """PING found the worker at `ip` interrupted: it is being taken away.
+
+    The broker answered `ERROR: Worker interrupted <deadline>` (e.g. an EC2 spot interruption
+    notice: `deadline` is when the worker goes, a timezone-aware UTC datetime) or
+    `ERROR: Worker interrupted` (e.g. a rebalance recommendation: `deadline` is None, as it is
+    for a deadline this client cannot read). The broker no longer hands the worker out and
+    launches a replacement: finish or checkpoint what runs there, then get another worker
+    (`Worker.replace()` in a `worker()` block). `message` and `line` are the broker's, as for
+    every `BrokerError`; `str(exc)` says which worker and when.
+    """
+
+    def __init__(
+        self,
+        ip: str,
+        deadline: datetime.datetime | None = None,
+        message: str | None = None,
+        line: str | None = None,
+    ) -> None:
+        if message is None:
+            message = _INTERRUPTED_REASON + (f" {_iso(deadline)}" if deadline else "")
+        super().__init__(message, line)
+        self.ip = ip
+        self.deadline = deadline
+
+    def __str__(self) -> str:
+        if self.deadline is not None:
+            return f"worker {self.ip} interrupted: it goes away at {_iso(self.deadline)}"
+        rest = self.message[len(_INTERRUPTED_REASON) :].strip()
+        if rest:
+            return f"worker {self.ip} interrupted (unreadable deadline {rest!r})"
+        return f"worker {self.ip} interrupted (no deadline given)"
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Picklable with all its fields, e.g. raised in a multiprocessing worker.
+        return (type(self), (self.ip, self.deadline, self.message, self.line))
 
 
 class BrokerTimeout(ClientError):
@@ -169,7 +217,11 @@ class BrokerClient:
         return self._get_worker(type, market, wait, self.client_id)
 
     def ping(self, ip: str) -> None:
-        """Keep the worker at `ip` and your lease on it alive; `BrokerError` if it is unknown."""
+        """Keep the worker at `ip` and your lease on it alive; `BrokerError` if it is unknown.
+
+        `WorkerInterrupted` (a `BrokerError`) if the worker is being taken away (e.g. an EC2
+        spot interruption): get another one.
+        """
         self._ping(ip, self.client_id, self.connect_retries)
 
     def release(self, ip: str) -> None:
@@ -204,55 +256,32 @@ class BrokerClient:
         """The broker's one-line HELP reply (`OK commands: ...`)."""
         return self._request("HELP")
 
-    @contextlib.contextmanager
     def worker(
         self,
         type: str | None = None,
         market: str | None = None,
         wait: float | None = None,
         keepalive: float | None = None,
-    ) -> Iterator[str]:
-        """Hold a worker for the block: yields its IP, PINGs it, RELEASEs it on the way out.
+        *,
+        on_interrupt: Callable[[WorkerInterrupted], object] | None = None,
+    ) -> Worker:
+        """Hold a worker for a `with` block: GET_WORKER on entry, PINGs, RELEASE on the way out.
 
-        A daemon thread PINGs every `keepalive` seconds (default `DEFAULT_KEEPALIVE`, 60 s;
-        0 turns it off) so the broker does not reap the worker while the block runs. The
-        worker is released however the block ends; a failed release is logged, never raised,
-        so it cannot hide the block's own exception.
+        `with client.worker() as ip:` gives the worker's IP. A daemon thread PINGs it every
+        `keepalive` seconds (default `DEFAULT_KEEPALIVE`, 60 s; 0 turns it off) so the broker
+        does not reap it while the block runs. The worker is released however the block ends;
+        a failed release is logged, never raised, so it cannot hide the block's own exception.
+
+        When a PING finds the worker interrupted (being taken away), the returned `Worker`
+        handle's `interrupted` is set to the `WorkerInterrupted` and `on_interrupt(exc)`, if
+        given, is called once for that worker from the keep-alive thread; if it returns True
+        the thread fetches a replacement at once (`Worker.replace()`). Keep the handle to see
+        the current IP (`Worker.ip`) after a replacement.
 
         Each block holds its own lease, under `<client_id>.<n>`: blocks running at the same
         time in one process may share a worker without releasing it from under each other.
         """
-        interval = DEFAULT_KEEPALIVE if keepalive is None else float(keepalive)
-        if not 0 <= interval < math.inf:
-            raise ValueError(f"keepalive must be >= 0 seconds, not {keepalive!r}")
-        lease_id = self._lease_id()
-        ip = self._get_worker(type, market, wait, lease_id)
-        stop = threading.Event()
-        pinger: threading.Thread | None = None
-        try:
-            if interval > 0:
-                pinger = threading.Thread(
-                    target=self._keepalive,
-                    args=(ip, lease_id, interval, stop),
-                    name=f"compute-broker-keepalive {ip}",
-                    daemon=True,
-                )
-                pinger.start()
-            yield ip
-        finally:
-            stop.set()
-            if pinger is not None:
-                # Only a PING already on the wire delays this, and that is bounded.
-                pinger.join(2 * self.timeout)
-            try:
-                self._release(ip, lease_id)
-            except Exception as exc:
-                _log.warning(
-                    "releasing worker %s failed (%s); the broker drops the lease after its "
-                    "idle timeout",
-                    ip,
-                    exc,
-                )
+        return Worker(self, type, market, wait, keepalive, on_interrupt)
 
     # -- internals ----------------------------------------------------------------------------
 
@@ -279,7 +308,14 @@ class BrokerClient:
 
     def _ping(self, ip: str, client_id: str, retries: int) -> None:
         words = ["PING", _word("ip", ip), *_client_words(client_id)]
-        _expect_ok("PING", self._request(" ".join(words), retries=retries))
+        try:
+            line = self._request(" ".join(words), retries=retries)
+        except BrokerError as exc:
+            interrupted = _interruption(ip, exc)
+            if interrupted is None:
+                raise
+            raise interrupted from None
+        _expect_ok("PING", line)
 
     def _release(self, ip: str, client_id: str) -> None:
         words = ["RELEASE", _word("ip", ip), *_client_words(client_id)]
@@ -291,20 +327,6 @@ class BrokerClient:
         with self._leases_lock:
             suffix = f".{next(self._leases)}"
         return self.client_id[: 64 - len(suffix)] + suffix
-
-    def _keepalive(self, ip: str, lease_id: str, interval: float, stop: threading.Event) -> None:
-        while not stop.wait(interval):
-            try:
-                # No connect retries: their backoff would delay the block's exit, and the
-                # next PING comes soon enough.
-                self._ping(ip, lease_id, retries=0)
-            except BrokerError as exc:
-                if not stop.is_set():
-                    _log.error("keepalive: broker refused PING %s (%s); stopping pings", ip, exc)
-                return
-            except Exception as exc:
-                if not stop.is_set():
-                    _log.warning("keepalive: PING %s failed (%s); trying again later", ip, exc)
 
     def _request(
         self, line: str, read_timeout: float | None = None, retries: int | None = None
@@ -351,6 +373,204 @@ class BrokerClient:
                 raise BrokerUnavailable(f"cannot connect to broker at {where}: {exc}") from exc
 
 
+class Worker:
+    """A worker held for a `with` block; `BrokerClient.worker()` makes one.
+
+    `with` gets the worker (GET_WORKER) and gives its IP; leaving the block releases it.
+    Inside the block:
+
+    - `ip` is the IP of the worker currently held; it changes only through `replace()`.
+    - `interrupted` is None, or the `WorkerInterrupted` a keep-alive PING received: this
+      worker is being taken away (`interrupted.deadline` says when, if known).
+    - `replace()` gets another worker (same type, market and wait) under a new lease, then
+      releases the current one, and returns the new IP.
+
+    A Worker serves one `with` block. It is safe to use from several threads.
+    """
+
+    def __init__(
+        self,
+        client: BrokerClient,
+        type: str | None,
+        market: str | None,
+        wait: float | None,
+        keepalive: float | None,
+        on_interrupt: Callable[[WorkerInterrupted], object] | None,
+    ) -> None:
+        interval = DEFAULT_KEEPALIVE if keepalive is None else keepalive
+        if isinstance(interval, bool) or not isinstance(interval, (int, float)):
+            raise ValueError(f"keepalive must be a number of seconds, not {keepalive!r}")
+        if not 0 <= interval < math.inf:
+            raise ValueError(f"keepalive must be >= 0 seconds, not {keepalive!r}")
+        if on_interrupt is not None and not callable(on_interrupt):
+            raise TypeError(f"on_interrupt must be callable, not {on_interrupt!r}")
+        self._client = client
+        self._get = (type, market, wait)
+        self._interval = float(interval)
+        self._on_interrupt = on_interrupt
+        self._lock = threading.Lock()  # guards the fields below
+        self._replacing = threading.Lock()  # one replace() at a time
+        self._stop = threading.Event()
+        self._pinger: threading.Thread | None = None
+        self._state = "new"  # then "held" inside the block, "done" after it
+        self._ip: str | None = None
+        self._lease_id = ""
+        self._interrupted: WorkerInterrupted | None = None
+        self._auto_replace = False  # on_interrupt asked for a replacement of this worker
+
+    @property
+    def ip(self) -> str:
+        """The IP of the worker held (the last one held, after the block)."""
+        ip = self._ip
+        if ip is None:
+            raise RuntimeError("no worker yet: use the Worker in a with statement")
+        return ip
+
+    @property
+    def interrupted(self) -> WorkerInterrupted | None:
+        """The interruption a keep-alive PING found for the current worker, else None."""
+        return self._interrupted
+
+    def __repr__(self) -> str:
+        return f"<Worker ip={self._ip!r} interrupted={self._interrupted is not None}>"
+
+    def __enter__(self) -> str:
+        with self._lock:
+            if self._state != "new":
+                raise RuntimeError("a Worker serves one with block; call client.worker() again")
+            self._state = "entering"
+        lease_id = self._client._lease_id()
+        try:
+            ip = self._client._get_worker(*self._get, lease_id)
+        except BaseException:
+            self._state = "done"
+            raise
+        with self._lock:
+            self._ip, self._lease_id, self._state = ip, lease_id, "held"
+        if self._interval > 0:
+            self._pinger = threading.Thread(
+                target=self._keepalive, name=f"compute-broker-keepalive {ip}", daemon=True
+            )
+            self._pinger.start()
+        return ip
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self._stop.set()
+        if self._pinger is not None:
+            # Only a request already on the wire delays this, and that is bounded.
+            self._pinger.join(2 * self._client.timeout)
+        with self._lock:
+            self._state = "done"
+            ip, lease_id = self._ip, self._lease_id
+        if ip is not None:
+            self._release(ip, lease_id)
+
+    def replace(self) -> str:
+        """Switch to another worker: the new worker's IP, now also `ip`.
+
+        Gets a worker as the block did (same type, market and wait) under a new lease, then
+        releases the current one. For an interrupted worker the broker hands out another (it
+        launches replacements); a healthy worker may come back unchanged. If GET_WORKER fails
+        its error is raised and the block keeps the worker it had.
+        """
+        return self._replace(None)
+
+    # -- internals ----------------------------------------------------------------------------
+
+    def _replace(self, only_lease: str | None) -> str:
+        with self._replacing:
+            with self._lock:
+                if self._state != "held":
+                    raise RuntimeError("replace() works only inside the Worker's with block")
+                old_ip, old_lease = self._ip, self._lease_id
+            assert old_ip is not None
+            if only_lease is not None and old_lease != only_lease:
+                return old_ip  # replaced meanwhile, e.g. by the block itself
+            lease_id = self._client._lease_id()
+            ip = self._client._get_worker(*self._get, lease_id)
+            with self._lock:
+                held = self._state == "held"
+                if held:
+                    self._ip, self._lease_id = ip, lease_id
+                    self._interrupted, self._auto_replace = None, False
+            if not held:  # the block ended while GET_WORKER waited: nobody wants this one
+                self._release(ip, lease_id)
+                raise RuntimeError("the with block ended while a replacement was fetched")
+            _log.info("replaced worker %s with %s", old_ip, ip)
+            self._release(old_ip, old_lease)
+            if self._pinger is not None:
+                self._pinger.name = f"compute-broker-keepalive {ip}"
+            return ip
+
+    def _keepalive(self) -> None:
+        while not self._stop.wait(self._interval):
+            with self._lock:
+                ip, lease_id = self._ip, self._lease_id
+            assert ip is not None
+            try:
+                # No connect retries: their backoff would delay the block's exit, and the
+                # next PING comes soon enough.
+                self._client._ping(ip, lease_id, retries=0)
+            except WorkerInterrupted as exc:
+                if not self._stop.is_set():
+                    self._interruption(exc, lease_id)
+            except BrokerError as exc:
+                if not self._stop.is_set():
+                    _log.error("keepalive: broker refused PING %s (%s); stopping pings", ip, exc)
+                return
+            except Exception as exc:
+                if not self._stop.is_set():
+                    _log.warning("keepalive: PING %s failed (%s); trying again later", ip, exc)
+
+    def _interruption(self, exc: WorkerInterrupted, lease_id: str) -> None:
+        """A PING under `lease_id` found the worker interrupted: record, notify, replace."""
+        with self._lock:
+            if self._state != "held" or lease_id != self._lease_id:
+                return  # that worker has been replaced meanwhile
+            first = self._interrupted is None
+            self._interrupted = exc
+        if first:
+            _log.warning("keepalive: %s", exc)
+            if self._on_interrupt is not None:
+                try:
+                    wanted = bool(self._on_interrupt(exc))
+                except Exception:
+                    _log.exception("keepalive: on_interrupt(%r) raised", exc)
+                    wanted = False
+                with self._lock:
+                    if lease_id == self._lease_id:
+                        self._auto_replace = wanted
+        with self._lock:
+            wanted = self._auto_replace and lease_id == self._lease_id
+        if wanted and not self._stop.is_set():
+            try:
+                self._replace(lease_id)
+            except Exception as error:
+                if not self._stop.is_set():
+                    _log.error(
+                        "keepalive: no replacement for interrupted worker %s (%s); trying "
+                        "again after the next PING",
+                        exc.ip,
+                        error,
+                    )
+
+    def _release(self, ip: str, lease_id: str) -> None:
+        try:
+            self._client._release(ip, lease_id)
+        except Exception as exc:
+            _log.warning(
+                "releasing worker %s failed (%s); the broker drops the lease after its "
+                "idle timeout",
+                ip,
+                exc,
+            )
+
+
 def _read_line(sock: socket.socket, timeout: float, where: str) -> str:
     """One reply line, waiting at most `timeout` seconds in all (socket.timeout after that)."""
     deadline = time.monotonic() + timeout
@@ -384,6 +604,57 @@ def _decode(raw: bytes) -> str:
 def _expect_ok(command: str, line: str) -> None:
     if line != "OK" and not line.startswith("OK "):
         raise BrokerProtocolError(f"unexpected {command} reply: {_clip(line)}")
+
+
+_INTERRUPTED_REASON = "Worker interrupted"
+_ISO_DEADLINE = re.compile(
+    r"([0-9]{4})-([0-9]{2})-([0-9]{2})[Tt ]([0-9]{2}):([0-9]{2}):([0-9]{2})"
+    r"(?:[.,]([0-9]+))?([Zz]|[+-][0-9]{2}:?[0-9]{2})\Z"
+)
+
+
+def _interruption(ip: str, error: BrokerError) -> WorkerInterrupted | None:
+    """The WorkerInterrupted a PING's `ERROR: Worker interrupted [deadline]` stands for."""
+    reason = error.message
+    head = reason[: len(_INTERRUPTED_REASON)]
+    rest = reason[len(_INTERRUPTED_REASON) :]
+    if head.lower() != _INTERRUPTED_REASON.lower() or rest[:1] not in ("", " ", "\t"):
+        return None
+    words = rest.split()
+    deadline = _parse_deadline(words[0]) if words else None
+    return WorkerInterrupted(ip, deadline, reason, error.line)
+
+
+def _parse_deadline(text: str) -> datetime.datetime | None:
+    """An ISO 8601 time with Z (or an offset) as an aware UTC datetime; None if unreadable."""
+    match = _ISO_DEADLINE.match(text)
+    if match is None:
+        return None
+    year, month, day, hour, minute, second, fraction, zone = match.groups()
+    try:
+        if zone in ("Z", "z"):
+            tz = datetime.timezone.utc
+        else:
+            sign = -1 if zone[0] == "-" else 1
+            hours, minutes = int(zone[1:3]), int(zone[-2:])
+            if minutes > 59:
+                return None
+            offset = datetime.timedelta(hours=hours, minutes=minutes)
+            tz = datetime.timezone(sign * offset)
+        micros = int((fraction or "0")[:6].ljust(6, "0"))
+        value = datetime.datetime(
+            int(year), int(month), int(day), int(hour), int(minute), int(second), micros, tz
+        )
+        return value.astimezone(datetime.timezone.utc)
+    except (ValueError, OverflowError):
+        return None
+
+
+def _iso(value: datetime.datetime) -> str:
+    """`2026-11-23T12:34:56Z`: UTC, whole seconds (a naive datetime is taken as UTC)."""
+    if value.tzinfo is not None:
+        value = value.astimezone(datetime.timezone.utc)
+    return value.strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def _client_words(client_id: str) -> list[str]:

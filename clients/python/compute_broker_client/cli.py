@@ -1,7 +1,8 @@
 """The `compute-broker-client` command: one broker request from the shell.
 
 Exit codes: 0 success, 1 the broker answered ERROR (or an unexpected reply), 2 usage error,
-3 the broker timed out or could not be reached.
+3 the broker timed out or could not be reached, 4 `ping` found the worker interrupted (being
+taken away, e.g. a spot interruption: get another one).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from compute_broker_client import (
     BrokerProtocolError,
     BrokerTimeout,
     BrokerUnavailable,
+    WorkerInterrupted,
     __version__,
 )
 
@@ -27,6 +29,7 @@ EXIT_OK = 0
 EXIT_BROKER_ERROR = 1
 EXIT_USAGE = 2
 EXIT_UNAVAILABLE = 3
+EXIT_INTERRUPTED = 4
 
 PROG = "compute-broker-client"
 
@@ -51,6 +54,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except WorkerInterrupted as exc:
+        print(f"{PROG}: {exc}; get another worker", file=sys.stderr)
+        return EXIT_INTERRUPTED
     except BrokerError as exc:
         print(exc.line, file=sys.stderr)
         return EXIT_BROKER_ERROR
@@ -89,7 +95,8 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=PROG,
         description="Ask a compute-broker for EC2 workers.",
-        epilog="exit codes: 0 ok, 1 broker error, 2 usage error, 3 timeout or unreachable",
+        epilog="exit codes: 0 ok, 1 broker error, 2 usage error, 3 timeout or unreachable, "
+        "4 the worker is interrupted (ping)",
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     parser.add_argument(
@@ -124,7 +131,9 @@ def _parser() -> argparse.ArgumentParser:
     get.add_argument("--type", help="EC2 instance type, e.g. c7i.8xlarge")
     get.add_argument("--market", help="spot or on-demand")
     get.add_argument("--wait", type=float, help="seconds the broker may wait for a launch")
-    ping = sub.add_parser("ping", help="keep a worker and your lease alive")
+    ping = sub.add_parser(
+        "ping", help="keep a worker and your lease alive; exit 4 if it is interrupted"
+    )
     ping.add_argument("ip")
     release = sub.add_parser("release", help="end your lease on a worker")
     release.add_argument("ip")
