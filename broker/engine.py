@@ -4,6 +4,10 @@
 request-path method is synchronous up to its first `await`, so a decision and the bookkeeping
 that makes it visible to other tasks (an in-flight launch, a lease) happen atomically.
 
+Money goes through `broker.spending` (the ledger in the registry): a launch commits its cover
+before RunInstances, activity extends covers, ended workers refund them. Capacity fallback
+follows `broker.offerings`; EC2 events (spot interruptions) come from an `EventQueue`.
+
 Every decision that matters is written to the `Registry` before it is acted on or answered:
 a launch intent before RunInstances, a lease before the IP is sent. The in-memory pool is a
 write-through cache of it; at start the engine restores the pool from the registry, then
@@ -31,16 +35,7 @@ from broker.interruptions import (
     Unrecognised,
     parse_event,
 )
-from broker.ledger import (
-    Budget,
-    CoverPolicy,
-    OnCap,
-    PeriodSpend,
-    charge,
-    outstanding,
-    refund,
-    refusal,
-)
+from broker.ledger import Budget, CoverPolicy, OnCap, PeriodSpend, refusal
 from broker.offerings import Offering, OfferingMemory, offerings
 from broker.pool import (
     LOCAL_TYPE,
@@ -57,7 +52,6 @@ from broker.pool import (
 from broker.prices import PriceTable
 from broker.protocol import GetWorker
 from broker.registry import (
-    CoverOutcome,
     LaunchIntent,
     LeaseRecord,
     MemoryRegistry,
@@ -65,6 +59,7 @@ from broker.registry import (
     WorkerRecord,
 )
 from broker.schedule import WarmPoolSchedule, refill_count
+from broker.spending import Cover, LaunchCharge, Refused, Spending
 from broker.sqs import EventQueue, JobQueue
 
 _log = structlog.get_logger("broker.engine")
@@ -75,7 +70,6 @@ LAUNCH_TOKEN_TAG = "compute-broker:launch-token"  # the EC2 adapter tags every l
 ACTIVITY_WRITE_EVERY = 30.0  # seconds; lease activity is written at most this often
 WAIT_SLACK = 2.0  # seconds a default GET_WORKER waits beyond launch_timeout + describe_interval
 FALLBACKS_SHOWN = 20  # the latest capacity fallbacks STATUS lists
-MAX_COVER_ROUNDS = 3  # extend_cover attempts when other replicas move the same cover
 EVENTS_WAIT = 20  # seconds an SQS long poll for EC2 events waits
 EVENTS_RETRY = 10.0  # seconds before polling again after the events queue failed
 SPOT_PRICE_REFRESH = 3600.0  # seconds between spot price history reads
@@ -153,7 +147,7 @@ class _Attempt:
     error: str | None = None
     capped: bool = False  # refused by the pool-wide counter: may succeed later
     reserved: int = 0  # instances reserved on the pool-wide counter, not yet launched
-    charged: tuple[dict[str, int], int] | None = None  # spend committed: (per instance, count)
+    charged: LaunchCharge | None = None  # spend committed for this launch
 
 
 class Engine:
@@ -191,12 +185,15 @@ class Engine:
         self._capped: dict[LaunchSpec, tuple[float, str]] = {}  # spec -> (retry at, reason)
         self._warm_wakeup = trio.Event()
         self._warm_pool_configured = bool(settings.warm_pool.min_idle or settings.warm_pool.windows)
-        self._cover = CoverPolicy(
-            settings.limits.idle_timeout, settings.reap_interval, settings.launch_timeout
+        self.spending = Spending(
+            self.registry,
+            settings.budget,
+            CoverPolicy(
+                settings.limits.idle_timeout, settings.reap_interval, settings.launch_timeout
+            ),
         )
         self._offering_memory = OfferingMemory()
         self._fallbacks: list[dict[str, Any]] = []  # the latest fallbacks, for STATUS
-        self._committed: dict[str, int] = {}  # the ledger's totals as last seen, for STATUS
         self._cap_reached: str | None = None  # the ledger key whose cap was last reached
         self._closing = False
         self._nursery: trio.Nursery | None = None
@@ -439,13 +436,10 @@ class Engine:
             for w in self.pool.workers.values()
             if w.price_per_hour is not None and w.paid_until is not None and not w.local
         ]
-        unused = outstanding(covers, now, key, self.settings.budget.zone)
-        for attempt in self._attempts.values():  # launches charged, not answered yet
-            if attempt.charged is not None:
-                per_instance, count = attempt.charged
-                unused += per_instance.get(key, 0) * count
-        limit = self.settings.budget.limits([key]).get(key)
-        return PeriodSpend(key, self._committed.get(key, 0), unused, limit)
+        pending = sum(  # launches charged, not answered yet
+            a.charged.total().get(key, 0) for a in self._attempts.values() if a.charged is not None
+        )
+        return self.spending.period(key, now, covers, pending)
 
     # --- launching -------------------------------------------------------------------------
 
@@ -517,10 +511,8 @@ class Engine:
         attempt.instances = instances
         self._capped.pop(spec, None)
         attempt.reserved -= len(instances)
-        if attempt.charged is not None:
-            per_instance, charged = attempt.charged
-            attempt.charged = (per_instance, charged - len(instances))
-        await self._undo_reservations(attempt)  # what RunInstances did not launch
+        await self._refund_charge(attempt, launched=len(instances))  # for what was not launched
+        await self._undo_reservations(attempt)
         workers = self.pool.launch_answered(attempt.token, instances, now, price=price)
         for worker in workers:
             worker.paid_until = paid_until
@@ -603,42 +595,31 @@ class Engine:
         """Commit the cost of `attempt.reserved` new workers of `offering` until they could
         first be reaped; fewer if only fewer fit under the caps. The cover's end (None when
         the price is unknown: nothing is charged)."""
-        budget = self.settings.budget
         if price is None:
-            if budget.capped:
+            if self.settings.budget.capped:
                 raise _OverBudget(
                     f"budget: no price known for {offering.instance_type} {offering.market}; "
                     "add it under prices in the config"
                 )
             return None
         now = self.clock.now()
-        paid_until = self._cover.initial(now)
-        per_instance = charge(price, now, paid_until, budget.zone)
-        limits = budget.limits(per_instance)
-        grant = await self.registry.reserve_spend(per_instance, attempt.reserved, limits)
-        self._committed.update(grant.committed)
-        if grant.count == 0:
+        charged = await self.spending.charge_launch(price, attempt.reserved, now)
+        if isinstance(charged, Refused):
             self._on_cap(now)
-            binding = next(
-                key
-                for key, limit in limits.items()
-                if grant.committed.get(key, 0) + per_instance[key] > limit
-            )
-            raise _OverBudget(refusal(self._period_spend(binding, now), per_instance[binding]))
-        attempt.charged = (per_instance, grant.count)
-        if grant.count < attempt.reserved:
-            await self._unreserve(attempt.reserved - grant.count)
-            attempt.reserved = grant.count
-        return paid_until
+            spend = self._period_spend(charged.key, now)
+            raise _OverBudget(refusal(spend, charged.per_instance))
+        attempt.charged = charged
+        if charged.count < attempt.reserved:
+            await self._unreserve(attempt.reserved - charged.count)
+            attempt.reserved = charged.count
+        return charged.paid_until
 
-    async def _refund_charge(self, attempt: _Attempt) -> None:
-        """Give back what `_charge_launch` committed (nothing was launched with it)."""
+    async def _refund_charge(self, attempt: _Attempt, launched: int = 0) -> None:
+        """Give back what `_charge_launch` committed for workers not launched."""
         if attempt.charged is None:
             return
-        per_instance, count = attempt.charged
-        attempt.charged = None
-        if count > 0:
-            await self._refund({key: amount * count for key, amount in per_instance.items()})
+        charged, attempt.charged = attempt.charged, None
+        await self.spending.refund(charged.total(charged.count - launched))
 
     async def _undo_reservations(self, attempt: _Attempt) -> None:
         await self._refund_charge(attempt)
@@ -670,54 +651,12 @@ class Engine:
     # --- the dollar ledger -----------------------------------------------------------------
 
     async def _covered(self, worker: Worker, now: float) -> bool:
-        """Make sure the worker's cost is committed until it could next be reaped (extending
-        its cover in the ledger when its activity lets it live longer); False when a cap
-        forbids. May raise CloudError (registry unavailable)."""
-        price = worker.price_per_hour
-        if worker.local or price is None:
-            return True
-        needed = self._cover.needed(worker.last_activity, now)
-        budget = self.settings.budget
-        for _ in range(MAX_COVER_ROUNDS):
-            seen = worker.paid_until
-            if seen is not None and seen >= needed:
-                return True
-            start = worker.launched_at if seen is None else seen
-            if start < now:
-                # Time already run without cover (adopted, or the broker was down): spent,
-                # so charged whatever the caps say.
-                spent = charge(price, start, now, budget.zone)
-                outcome = await self.registry.extend_cover(worker.instance_id, seen, now, spent, {})
-                if outcome is CoverOutcome.EXTENDED:
-                    self._add_committed(spent)
-                    worker.paid_until = seen = start = now
-                elif not await self._reload_cover(worker):
-                    return False
-                else:
-                    continue
-            target = self._cover.extended(now)
-            charges = charge(price, start, target, budget.zone)
-            outcome = await self.registry.extend_cover(
-                worker.instance_id, seen, target, charges, budget.limits(charges)
-            )
-            if outcome is CoverOutcome.EXTENDED:
-                self._add_committed(charges)
-                worker.paid_until = target
-                return True
-            if outcome is CoverOutcome.CAPPED:
-                self._on_cap(now)
-                return False
-            if not await self._reload_cover(worker):
-                return False
-        return worker.paid_until is not None and worker.paid_until >= needed
-
-    async def _reload_cover(self, worker: Worker) -> bool:
-        """Another replica moved the worker's cover: read it. False if the worker is gone."""
-        record = await self.registry.get_worker(worker.instance_id)
-        if record is None:
-            return False
-        worker.paid_until = record.paid_until
-        return True
+        """Make sure the worker's cost is committed until it could next be reaped; False when
+        a cap forbids (or the worker is gone). May raise CloudError."""
+        cover = await self.spending.cover(worker, now)
+        if cover is Cover.CAPPED:
+            self._on_cap(now)
+        return cover is Cover.COVERED
 
     def _interrupt_for_budget(self, worker: Worker, now: float) -> Interruption:
         """A cap forbids extending the worker's cover: it goes when the cover runs out."""
@@ -762,37 +701,10 @@ class Engine:
         except CloudError:
             pass  # logged; the reaper retries
 
-    async def _refund(self, amounts: dict[str, int]) -> None:
-        try:
-            await self.registry.refund_spend(amounts)
-        except CloudError as exc:
-            _log.error("registry.write_failed", op="refund_spend", error=str(exc))
-            return
-        self._add_committed({key: -amount for key, amount in amounts.items()})
-
-    async def _refund_cover(self, record: WorkerRecord, now: float) -> None:
-        """A worker ended before its cover ran out: give back the unused part."""
-        price, paid_until = record.price_per_hour, record.paid_until
-        if price is None or paid_until is None or paid_until <= now:
-            return
-        amounts = refund(price, now, paid_until, self.settings.budget.zone)
-        if amounts:
-            await self._refund(amounts)
-
-    def _add_committed(self, amounts: dict[str, int]) -> None:
-        for key, amount in amounts.items():
-            if key in self._committed:
-                self._committed[key] = max(0, self._committed[key] + amount)
-
     async def _check_covers(self, now: float) -> None:
         """Each reaper pass: extend the covers running workers need; a worker whose cover a
         cap forbids extending is interrupted, and terminated before its cover runs out."""
-        try:
-            self._committed.update(
-                await self.registry.spend(self.settings.budget.current_keys(now))
-            )
-        except CloudError as exc:
-            _log.warning("registry.read_failed", op="spend", error=str(exc))
+        await self.spending.refresh(now)
         doomed: list[Worker] = []
         for worker in list(self.pool.workers.values()):
             if worker.local or worker.state is not WorkerState.READY:
@@ -1566,7 +1478,7 @@ class Engine:
             return
         if reserved:
             await self._unreserve(1)
-        await self._refund_cover(record, self.clock.now())
+        await self.spending.refund_cover(record, self.clock.now())
 
     async def _unreserve(self, count: int) -> None:
         try:
