@@ -27,13 +27,14 @@ from broker.cloud import CloudError, LaunchSpec, Market
 from broker.config import Config, ConfigError, load_config, reference_markdown, sample_yaml
 from broker.ec2 import BILLABLE_STATES, Ec2Cloud, Ec2Settings
 from broker.engine import Engine, EngineSettings
-from broker.ledger import Budget, OnCap
+from broker.ledger import Budget, CoverPolicy, OnCap
 from broker.log import configure_logging
 from broker.pool import Limits
 from broker.prices import PriceTable
 from broker.registry import MemoryRegistry, Registry
 from broker.sdnotify import notify
 from broker.server import Server, ServerSettings
+from broker.spending import Spending
 from broker.sqs import EventQueue, SqsQueue, ensure_events_queue
 
 EXIT_CONFIG = 2
@@ -202,8 +203,11 @@ def _stop_all(args: argparse.Namespace) -> int:
         for lease in leases:
             if lease.instance_id in stopped:
                 await registry.end_lease(lease.client, lease.instance_id)
+        spending = Spending(registry, _budget(config), _cover_policy(config))
         for instance_id in stopped:
-            await registry.delete_worker(instance_id)
+            record = await registry.delete_worker(instance_id)
+            if record is not None:  # give back the cover it will not use
+                await spending.refund_cover(record, now)
         print("terminated")
         return 0
 
@@ -294,6 +298,16 @@ def _ec2_settings(config: Config) -> Ec2Settings:
     )
 
 
+def _budget(config: Config) -> Budget:
+    return Budget(
+        config.max_daily_cost, config.max_monthly_cost, config.budget_timezone, OnCap(config.on_cap)
+    )
+
+
+def _cover_policy(config: Config) -> CoverPolicy:
+    return CoverPolicy(config.idle_timeout, config.reap_interval, config.launch_timeout)
+
+
 def build_engine(config: Config, clock: Clock) -> Engine:
     """The engine for a config, talking to EC2 (and DynamoDB) through boto3."""
     limiter = trio.CapacityLimiter(config.aws_max_concurrency)
@@ -321,12 +335,7 @@ def build_engine(config: Config, clock: Clock) -> Engine:
         local_workers=config.local_workers,
         prefer_local=config.prefer_local,
         burst=config.burst_policy,
-        budget=Budget(
-            config.max_daily_cost,
-            config.max_monthly_cost,
-            config.budget_timezone,
-            OnCap(config.on_cap),
-        ),
+        budget=_budget(config),
         subnets=config.subnets or (config.subnet_id,),
     )
     prices = PriceTable.default().with_overrides(config.prices)

@@ -210,6 +210,13 @@ class DynamoRegistry:
             conditions.append(("holders", 0))
         return await self._update_existing(_worker_sk(instance_id), changes, conditions)
 
+    async def mark_interrupted(self, instance_id: str, reason: str, deadline: float | None) -> bool:
+        changes: dict[str, ItemValue] = {
+            "interruption": reason,
+            "interruption_deadline": deadline,
+        }
+        return await self._update_existing(_worker_sk(instance_id), changes)
+
     async def delete_worker(self, instance_id: str) -> WorkerRecord | None:
         request = self._request(_worker_sk(instance_id))
         request["ReturnValues"] = "ALL_OLD"
@@ -479,8 +486,9 @@ class DynamoRegistry:
         condition = (
             "attribute_exists(#sk) AND #state = :ready AND (attribute_not_exists(#expires_at)"
             " OR attribute_type(#expires_at, :null) OR #expires_at >= :now)"
+            " AND (attribute_not_exists(#interruption) OR attribute_type(#interruption, :null))"
         )
-        names = ["sk", "state", "expires_at", "last_activity"]
+        names = ["sk", "state", "expires_at", "last_activity", "interruption"]
         values: dict[str, ItemValue] = {
             "ready": WorkerState.READY.value,
             "null": "NULL",

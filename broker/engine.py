@@ -658,10 +658,24 @@ class Engine:
             self._on_cap(now)
         return cover is Cover.COVERED
 
+    async def _persist_interruption(self, worker: Worker) -> None:
+        """Tell other replicas (through the registry) to hand the worker out no more."""
+        interruption = worker.interruption
+        if interruption is None:
+            return
+        try:
+            await self.registry.mark_interrupted(
+                worker.instance_id, interruption.reason, interruption.deadline
+            )
+        except CloudError as exc:
+            _log.error("registry.write_failed", op="mark_interrupted", error=str(exc))
+
     def _interrupt_for_budget(self, worker: Worker, now: float) -> Interruption:
         """A cap forbids extending the worker's cover: it goes when the cover runs out."""
         if worker.interruption is None:
             worker.interruption = Interruption("budget", worker.paid_until, now)
+            if self._nursery is not None:
+                self._nursery.start_soon(self._persist_interruption, worker)
             _log.warning(
                 "worker.budget_exhausted",
                 instance_id=worker.instance_id,
@@ -1137,6 +1151,7 @@ class Engine:
         if previous is not None and (previous.deadline is not None or deadline is None):
             return  # already known (SQS delivers at least once)
         worker.interruption = Interruption(reason, deadline, now)
+        await self._persist_interruption(worker)
         holders = self.pool.holders(worker.instance_id)
         _log.warning(
             "worker.interrupted",
@@ -1511,9 +1526,14 @@ class Engine:
                     _log.info("worker.local_joined", instance_id=record.instance_id)
         for record in records.values():
             known_worker = self.pool.workers.get(record.instance_id)
-            if known_worker is not None and record.paid_until is not None:
+            if known_worker is None:
+                continue
+            if record.paid_until is not None:  # another replica extended its cover
                 cover = known_worker.paid_until
                 known_worker.paid_until = max(cover or 0.0, record.paid_until)
+            if known_worker.interruption is None and record.interruption is not None:
+                known_worker.interruption = _interruption_of(record, now)
+                _log.info("worker.interrupted_elsewhere", instance_id=record.instance_id)
         declared = {spec.instance_id for spec in self.settings.local_workers}
         for worker in list(self.pool.workers.values()):
             if worker.local:
@@ -1600,7 +1620,13 @@ def _worker_from_record(record: WorkerRecord) -> Worker:
         ready_at=record.launched_at if record.state is WorkerState.READY else None,
         launch_token=record.launch_token,
         paid_until=record.paid_until,
+        interruption=None if record.interruption is None else _interruption_of(record, 0.0),
     )
+
+
+def _interruption_of(record: WorkerRecord, now: float) -> Interruption:
+    assert record.interruption is not None
+    return Interruption(record.interruption, record.interruption_deadline, now)
 
 
 def _lease_from_record(record: LeaseRecord, price_per_hour: float | None) -> Lease:
@@ -1627,4 +1653,6 @@ def _record_of(worker: Worker) -> WorkerRecord:
         price_per_hour=worker.price_per_hour,
         launch_token=worker.launch_token,
         paid_until=worker.paid_until,
+        interruption=None if worker.interruption is None else worker.interruption.reason,
+        interruption_deadline=None if worker.interruption is None else worker.interruption.deadline,
     )

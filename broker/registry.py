@@ -85,6 +85,8 @@ class WorkerRecord:
     holders: int = attrs.field(default=0, converter=_int)
     expires_at: float | None = attrs.field(default=None, converter=_optional_float)
     paid_until: float | None = attrs.field(default=None, converter=_optional_float)
+    interruption: str | None = None  # why EC2 (or the budget) is taking it away
+    interruption_deadline: float | None = attrs.field(default=None, converter=_optional_float)
 
     @classmethod
     def from_instance(
@@ -133,6 +135,8 @@ class WorkerRecord:
             "holders": self.holders,
             "expires_at": self.expires_at,
             "paid_until": self.paid_until,
+            "interruption": self.interruption,
+            "interruption_deadline": self.interruption_deadline,
         }
 
     def is_expired(self, now: float) -> bool:
@@ -292,6 +296,11 @@ class Registry(Protocol):
         there is no such worker: of several replicas racing to reap a worker, one gets True."""
         ...
 
+    async def mark_interrupted(self, instance_id: str, reason: str, deadline: float | None) -> bool:
+        """Record that the worker is being taken away: no lease can be claimed on it any more
+        (other replicas learn it here). False if there is no such worker."""
+        ...
+
     async def delete_worker(self, instance_id: str) -> WorkerRecord | None:
         """Forget a worker (idempotent). Its leases stay until `end_lease`. Returns the record
         deleted; None if there was none (so of several callers, one gets it and settles its
@@ -302,8 +311,9 @@ class Registry(Protocol):
 
     async def claim_lease(self, lease: LeaseRecord, capacity: int | None) -> bool:
         """Atomically create `lease` and count it in the worker's `holders`, if the worker
-        exists, is ready, has not expired at `lease.last_activity`, and (unless `capacity` is
-        None) has fewer than `capacity` holders. Also sets the worker's `last_activity`.
+        exists, is ready, is not interrupted, has not expired at `lease.last_activity`, and
+        (unless `capacity` is None) has fewer than `capacity` holders. Also sets the worker's
+        `last_activity`.
 
         If the client already holds a lease on the worker (expired or not), it is refreshed
         (`last_activity`, `expires_at`) and not counted again. False when the condition fails.
@@ -464,6 +474,16 @@ class MemoryRegistry:
         self._workers[instance_id] = attrs.evolve(worker, state=state, ip=new_ip)
         return True
 
+    async def mark_interrupted(self, instance_id: str, reason: str, deadline: float | None) -> bool:
+        await trio.lowlevel.checkpoint()
+        worker = self._workers.get(instance_id)
+        if worker is None:
+            return False
+        self._workers[instance_id] = attrs.evolve(
+            worker, interruption=reason, interruption_deadline=deadline
+        )
+        return True
+
     async def delete_worker(self, instance_id: str) -> WorkerRecord | None:
         await trio.lowlevel.checkpoint()
         return self._workers.pop(instance_id, None)
@@ -475,6 +495,8 @@ class MemoryRegistry:
         now = lease.last_activity
         worker = self._workers.get(lease.instance_id)
         if worker is None or worker.state != WorkerState.READY or worker.is_expired(now):
+            return False
+        if worker.interruption is not None:
             return False
         key = (lease.instance_id, lease.client)
         held = self._leases.get(key)

@@ -706,3 +706,16 @@ async def test_a_reap_condition_fails_once_the_worker_is_held(registry: Registry
     assert await registry.set_worker_state(
         "i-0a", WorkerState.TERMINATING, expect=WorkerState.READY, unheld=True
     )
+
+
+async def test_an_interrupted_worker_takes_no_new_lease(registry: Registry) -> None:
+    """After mark_interrupted, claims fail (other replicas stop handing it out) and the
+    record carries the reason and the deadline."""
+    await registry.put_worker(worker())
+    assert await registry.claim_lease(lease("a"), None)
+    assert await registry.mark_interrupted("i-0a", "spot_interruption", NOW + 120)
+    assert not await registry.claim_lease(lease("b"), None)
+    stored = await registry.get_worker("i-0a")
+    assert stored is not None
+    assert (stored.interruption, stored.interruption_deadline) == ("spot_interruption", NOW + 120)
+    assert not await registry.mark_interrupted("i-0b", "rebalance_recommendation", None)
