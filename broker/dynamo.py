@@ -210,7 +210,9 @@ class DynamoRegistry:
             conditions.append(("holders", 0))
         return await self._update_existing(_worker_sk(instance_id), changes, conditions)
 
-    async def mark_interrupted(self, instance_id: str, reason: str, deadline: float | None) -> bool:
+    async def mark_interrupted(
+        self, instance_id: str, reason: str | None, deadline: float | None
+    ) -> bool:
         changes: dict[str, ItemValue] = {
             "interruption": reason,
             "interruption_deadline": deadline,

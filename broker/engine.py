@@ -480,7 +480,8 @@ class Engine:
                 attempt.reserved = await self.registry.reserve_instances(count, max_workers)
                 if attempt.reserved == 0:
                     raise _AllReserved(f"max_workers reached ({max_workers}) across replicas")
-                instances, offering, price, paid_until = await self._launch_offerings(attempt)
+                launched = await self._launch_offerings(attempt)
+                instances, offering, price, paid_until, token = launched
         except Exception as exc:
             if not isinstance(exc, CloudError | trio.TooSlowError | _AllReserved | _OverBudget):
                 _log.exception("launch.crashed", client_token=attempt.token)
@@ -516,7 +517,7 @@ class Engine:
         workers = self.pool.launch_answered(attempt.token, instances, now, price=price)
         for worker in workers:
             worker.paid_until = paid_until
-        await self._persist_launched(attempt.token, workers)
+        await self._persist_launched(token, workers)
         for worker in workers:
             _log.info(
                 "worker.launched",
@@ -536,11 +537,11 @@ class Engine:
 
     async def _launch_offerings(
         self, attempt: _Attempt
-    ) -> tuple[list[Instance], Offering, float | None, float | None]:
+    ) -> tuple[list[Instance], Offering, float | None, float | None, str]:
         """Try the spec's offerings in order until EC2 has capacity for one: each is charged
         to the ledger first, and refunded if EC2 answers a capacity error (remembered, so the
-        next launches skip that offering for a while). The instances, the offering, its price
-        and the cover committed for each instance."""
+        next launches skip that offering for a while). The instances, the offering, its price,
+        the cover committed for each instance, and the launch's client token (its intent's)."""
         spec = attempt.spec
         now = self.clock.now()
         candidates = offerings(spec, self.settings.subnets)
@@ -552,6 +553,10 @@ class Engine:
         last: CloudError | None = None
         for index, offering in enumerate(tried):
             price = self.prices.price(offering.instance_type, offering.market)
+            over_rate = self.pool.rate_refusal(attempt.token, offering.spec, price)
+            if over_rate is not None:  # a fallback dearer than the admitted price
+                failures.append(f"{offering.describe()}: {over_rate}")
+                continue
             paid_until = await self._charge_launch(attempt, offering, price)
             token = attempt.token if index == 0 else f"{attempt.token}-{index}"
             intent = LaunchIntent.begin(
@@ -582,7 +587,7 @@ class Engine:
             self._offering_memory.succeeded(offering)
             if index > 0:
                 self._note_fallback(spec, offering, failures, now)
-            return instances, offering, price, paid_until
+            return instances, offering, price, paid_until, token
         if last is not None and len(failures) == 1:
             raise last  # AWS's own words when there was nothing to fall back to
         raise CloudError(
@@ -605,7 +610,7 @@ class Engine:
         now = self.clock.now()
         charged = await self.spending.charge_launch(price, attempt.reserved, now)
         if isinstance(charged, Refused):
-            self._on_cap(now)
+            self._on_cap(now, charged.key)
             spend = self._period_spend(charged.key, now)
             raise _OverBudget(refusal(spend, charged.per_instance))
         attempt.charged = charged
@@ -659,14 +664,16 @@ class Engine:
         return cover is Cover.COVERED
 
     async def _persist_interruption(self, worker: Worker) -> None:
-        """Tell other replicas (through the registry) to hand the worker out no more."""
+        """Tell other replicas (through the registry) to hand the worker out no more, or (no
+        interruption any more) again."""
         interruption = worker.interruption
-        if interruption is None:
-            return
         try:
-            await self.registry.mark_interrupted(
-                worker.instance_id, interruption.reason, interruption.deadline
-            )
+            if interruption is None:
+                await self.registry.mark_interrupted(worker.instance_id, None, None)
+            else:
+                await self.registry.mark_interrupted(
+                    worker.instance_id, interruption.reason, interruption.deadline
+                )
         except CloudError as exc:
             _log.error("registry.write_failed", op="mark_interrupted", error=str(exc))
 
@@ -685,15 +692,20 @@ class Engine:
             self._notify()
         return worker.interruption
 
-    def _on_cap(self, now: float) -> None:
-        """A cap refused a charge: the warm pool stops refilling for the rest of the period,
-        and with on_cap: terminate_idle the idle workers go at once."""
+    def _on_cap(self, now: float, key: str | None = None) -> None:
+        """A cap (of the period `key`, else the one with least room) refused a charge: the
+        warm pool stops refilling for the rest of that period, and with on_cap:
+        terminate_idle the idle workers go at once."""
         budget = self.settings.budget
         keys = budget.current_keys(now)
+        if key is None:
+            limits = budget.limits(keys)
+            committed = self.spending.committed
+            key = min(limits, key=lambda k: limits[k] - committed.get(k, 0), default=keys[0])
         first = self._cap_reached not in keys
-        self._cap_reached = keys[0]
+        self._cap_reached = key
         if first:
-            _log.warning("budget.cap_reached", period=keys[0], on_cap=str(budget.on_cap))
+            _log.warning("budget.cap_reached", period=key, on_cap=str(budget.on_cap))
         if budget.on_cap is OnCap.TERMINATE_IDLE and self._nursery is not None:
             self._nursery.start_soon(self._terminate_idle, "budget_cap")
 
@@ -719,10 +731,15 @@ class Engine:
         """Each reaper pass: extend the covers running workers need; a worker whose cover a
         cap forbids extending is interrupted, and terminated before its cover runs out."""
         await self.spending.refresh(now)
+        new_period = self._cap_reached not in self.settings.budget.current_keys(now)
         doomed: list[Worker] = []
         for worker in list(self.pool.workers.values()):
             if worker.local or worker.state is not WorkerState.READY:
                 continue
+            budget_stop = worker.interruption is not None and worker.interruption.reason == "budget"
+            if budget_stop and new_period:  # a new day or month: its cap may allow it again
+                worker.interruption = None
+                await self._persist_interruption(worker)
             try:
                 covered = await self._covered(worker, now)
             except CloudError as exc:

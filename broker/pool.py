@@ -292,6 +292,24 @@ class Pool:
             )
         return Admission(min(allowed, by_budget))
 
+    def rate_refusal(
+        self, token: str, spec: LaunchSpec, price_per_hour: float | None
+    ) -> str | None:
+        """Why the in-flight launch `token` may not go ahead as `spec` at `price_per_hour`
+        (a fallback offering) under max_hourly_cost; None if it may. The launch is re-priced
+        when it may, so later decisions count it at that price."""
+        flight = self.in_flight.get(token)
+        cap = self.limits.max_hourly_cost
+        if flight is None or cap is None:
+            return None
+        if price_per_hour is None:
+            return "no price known"
+        others = self.run_rate() - (flight.price_per_hour or 0.0) * flight.count
+        if others + price_per_hour * flight.count > cap + 1e-9:
+            return f"run rate would pass max_hourly_cost ${cap:.4g}/h"
+        self.in_flight[token] = attrs.evolve(flight, price_per_hour=price_per_hour)
+        return None
+
     # --- transitions -------------------------------------------------------------------------
 
     def launch_started(

@@ -296,9 +296,12 @@ class Registry(Protocol):
         there is no such worker: of several replicas racing to reap a worker, one gets True."""
         ...
 
-    async def mark_interrupted(self, instance_id: str, reason: str, deadline: float | None) -> bool:
+    async def mark_interrupted(
+        self, instance_id: str, reason: str | None, deadline: float | None
+    ) -> bool:
         """Record that the worker is being taken away: no lease can be claimed on it any more
-        (other replicas learn it here). False if there is no such worker."""
+        (other replicas learn it here); reason None lifts that. False if there is no such
+        worker."""
         ...
 
     async def delete_worker(self, instance_id: str) -> WorkerRecord | None:
@@ -474,7 +477,9 @@ class MemoryRegistry:
         self._workers[instance_id] = attrs.evolve(worker, state=state, ip=new_ip)
         return True
 
-    async def mark_interrupted(self, instance_id: str, reason: str, deadline: float | None) -> bool:
+    async def mark_interrupted(
+        self, instance_id: str, reason: str | None, deadline: float | None
+    ) -> bool:
         await trio.lowlevel.checkpoint()
         worker = self._workers.get(instance_id)
         if worker is None:

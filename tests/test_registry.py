@@ -719,3 +719,11 @@ async def test_an_interrupted_worker_takes_no_new_lease(registry: Registry) -> N
     assert stored is not None
     assert (stored.interruption, stored.interruption_deadline) == ("spot_interruption", NOW + 120)
     assert not await registry.mark_interrupted("i-0b", "rebalance_recommendation", None)
+
+
+async def test_a_lifted_interruption_lets_leases_be_claimed_again(registry: Registry) -> None:
+    """mark_interrupted with no reason (a budget stop lifted in a new period) lifts it."""
+    await registry.put_worker(worker())
+    assert await registry.mark_interrupted("i-0a", "budget", NOW + 60)
+    assert await registry.mark_interrupted("i-0a", None, None)
+    assert await registry.claim_lease(lease("b"), None)
