@@ -562,7 +562,7 @@ FIELDS: tuple[Field, ...] = (
         "refuse",
         "When a cap is reached: refuse launches (idle workers live out what is paid for), or "
         "also terminate every idle worker at once. Either way the warm pool stops refilling "
-        "until the period ends.",
+        "until the period whose cap was reached ends.",
         "terminate_idle",
     ),
     Field(
