@@ -70,6 +70,7 @@ LAUNCH_TOKEN_TAG = "compute-broker:launch-token"  # the EC2 adapter tags every l
 ACTIVITY_WRITE_EVERY = 30.0  # seconds; lease activity is written at most this often
 WAIT_SLACK = 2.0  # seconds a default GET_WORKER waits beyond launch_timeout + describe_interval
 FALLBACKS_SHOWN = 20  # the latest capacity fallbacks STATUS lists
+LEDGER_READ_EVERY = 1.0  # seconds; refusals under load read the registry's spend at most so often
 EVENTS_WAIT = 20  # seconds an SQS long poll for EC2 events waits
 EVENTS_RETRY = 10.0  # seconds before polling again after the events queue failed
 SPOT_PRICE_REFRESH = 3600.0  # seconds between spot price history reads
@@ -195,6 +196,9 @@ class Engine:
         self._offering_memory = OfferingMemory()
         self._fallbacks: list[dict[str, Any]] = []  # the latest fallbacks, for STATUS
         self._cap_reached: str | None = None  # the ledger key whose cap was last reached
+        # Other replicas' workers' (price, paid until) as last read, for the spend shown.
+        self._remote_covers: dict[str, tuple[float, float]] = {}
+        self._ledger_read_at = -math.inf
         self._closing = False
         self._nursery: trio.Nursery | None = None
 
@@ -430,16 +434,31 @@ class Engine:
             "max_hourly_cost": self.settings.limits.max_hourly_cost,
         }
 
+    async def report(self) -> dict[str, Any]:
+        """The STATUS document, with the ledger's totals and every replica's covers read
+        from the registry first (else as last seen)."""
+        await self._read_ledger(self.clock.now())
+        return self.status()
+
+    async def _read_ledger(self, now: float) -> None:
+        self._ledger_read_at = trio.current_time()
+        try:
+            await self.spending.refresh(now)
+            records = await self.registry.list_workers(now)
+        except CloudError as exc:
+            _log.warning("registry.read_failed", op="ledger", error=str(exc))
+            return
+        self._remote_covers = _covers_of(records)
+
     def _period_spend(self, key: str, now: float) -> PeriodSpend:
-        covers = [
-            (w.price_per_hour, w.paid_until)
-            for w in self.pool.workers.values()
-            if w.price_per_hour is not None and w.paid_until is not None and not w.local
-        ]
+        covers = dict(self._remote_covers)  # other replicas' workers too
+        for w in self.pool.workers.values():
+            if w.price_per_hour is not None and w.paid_until is not None and not w.local:
+                covers[w.instance_id] = (w.price_per_hour, w.paid_until)
         pending = sum(  # launches charged, not answered yet
             a.charged.total().get(key, 0) for a in self._attempts.values() if a.charged is not None
         )
-        return self.spending.period(key, now, covers, pending)
+        return self.spending.period(key, now, covers.values(), pending)
 
     # --- launching -------------------------------------------------------------------------
 
@@ -611,6 +630,8 @@ class Engine:
         charged = await self.spending.charge_launch(price, attempt.reserved, now)
         if isinstance(charged, Refused):
             self._on_cap(now, charged.key)
+            if trio.current_time() - self._ledger_read_at >= LEDGER_READ_EVERY:
+                await self._read_ledger(now)  # the refusal names the pool's spend, replicas too
             spend = self._period_spend(charged.key, now)
             raise _OverBudget(refusal(spend, charged.per_instance))
         attempt.charged = charged
@@ -1497,6 +1518,7 @@ class Engine:
         self, instance_id: str, leases: Sequence[Lease], reserved: bool = True
     ) -> None:
         """Drop a worker and its leases from the registry; give back its reservation."""
+        self._remote_covers.pop(instance_id, None)
         for lease in leases:
             await self._forget_lease(lease)
         try:
@@ -1533,6 +1555,7 @@ class Engine:
             _log.error("registry.read_failed", op="sync", error=str(exc))
             return []
         alive = {instance.instance_id for instance in instances}
+        self._remote_covers = _covers_of(list(records.values()))
         for record in records.values():
             known = record.instance_id in self.pool.workers
             local = record.provider == "local"
@@ -1639,6 +1662,14 @@ def _worker_from_record(record: WorkerRecord) -> Worker:
         paid_until=record.paid_until,
         interruption=None if record.interruption is None else _interruption_of(record, 0.0),
     )
+
+
+def _covers_of(records: Sequence[WorkerRecord]) -> dict[str, tuple[float, float]]:
+    return {
+        r.instance_id: (r.price_per_hour, r.paid_until)
+        for r in records
+        if r.price_per_hour is not None and r.paid_until is not None
+    }
 
 
 def _interruption_of(record: WorkerRecord, now: float) -> Interruption:

@@ -216,7 +216,8 @@ class Server:
                 await self.engine.release(ip, _identity(peer, client))
                 return Reply.ok()
             case Status():
-                return Reply(json.dumps(self.engine.status(), separators=(",", ":"), default=_json))
+                document = await self.engine.report()
+                return Reply(json.dumps(document, separators=(",", ":"), default=_json))
             case Burst(count=count):
                 ids = await self.engine.burst(count)
                 return Reply.ok(" ".join([str(len(ids)), *ids]))

@@ -5,11 +5,17 @@ their PING with the deadline, and drops workers EC2 stopped outside the broker."
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import time
 import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
+import attrs
 import pytest
 import trio
 
@@ -22,8 +28,9 @@ from broker.pool import Limits
 from broker.prices import PriceTable
 from broker.sandbox import MotoHandle
 from broker.sqs import EventQueue, ensure_events_queue
+from compute_broker_client import BrokerClient, WorkerInterrupted
 from tests.fakes import FakeCloud
-from tests.harness import LineClient, running_broker, wait_for
+from tests.harness import LineClient, ask_once, running_broker, wait_for
 
 SPEC = LaunchSpec("c7i.8xlarge", Market.SPOT)
 
@@ -169,3 +176,85 @@ async def test_a_state_change_to_terminated_drops_the_worker_and_its_leases(
             assert engine.pool.workers == {}
             assert await client.ask(f"PING {ip} client=job-1") == "ERROR: Worker not found"
             await client.aclose()
+
+
+# --- the clients' view of an interrupted worker, against the real broker -----------------------
+
+TCL_DIR = Path(__file__).resolve().parent.parent / "clients" / "tcl"
+TCLSH = shutil.which("tclsh")
+
+
+@attrs.frozen
+class Interrupted:
+    """A broker whose worker `ip`, held by client `job-1`, was announced interrupted at
+    `deadline` (Unix seconds), and the broker has handled the warning."""
+
+    port: int
+    ip: str
+    deadline: int
+
+
+@asynccontextmanager
+async def interrupted_worker(events_url: str) -> AsyncIterator[Interrupted]:
+    """Run a broker, get a worker for `job-1`, send a spot interruption warning for it and
+    wait until the engine has handled it."""
+    clock = Clock()
+    cloud = FakeCloud(clock, boot_time=0.05)
+    engine = events_engine(cloud, clock, events_url)
+    async with running_broker(engine) as broker:
+        ip = await ask_once(broker.port, "GET_WORKER client=job-1")
+        worker = engine.pool.by_ip(ip)
+        assert worker is not None
+        sent_at = time.time()
+        body = ec2_event(
+            "EC2 Spot Instance Interruption Warning",
+            {"instance-id": worker.instance_id, "instance-action": "terminate"},
+            sent_at,
+        )
+        send(events_url, body)
+        await wait_for(lambda: worker.interruption is not None, timeout=25)
+        assert worker.interruption is not None
+        assert worker.interruption.deadline == int(sent_at) + 120
+        yield Interrupted(broker.port, ip, int(sent_at) + 120)
+
+
+async def test_the_python_client_raises_worker_interrupted_with_the_deadline(
+    events_url: str,
+) -> None:
+    """The Python client's PING raises WorkerInterrupted with the IP and announced deadline."""
+    with trio.fail_after(30):
+        async with interrupted_worker(events_url) as interrupted:
+            client = BrokerClient("127.0.0.1", interrupted.port, timeout=5, client_id="job-1")
+            with pytest.raises(WorkerInterrupted) as caught:
+                await trio.to_thread.run_sync(client.ping, interrupted.ip)
+    assert caught.value.ip == interrupted.ip
+    assert caught.value.deadline == datetime.fromtimestamp(interrupted.deadline, UTC)
+
+
+@pytest.mark.skipif(
+    TCLSH is None and not os.environ.get("CI"),
+    reason="tclsh not found (install Tcl 8.6, e.g. apt-get install tcl); in CI it is required",
+)
+async def test_the_tcl_client_raises_interrupted_with_the_deadline(events_url: str) -> None:
+    """The Tcl client's ping raises {COMPUTE_BROKER INTERRUPTED <ip> <deadline>}."""
+    assert TCLSH is not None, "CI installs tclsh (.ci/run)"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("COMPUTE_BROKER_")}
+    with trio.fail_after(30):
+        async with interrupted_worker(events_url) as interrupted:
+            script = f"""
+                lappend auto_path {{{TCL_DIR}}}
+                package require compute_broker
+                compute_broker::configure -host 127.0.0.1 -port {interrupted.port} -client job-1
+                catch {{compute_broker::ping {interrupted.ip}}} message options
+                puts [dict get $options -errorcode]
+                puts $message
+            """
+            result = await trio.run_process(
+                [TCLSH], stdin=script.encode(), capture_stdout=True, capture_stderr=True, env=env
+            )
+    errorcode, message = result.stdout.decode().splitlines()
+    deadline = format_deadline(interrupted.deadline)
+    assert errorcode == f"COMPUTE_BROKER INTERRUPTED {interrupted.ip} {deadline}"
+    assert message == (
+        f"compute_broker: worker {interrupted.ip} interrupted: it goes away at {deadline}"
+    )
