@@ -35,6 +35,7 @@ except ImportError as exc:  # pragma: no cover - depends on the installed extras
     ) from exc
 
 from broker.aws import make_client
+from broker.ec2 import Ec2Settings
 from broker.prices import PriceTable
 
 AMI_NAME = "compute-broker-sandbox-worker"
@@ -281,6 +282,17 @@ class SandboxResources:
     security_group_id: str
     key_name: str
     subnet_id: str
+
+    def ec2_settings(self, pool_name: str, region: str = SANDBOX_REGION) -> Ec2Settings:
+        """EC2 settings launching into these resources, for the pool `pool_name`."""
+        return Ec2Settings(
+            ami_id=self.ami_id,
+            security_group_ids=(self.security_group_id,),
+            key_name=self.key_name,
+            subnet_id=self.subnet_id,
+            pool_name=pool_name,
+            region=region,
+        )
 
 
 def prepare_resources(region: str = SANDBOX_REGION) -> SandboxResources:

@@ -10,7 +10,7 @@ import pytest
 import trio
 
 if TYPE_CHECKING:
-    from broker.sandbox import MotoHandle
+    from broker.sandbox import MotoHandle, SandboxResources
 
 _T = TypeVar("_T")
 
@@ -62,6 +62,15 @@ def boot_delay(moto_server: MotoHandle) -> Iterator[Callable[[float], None]]:
         yield sandbox.install_boot_delay
     finally:
         sandbox.install_boot_delay(0)
+
+
+@pytest.fixture(scope="session")
+def resources(moto_server: MotoHandle) -> SandboxResources:
+    """The sandbox's AMI, security group, key pair and subnet (created once; a test module
+    may override this fixture to prepare more)."""
+    from broker.sandbox import prepare_resources
+
+    return prepare_resources()
 
 
 @pytest.fixture

@@ -13,34 +13,22 @@ import trio
 from broker.aws import make_client
 from broker.clock import Clock
 from broker.cloud import LaunchSpec, Market
-from broker.ec2 import Ec2Cloud, Ec2Settings
+from broker.ec2 import Ec2Cloud
 from broker.engine import Engine, EngineSettings
 from broker.pool import Limits
 from broker.prices import PriceTable
 from broker.ratelimit import Backoff
-from broker.sandbox import MotoHandle, SandboxResources, prepare_resources
+from broker.sandbox import SandboxResources
 from tests.aws_support import client_for, closed_loopback_port, ec2_error, inject
 from tests.harness import LineClient, ask_once, running_broker
 
 SPEC = LaunchSpec("c7i.8xlarge", Market.SPOT)
 
 
-@pytest.fixture(scope="module")
-def resources(moto_server: MotoHandle) -> SandboxResources:
-    return prepare_resources()
-
-
 def make_engine(
     resources: SandboxResources, *, retries: int = 1, launch_timeout: float = 20
 ) -> Engine:
-    settings = Ec2Settings(
-        ami_id=resources.ami_id,
-        security_group_ids=(resources.security_group_id,),
-        key_name=resources.key_name,
-        subnet_id=resources.subnet_id,
-        pool_name=f"faults-{uuid.uuid4().hex[:8]}",
-        region="us-east-1",
-    )
+    settings = resources.ec2_settings(f"faults-{uuid.uuid4().hex[:8]}")
     client = make_client("ec2", region="us-east-1", max_attempts=retries, connect_timeout=1)
     # RunInstances is retried by the adapter (throttling, 5xx, unreachable): quickly here.
     cloud = Ec2Cloud(

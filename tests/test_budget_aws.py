@@ -16,7 +16,7 @@ from broker.aws import make_client
 from broker.clock import Clock
 from broker.cloud import LaunchSpec, Market
 from broker.dynamo import DynamoRegistry, ensure_table
-from broker.ec2 import POOL_TAG, Ec2Cloud, Ec2Settings
+from broker.ec2 import POOL_TAG, Ec2Cloud
 from broker.engine import Engine, EngineSettings
 from broker.ledger import MICROS, Budget, CoverPolicy, Period, charge, period_key
 from broker.pool import Limits
@@ -75,14 +75,7 @@ def make_engine(
 ) -> Engine:
     """An engine on moto EC2 and the shared DynamoDB table, exclusive mode (a worker per
     client), spot prices from PRICES only."""
-    ec2 = Ec2Settings(
-        ami_id=resources.ami_id,
-        security_group_ids=(resources.security_group_id,),
-        key_name=resources.key_name,
-        subnet_id=resources.subnet_id,
-        pool_name=pool_name,
-        region="us-east-1",
-    )
+    ec2 = resources.ec2_settings(pool_name)
     cloud = Ec2Cloud(ec2, trio.CapacityLimiter(4), launch_backoff=Backoff(base=0.05))
     registry = DynamoRegistry(TABLE, pool_name, trio.CapacityLimiter(4), region="us-east-1")
     settings = EngineSettings(

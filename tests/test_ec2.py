@@ -23,7 +23,7 @@ from broker.cloud import CloudError, LaunchSpec, Market
 from broker.ec2 import Ec2Cloud, Ec2Settings
 from broker.prices import PriceTable
 from broker.ratelimit import TokenBucket
-from broker.sandbox import MotoHandle, SandboxResources, prepare_resources
+from broker.sandbox import SandboxResources
 from tests.aws_support import client_for, closed_loopback_port, ec2_error, ec2_reply, inject
 from tests.harness import wait_for
 
@@ -33,22 +33,10 @@ UNKNOWN_ID = "i-0123456789abcdef0"
 DEADLINE = 10
 
 
-@pytest.fixture(scope="module")
-def resources(moto_server: MotoHandle) -> SandboxResources:
-    return prepare_resources()
-
-
 @pytest.fixture
 def settings(resources: SandboxResources) -> Ec2Settings:
     """Settings for a pool of this test's own, so tests sharing moto do not see each other."""
-    return Ec2Settings(
-        ami_id=resources.ami_id,
-        security_group_ids=(resources.security_group_id,),
-        key_name=resources.key_name,
-        subnet_id=resources.subnet_id,
-        pool_name=f"test-{uuid.uuid4().hex[:8]}",
-        region="us-east-1",
-    )
+    return resources.ec2_settings(f"test-{uuid.uuid4().hex[:8]}")
 
 
 @pytest.fixture

@@ -14,7 +14,7 @@ from broker.aws import call
 from broker.cloud import CloudError, LaunchSpec, Market
 from broker.ec2 import Ec2Cloud, Ec2Settings
 from broker.ratelimit import Backoff
-from broker.sandbox import MotoHandle, SandboxResources, prepare_resources
+from broker.sandbox import SandboxResources
 from tests.aws_support import closed_loopback_port, ec2_error, inject
 
 SPOT = LaunchSpec("c7i.large", Market.SPOT)
@@ -23,21 +23,9 @@ DEADLINE = 10
 FAST = Backoff(base=0.01, cap=0.05, attempts=4)
 
 
-@pytest.fixture(scope="module")
-def resources(moto_server: MotoHandle) -> SandboxResources:
-    return prepare_resources()
-
-
 @pytest.fixture
 def settings(resources: SandboxResources) -> Ec2Settings:
-    return Ec2Settings(
-        ami_id=resources.ami_id,
-        security_group_ids=(resources.security_group_id,),
-        key_name=resources.key_name,
-        subnet_id=resources.subnet_id,
-        pool_name=f"retries-{uuid.uuid4().hex[:8]}",
-        region="us-east-1",
-    )
+    return resources.ec2_settings(f"retries-{uuid.uuid4().hex[:8]}")
 
 
 @pytest.fixture

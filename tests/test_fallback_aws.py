@@ -19,12 +19,12 @@ from botocore.awsrequest import AWSResponse
 from broker.aws import make_client
 from broker.clock import Clock
 from broker.cloud import LaunchSpec, Market
-from broker.ec2 import POOL_TAG, Ec2Cloud, Ec2Settings
+from broker.ec2 import POOL_TAG, Ec2Cloud
 from broker.engine import Engine, EngineSettings
 from broker.pool import Limits
 from broker.prices import PriceTable
 from broker.ratelimit import Backoff
-from broker.sandbox import MotoHandle, SandboxResources, prepare_resources
+from broker.sandbox import SandboxResources
 from tests.aws_support import client_for, ec2_error, inject
 from tests.harness import LineClient, ask_once, running_broker
 
@@ -50,11 +50,6 @@ def no_capacity() -> AWSResponse:
 def throttled() -> AWSResponse:
     """EC2's answer to a request over the account's rate (HTTP 503)."""
     return ec2_error(503, "RequestLimitExceeded", "Request limit exceeded.")
-
-
-@pytest.fixture(scope="module")
-def resources(moto_server: MotoHandle) -> SandboxResources:
-    return prepare_resources()
 
 
 @pytest.fixture(scope="module")
@@ -94,14 +89,7 @@ def make_engine(
     launch_timeout: float = 20.0,
 ) -> Engine:
     """An engine on moto EC2 with its own pool, fast RunInstances retries, the prices above."""
-    settings = Ec2Settings(
-        ami_id=resources.ami_id,
-        security_group_ids=(resources.security_group_id,),
-        key_name=resources.key_name,
-        subnet_id=resources.subnet_id,
-        pool_name=f"fallback-{uuid.uuid4().hex[:10]}",
-        region="us-east-1",
-    )
+    settings = resources.ec2_settings(f"fallback-{uuid.uuid4().hex[:10]}")
     cloud = Ec2Cloud(settings, trio.CapacityLimiter(4), launch_backoff=FAST)
     engine_settings = EngineSettings(
         default_spec=spec,

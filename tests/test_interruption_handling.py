@@ -78,24 +78,10 @@ async def test_an_interruption_warning_stops_hand_out_replaces_and_answers_ping(
     """A warning for a held worker: it is handed out no more, one replacement is launched, its
     holder's PING answers `ERROR: Worker interrupted <deadline>`, STATUS marks it, and a new
     GET_WORKER gets the replacement. The message is deleted from the queue."""
-    clock = Clock()
-    cloud = FakeCloud(clock, boot_time=0.05)
-    engine = events_engine(cloud, clock, events_url)
     with trio.fail_after(30):
-        async with running_broker(engine) as broker:
-            client = await LineClient.connect(broker.port)
-            ip = await client.ask("GET_WORKER client=job-1")
-            worker = engine.pool.by_ip(ip)
-            assert worker is not None
-            sent_at = time.time()
-            body = ec2_event(
-                "EC2 Spot Instance Interruption Warning",
-                {"instance-id": worker.instance_id, "instance-action": "terminate"},
-                sent_at,
-            )
-            send(events_url, body)
-            await wait_for(lambda: worker.interruption is not None, timeout=25)
-            deadline = int(sent_at) + 120
+        async with interrupted_worker(events_url) as interrupted:
+            ip, deadline, cloud = interrupted.ip, interrupted.deadline, interrupted.cloud
+            client = await LineClient.connect(interrupted.port)
             assert await client.ask(f"PING {ip} client=job-1") == (
                 f"ERROR: Worker interrupted {format_deadline(deadline)}"
             )
@@ -192,6 +178,7 @@ class Interrupted:
     port: int
     ip: str
     deadline: int
+    cloud: FakeCloud
 
 
 @asynccontextmanager
@@ -215,7 +202,7 @@ async def interrupted_worker(events_url: str) -> AsyncIterator[Interrupted]:
         await wait_for(lambda: worker.interruption is not None, timeout=25)
         assert worker.interruption is not None
         assert worker.interruption.deadline == int(sent_at) + 120
-        yield Interrupted(broker.port, ip, int(sent_at) + 120)
+        yield Interrupted(broker.port, ip, int(sent_at) + 120, cloud)
 
 
 async def test_the_python_client_raises_worker_interrupted_with_the_deadline(

@@ -15,7 +15,7 @@ import trio
 from broker import sandbox
 from broker.aws import call, make_client
 from broker.cloud import Instance, LaunchSpec, Market
-from broker.ec2 import Ec2Cloud, Ec2Settings
+from broker.ec2 import Ec2Cloud
 from broker.sandbox import MotoHandle, SandboxResources
 from tests.conftest import wait_until
 
@@ -23,21 +23,9 @@ SPEC = LaunchSpec("t3.micro", Market.SPOT)
 DEADLINE = 10
 
 
-@pytest.fixture(scope="module")
-def resources(moto_server: MotoHandle) -> SandboxResources:
-    return sandbox.prepare_resources()
-
-
 @pytest.fixture
 def cloud(resources: SandboxResources) -> Ec2Cloud:
-    settings = Ec2Settings(
-        ami_id=resources.ami_id,
-        security_group_ids=(resources.security_group_id,),
-        key_name=resources.key_name,
-        subnet_id=resources.subnet_id,
-        pool_name=f"sandbox-{uuid.uuid4().hex[:8]}",
-        region="us-east-1",
-    )
+    settings = resources.ec2_settings(f"sandbox-{uuid.uuid4().hex[:8]}")
     return Ec2Cloud(settings, trio.CapacityLimiter(8))
 
 
