@@ -82,8 +82,13 @@ class LaunchSpec:
         return (self.market,)
 
     def accepts(self, instance_type: str, market: Market) -> bool:
-        """True if a worker of this type and market satisfies the spec."""
-        return instance_type in self.types and market in self.markets
+        """True if a worker of this type and market satisfies the spec (on every hand-out:
+        kept to comparisons)."""
+        if market != self.market and not (
+            self.on_demand_fallback and self.market is Market.SPOT and market is Market.ON_DEMAND
+        ):
+            return False
+        return instance_type == self.instance_type or instance_type in self.fallback_types
 
     def plain(self, instance_type: str, market: Market) -> LaunchSpec:
         """One concrete offering's spec, without alternatives."""

@@ -679,6 +679,8 @@ class Engine:
     async def _covered(self, worker: Worker, now: float) -> bool:
         """Make sure the worker's cost is committed until it could next be reaped; False when
         a cap forbids (or the worker is gone). May raise CloudError."""
+        if self.spending.covered(worker, now):
+            return True
         cover = await self.spending.cover(worker, now)
         if cover is Cover.CAPPED:
             self._on_cap(now)

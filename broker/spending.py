@@ -63,6 +63,14 @@ class Spending:
         self.policy = cover
         self.committed: dict[str, int] = {}
 
+    def covered(self, worker: Worker, now: float) -> bool:
+        """True if the worker's cover is long enough already (no registry call): the check
+        every hand-out and PING makes before `cover`."""
+        if worker.local or worker.price_per_hour is None:
+            return True
+        paid = worker.paid_until
+        return paid is not None and paid >= self.policy.needed(worker.last_activity, now)
+
     async def charge_launch(self, price: float, count: int, now: float) -> LaunchCharge | Refused:
         """Commit the cost of up to `count` workers launched at `now` at `price` until they
         could first be reaped (as many as fit under the caps). May raise CloudError."""
