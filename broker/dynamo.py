@@ -220,11 +220,8 @@ class DynamoRegistry:
         return await self._update_existing(_worker_sk(instance_id), changes)
 
     async def delete_worker(self, instance_id: str) -> WorkerRecord | None:
-        request = self._request(_worker_sk(instance_id))
-        request["ReturnValues"] = "ALL_OLD"
-        response = await call(self.limiter, self.client.delete_item, **request)
-        old = response.get("Attributes")
-        return None if not old else WorkerRecord.from_item(decode_item(old))
+        old = await self._delete(_worker_sk(instance_id))
+        return None if old is None else WorkerRecord.from_item(old)
 
     # --- leases --------------------------------------------------------------------------------
 
@@ -307,8 +304,9 @@ class DynamoRegistry:
     async def complete_intent(self, token: str, instance_ids: Iterable[str]) -> bool:
         return await self._update_existing(_intent_sk(token), {"instance_ids": list(instance_ids)})
 
-    async def delete_intent(self, token: str) -> None:
-        await self._write(self.client.delete_item, **self._request(_intent_sk(token)))
+    async def delete_intent(self, token: str) -> LaunchIntent | None:
+        old = await self._delete(_intent_sk(token))
+        return None if old is None else LaunchIntent.from_item(old)
 
     async def list_intents(self, now: float) -> list[LaunchIntent]:
         intents = [LaunchIntent.from_item(i) for i in await self._query(INTENT_PREFIX)]
@@ -525,6 +523,14 @@ class DynamoRegistry:
 
     async def _put(self, sk: str, item: Mapping[str, ItemValue]) -> None:
         await self._write(self.client.put_item, **self._put_request(sk, item))
+
+    async def _delete(self, sk: str) -> dict[str, Any] | None:
+        """Delete an item; the item as it was (None if there was none)."""
+        request = self._request(sk)
+        request["ReturnValues"] = "ALL_OLD"
+        response = await call(self.limiter, self.client.delete_item, **request)
+        old = response.get("Attributes")
+        return decode_item(old) if old else None
 
     async def _get(self, sk: str) -> dict[str, Any] | None:
         response = await call(

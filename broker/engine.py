@@ -35,7 +35,7 @@ from broker.interruptions import (
     Unrecognised,
     parse_event,
 )
-from broker.ledger import Budget, CoverPolicy, OnCap, PeriodSpend, refusal
+from broker.ledger import Budget, CoverPolicy, OnCap, PeriodSpend, refund, refusal
 from broker.offerings import Offering, OfferingMemory, offerings
 from broker.pool import (
     LOCAL_TYPE,
@@ -183,7 +183,8 @@ class Engine:
         self._retry_terminate: set[str] = set()
         self._to_persist: list[tuple[Worker, str]] = []
         self._counter_suspect: tuple[int, int] | None = None
-        self._capped: dict[LaunchSpec, tuple[float, str]] = {}  # spec -> (retry at, reason)
+        # spec -> (retry at, reason, refused by the pool-wide counter rather than the budget)
+        self._capped: dict[LaunchSpec, tuple[float, str, bool]] = {}
         self._warm_wakeup = trio.Event()
         self._warm_pool_configured = bool(settings.warm_pool.min_idle or settings.warm_pool.windows)
         self.spending = Spending(
@@ -305,6 +306,7 @@ class Engine:
         capped = self._capped.get(spec)
         if capped is not None and trio.current_time() < capped[0]:
             raise Refusal(capped[1])
+        self._capped.pop(spec, None)  # past its pause: this launch decides afresh
         capacity = self.settings.limits.clients_per_worker
         count = 1 if capacity is None else max(1, math.ceil(unserved / capacity))
         return self._start_launch(spec, count)
@@ -313,7 +315,8 @@ class Engine:
         """In exclusive mode, while the pool has workers (held, launching or on their way out),
         a release or a termination may soon make room: a refused request waits for that. So
         it does after the pool-wide counter refused (other replicas' workers may free up)."""
-        if spec in self._capped:
+        capped = self._capped.get(spec)
+        if capped is not None and capped[2]:
             return True
         if self.settings.limits.clients_per_worker is None:
             return False
@@ -333,10 +336,13 @@ class Engine:
                 self.pool.end_lease(lease)  # ended or expired in the registry
             else:
                 await self.registry.update_worker_activity(worker.instance_id, now)
-            covered = await self._covered(worker, now)
+            cover = await self._covered(worker, now)
         except CloudError as exc:
             raise Refusal(f"registry unavailable: {exc}") from exc
-        if not covered:
+        if cover is Cover.GONE:
+            self.pool.remove(worker.instance_id, now)  # ended through another replica
+            raise WorkerNotFound(ip)
+        if cover is Cover.CAPPED:
             raise WorkerInterrupted(self._interrupt_for_budget(worker, now))
         return worker
 
@@ -504,19 +510,24 @@ class Engine:
         except Exception as exc:
             if not isinstance(exc, CloudError | trio.TooSlowError | _AllReserved | _OverBudget):
                 _log.exception("launch.crashed", client_token=attempt.token)
-            if not isinstance(exc, trio.TooSlowError):
-                await self._undo_reservations(attempt)  # nothing was launched (a timeout may have)
+            if isinstance(exc, trio.TooSlowError):
+                # RunInstances may still launch: the intent keeps the charge and the counter
+                # its reservation; the reconciler adopts what came with the intent's cover and
+                # refunds what did not when it settles the intent.
+                attempt.charged = None
+            else:
+                await self._undo_reservations(attempt)  # nothing was launched
             attempt.error = self._launch_error(exc)
             self.pool.launch_failed(attempt.token)
             self._attempts.pop(attempt.token, None)
-            if isinstance(exc, _AllReserved):
-                attempt.capped = True
+            counter = isinstance(exc, _AllReserved)
             if isinstance(exc, _OverBudget):
                 # Exclusive mode with workers: a release refunds their cover; wait for it.
                 attempt.capped = self._may_free_up(spec)
-            if attempt.capped:
+            if counter or attempt.capped:
+                attempt.capped = True
                 retry_at = trio.current_time() + self.settings.describe_interval
-                self._capped[spec] = (retry_at, attempt.error)
+                self._capped[spec] = (retry_at, attempt.error, counter)
             _log.error(
                 "launch.failed",
                 reason=attempt.error,
@@ -578,8 +589,15 @@ class Engine:
                 continue
             paid_until = await self._charge_launch(attempt, offering, price)
             token = attempt.token if index == 0 else f"{attempt.token}-{index}"
+            charged = attempt.charged
             intent = LaunchIntent.begin(
-                token, offering.spec, attempt.reserved, now, 2 * self.settings.launch_timeout
+                token,
+                offering.spec,
+                attempt.reserved,
+                now if charged is None else charged.start,
+                2 * self.settings.launch_timeout,
+                price_per_hour=price if charged is not None else None,
+                paid_until=paid_until,
             )
             await self.registry.put_intent(intent)  # written before it is acted on
             try:
@@ -629,7 +647,8 @@ class Engine:
         now = self.clock.now()
         charged = await self.spending.charge_launch(price, attempt.reserved, now)
         if isinstance(charged, Refused):
-            self._on_cap(now, charged.key)
+            if attempt.spec == self.settings.default_spec:  # not a dearer one-off request
+                self._on_cap(now, charged.key)
             if trio.current_time() - self._ledger_read_at >= LEDGER_READ_EVERY:
                 await self._read_ledger(now)  # the refusal names the pool's spend, replicas too
             spend = self._period_spend(charged.key, now)
@@ -676,15 +695,16 @@ class Engine:
 
     # --- the dollar ledger -----------------------------------------------------------------
 
-    async def _covered(self, worker: Worker, now: float) -> bool:
-        """Make sure the worker's cost is committed until it could next be reaped; False when
-        a cap forbids (or the worker is gone). May raise CloudError."""
+    async def _covered(self, worker: Worker, now: float) -> Cover:
+        """Make sure the worker's cost is committed until it could next be reaped: COVERED,
+        CAPPED (a cap forbids) or GONE (the registry no longer has the worker). May raise
+        CloudError."""
         if self.spending.covered(worker, now):
-            return True
+            return Cover.COVERED
         cover = await self.spending.cover(worker, now)
         if cover is Cover.CAPPED:
             self._on_cap(now)
-        return cover is Cover.COVERED
+        return cover
 
     async def _persist_interruption(self, worker: Worker) -> None:
         """Tell other replicas (through the registry) to hand the worker out no more, or (no
@@ -754,25 +774,33 @@ class Engine:
         """Each reaper pass: extend the covers running workers need; a worker whose cover a
         cap forbids extending is interrupted, and terminated before its cover runs out."""
         await self.spending.refresh(now)
-        new_period = self._cap_reached not in self.settings.budget.current_keys(now)
+        keys = self.settings.budget.current_keys(now)
         doomed: list[Worker] = []
         for worker in list(self.pool.workers.values()):
             if worker.local or worker.state is not WorkerState.READY:
                 continue
-            budget_stop = worker.interruption is not None and worker.interruption.reason == "budget"
-            if budget_stop and new_period:  # a new day or month: its cap may allow it again
+            stop = worker.interruption
+            lift = stop is not None and stop.reason == "budget"
+            if (
+                lift
+                and stop is not None
+                and self.settings.budget.current_keys(stop.noticed_at) != keys
+            ):
+                # A new day or month began since the stop: its cap may allow the worker again.
                 worker.interruption = None
                 await self._persist_interruption(worker)
             try:
-                covered = await self._covered(worker, now)
+                cover = await self._covered(worker, now)
             except CloudError as exc:
                 _log.warning("registry.write_failed", op="extend_cover", error=str(exc))
                 continue
-            if covered:
-                continue
+            if cover is not Cover.CAPPED:
+                continue  # covered, or gone (the reconciliation drops it)
             self._interrupt_for_budget(worker, now)
             ends = worker.paid_until if worker.paid_until is not None else now
-            if ends <= now + self.settings.reap_interval and worker.state is WorkerState.READY:
+            # Before the next pass can come (a pass takes time too): two intervals of margin.
+            margin = 2 * self.settings.reap_interval
+            if ends <= now + margin and worker.state is WorkerState.READY:
                 doomed.append(worker)
         if not doomed:
             return
@@ -941,11 +969,13 @@ class Engine:
         lease, new = self.pool.hand_out(worker, client, now)
         timeout = self.settings.limits.idle_timeout
         try:
-            if not await self._covered(worker, now):
+            cover = await self._covered(worker, now)
+            if cover is not Cover.COVERED:
                 if new:
                     self.pool.end_lease(lease)
-                self._interrupt_for_budget(worker, now)
-                return None  # a cap forbids keeping it longer: launch (and be refused) or wait
+                if cover is Cover.CAPPED:
+                    self._interrupt_for_budget(worker, now)
+                return None  # a cap forbids keeping it longer (or it is gone): look further
             if new:
                 # Set before the await: a concurrent refresh of this lease writes nothing
                 # while the claim is in flight.
@@ -1188,8 +1218,11 @@ class Engine:
         else:
             reason, deadline = "rebalance_recommendation", None
         previous = worker.interruption
-        if previous is not None and (previous.deadline is not None or deadline is None):
+        known = previous is not None and previous.reason != "budget"
+        if known and previous is not None and (previous.deadline is not None or deadline is None):
             return  # already known (SQS delivers at least once)
+        if previous is not None and previous.deadline is not None and deadline is not None:
+            deadline = min(deadline, previous.deadline)  # a budget stop may come sooner
         worker.interruption = Interruption(reason, deadline, now)
         await self._persist_interruption(worker)
         holders = self.pool.holders(worker.instance_id)
@@ -1203,7 +1236,7 @@ class Engine:
         )
         self._notify()
         if holders:
-            if previous is None:
+            if previous is None or previous.reason == "budget":
                 self._replace(worker)
             return
         if await self._claim_interrupted(worker):
@@ -1254,6 +1287,8 @@ class Engine:
                 found = await self.spot_prices.spot_prices(types)
             except CloudError as exc:
                 _log.warning("prices.spot_history_unavailable", error=str(exc))
+            except Exception:
+                _log.exception("prices.crashed")  # the table stays in use
             else:
                 spot = {instance_type: {"spot": price} for instance_type, price in found.items()}
                 self.prices = self.prices.with_overrides(spot)
@@ -1399,6 +1434,7 @@ class Engine:
         intents = await self._sync_from_registry(instances, now)
         if self.pool.in_flight:
             return  # an unanswered launch's instances may be listed already: not strangers
+        by_token: dict[str | None, LaunchIntent] = {i.token: i for i in intents}
         for instance in instances:
             if instance.instance_id in self.pool.workers:
                 continue
@@ -1406,7 +1442,11 @@ class Engine:
             ready = ready and not self.settings.probe
             price = self.prices.price(instance.instance_type, instance.market)
             token = instance.tags.get(LAUNCH_TOKEN_TAG)
+            intent = by_token.get(token)
+            if intent is not None and intent.price_per_hour is not None:
+                price = intent.price_per_hour  # charged at launch: its cover comes with it
             worker = self.pool.add(instance, now, price=price, ready=ready, token=token)
+            worker.paid_until = None if intent is None else intent.paid_until
             await self._persist_new(worker)
             _log.info(
                 "worker.adopted",
@@ -1434,7 +1474,7 @@ class Engine:
         for record in records:
             if record.instance_id in self.pool.workers:
                 continue
-            worker = _worker_from_record(record)
+            worker = _worker_from_record(record, now)
             self.pool.workers[worker.instance_id] = worker
             if worker.state is WorkerState.TERMINATING:
                 self._retry_terminate.add(worker.instance_id)
@@ -1563,7 +1603,7 @@ class Engine:
             local = record.provider == "local"
             joins = not known and (record.instance_id in alive or local)
             if joins and record.state is not TERMINATING:
-                self.pool.workers[record.instance_id] = _worker_from_record(record)
+                self.pool.workers[record.instance_id] = _worker_from_record(record, now)
                 if local:
                     _log.info("worker.local_joined", instance_id=record.instance_id)
         for record in records.values():
@@ -1617,16 +1657,32 @@ class Engine:
         """Launch intents left by a crash: their instances (found by launch-token tag) have
         been adopted above; an intent is dropped once it is answered or older than
         launch_timeout (nobody waits for it any more)."""
-        launched = {instance.tags.get(LAUNCH_TOKEN_TAG) for instance in instances}
+        launched: dict[str | None, int] = {}
+        for instance in instances:
+            token = instance.tags.get(LAUNCH_TOKEN_TAG)
+            launched[token] = launched.get(token, 0) + 1
         for intent in intents:
-            if intent.token in self._attempts:
-                continue  # a launch of ours still under way
+            if intent.token.partition("-")[0] in self._attempts:
+                continue  # a launch of ours still under way (fallbacks add "-<n>")
             if intent.token in launched or now - intent.created_at > self.settings.launch_timeout:
                 _log.info("launch.intent_settled", client_token=intent.token)
                 try:
-                    await self.registry.delete_intent(intent.token)
+                    settled = await self.registry.delete_intent(intent.token)
                 except CloudError as exc:
                     _log.error("registry.write_failed", op="delete_intent", error=str(exc))
+                    continue
+                if settled is not None:  # only the replica that deleted it refunds
+                    await self._refund_unlaunched(settled, launched.get(settled.token, 0))
+
+    async def _refund_unlaunched(self, intent: LaunchIntent, launched: int) -> None:
+        """A settled intent's charge for the instances that never came (a launch cut off at
+        launch_timeout, or a broker that crashed before RunInstances answered)."""
+        price, paid_until = intent.price_per_hour, intent.paid_until
+        missing = intent.count - launched
+        if price is None or paid_until is None or missing <= 0:
+            return
+        per_instance = refund(price, intent.created_at, paid_until, self.settings.budget.zone)
+        await self.spending.refund({key: amount * missing for key, amount in per_instance.items()})
 
     # --- helpers ---------------------------------------------------------------------------
 
@@ -1648,7 +1704,7 @@ class Engine:
         )
 
 
-def _worker_from_record(record: WorkerRecord) -> Worker:
+def _worker_from_record(record: WorkerRecord, now: float) -> Worker:
     return Worker(
         local=record.provider == "local",
         instance_id=record.instance_id,
@@ -1662,7 +1718,7 @@ def _worker_from_record(record: WorkerRecord) -> Worker:
         ready_at=record.launched_at if record.state is WorkerState.READY else None,
         launch_token=record.launch_token,
         paid_until=record.paid_until,
-        interruption=None if record.interruption is None else _interruption_of(record, 0.0),
+        interruption=None if record.interruption is None else _interruption_of(record, now),
     )
 
 

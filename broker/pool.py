@@ -424,7 +424,7 @@ class Pool:
             return Released(ReleaseOutcome.KEPT, worker, lease, len(others))
         if worker.local:
             return Released(ReleaseOutcome.KEPT_WARM, worker, lease)  # never terminated
-        if worker.state is WorkerState.READY and keep_idle > 0:
+        if worker.available and keep_idle > 0:
             spec = LaunchSpec(worker.instance_type, worker.market)
             idle_others = [w for w in self.idle_ready(spec) if w is not worker]
             if len(idle_others) < keep_idle:

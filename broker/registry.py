@@ -195,13 +195,35 @@ class LaunchIntent:
     created_at: float = attrs.field(converter=_float)
     expires_at: float = attrs.field(converter=_float)
     instance_ids: tuple[str, ...] = attrs.field(default=(), converter=_ids)
+    # What the ledger committed for each instance: its price from `created_at` to `paid_until`
+    # (None: nothing). Whoever settles the intent refunds what was not launched.
+    price_per_hour: float | None = attrs.field(default=None, converter=_optional_float)
+    paid_until: float | None = attrs.field(default=None, converter=_optional_float)
 
     @classmethod
     def begin(
-        cls, token: str, spec: LaunchSpec, count: int, now: float, ttl: float
+        cls,
+        token: str,
+        spec: LaunchSpec,
+        count: int,
+        now: float,
+        ttl: float,
+        *,
+        price_per_hour: float | None = None,
+        paid_until: float | None = None,
     ) -> LaunchIntent:
-        """The intent to launch `count` instances of `spec`, kept for `ttl` seconds."""
-        return cls(token, spec.instance_type, spec.market, count, now, now + ttl)
+        """The intent to launch `count` instances of `spec`, kept for `ttl` seconds, each
+        charged at `price_per_hour` from `now` to `paid_until`."""
+        return cls(
+            token,
+            spec.instance_type,
+            spec.market,
+            count,
+            now,
+            now + ttl,
+            price_per_hour=price_per_hour,
+            paid_until=paid_until,
+        )
 
     @classmethod
     def from_item(cls, item: Mapping[str, Any]) -> LaunchIntent:
@@ -218,6 +240,8 @@ class LaunchIntent:
             "created_at": self.created_at,
             "expires_at": self.expires_at,
             "instance_ids": list(self.instance_ids),
+            "price_per_hour": self.price_per_hour,
+            "paid_until": self.paid_until,
         }
 
     @property
@@ -353,8 +377,9 @@ class Registry(Protocol):
         """Record the instances a launch produced. False if there is no such intent."""
         ...
 
-    async def delete_intent(self, token: str) -> None:
-        """Forget a launch intent (idempotent)."""
+    async def delete_intent(self, token: str) -> LaunchIntent | None:
+        """Forget a launch intent (idempotent). Returns the intent deleted; None if there was
+        none (so of several callers, one settles its charge)."""
         ...
 
     async def list_intents(self, now: float) -> list[LaunchIntent]:
@@ -559,9 +584,9 @@ class MemoryRegistry:
         self._intents[token] = attrs.evolve(intent, instance_ids=tuple(instance_ids))
         return True
 
-    async def delete_intent(self, token: str) -> None:
+    async def delete_intent(self, token: str) -> LaunchIntent | None:
         await trio.lowlevel.checkpoint()
-        self._intents.pop(token, None)
+        return self._intents.pop(token, None)
 
     async def list_intents(self, now: float) -> list[LaunchIntent]:
         await trio.lowlevel.checkpoint()

@@ -34,11 +34,12 @@ class Cover(enum.Enum):
 @attrs.frozen
 class LaunchCharge:
     """Spend committed for `count` new workers: `per_instance` micro-dollars by ledger key,
-    covering each until `paid_until`."""
+    covering each from `start` until `paid_until`."""
 
     per_instance: Mapping[str, int]
     count: int
     paid_until: float
+    start: float  # when the cover begins (the charge's time)
 
     def total(self, count: int | None = None) -> dict[str, int]:
         """Micro-dollars by key for `count` of the workers (default: all)."""
@@ -80,12 +81,17 @@ class Spending:
         grant = await self.registry.reserve_spend(per_instance, count, limits)
         self.committed.update(grant.committed)
         if grant.count > 0:
-            return LaunchCharge(per_instance, grant.count, paid_until)
+            return LaunchCharge(per_instance, grant.count, paid_until, now)
         binding = next(
-            key
-            for key, limit in limits.items()
-            if grant.committed.get(key, 0) + per_instance[key] > limit
+            (
+                key
+                for key, limit in limits.items()
+                if grant.committed.get(key, 0) + per_instance[key] > limit
+            ),
+            None,
         )
+        if binding is None:  # every attempt lost a race with other writers: not a cap
+            raise CloudError("LedgerContention", "the dollar ledger stayed busy; try again")
         return Refused(binding, per_instance[binding])
 
     async def cover(self, worker: Worker, now: float) -> Cover:

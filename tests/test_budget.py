@@ -304,3 +304,49 @@ def test_per_launch_constant_matches_the_ledger() -> None:
         "day:2026-11-23": 283_334,
         "month:2026-11": 283_334,
     }
+
+
+async def test_a_launch_cut_off_at_launch_timeout_gives_its_charge_back_when_settled(
+    autojump_clock: MockClock, cloud: FakeCloud, clock: Clock
+) -> None:
+    """RunInstances hangs past launch_timeout: the charge stays with the launch intent (the
+    call might still launch) until the reconciler settles the intent; nothing came, so the
+    whole charge is refunded."""
+    registry = MemoryRegistry("test")
+    engine = make(cloud, clock, registry, daily=10.0)
+    cloud.launch_delay = 10 * LAUNCH  # cancelled at launch_timeout: nothing is launched
+    async with trio.open_nursery() as nursery:
+        await nursery.start(engine.run)
+        assert "launch timed out" in await ask(engine, "a")
+        day = "day:2026-11-23"
+        assert (await registry.spend([day]))[day] > 0  # kept while the call may still land
+        await trio.sleep(2 * LAUNCH + REAP)  # the intent is older than launch_timeout
+        await engine.reap_once()
+        assert (await registry.spend([day]))[day] <= 1  # refunds round down
+        assert await registry.list_intents(clock.now()) == []
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_refused_dearer_request_does_not_count_as_reaching_the_cap(
+    autojump_clock: MockClock, cloud: FakeCloud, clock: Clock
+) -> None:
+    """With on_cap: terminate_idle, a market=on-demand request the cap cannot afford is
+    refused, but the idle spot worker stays: default workers still fit."""
+    engine = make(
+        cloud,
+        clock,
+        MemoryRegistry("test"),
+        daily=2.5 * PER_LAUNCH,
+        on_cap=OnCap.TERMINATE_IDLE,
+        exclusive=False,
+    )
+    async with trio.open_nursery() as nursery:
+        await nursery.start(engine.run)
+        assert len(await engine.burst(1)) == 1
+        await trio.sleep(30)
+        with pytest.raises(Refusal, match="budget: max_daily_cost"):
+            await engine.get_worker(GetWorker(market=Market.ON_DEMAND, wait=1), "a")
+        await trio.sleep(1)
+        assert len(cloud.alive()) == 1
+        assert engine.status()["budget"]["day"]["remaining"] > PER_LAUNCH
+        nursery.cancel_scope.cancel()
