@@ -74,6 +74,15 @@ def resources(moto_server: MotoHandle) -> SandboxResources:
 
 
 @pytest.fixture
+def instant_retries() -> Iterator[None]:
+    """The adapters' retries (`broker.retry`) run without waiting: same attempts, no sleep."""
+    from broker import retry
+
+    with retry.instantly():
+        yield
+
+
+@pytest.fixture
 def aws_env(moto_server: MotoHandle) -> dict[str, str]:
     """The environment variables a subprocess needs to use the session's sandbox cloud."""
     from broker import sandbox
