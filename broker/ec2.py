@@ -6,7 +6,6 @@ or touches other instances in the account.
 
 from __future__ import annotations
 
-import random
 import re
 from collections.abc import Iterator, Mapping, Sequence
 from datetime import UTC, datetime
@@ -18,8 +17,9 @@ import trio
 
 from broker.aws import call, make_client
 from broker.clock import wall_time
-from broker.cloud import CloudError, Instance, LaunchSpec, Market
-from broker.ratelimit import Backoff, TokenBucket
+from broker.cloud import Cloud, CloudError, Instance, LaunchSpec, Market
+from broker.ratelimit import TokenBucket
+from broker.retry import Retry, Retrying
 
 NAME_TAG = "Name"
 WORKER_NAME = "compute-broker-worker"
@@ -39,8 +39,6 @@ PAGE_SIZE = 1000
 # EC2's request bucket for non-mutating actions (Describe*): 100 tokens, 20 a second.
 DESCRIBE_BURST = 100
 DESCRIBE_RATE = 20.0
-# RunInstances retries (throttling, 5xx, unreachable): at most 5 requests, 7.5 s of waiting.
-LAUNCH_BACKOFF: Final = Backoff(base=0.5, cap=10.0, attempts=5)
 SPOT_PRODUCT = "Linux/UNIX"
 
 # EC2's server-side errors that say nothing about the request itself. botocore names a 5xx
@@ -51,6 +49,21 @@ _TRANSIENT_ERRORS: Final = frozenset(
 )
 _NOT_FOUND = "InvalidInstanceID.NotFound"
 _INSTANCE_ID = re.compile(r"\bi-[0-9a-f]+\b")
+
+
+def _retryable(error: Exception) -> bool:
+    """Worth sending again as it was: throttled, a transient server error, or unreachable;
+    never a capacity error (another offering may have capacity now)."""
+    return (
+        isinstance(error, CloudError)
+        and not error.capacity
+        and (error.throttled or error.unreachable or error.code in _TRANSIENT_ERRORS)
+    )
+
+
+# RunInstances retries, with the same ClientToken: at most 5 requests, full jitter, waits drawn
+# below 0.5, 1, 2 and 4 s (7.5 s at most in all). The engine's launch_timeout bounds the time.
+LAUNCH_RETRY: Final = Retry(on=_retryable, attempts=5, wait_initial=0.5, wait_max=10.0)
 
 _log = structlog.get_logger("broker.ec2")
 
@@ -73,8 +86,9 @@ class Ec2Cloud:
     RunInstances goes through `launch_client`, which must not retry (botocore's standard mode
     would spend ~15 s retrying InsufficientInstanceCapacity, an HTTP 500, before the broker
     could try another offering): the adapter retries throttling and transient failures itself
-    with `launch_backoff`, and capacity errors reach the caller after one request. Every
-    DescribeInstances request first takes a token from `describe_bucket`.
+    (`LAUNCH_RETRY`), and capacity errors reach the caller after one request. Every other call
+    has botocore's standard retries. Every DescribeInstances request first takes a token from
+    `describe_bucket`.
     """
 
     def __init__(
@@ -84,7 +98,6 @@ class Ec2Cloud:
         client: Any = None,
         *,
         launch_client: Any = None,
-        launch_backoff: Backoff = LAUNCH_BACKOFF,
         describe_bucket: TokenBucket | None = None,
     ) -> None:
         self.settings = settings
@@ -97,7 +110,6 @@ class Ec2Cloud:
             if launch_client is not None
             else make_client("ec2", region=settings.region, max_attempts=0)
         )
-        self.launch_backoff = launch_backoff
         self.describe_bucket = (
             describe_bucket
             if describe_bucket is not None
@@ -196,25 +208,23 @@ class Ec2Cloud:
         ]
 
     async def _run_instances(self, params: dict[str, Any]) -> Any:
-        """RunInstances with our own retries; `params` (its ClientToken) is the same each time."""
-        backoff = self.launch_backoff
-        attempt = 1
-        while True:
-            try:
-                return await call(self.limiter, self.launch_client.run_instances, **params)
-            except CloudError as exc:
-                if attempt >= backoff.attempts or not _retryable(exc):
-                    raise
-                delay = backoff.delay(attempt, random.random())
-                _log.warning(
-                    "launch.retry",
-                    code=exc.code,
-                    attempt=attempt,
-                    delay=round(delay, 3),
-                    client_token=params["ClientToken"],
-                )
-                await trio.sleep(delay)
-                attempt += 1
+        """RunInstances retried by `LAUNCH_RETRY`; `params` (its ClientToken) is the same each
+        time, so EC2 launches once."""
+
+        def log_retry(retrying: Retrying) -> None:
+            error = retrying.error
+            _log.warning(
+                "launch.retry",
+                code=error.code if isinstance(error, CloudError) else type(error).__name__,
+                attempt=retrying.attempt,
+                delay=round(retrying.wait, 3),
+                client_token=params["ClientToken"],
+            )
+
+        return await LAUNCH_RETRY.run(
+            lambda: call(self.limiter, self.launch_client.run_instances, **params),
+            on_retry=log_retry,
+        )
 
     async def _describe(self, filters: list[dict[str, Any]]) -> list[Instance]:
         """Every instance matching `filters`, one page (one bucket token) per request."""
@@ -272,11 +282,11 @@ def instance_from_description(item: Mapping[str, Any], *, market: Market | None 
     )
 
 
-def _retryable(exc: CloudError) -> bool:
-    """Worth sending again as it was: throttled, a transient server error, or unreachable."""
-    return not exc.capacity and (exc.throttled or exc.unreachable or exc.code in _TRANSIENT_ERRORS)
-
-
 def _batches(ids: list[str]) -> Iterator[list[str]]:
     for start in range(0, len(ids), BATCH_SIZE):
         yield ids[start : start + BATCH_SIZE]
+
+
+def _implements_cloud(cloud: Ec2Cloud) -> Cloud:
+    """mypy checks here that `Ec2Cloud` implements `Cloud`."""
+    return cloud

@@ -1,4 +1,4 @@
-"""Pacing AWS requests: a token bucket and a backoff policy, pure (time and chance passed in).
+"""Pacing AWS requests: a token bucket, pure (time passed in). Retries are `broker.retry`.
 
 EC2 throttles each API per account and Region with a token bucket; pacing our requests with a
 bucket of the same size and refill rate keeps the broker alone from emptying EC2's (and being
@@ -45,21 +45,3 @@ class TokenBucket:
             return self._tokens
         elapsed = max(0.0, now - self._updated)
         return min(self.capacity, self._tokens + elapsed * self.rate)
-
-
-@attrs.frozen
-class Backoff:
-    """Full-jitter exponential backoff: up to `attempts` requests in all; before retry n
-    (1 = the first retry) wait a random time in [0, min(cap, base * 2 ** (n - 1)))."""
-
-    base: float = attrs.field(default=0.5, validator=_positive)
-    cap: float = attrs.field(default=10.0, validator=_positive)
-    attempts: int = attrs.field(default=5, validator=attrs.validators.ge(1))
-
-    def delay(self, retry: int, fraction: float) -> float:
-        """Seconds to wait before retry number `retry`; `fraction` is drawn from [0, 1)."""
-        return fraction * min(self.cap, self.base * 2.0 ** (retry - 1))
-
-    def worst_case(self) -> float:
-        """The longest total wait over all retries: a bound on the time spent backing off."""
-        return sum(min(self.cap, self.base * 2.0 ** (n - 1)) for n in range(1, self.attempts))

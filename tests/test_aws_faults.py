@@ -17,12 +17,13 @@ from broker.ec2 import Ec2Cloud
 from broker.engine import Engine, EngineSettings
 from broker.pool import Limits
 from broker.prices import PriceTable
-from broker.ratelimit import Backoff
 from broker.sandbox import SandboxResources
 from tests.aws_support import client_for, closed_loopback_port, ec2_error, inject
 from tests.harness import LineClient, ask_once, running_broker
 
 SPEC = LaunchSpec("c7i.8xlarge", Market.SPOT)
+
+pytestmark = pytest.mark.usefixtures("instant_retries")
 
 
 def make_engine(
@@ -30,10 +31,8 @@ def make_engine(
 ) -> Engine:
     settings = resources.ec2_settings(f"faults-{uuid.uuid4().hex[:8]}")
     client = make_client("ec2", region="us-east-1", max_attempts=retries, connect_timeout=1)
-    # RunInstances is retried by the adapter (throttling, 5xx, unreachable): quickly here.
-    cloud = Ec2Cloud(
-        settings, trio.CapacityLimiter(4), client=client, launch_backoff=Backoff(base=0.05)
-    )
+    # RunInstances is retried by the adapter (throttling, 5xx, unreachable): instantly here.
+    cloud = Ec2Cloud(settings, trio.CapacityLimiter(4), client=client)
     engine_settings = EngineSettings(
         default_spec=SPEC,
         limits=Limits(10, None, 900.0),

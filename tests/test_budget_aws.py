@@ -21,7 +21,6 @@ from broker.engine import Engine, EngineSettings
 from broker.ledger import MICROS, Budget, CoverPolicy, Period, charge, period_key
 from broker.pool import Limits
 from broker.prices import PriceTable
-from broker.ratelimit import Backoff
 from broker.sandbox import MotoHandle, SandboxResources, prepare_resources
 from tests.harness import LineClient, ask_once, running_broker
 
@@ -32,6 +31,8 @@ PRICES = PriceTable({("c7i.8xlarge", "spot"): PRICE})
 IDLE, REAP, LAUNCH = 600.0, 60.0, 30.0  # the reaper never runs during a test
 POLICY = CoverPolicy(IDLE, REAP, LAUNCH)
 EVERY_STATE = ("pending", "running", "shutting-down", "terminated", "stopping", "stopped")
+
+pytestmark = pytest.mark.usefixtures("instant_retries")
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +77,7 @@ def make_engine(
     """An engine on moto EC2 and the shared DynamoDB table, exclusive mode (a worker per
     client), spot prices from PRICES only."""
     ec2 = resources.ec2_settings(pool_name)
-    cloud = Ec2Cloud(ec2, trio.CapacityLimiter(4), launch_backoff=Backoff(base=0.05))
+    cloud = Ec2Cloud(ec2, trio.CapacityLimiter(4))
     registry = DynamoRegistry(TABLE, pool_name, trio.CapacityLimiter(4), region="us-east-1")
     settings = EngineSettings(
         default_spec=SPEC,

@@ -19,11 +19,10 @@ from botocore.awsrequest import AWSResponse
 from broker.aws import make_client
 from broker.clock import Clock
 from broker.cloud import LaunchSpec, Market
-from broker.ec2 import POOL_TAG, Ec2Cloud
+from broker.ec2 import LAUNCH_RETRY, POOL_TAG, Ec2Cloud
 from broker.engine import Engine, EngineSettings
 from broker.pool import Limits
 from broker.prices import PriceTable
-from broker.ratelimit import Backoff
 from broker.sandbox import SandboxResources
 from tests.aws_support import client_for, ec2_error, inject
 from tests.harness import LineClient, ask_once, running_broker
@@ -36,8 +35,9 @@ PRICES = PriceTable(
         ("c6i.8xlarge", "on-demand"): 2.5,
     }
 )
-FAST = Backoff(base=0.05)  # throttling retries: at most 0.75 s of waiting in all
 ICE = "InsufficientInstanceCapacity"
+
+pytestmark = pytest.mark.usefixtures("instant_retries")
 
 
 def no_capacity() -> AWSResponse:
@@ -88,9 +88,10 @@ def make_engine(
     subnets: tuple[str | None, ...] = (),
     launch_timeout: float = 20.0,
 ) -> Engine:
-    """An engine on moto EC2 with its own pool, fast RunInstances retries, the prices above."""
+    """An engine on moto EC2 with its own pool, the prices above (run with RunInstances retries
+    that do not wait)."""
     settings = resources.ec2_settings(f"fallback-{uuid.uuid4().hex[:10]}")
-    cloud = Ec2Cloud(settings, trio.CapacityLimiter(4), launch_backoff=FAST)
+    cloud = Ec2Cloud(settings, trio.CapacityLimiter(4))
     engine_settings = EngineSettings(
         default_spec=spec,
         limits=Limits(10, None, 900.0),
@@ -272,8 +273,8 @@ async def test_throttled_forever_is_an_error_line_not_a_hang(
         elapsed = trio.current_time() - started
         assert engine.pool.in_flight == {}
     assert reply == "ERROR: launch failed: RequestLimitExceeded: Request limit exceeded."
-    assert len(attempts) == FAST.attempts
-    assert elapsed < FAST.worst_case() + 5
+    assert len(attempts) == LAUNCH_RETRY.attempts
+    assert elapsed < 5
     assert pool_instances(engine) == []
 
 

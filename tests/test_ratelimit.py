@@ -1,10 +1,10 @@
-"""`TokenBucket` and `Backoff` with plain numbers: no clock, no I/O."""
+"""`TokenBucket` with plain numbers: no clock, no I/O."""
 
 from __future__ import annotations
 
 import pytest
 
-from broker.ratelimit import Backoff, TokenBucket
+from broker.ratelimit import TokenBucket
 
 
 def test_a_full_bucket_lets_a_burst_through_without_waiting() -> None:
@@ -54,23 +54,3 @@ def test_a_bucket_needs_positive_capacity_and_rate() -> None:
         TokenBucket(capacity=0, rate=1)
     with pytest.raises(ValueError, match="rate"):
         TokenBucket(capacity=1, rate=-1)
-
-
-def test_backoff_delays_are_full_jitter_and_capped() -> None:
-    """Retry n waits fraction * min(cap, base * 2**(n-1))."""
-    backoff = Backoff(base=0.5, cap=3.0, attempts=6)
-    assert [backoff.delay(n, 1.0) for n in range(1, 6)] == [0.5, 1.0, 2.0, 3.0, 3.0]
-    assert backoff.delay(3, 0.25) == 0.5
-    assert backoff.delay(1, 0.0) == 0.0
-
-
-def test_backoff_worst_case_bounds_the_total_wait() -> None:
-    """The default policy (5 attempts, 4 retries) never waits more than 7.5 s in all."""
-    assert Backoff().worst_case() == 0.5 + 1 + 2 + 4
-    assert Backoff(attempts=1).worst_case() == 0
-
-
-def test_backoff_needs_at_least_one_attempt() -> None:
-    """`attempts` counts the first request too."""
-    with pytest.raises(ValueError, match="attempts"):
-        Backoff(attempts=0)
