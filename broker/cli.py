@@ -35,7 +35,7 @@ from broker.registry import MemoryRegistry, Registry
 from broker.sdnotify import notify
 from broker.server import Server, ServerSettings
 from broker.spending import Spending
-from broker.sqs import EventQueue, SqsQueue, ensure_events_queue
+from broker.sqs import SqsEventQueue, SqsQueue, ensure_events_queue
 
 EXIT_CONFIG = 2
 
@@ -344,7 +344,9 @@ def build_engine(config: Config, clock: Clock) -> Engine:
         queue = SqsQueue(config.burst_policy.queue_url, limiter, region=config.region)
     if config.events_queue_url:
         # Long polls hold a thread for up to 20 s: their own limiter, not the shared one.
-        events = EventQueue(config.events_queue_url, trio.CapacityLimiter(1), region=config.region)
+        events = SqsEventQueue(
+            config.events_queue_url, trio.CapacityLimiter(1), region=config.region
+        )
     return Engine(
         cloud,
         settings,

@@ -1,7 +1,9 @@
-"""The cloud port: what the broker needs from EC2, as values and one small interface.
+"""The cloud ports: what the broker needs from AWS, as values and small interfaces.
 
-The core (pool, engine) imports this module, never boto3. `broker.ec2` is the adapter that
-implements `Cloud` with boto3; tests of pure logic use an in-memory fake.
+`Cloud` is EC2; `JobQueue` is the queue whose depth drives bursting; `EventQueue` is the queue
+EventBridge fills with EC2 events (spot interruptions). The core (pool, engine) imports this
+module, never boto3. `broker.ec2` and `broker.sqs` are the adapters that implement them with
+boto3; tests of pure logic use in-memory fakes.
 """
 
 from __future__ import annotations
@@ -140,6 +142,14 @@ class CloudError(Exception):
         return self.code in THROTTLING_ERRORS
 
 
+@attrs.frozen
+class ReceivedEvent:
+    """One message from the event queue: its body, and the handle that deletes it."""
+
+    receipt_handle: str
+    body: str
+
+
 class Cloud(Protocol):
     """The EC2 operations the broker uses. Every method may raise `CloudError`.
 
@@ -169,4 +179,32 @@ class Cloud(Protocol):
 
     async def terminate(self, instance_ids: Sequence[str]) -> None:
         """Terminate these instances (idempotent)."""
+        ...
+
+
+class JobQueue(Protocol):
+    """Where the jobs wait. `depth()` may raise `CloudError`."""
+
+    async def depth(self) -> int:
+        """Messages visible plus in flight (received, not yet deleted)."""
+        ...
+
+
+class EventQueue(Protocol):
+    """The EC2 event queue (EventBridge -> SQS): receive message bodies, delete handled ones.
+    Both methods may raise `CloudError`."""
+
+    async def receive(
+        self, *, wait_seconds: int = 0, max_messages: int = 10
+    ) -> list[ReceivedEvent]:
+        """Up to `max_messages` (1-10) messages, waiting up to `wait_seconds` (0-20) for one.
+
+        Received messages stay invisible to other receivers for the queue's visibility timeout;
+        delete them once handled, or they come back.
+        """
+        ...
+
+    async def delete(self, receipt_handles: Sequence[str]) -> None:
+        """Delete these messages (any number). A handle the queue refuses (expired, say) is
+        skipped: its message comes back and is handled again."""
         ...

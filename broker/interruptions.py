@@ -1,8 +1,8 @@
 """EC2 interruption events, as plain code: an SQS message body in, a frozen value out.
 
 No I/O and no clock. An EventBridge rule (`EVENT_PATTERN`) puts EC2's events on an SQS queue,
-as aws-node-termination-handler's queue mode does; the engine receives the bodies through
-`broker.sqs.EventQueue` and asks `parse_event(body)` what each one says:
+as aws-node-termination-handler's queue mode does; the engine receives the bodies through the
+`broker.cloud.EventQueue` port and asks `parse_event(body)` what each one says:
 
 - "EC2 Spot Instance Interruption Warning" (`detail`: `instance-id`, `instance-action` =
   terminate | stop | hibernate) -> `InterruptionWarning`. The event carries no interruption

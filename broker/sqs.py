@@ -1,20 +1,27 @@
-"""SQS for the broker: the job queue's depth, for bursting (the broker only reads it; job runners
-on the workers receive and delete the messages), and the EC2 event queue that EventBridge fills
-for spot interruptions (the broker receives and deletes; `broker.interruptions` parses).
-boto3 runs off the event loop like every AWS call."""
+"""The SQS adapters of the `broker.cloud` queue ports: `SqsQueue` (`JobQueue`), the job queue's
+depth, for bursting (the broker only reads it; job runners on the workers receive and delete
+the messages), and `SqsEventQueue` (`EventQueue`), the EC2 event queue that EventBridge fills
+for spot interruptions (the broker receives and deletes; `broker.interruptions` parses). Also
+`ensure_events_queue`, which creates that queue. boto3 runs off the event loop like every AWS
+call."""
 
 from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from typing import Any, Final, Protocol
+from typing import Any, Final
 
-import attrs
 import botocore.exceptions
 import structlog
 import trio
 
 from broker.aws import call, cloud_error, make_client
+
+# Transitional: "X as X" re-exports the ports for `broker.engine` until it imports them from
+# broker.cloud; then drop the "as".
+from broker.cloud import EventQueue as EventQueue
+from broker.cloud import JobQueue as JobQueue
+from broker.cloud import ReceivedEvent
 
 DEPTH_ATTRIBUTES = ("ApproximateNumberOfMessages", "ApproximateNumberOfMessagesNotVisible")
 
@@ -27,14 +34,6 @@ EVENTS_RETENTION_SECONDS: Final = 300
 EVENTS_POLICY_SID: Final = "compute-broker-eventbridge"
 
 _log = structlog.get_logger("broker.sqs")
-
-
-class JobQueue(Protocol):
-    """Where the jobs wait. `depth()` may raise `broker.cloud.CloudError`."""
-
-    async def depth(self) -> int:
-        """Messages visible plus in flight (received, not yet deleted)."""
-        ...
 
 
 class SqsQueue:
@@ -63,16 +62,9 @@ class SqsQueue:
         return sum(int(attributes.get(name, 0)) for name in DEPTH_ATTRIBUTES)
 
 
-@attrs.frozen
-class ReceivedEvent:
-    """One message from the event queue: its body, and the handle that deletes it."""
-
-    receipt_handle: str
-    body: str
-
-
-class EventQueue:
-    """The EC2 event queue (EventBridge -> SQS): receive message bodies, delete handled ones.
+class SqsEventQueue:
+    """`EventQueue` on an SQS queue URL (EventBridge -> SQS): receive message bodies, delete
+    handled ones.
 
     A long poll holds a thread and a `limiter` token for up to `wait_seconds`: give the queue a
     limiter of its own. The client this makes reads for longer than the longest poll.
@@ -207,3 +199,8 @@ def _eventbridge_statement(queue_arn: str, rule_arn: str | None) -> dict[str, An
         "Resource": queue_arn,
         "Condition": condition,
     }
+
+
+def _implements_ports(jobs: SqsQueue, events: SqsEventQueue) -> tuple[JobQueue, EventQueue]:
+    """mypy checks here that the adapters implement the ports."""
+    return jobs, events

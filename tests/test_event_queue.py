@@ -20,7 +20,7 @@ from broker.interruptions import (
     parse_event,
 )
 from broker.sandbox import MotoHandle
-from broker.sqs import EVENTS_POLICY_SID, EventQueue, SqsQueue, ensure_events_queue
+from broker.sqs import EVENTS_POLICY_SID, SqsEventQueue, SqsQueue, ensure_events_queue
 
 INSTANCE = "i-0b662ef9931388ba0"
 SPOT_WARNING = {
@@ -119,7 +119,7 @@ async def test_a_warning_is_received_parsed_and_deleted(sqs: Any) -> None:
     once deleted."""
     url = ensure_events_queue(sqs, queue_name())
     sqs.send_message(QueueUrl=url, MessageBody=json.dumps(SPOT_WARNING))
-    queue = EventQueue(url, trio.CapacityLimiter(1), region="us-east-1")
+    queue = SqsEventQueue(url, trio.CapacityLimiter(1), region="us-east-1")
     with trio.fail_after(10):
         received = await queue.receive(wait_seconds=1)
         assert len(received) == 1
@@ -144,7 +144,7 @@ async def test_delete_takes_any_number_of_handles_in_batches_of_ten(sqs: Any) ->
                 for n in range(start, min(start + 10, 23))
             ],
         )
-    queue = EventQueue(url, trio.CapacityLimiter(1), region="us-east-1")
+    queue = SqsEventQueue(url, trio.CapacityLimiter(1), region="us-east-1")
     received = []
     with trio.fail_after(10):
         while len(received) < 23:
@@ -161,7 +161,7 @@ async def test_a_handle_sqs_refuses_is_logged_not_raised(sqs: Any) -> None:
     """A stale or bogus receipt handle fails alone: the rest are deleted, the failure logged."""
     url = ensure_events_queue(sqs, queue_name())
     sqs.send_message(QueueUrl=url, MessageBody=json.dumps(SPOT_WARNING))
-    queue = EventQueue(url, trio.CapacityLimiter(1), region="us-east-1")
+    queue = SqsEventQueue(url, trio.CapacityLimiter(1), region="us-east-1")
     with trio.fail_after(10):
         (message,) = await queue.receive(wait_seconds=1)
         with structlog.testing.capture_logs() as logs:
@@ -178,7 +178,7 @@ async def test_a_handle_sqs_refuses_is_logged_not_raised(sqs: Any) -> None:
 
 async def test_receive_rejects_limits_sqs_would_refuse() -> None:
     """SQS takes 1-10 messages a call and long polls of 0-20 s."""
-    queue = EventQueue("https://sqs.example/q", trio.CapacityLimiter(1), client=object())
+    queue = SqsEventQueue("https://sqs.example/q", trio.CapacityLimiter(1), client=object())
     for kwargs in ({"max_messages": 0}, {"max_messages": 11}, {"wait_seconds": 21}):
         with pytest.raises(ValueError):
             await queue.receive(**kwargs)
@@ -205,7 +205,7 @@ async def test_eventbridge_rule_with_the_pattern_feeds_the_queue(sqs: Any) -> No
             "Detail": json.dumps({"instance-id": INSTANCE, **detail}),
         }
         assert events.put_events(Entries=[entry])["FailedEntryCount"] == 0
-    queue = EventQueue(url, trio.CapacityLimiter(1), region="us-east-1")
+    queue = SqsEventQueue(url, trio.CapacityLimiter(1), region="us-east-1")
     parsed = []
     with trio.fail_after(10):
         while len(parsed) < 3:

@@ -27,7 +27,7 @@ from broker.interruptions import format_deadline
 from broker.pool import Limits
 from broker.prices import PriceTable
 from broker.sandbox import MotoHandle
-from broker.sqs import EventQueue, ensure_events_queue
+from broker.sqs import SqsEventQueue, ensure_events_queue
 from compute_broker_client import BrokerClient, WorkerInterrupted
 from tests.fakes import FakeCloud
 from tests.harness import LineClient, ask_once, running_broker, wait_for
@@ -68,7 +68,7 @@ def events_engine(cloud: FakeCloud, clock: Clock, url: str) -> Engine:
         limits=Limits(10, None, 600.0, 1),  # exclusive: a worker per client
         describe_interval=0.05,
     )
-    events = EventQueue(url, trio.CapacityLimiter(1), region="us-east-1")
+    events = SqsEventQueue(url, trio.CapacityLimiter(1), region="us-east-1")
     return Engine(cloud, settings, clock, PriceTable.default(), events=events)
 
 

@@ -13,13 +13,12 @@ import trio
 from trio.testing import MockClock
 
 from broker.clock import Clock
-from broker.cloud import LaunchSpec, Market
+from broker.cloud import LaunchSpec, Market, ReceivedEvent
 from broker.engine import Engine, EngineSettings, WorkerInterrupted
 from broker.pool import Limits
 from broker.prices import PriceTable
 from broker.protocol import GetWorker
 from broker.registry import MemoryRegistry
-from broker.sqs import ReceivedEvent
 from tests.fakes import FakeCloud
 
 SPEC = LaunchSpec("c7i.8xlarge", Market.SPOT)
