@@ -15,7 +15,7 @@ import trio
 
 from broker.clock import Clock
 from broker.cloud import CloudError, Market
-from broker.pool import LOCAL_TYPE, LocalWorker, WorkerState
+from broker.model import LOCAL_TYPE, LocalWorker, WorkerState
 from broker.registry import Registry, WorkerRecord
 
 MISSED_BEATS: int = 3

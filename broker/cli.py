@@ -26,15 +26,15 @@ from broker.clock import Clock
 from broker.cloud import CloudError, LaunchSpec, Market
 from broker.config import Config, ConfigError, load_config, reference_markdown, sample_yaml
 from broker.ec2 import BILLABLE_STATES, Ec2Cloud, Ec2Settings
-from broker.engine import Engine, EngineSettings
-from broker.ledger import Budget, CoverPolicy, OnCap
+from broker.engine import Engine, EngineSettings, Refusal
+from broker.ledger import Budget, OnCap
 from broker.log import configure_logging
-from broker.pool import Limits
+from broker.memory_registry import MemoryRegistry
+from broker.model import Limits
 from broker.prices import PriceTable
-from broker.registry import MemoryRegistry, Registry
+from broker.registry import Registry
 from broker.sdnotify import notify
 from broker.server import Server, ServerSettings
-from broker.spending import Spending
 from broker.sqs import SqsEventQueue, SqsQueue, ensure_events_queue
 
 EXIT_CONFIG = 2
@@ -184,36 +184,27 @@ def _stop_all(args: argparse.Namespace) -> int:
     configure_logging(config.log_format, config.log_level)
 
     async def main() -> int:
-        limiter = trio.CapacityLimiter(4)
-        cloud = Ec2Cloud(_ec2_settings(config), limiter)
+        engine = build_engine(config, Clock())
+        cloud = engine.cloud
+        assert isinstance(cloud, Ec2Cloud)
         instances = await cloud.list_pool(BILLABLE_STATES)
         for instance in instances:
             print(f"{instance.instance_id} {instance.state} {instance.public_ip or '-'}")
         print(f"{len(instances)} instance(s) in pool {config.pool_name}")
         if args.dry_run or not instances:
             return 0
-        await cloud.terminate([i.instance_id for i in instances])
+        # The broker's own retire path: leases end, records go, the pool-wide counter and
+        # the ledger get back what the workers held.
+        stopped = await engine.stop_all(instances)
         structlog.get_logger("broker").warning(
-            "pool.stop_all", pool=config.pool_name, instance_ids=[i.instance_id for i in instances]
+            "pool.stop_all", pool=config.pool_name, instance_ids=stopped
         )
-        registry = build_registry(config, limiter)
-        now = Clock().now()
-        leases = await registry.list_leases(now) + await registry.expired_leases(now)
-        stopped = {i.instance_id for i in instances}
-        for lease in leases:
-            if lease.instance_id in stopped:
-                await registry.end_lease(lease.client, lease.instance_id)
-        spending = Spending(registry, _budget(config), _cover_policy(config))
-        for instance_id in stopped:
-            record = await registry.delete_worker(instance_id)
-            if record is not None:  # give back the cover it will not use
-                await spending.refund_cover(record, now)
         print("terminated")
         return 0
 
     try:
         return trio.run(main)
-    except CloudError as exc:
+    except (CloudError, Refusal) as exc:
         print(f"stop-all failed: {exc}", file=sys.stderr)
         return 1
 
@@ -302,10 +293,6 @@ def _budget(config: Config) -> Budget:
     return Budget(
         config.max_daily_cost, config.max_monthly_cost, config.budget_timezone, OnCap(config.on_cap)
     )
-
-
-def _cover_policy(config: Config) -> CoverPolicy:
-    return CoverPolicy(config.idle_timeout, config.reap_interval, config.launch_timeout)
 
 
 def build_engine(config: Config, clock: Clock) -> Engine:

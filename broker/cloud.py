@@ -1,18 +1,33 @@
-"""The cloud ports: what the broker needs from AWS, as values and small interfaces.
+"""The cloud ports: what the broker needs from AWS, as small interfaces and their errors.
 
 `Cloud` is EC2; `JobQueue` is the queue whose depth drives bursting; `EventQueue` is the queue
-EventBridge fills with EC2 events (spot interruptions). The core (pool, engine) imports this
+EventBridge fills with EC2 events (spot interruptions). The values they speak in (`Instance`,
+`LaunchSpec`, `Market`) live in `broker.model` and are re-exported here. The core imports this
 module, never boto3. `broker.ec2` and `broker.sqs` are the adapters that implement them with
 boto3; tests of pure logic use in-memory fakes.
 """
 
 from __future__ import annotations
 
-import enum
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Final, Protocol
 
 import attrs
+
+from broker.model import Instance, LaunchSpec, Market
+
+__all__ = [
+    "CAPACITY_ERRORS",
+    "THROTTLING_ERRORS",
+    "Cloud",
+    "CloudError",
+    "EventQueue",
+    "Instance",
+    "JobQueue",
+    "LaunchSpec",
+    "Market",
+    "ReceivedEvent",
+]
 
 # The offering (instance type, Availability Zone, market) cannot be had now: try another one
 # rather than the same one again. The codes AWS ParallelCluster fails over on, from EC2's
@@ -48,75 +63,6 @@ THROTTLING_ERRORS: Final = frozenset(
         "EC2ThrottledException",
     }
 )
-
-
-class Market(enum.StrEnum):
-    """How an instance is bought."""
-
-    SPOT = "spot"
-    ON_DEMAND = "on-demand"
-
-
-@attrs.frozen
-class LaunchSpec:
-    """What to launch: the parts of RunInstances that vary per request.
-
-    A request's spec may also accept other types (`fallback_types`, tried in order after
-    `instance_type` when EC2 has no capacity) and, for spot, on-demand after every spot
-    offering failed (`on_demand_fallback`). The cloud port is always given a plain spec.
-    """
-
-    instance_type: str
-    market: Market
-    fallback_types: tuple[str, ...] = ()
-    on_demand_fallback: bool = False
-
-    @property
-    def types(self) -> tuple[str, ...]:
-        """Every acceptable type, in the order they are tried."""
-        return (self.instance_type, *(t for t in self.fallback_types if t != self.instance_type))
-
-    @property
-    def markets(self) -> tuple[Market, ...]:
-        """Every acceptable market, in the order they are tried."""
-        if self.on_demand_fallback and self.market is Market.SPOT:
-            return (Market.SPOT, Market.ON_DEMAND)
-        return (self.market,)
-
-    def accepts(self, instance_type: str, market: Market) -> bool:
-        """True if a worker of this type and market satisfies the spec (on every hand-out:
-        kept to comparisons)."""
-        if market != self.market and not (
-            self.on_demand_fallback and self.market is Market.SPOT and market is Market.ON_DEMAND
-        ):
-            return False
-        return instance_type == self.instance_type or instance_type in self.fallback_types
-
-    def plain(self, instance_type: str, market: Market) -> LaunchSpec:
-        """One concrete offering's spec, without alternatives."""
-        return LaunchSpec(instance_type, market)
-
-
-@attrs.frozen
-class Instance:
-    """One EC2 instance as the cloud reports it.
-
-    `state` is EC2's state name (pending, running, shutting-down, terminated, stopping,
-    stopped). `launched_at` is Unix seconds.
-    """
-
-    instance_id: str
-    instance_type: str
-    market: Market
-    state: str
-    public_ip: str | None
-    launched_at: float
-    tags: Mapping[str, str] = attrs.field(factory=dict)
-
-    @property
-    def is_alive(self) -> bool:
-        """True while the instance can still become (or is) a usable worker."""
-        return self.state in ("pending", "running")
 
 
 class CloudError(Exception):

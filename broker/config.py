@@ -23,7 +23,7 @@ import attrs
 import yaml
 
 from broker.burst import BURST_POLICY_EXAMPLE, BURST_POLICY_LABEL, BurstPolicy, BurstPolicyError
-from broker.pool import LocalWorker
+from broker.model import LocalWorker
 from broker.schedule import (
     WARM_POOL_EXAMPLE,
     WARM_POOL_LABEL,

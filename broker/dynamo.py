@@ -22,7 +22,7 @@ import trio
 from broker.aws import call, cloud_error, make_client
 from broker.cloud import CloudError
 from broker.ledger import admit_count
-from broker.pool import WorkerState
+from broker.model import WorkerState
 from broker.registry import (
     CoverOutcome,
     ItemValue,
@@ -184,10 +184,6 @@ class DynamoRegistry:
         workers = [WorkerRecord.from_item(i) for i in await self._query(WORKER_PREFIX)]
         return [w for w in workers if not w.is_expired(now)]
 
-    async def expired_workers(self, now: float) -> list[WorkerRecord]:
-        workers = [WorkerRecord.from_item(i) for i in await self._query(WORKER_PREFIX)]
-        return [w for w in workers if w.is_expired(now)]
-
     async def update_worker_activity(
         self, instance_id: str, now: float, *, expires_at: float | None = None
     ) -> bool:
@@ -305,9 +301,6 @@ class DynamoRegistry:
 
     async def put_intent(self, intent: LaunchIntent) -> None:
         await self._put(_intent_sk(intent.token), intent.to_item())
-
-    async def complete_intent(self, token: str, instance_ids: Iterable[str]) -> bool:
-        return await self._update_existing(_intent_sk(token), {"instance_ids": list(instance_ids)})
 
     async def delete_intent(self, token: str) -> LaunchIntent | None:
         old = await self._delete(_intent_sk(token))

@@ -152,7 +152,7 @@ class Budget:
     on_cap: OnCap = OnCap.REFUSE
 
     @property
-    def capped(self) -> bool:
+    def has_caps(self) -> bool:
         """True if any cumulative cap is set."""
         return self.max_daily_cost is not None or self.max_monthly_cost is not None
 

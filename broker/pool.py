@@ -1,165 +1,54 @@
 """The pool's state and decisions, as plain code: which worker, whether to launch, what to reap.
 
-No I/O and no clock: every method that depends on time takes `now` (Unix seconds). The engine
-(`broker.engine`) owns one `Pool`, asks it what to do, does it, and reports back.
+No I/O and no clock: every method that depends on time takes `now` (Unix seconds). The rooms
+of the engine (`broker.handout`, `broker.launcher`, ...) ask the pool what to do, do it, and
+report back through its transitions. The pool is the only code that changes a `Worker`, a
+`Lease` or its own tables; the legal moves of a worker are the transitions below, on one
+screen:
+
+    (new)       -> LAUNCHING    launch_answered, adopt(ready=False)
+    (new)       -> READY        adopt(ready=True), add_local, restore, merge
+    LAUNCHING   -> READY        mark_ready
+    READY       -> TERMINATING  mark_terminating, release (nobody holds it)
+    LAUNCHING   -> TERMINATING  mark_terminating (boot timeout, interrupted while booting)
+    TERMINATING -> READY        revert_ready (the registry kept it: held through a replica)
+    any         -> (gone)       remove, merge (gone through another replica)
+
+Besides the state, a worker's cover (`set_cover`, `extend_cover`) and its interruption
+(`interrupt`, `lift`) change only here, and so do leases (`hand_out`, `ping`, `end_lease`,
+`note_persisted`).
 """
 
 from __future__ import annotations
 
-import enum
 import math
-from collections.abc import Collection, Iterable
-from typing import Any, Final
+from collections.abc import Collection, Iterable, Mapping, Sequence
+from typing import Final
 
 import attrs
 
-from broker.cloud import Instance, LaunchSpec, Market
+from broker.model import (
+    LOCAL_TYPE,
+    NO_WARM_POOL,
+    Admission,
+    InFlight,
+    Instance,
+    Interruption,
+    LaunchSpec,
+    Lease,
+    Limits,
+    LocalWorker,
+    Market,
+    MergePlan,
+    ReapPlan,
+    Released,
+    ReleaseOutcome,
+    WarmPool,
+    Worker,
+    WorkerState,
+)
 
 GONE_MEMORY_SECONDS: Final = 24 * 3600  # how long RELEASE of a terminated IP stays `OK`
-
-
-class WorkerState(enum.StrEnum):
-    """Where a worker is in its life, as far as hand-out is concerned."""
-
-    LAUNCHING = "launching"  # RunInstances accepted; waiting for running + IP (+ probe)
-    READY = "ready"  # can be handed out
-    TERMINATING = "terminating"  # chosen for termination; never handed out again
-
-
-LOCAL_TYPE: Final = "local"  # the instance_type of local (lab) workers
-
-
-@attrs.frozen
-class LocalWorker:
-    """A lab machine or instrument declared in the config (or registered by an agent)."""
-
-    name: str
-    ip: str
-
-    @property
-    def instance_id(self) -> str:
-        """The worker's id in the pool and the registry."""
-        return f"local:{self.name}"
-
-
-@attrs.frozen
-class Interruption:
-    """The worker is being taken away: by EC2 (a spot interruption warning or a rebalance
-    recommendation) or by the budget (its cover cannot be extended). It is handed out no
-    more; its holders' PINGs are answered `ERROR: Worker interrupted <deadline>`."""
-
-    reason: str  # "spot_interruption", "rebalance_recommendation" or "budget"
-    deadline: float | None  # when it goes away, when known
-    noticed_at: float
-
-
-@attrs.define
-class Worker:
-    """One worker of the pool: an EC2 instance, or a local lab machine (`local`), which is
-    leased like the others but never launched, counted against caps, reaped or terminated."""
-
-    instance_id: str
-    instance_type: str
-    market: Market
-    state: WorkerState
-    ip: str | None
-    launched_at: float
-    last_activity: float
-    price_per_hour: float | None
-    ready_at: float | None = None
-    launch_token: str | None = None
-    local: bool = False
-    paid_until: float | None = None  # the end of its cover in the dollar ledger
-    interruption: Interruption | None = None
-
-    def matches(self, spec: LaunchSpec) -> bool:
-        """True if this worker is of a type and market the spec accepts."""
-        return spec.accepts(self.instance_type, self.market)
-
-    @property
-    def available(self) -> bool:
-        """True if it may be handed out: ready and not being taken away."""
-        return self.state is WorkerState.READY and self.interruption is None
-
-
-@attrs.define
-class Lease:
-    """A client holds a worker."""
-
-    client: str
-    instance_id: str
-    ip: str
-    started_at: float
-    last_activity: float
-    price_per_hour: float | None = None
-    persisted_activity: float | None = None  # the last activity time written to the registry
-
-    def cost(self, now: float) -> float | None:
-        """Dollars this lease has cost so far: the worker's price times the lease's duration."""
-        if self.price_per_hour is None:
-            return None
-        return self.price_per_hour * max(0.0, now - self.started_at) / 3600.0
-
-
-@attrs.frozen
-class InFlight:
-    """A RunInstances call that has not answered yet (counted against every cap)."""
-
-    token: str
-    spec: LaunchSpec
-    count: int
-    started_at: float
-    price_per_hour: float | None
-
-
-@attrs.frozen
-class Limits:
-    """The caps and clocks the pool's decisions use.
-
-    `clients_per_worker` is None when clients share workers without limit (sharing: shared),
-    else how many leases one worker takes (sharing: exclusive; 1 = a worker per client).
-    """
-
-    max_workers: int
-    max_hourly_cost: float | None
-    idle_timeout: float
-    clients_per_worker: int | None = None
-
-
-@attrs.frozen
-class Admission:
-    """How many of the requested launches may go ahead; `refusal` says why when none may."""
-
-    count: int
-    refusal: str | None = None
-
-
-class ReleaseOutcome(enum.Enum):
-    """What a RELEASE did."""
-
-    NOT_FOUND = "not_found"  # an IP the pool never knew
-    ALREADY_GONE = "already_gone"  # a worker terminated earlier: OK, idempotent
-    KEPT = "kept"  # other clients still hold it
-    KEPT_WARM = "kept_warm"  # nobody holds it, but the warm pool wants it: back to the pool
-    TERMINATE = "terminate"  # nobody holds it: the engine terminates it
-
-
-@attrs.frozen
-class Released:
-    """The outcome of a RELEASE, with the lease it ended and the worker it concerns."""
-
-    outcome: ReleaseOutcome
-    worker: Worker | None = None
-    lease: Lease | None = None
-    holders: int = 0
-
-
-@attrs.frozen
-class ReapPlan:
-    """What a reaper pass should do now."""
-
-    expired_leases: tuple[Lease, ...]
-    idle_workers: tuple[Worker, ...]
 
 
 @attrs.define
@@ -171,6 +60,8 @@ class Pool:
     leases: dict[tuple[str, str], Lease] = attrs.field(factory=dict)
     in_flight: dict[str, InFlight] = attrs.field(factory=dict)
     gone_ips: dict[str, float] = attrs.field(factory=dict)
+    # instance id -> client -> lease: the same leases as `leases`, indexed by worker.
+    _held: dict[str, dict[str, Lease]] = attrs.field(factory=dict, alias="_held")
 
     # --- queries -----------------------------------------------------------------------------
 
@@ -183,7 +74,15 @@ class Pool:
 
     def holders(self, instance_id: str) -> list[Lease]:
         """The open leases on a worker."""
-        return [lease for lease in self.leases.values() if lease.instance_id == instance_id]
+        return list(self._held.get(instance_id, {}).values())
+
+    def holder_count(self, instance_id: str) -> int:
+        """How many clients hold the worker."""
+        return len(self._held.get(instance_id, ()))
+
+    def is_held(self, instance_id: str) -> bool:
+        """True if any client holds the worker."""
+        return bool(self._held.get(instance_id))
 
     def choose_ready(
         self,
@@ -210,26 +109,32 @@ class Pool:
             for worker in ready:
                 if (client, worker.instance_id) in self.leases:
                     return worker
-        counts = self._holder_counts()
         capacity = self.limits.clients_per_worker
         if capacity is not None:
-            ready = [w for w in ready if counts.get(w.instance_id, 0) < capacity]
+            ready = [w for w in ready if self.holder_count(w.instance_id) < capacity]
             if not ready:
                 return None
 
         def rank(w: Worker) -> tuple[bool, int, float]:
             cloud_first = w.local != prefer_local  # False sorts first
-            return (cloud_first, counts.get(w.instance_id, 0), -w.last_activity)
+            return (cloud_first, self.holder_count(w.instance_id), -w.last_activity)
 
         return min(ready, key=rank)
 
     def idle_ready(self, spec: LaunchSpec) -> list[Worker]:
         """Ready workers of `spec` nobody holds."""
-        held = {lease.instance_id for lease in self.leases.values()}
         return [
             w
             for w in self.workers.values()
-            if w.available and w.matches(spec) and w.instance_id not in held
+            if w.available and w.matches(spec) and not self.is_held(w.instance_id)
+        ]
+
+    def warm_idle(self, warm: WarmPool) -> list[Worker]:
+        """Ready cloud workers nobody holds that the warm pool counts (its type and market)."""
+        return [
+            w
+            for w in self.workers.values()
+            if w.available and not w.local and warm.wants(w) and not self.is_held(w.instance_id)
         ]
 
     def coming_instances(self, spec: LaunchSpec) -> int:
@@ -247,13 +152,17 @@ class Pool:
             return math.inf if coming else 0.0
         return float(coming * capacity)
 
-    def is_launching(self, spec: LaunchSpec) -> bool:
-        """True if a launch that could satisfy `spec` is under way."""
-        return self.coming_capacity(spec) > 0
-
     def launching(self) -> list[Worker]:
         """Workers waiting for running + IP (+ probe)."""
         return [w for w in self.workers.values() if w.state is WorkerState.LAUNCHING]
+
+    def unheld_ready(self) -> list[Worker]:
+        """Ready cloud workers nobody holds (interrupted ones included)."""
+        return [
+            w
+            for w in self.workers.values()
+            if w.state is WorkerState.READY and not w.local and not self.is_held(w.instance_id)
+        ]
 
     def instance_count(self) -> int:
         """Instances running or on their way, in-flight launches included (not local ones)."""
@@ -310,7 +219,40 @@ class Pool:
         self.in_flight[token] = attrs.evolve(flight, price_per_hour=price_per_hour)
         return None
 
-    # --- transitions -------------------------------------------------------------------------
+    def reap_plan(self, now: float, *, warm: WarmPool = NO_WARM_POOL) -> ReapPlan:
+        """Leases and ready workers idle for `idle_timeout` or longer (workers: no holders).
+
+        The `warm.count` most recently used idle workers the warm pool counts are kept."""
+        timeout = self.limits.idle_timeout
+        expired = tuple(
+            lease for lease in self.leases.values() if now - lease.last_activity >= timeout
+        )
+        expired_keys = {(lease.client, lease.instance_id) for lease in expired}
+        still_held = {
+            lease.instance_id for key, lease in self.leases.items() if key not in expired_keys
+        }
+        unheld = [
+            worker
+            for worker in self.workers.values()
+            if worker.state is WorkerState.READY
+            and worker.instance_id not in still_held
+            and not worker.local
+        ]
+        warm_idle = sorted(
+            (w for w in unheld if w.available and w.matches(warm.spec)),
+            key=lambda w: -w.last_activity,
+        )
+        kept = {w.instance_id for w in warm_idle[: warm.count]}
+        # An interrupted worker nobody holds goes at once: it is handed out no more.
+        idle = tuple(
+            worker
+            for worker in unheld
+            if worker.instance_id not in kept
+            and (now - worker.last_activity >= timeout or worker.interruption is not None)
+        )
+        return ReapPlan(expired, idle)
+
+    # --- transitions: launches ---------------------------------------------------------------
 
     def launch_started(
         self, token: str, spec: LaunchSpec, count: int, price: float | None, now: float
@@ -329,16 +271,19 @@ class Pool:
         now: float,
         *,
         price: float | None = None,
+        paid_until: float | None = None,
     ) -> list[Worker]:
         """RunInstances answered: its instances become launching workers (at `price`, else
-        the price the launch was admitted at)."""
+        the price the launch was admitted at), covered until `paid_until`."""
         flight = self.in_flight.pop(token, None)
         if price is None and flight is not None:
             price = flight.price_per_hour
-        added = [self.add(instance, now, price=price, token=token) for instance in instances]
-        return added
+        return [
+            self.adopt(instance, now, price=price, token=token, paid_until=paid_until)
+            for instance in instances
+        ]
 
-    def add(
+    def adopt(
         self,
         instance: Instance,
         now: float,
@@ -346,6 +291,7 @@ class Pool:
         price: float | None,
         token: str | None = None,
         ready: bool = False,
+        paid_until: float | None = None,
     ) -> Worker:
         """Add an instance (launched or adopted) as a worker; its idle clock starts now."""
         worker = Worker(
@@ -359,6 +305,26 @@ class Pool:
             price_per_hour=price,
             ready_at=now if ready else None,
             launch_token=token,
+            paid_until=paid_until,
+        )
+        self.workers[worker.instance_id] = worker
+        return worker
+
+    def add_local(self, local: LocalWorker, market: Market, now: float) -> Worker | None:
+        """A local worker declared in the config joins, ready at once (None if known)."""
+        if local.instance_id in self.workers:
+            return None
+        worker = Worker(
+            instance_id=local.instance_id,
+            instance_type=LOCAL_TYPE,
+            market=market,
+            state=WorkerState.READY,
+            ip=local.ip,
+            launched_at=now,
+            last_activity=now,
+            price_per_hour=None,
+            ready_at=now,
+            local=True,
         )
         self.workers[worker.instance_id] = worker
         return worker
@@ -374,63 +340,14 @@ class Pool:
         worker.last_activity = now
         return worker
 
-    def hand_out(self, worker: Worker, client: str, now: float) -> tuple[Lease, bool]:
-        """Give `worker` to `client`: create or refresh its lease. True if the lease is new."""
-        worker.last_activity = now
-        key = (client, worker.instance_id)
-        lease = self.leases.get(key)
-        if lease is not None:
-            lease.last_activity = now
-            return lease, False
-        assert worker.ip is not None, "only ready workers are handed out"
-        lease = Lease(client, worker.instance_id, worker.ip, now, now, worker.price_per_hour)
-        self.leases[key] = lease
-        return lease, True
-
-    def end_lease(self, lease: Lease) -> None:
-        """Forget a lease (released, expired, or its worker is gone)."""
-        self.leases.pop((lease.client, lease.instance_id), None)
-
-    def ping(self, ip: str, client: str, now: float) -> Worker | None:
-        """Restart a worker's idle clock and the caller's lease on it; None if unknown."""
-        worker = self.by_ip(ip)
-        if worker is None:
-            return None
-        worker.last_activity = now
-        lease = self.leases.get((client, worker.instance_id))
-        if lease is not None:
-            lease.last_activity = now
-        return worker
-
-    def release(self, ip: str, client: str, now: float, *, keep_idle: int = 0) -> Released:
-        """End the caller's lease; decide whether the worker is to be terminated.
-
-        A worker nobody holds any more goes back to the pool instead when fewer than
-        `keep_idle` idle ready workers of its type and market would be left (the warm pool).
-        """
-        worker = self.by_ip(ip)
-        if worker is None:
-            if any(w.ip == ip for w in self.workers.values()):
-                return Released(ReleaseOutcome.ALREADY_GONE)  # being terminated right now
-            gone = self.gone_ips.get(ip)
-            if gone is not None and now - gone < GONE_MEMORY_SECONDS:
-                return Released(ReleaseOutcome.ALREADY_GONE)
-            return Released(ReleaseOutcome.NOT_FOUND)
-        lease = self.leases.get((client, worker.instance_id))
-        if lease is not None:
-            self.end_lease(lease)
-        others = self.holders(worker.instance_id)
-        if others:
-            return Released(ReleaseOutcome.KEPT, worker, lease, len(others))
-        if worker.local:
-            return Released(ReleaseOutcome.KEPT_WARM, worker, lease)  # never terminated
-        if worker.available and keep_idle > 0:
-            spec = LaunchSpec(worker.instance_type, worker.market)
-            idle_others = [w for w in self.idle_ready(spec) if w is not worker]
-            if len(idle_others) < keep_idle:
-                return Released(ReleaseOutcome.KEPT_WARM, worker, lease)
+    def mark_terminating(self, worker: Worker) -> None:
+        """The worker is chosen for termination: it is never handed out again."""
         worker.state = WorkerState.TERMINATING
-        return Released(ReleaseOutcome.TERMINATE, worker, lease)
+
+    def revert_ready(self, worker: Worker) -> None:
+        """A termination was not claimed (held through another replica): ready again."""
+        if worker.state is WorkerState.TERMINATING and worker.instance_id in self.workers:
+            worker.state = WorkerState.READY
 
     def remove(self, instance_id: str, now: float) -> tuple[Worker | None, list[Lease]]:
         """The worker is gone: drop it and its leases; remember its IP for RELEASE."""
@@ -443,104 +360,181 @@ class Pool:
         self._forget_old_ips(now)
         return worker, ended
 
-    def reap_plan(
-        self, now: float, *, keep_idle: int = 0, keep_spec: LaunchSpec | None = None
-    ) -> ReapPlan:
-        """Leases and ready workers idle for `idle_timeout` or longer (workers: no holders).
+    # --- transitions: money and interruptions ------------------------------------------------
 
-        The `keep_idle` most recently used idle workers of `keep_spec` are kept (warm pool).
+    def set_cover(self, worker: Worker, paid_until: float | None) -> None:
+        """The worker's cost is committed until `paid_until` (as the ledger now says)."""
+        worker.paid_until = paid_until
+
+    def extend_cover(self, worker: Worker, paid_until: float) -> None:
+        """Another replica committed the worker's cost further: keep the later end."""
+        worker.paid_until = max(worker.paid_until or 0.0, paid_until)
+
+    def interrupt(self, worker: Worker, interruption: Interruption) -> None:
+        """The worker is being taken away: handed out no more, PINGs told the deadline."""
+        worker.interruption = interruption
+
+    def lift(self, worker: Worker) -> None:
+        """The interruption is over (a budget stop in a new period): hand it out again."""
+        worker.interruption = None
+
+    # --- transitions: leases -----------------------------------------------------------------
+
+    def hand_out(self, worker: Worker, client: str, now: float) -> tuple[Lease, bool]:
+        """Give `worker` to `client`: create or refresh its lease. True if the lease is new."""
+        worker.last_activity = now
+        key = (client, worker.instance_id)
+        lease = self.leases.get(key)
+        if lease is not None:
+            lease.last_activity = now
+            return lease, False
+        assert worker.ip is not None, "only ready workers are handed out"
+        lease = Lease(client, worker.instance_id, worker.ip, now, now, worker.price_per_hour)
+        self._add_lease(lease)
+        return lease, True
+
+    def note_persisted(self, lease: Lease, now: float) -> None:
+        """The lease's activity up to `now` is in the registry (or being written)."""
+        lease.persisted_activity = now
+
+    def end_lease(self, lease: Lease) -> None:
+        """Forget a lease (released, expired, or its worker is gone)."""
+        if self.leases.pop((lease.client, lease.instance_id), None) is None:
+            return
+        held = self._held.get(lease.instance_id)
+        if held is not None:
+            held.pop(lease.client, None)
+            if not held:
+                del self._held[lease.instance_id]
+
+    def ping(self, ip: str, client: str, now: float) -> Worker | None:
+        """Restart a worker's idle clock and the caller's lease on it; None if unknown."""
+        worker = self.by_ip(ip)
+        if worker is None:
+            return None
+        worker.last_activity = now
+        lease = self.leases.get((client, worker.instance_id))
+        if lease is not None:
+            lease.last_activity = now
+        return worker
+
+    def release(
+        self, ip: str, client: str, now: float, *, warm: WarmPool = NO_WARM_POOL
+    ) -> Released:
+        """End the caller's lease; decide whether the worker is to be terminated.
+
+        A worker nobody holds any more goes back to the pool instead only when it is of the
+        warm pool's type and market and fewer than `warm.count` such idle workers would be
+        left; every other unheld cloud worker is marked terminating."""
+        worker = self.by_ip(ip)
+        if worker is None:
+            if any(w.ip == ip for w in self.workers.values()):
+                return Released(ReleaseOutcome.ALREADY_GONE)  # being terminated right now
+            gone = self.gone_ips.get(ip)
+            if gone is not None and now - gone < GONE_MEMORY_SECONDS:
+                return Released(ReleaseOutcome.ALREADY_GONE)
+            return Released(ReleaseOutcome.NOT_FOUND)
+        lease = self.leases.get((client, worker.instance_id))
+        if lease is not None:
+            self.end_lease(lease)
+        others = self.holder_count(worker.instance_id)
+        if others:
+            return Released(ReleaseOutcome.KEPT, worker, lease, others)
+        if worker.local:
+            return Released(ReleaseOutcome.KEPT_WARM, worker, lease)  # never terminated
+        if worker.available and warm.count > 0:
+            own = LaunchSpec(worker.instance_type, worker.market)
+            idle_others = [w for w in self.idle_ready(own) if w is not worker]
+            if len(idle_others) < warm.count:
+                return Released(ReleaseOutcome.KEPT_WARM, worker, lease)
+        self.mark_terminating(worker)
+        return Released(ReleaseOutcome.TERMINATE, worker, lease)
+
+    # --- transitions: the registry's view ----------------------------------------------------
+
+    def restore(self, workers: Iterable[Worker], leases: Iterable[Lease]) -> list[Worker]:
+        """After a restart: the workers and leases the registry has (unknown ones only); each
+        worker's idle clock is its latest lease activity. The workers added."""
+        added = []
+        for worker in workers:
+            if worker.instance_id not in self.workers:
+                self.workers[worker.instance_id] = worker
+                added.append(worker)
+        for lease in leases:
+            held = self.workers.get(lease.instance_id)
+            if held is None:
+                continue
+            self._add_lease(attrs.evolve(lease, price_per_hour=held.price_per_hour))
+            held.last_activity = max(held.last_activity, lease.last_activity)
+        return added
+
+    def merge(
+        self,
+        registry: Mapping[str, Worker],
+        leases: Sequence[Lease],
+        *,
+        alive: Collection[str],
+        declared_local: Collection[str],
+        now: float,
+    ) -> MergePlan:
+        """Learn what other replicas did, from the registry's workers (as `Worker` values,
+        by id) and leases, and the instance ids EC2 runs (`alive`):
+
+        - a worker the registry has and EC2 runs (or a local one) joins, unless terminating;
+        - covers only grow (another replica extended one); interruptions are learned;
+        - a ready worker the registry no longer has, or has as terminating, is removed
+          (only with no launch of ours in flight: its record may not be written yet);
+        - a local worker neither the registry nor the config has is lost (agent gone);
+        - leases join, and activity seen through another replica refreshes ours.
         """
-        timeout = self.limits.idle_timeout
-        expired = tuple(
-            lease for lease in self.leases.values() if now - lease.last_activity >= timeout
-        )
-        expired_keys = {(lease.client, lease.instance_id) for lease in expired}
-        still_held = {
-            lease.instance_id for key, lease in self.leases.items() if key not in expired_keys
-        }
-        unheld = [
-            worker
-            for worker in self.workers.values()
-            if worker.state is WorkerState.READY
-            and worker.instance_id not in still_held
-            and not worker.local
-        ]
-        kept: set[str] = set()
-        if keep_idle > 0 and keep_spec is not None:
-            warm = sorted(
-                (w for w in unheld if w.available and w.matches(keep_spec)),
-                key=lambda w: -w.last_activity,
+        joined: list[Worker] = []
+        for instance_id, record in registry.items():
+            if instance_id in self.workers or record.state is WorkerState.TERMINATING:
+                continue
+            if instance_id in alive or record.local:
+                self.workers[instance_id] = attrs.evolve(record)
+                joined.append(self.workers[instance_id])
+        interrupted: list[Worker] = []
+        for instance_id, record in registry.items():
+            worker = self.workers.get(instance_id)
+            if worker is None:
+                continue
+            if record.paid_until is not None:
+                self.extend_cover(worker, record.paid_until)
+            if worker.interruption is None and record.interruption is not None:
+                self.interrupt(worker, record.interruption)
+                interrupted.append(worker)
+        gone: list[Worker] = []
+        lost_local: list[Worker] = []
+        for worker in list(self.workers.values()):
+            theirs = registry.get(worker.instance_id)
+            if worker.local:
+                if theirs is None and worker.instance_id not in declared_local:
+                    lost_local.append(worker)
+                continue
+            elsewhere = theirs is None or (
+                theirs.state is WorkerState.TERMINATING
+                and worker.state is not WorkerState.TERMINATING
             )
-            kept = {w.instance_id for w in warm[:keep_idle]}
-        # An interrupted worker nobody holds goes at once: it is handed out no more.
-        idle = tuple(
-            worker
-            for worker in unheld
-            if worker.instance_id not in kept
-            and (now - worker.last_activity >= timeout or worker.interruption is not None)
-        )
-        return ReapPlan(expired, idle)
+            if elsewhere and worker.state is WorkerState.READY and not self.in_flight:
+                self.remove(worker.instance_id, now)
+                gone.append(worker)
+        for lease in leases:
+            mine = self.leases.get((lease.client, lease.instance_id))
+            held = self.workers.get(lease.instance_id)
+            if mine is not None:
+                mine.last_activity = max(mine.last_activity, lease.last_activity)
+            elif held is not None:
+                self._add_lease(attrs.evolve(lease, price_per_hour=held.price_per_hour))
+        return MergePlan(tuple(joined), tuple(interrupted), tuple(gone), tuple(lost_local))
 
-    # --- reporting ---------------------------------------------------------------------------
+    # --- internals ---------------------------------------------------------------------------
 
-    def status(self, now: float) -> dict[str, Any]:
-        """The STATUS document (see protocol.md)."""
-        counts = self._holder_counts()
-        workers = [
-            {
-                "instance_id": w.instance_id,
-                "ip": w.ip,
-                "type": w.instance_type,
-                "market": str(w.market),
-                "state": str(w.state),
-                "clients": counts.get(w.instance_id, 0),
-                "idle_seconds": round(max(0.0, now - w.last_activity), 3),
-                "price_per_hour": w.price_per_hour,
-                "launched_at": w.launched_at,
-                "provider": "local" if w.local else "ec2",
-                "paid_until": w.paid_until,
-                "interrupted": None
-                if w.interruption is None
-                else {"reason": w.interruption.reason, "deadline": w.interruption.deadline},
-            }
-            for w in sorted(self.workers.values(), key=lambda w: w.launched_at)
-        ]
-        leases = [
-            {
-                "client": lease.client,
-                "instance_id": lease.instance_id,
-                "ip": lease.ip,
-                "started_at": lease.started_at,
-                "idle_seconds": round(max(0.0, now - lease.last_activity), 3),
-                "cost_usd": _round(lease.cost(now)),
-            }
-            for lease in sorted(self.leases.values(), key=lambda lease: lease.started_at)
-        ]
-        by_state = {str(state): 0 for state in WorkerState}
-        for w in self.workers.values():
-            by_state[str(w.state)] += 1
-        totals = {
-            "workers": len(self.workers),
-            "by_state": by_state,
-            "launches_in_flight": sum(f.count for f in self.in_flight.values()),
-            "run_rate_per_hour": round(self.run_rate(), 6),
-            "max_hourly_cost": self.limits.max_hourly_cost,
-            "max_workers": self.limits.max_workers,
-            "clients_per_worker": self.limits.clients_per_worker,
-        }
-        return {"workers": workers, "leases": leases, "totals": totals}
-
-    def _holder_counts(self) -> dict[str, int]:
-        counts: dict[str, int] = {}
-        for lease in self.leases.values():
-            counts[lease.instance_id] = counts.get(lease.instance_id, 0) + 1
-        return counts
+    def _add_lease(self, lease: Lease) -> None:
+        self.leases[(lease.client, lease.instance_id)] = lease
+        self._held.setdefault(lease.instance_id, {})[lease.client] = lease
 
     def _forget_old_ips(self, now: float) -> None:
         stale = [ip for ip, t in self.gone_ips.items() if now - t >= GONE_MEMORY_SECONDS]
         for ip in stale:
             del self.gone_ips[ip]
-
-
-def _round(value: float | None) -> float | None:
-    return None if value is None else round(value, 6)

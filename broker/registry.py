@@ -2,8 +2,8 @@
 
 Workers, leases, launch intents, the pool-wide instance counter and the dollar ledger. Two
 implementations behave the same (tests/test_registry.py runs one contract suite against both):
-`MemoryRegistry` here,
-for a single broker without DynamoDB and for unit tests, and `broker.dynamo.DynamoRegistry`,
+`broker.memory_registry.MemoryRegistry`, for a single broker without DynamoDB and for unit
+tests, and `broker.dynamo.DynamoRegistry`,
 which lets replicas share one pool (see docs/registry.md). No boto3 here; time is always
 passed in (Unix seconds).
 
@@ -19,11 +19,8 @@ from decimal import Decimal
 from typing import Any, Protocol, TypeAlias
 
 import attrs
-import trio
 
-from broker.cloud import Instance, LaunchSpec, Market
-from broker.ledger import admit_count
-from broker.pool import WorkerState
+from broker.model import Instance, Interruption, LaunchSpec, Lease, Market, Worker, WorkerState
 
 # A record as a plain dict: what `to_item` returns and `from_item` takes.
 ItemValue: TypeAlias = str | int | float | bool | list[str] | None
@@ -51,10 +48,6 @@ def _optional_float(value: Number | None) -> float | None:
 
 def _int(value: Number) -> int:
     return int(value)
-
-
-def _ids(value: Iterable[str]) -> tuple[str, ...]:
-    return tuple(value)
 
 
 def _expired(expires_at: float | None, now: float) -> bool:
@@ -115,6 +108,53 @@ class WorkerRecord:
         )
 
     @classmethod
+    def from_worker(cls, worker: Worker) -> WorkerRecord:
+        """The pool's worker as a record (no holders: `claim_lease` counts them)."""
+        interruption = worker.interruption
+        return cls(
+            instance_id=worker.instance_id,
+            provider=Provider.LOCAL if worker.local else Provider.EC2,
+            ip=worker.ip,
+            instance_type=worker.instance_type,
+            market=worker.market,
+            state=worker.state,
+            launched_at=worker.launched_at,
+            last_activity=worker.last_activity,
+            price_per_hour=worker.price_per_hour,
+            launch_token=worker.launch_token,
+            paid_until=worker.paid_until,
+            interruption=None if interruption is None else interruption.reason,
+            interruption_deadline=None if interruption is None else interruption.deadline,
+        )
+
+    def to_worker(self, now: float) -> Worker:
+        """The record as a pool worker; an interruption read now counts as noticed now."""
+        return Worker(
+            local=self.provider is Provider.LOCAL,
+            instance_id=self.instance_id,
+            instance_type=self.instance_type,
+            market=self.market,
+            state=self.state,
+            ip=self.ip,
+            launched_at=self.launched_at,
+            last_activity=self.last_activity,
+            price_per_hour=self.price_per_hour,
+            ready_at=self.launched_at if self.state is WorkerState.READY else None,
+            launch_token=self.launch_token,
+            paid_until=self.paid_until,
+            interruption=None
+            if self.interruption is None
+            else Interruption(self.interruption, self.interruption_deadline, now),
+        )
+
+    @property
+    def cover(self) -> tuple[float, float] | None:
+        """(price per hour, paid until) when the worker's cost is committed in the ledger."""
+        if self.price_per_hour is None or self.paid_until is None:
+            return None
+        return (self.price_per_hour, self.paid_until)
+
+    @classmethod
     def from_item(cls, item: Mapping[str, Any]) -> WorkerRecord:
         """The record `to_item` wrote."""
         return cls(**_fields(cls, item))
@@ -167,6 +207,17 @@ class LeaseRecord:
         """The record `to_item` wrote."""
         return cls(**_fields(cls, item))
 
+    def to_lease(self, price_per_hour: float | None = None) -> Lease:
+        """The record as a pool lease (priced as its worker is)."""
+        return Lease(
+            self.client,
+            self.instance_id,
+            self.ip,
+            self.started_at,
+            self.last_activity,
+            price_per_hour,
+        )
+
     def to_item(self) -> Item:
         """The record as a plain dict."""
         return {
@@ -185,8 +236,9 @@ class LeaseRecord:
 
 @attrs.frozen
 class LaunchIntent:
-    """A RunInstances call about to be made with `token` as its ClientToken; `instance_ids`
-    is filled in when it answers. After a crash, the intent tells what may be running."""
+    """A RunInstances call about to be made with `token` as its ClientToken; deleted once it
+    answers and its workers are recorded. After a crash, the intent tells what may be running
+    (the instances carry the token as a tag)."""
 
     token: str
     instance_type: str
@@ -194,7 +246,6 @@ class LaunchIntent:
     count: int = attrs.field(converter=_int)
     created_at: float = attrs.field(converter=_float)
     expires_at: float = attrs.field(converter=_float)
-    instance_ids: tuple[str, ...] = attrs.field(default=(), converter=_ids)
     # What the ledger committed for each instance: its price from `created_at` to `paid_until`
     # (None: nothing). Whoever settles the intent refunds what was not launched.
     price_per_hour: float | None = attrs.field(default=None, converter=_optional_float)
@@ -239,7 +290,6 @@ class LaunchIntent:
             "count": self.count,
             "created_at": self.created_at,
             "expires_at": self.expires_at,
-            "instance_ids": list(self.instance_ids),
             "price_per_hour": self.price_per_hour,
             "paid_until": self.paid_until,
         }
@@ -292,10 +342,6 @@ class Registry(Protocol):
 
     async def list_workers(self, now: float) -> list[WorkerRecord]:
         """Every worker not expired at `now`, by instance id."""
-        ...
-
-    async def expired_workers(self, now: float) -> list[WorkerRecord]:
-        """The workers expired at `now` that storage still holds (to drop them)."""
         ...
 
     async def update_worker_activity(
@@ -373,10 +419,6 @@ class Registry(Protocol):
         """Record a launch before RunInstances is called."""
         ...
 
-    async def complete_intent(self, token: str, instance_ids: Iterable[str]) -> bool:
-        """Record the instances a launch produced. False if there is no such intent."""
-        ...
-
     async def delete_intent(self, token: str) -> LaunchIntent | None:
         """Forget a launch intent (idempotent). Returns the intent deleted; None if there was
         none (so of several callers, one settles its charge)."""
@@ -435,226 +477,3 @@ class Registry(Protocol):
     async def spend(self, keys: Iterable[str]) -> dict[str, int]:
         """The committed micro-dollars of each key (0 for keys never charged)."""
         ...
-
-
-@attrs.define
-class MemoryRegistry:
-    """`Registry` in this process's memory: one broker, no DynamoDB.
-
-    Each method checkpoints once, then reads and writes without awaiting, so every
-    check-and-set is atomic under Trio.
-    """
-
-    pool_name: str
-    _workers: dict[str, WorkerRecord] = attrs.field(factory=dict, init=False)
-    _leases: dict[tuple[str, str], LeaseRecord] = attrs.field(factory=dict, init=False)
-    _intents: dict[str, LaunchIntent] = attrs.field(factory=dict, init=False)
-    _reserved: int = attrs.field(default=0, init=False)
-    _spend: dict[str, int] = attrs.field(factory=dict, init=False)
-
-    # --- workers -------------------------------------------------------------------------------
-
-    async def put_worker(self, worker: WorkerRecord) -> None:
-        await trio.lowlevel.checkpoint()
-        self._workers[worker.instance_id] = worker
-
-    async def get_worker(self, instance_id: str) -> WorkerRecord | None:
-        await trio.lowlevel.checkpoint()
-        return self._workers.get(instance_id)
-
-    async def list_workers(self, now: float) -> list[WorkerRecord]:
-        await trio.lowlevel.checkpoint()
-        return [w for _, w in sorted(self._workers.items()) if not w.is_expired(now)]
-
-    async def expired_workers(self, now: float) -> list[WorkerRecord]:
-        await trio.lowlevel.checkpoint()
-        return [w for _, w in sorted(self._workers.items()) if w.is_expired(now)]
-
-    async def update_worker_activity(
-        self, instance_id: str, now: float, *, expires_at: float | None = None
-    ) -> bool:
-        await trio.lowlevel.checkpoint()
-        worker = self._workers.get(instance_id)
-        if worker is None:
-            return False
-        changes: dict[str, Any] = {"last_activity": now}
-        if expires_at is not None:
-            changes["expires_at"] = expires_at
-        self._workers[instance_id] = attrs.evolve(worker, **changes)
-        return True
-
-    async def set_worker_state(
-        self,
-        instance_id: str,
-        state: WorkerState,
-        *,
-        expect: WorkerState | None = None,
-        ip: str | None = None,
-        unheld: bool = False,
-    ) -> bool:
-        await trio.lowlevel.checkpoint()
-        worker = self._workers.get(instance_id)
-        if worker is None or (expect is not None and worker.state != expect):
-            return False
-        if unheld and worker.holders:
-            return False
-        new_ip = worker.ip if ip is None else ip
-        self._workers[instance_id] = attrs.evolve(worker, state=state, ip=new_ip)
-        return True
-
-    async def mark_interrupted(
-        self, instance_id: str, reason: str | None, deadline: float | None
-    ) -> bool:
-        await trio.lowlevel.checkpoint()
-        worker = self._workers.get(instance_id)
-        if worker is None:
-            return False
-        self._workers[instance_id] = attrs.evolve(
-            worker, interruption=reason, interruption_deadline=deadline
-        )
-        return True
-
-    async def delete_worker(self, instance_id: str) -> WorkerRecord | None:
-        await trio.lowlevel.checkpoint()
-        return self._workers.pop(instance_id, None)
-
-    # --- leases --------------------------------------------------------------------------------
-
-    async def claim_lease(self, lease: LeaseRecord, capacity: int | None) -> bool:
-        await trio.lowlevel.checkpoint()
-        now = lease.last_activity
-        worker = self._workers.get(lease.instance_id)
-        if worker is None or worker.state != WorkerState.READY or worker.is_expired(now):
-            return False
-        if worker.interruption is not None:
-            return False
-        key = (lease.instance_id, lease.client)
-        held = self._leases.get(key)
-        if held is not None:
-            self._leases[key] = attrs.evolve(
-                held, last_activity=lease.last_activity, expires_at=lease.expires_at
-            )
-            holders = worker.holders
-        elif capacity is not None and worker.holders >= capacity:
-            return False
-        else:
-            self._leases[key] = lease
-            holders = worker.holders + 1
-        self._workers[worker.instance_id] = attrs.evolve(worker, holders=holders, last_activity=now)
-        return True
-
-    async def touch_lease(
-        self, client: str, instance_id: str, now: float, idle_timeout: float
-    ) -> bool:
-        await trio.lowlevel.checkpoint()
-        key = (instance_id, client)
-        lease = self._leases.get(key)
-        if lease is None:
-            return False
-        self._leases[key] = attrs.evolve(lease, last_activity=now, expires_at=now + idle_timeout)
-        return True
-
-    async def end_lease(self, client: str, instance_id: str) -> LeaseRecord | None:
-        await trio.lowlevel.checkpoint()
-        lease = self._leases.pop((instance_id, client), None)
-        worker = self._workers.get(instance_id)
-        if lease is not None and worker is not None and worker.holders > 0:
-            self._workers[instance_id] = attrs.evolve(worker, holders=worker.holders - 1)
-        return lease
-
-    async def list_leases(self, now: float) -> list[LeaseRecord]:
-        await trio.lowlevel.checkpoint()
-        return [lease for _, lease in sorted(self._leases.items()) if not lease.is_expired(now)]
-
-    async def expired_leases(self, now: float) -> list[LeaseRecord]:
-        await trio.lowlevel.checkpoint()
-        return [lease for _, lease in sorted(self._leases.items()) if lease.is_expired(now)]
-
-    # --- launch intents ------------------------------------------------------------------------
-
-    async def put_intent(self, intent: LaunchIntent) -> None:
-        await trio.lowlevel.checkpoint()
-        self._intents[intent.token] = intent
-
-    async def complete_intent(self, token: str, instance_ids: Iterable[str]) -> bool:
-        await trio.lowlevel.checkpoint()
-        intent = self._intents.get(token)
-        if intent is None:
-            return False
-        self._intents[token] = attrs.evolve(intent, instance_ids=tuple(instance_ids))
-        return True
-
-    async def delete_intent(self, token: str) -> LaunchIntent | None:
-        await trio.lowlevel.checkpoint()
-        return self._intents.pop(token, None)
-
-    async def list_intents(self, now: float) -> list[LaunchIntent]:
-        await trio.lowlevel.checkpoint()
-        return [i for _, i in sorted(self._intents.items()) if not i.is_expired(now)]
-
-    # --- the pool-wide instance counter ---------------------------------------------------------
-
-    async def reserve_instances(self, n: int, max_workers: int) -> int:
-        await trio.lowlevel.checkpoint()
-        granted = max(0, min(n, max_workers - self._reserved))
-        self._reserved += granted
-        return granted
-
-    async def release_instances(self, n: int) -> None:
-        await trio.lowlevel.checkpoint()
-        self._reserved = max(0, self._reserved - max(0, n))
-
-    async def reserved_instances(self) -> int:
-        await trio.lowlevel.checkpoint()
-        return self._reserved
-
-    async def correct_reserved_instances(self, seen: int, actual: int) -> bool:
-        await trio.lowlevel.checkpoint()
-        if self._reserved != seen:
-            return False
-        self._reserved = max(0, actual)
-        return True
-
-    # --- the dollar ledger ---------------------------------------------------------------------
-
-    async def reserve_spend(
-        self, per_instance: Mapping[str, int], count: int, limits: Mapping[str, int]
-    ) -> SpendGrant:
-        await trio.lowlevel.checkpoint()
-        granted = admit_count(per_instance, self._spend, limits, count)
-        for key, amount in per_instance.items():
-            self._spend[key] = self._spend.get(key, 0) + granted * amount
-        return SpendGrant(granted, {key: self._spend.get(key, 0) for key in per_instance})
-
-    async def extend_cover(
-        self,
-        instance_id: str,
-        seen: float | None,
-        paid_until: float,
-        charges: Mapping[str, int],
-        limits: Mapping[str, int],
-    ) -> CoverOutcome:
-        await trio.lowlevel.checkpoint()
-        worker = self._workers.get(instance_id)
-        if worker is None or worker.paid_until != seen:
-            return CoverOutcome.STALE
-        if admit_count(charges, self._spend, limits, 1) < 1:
-            return CoverOutcome.CAPPED
-        for key, amount in charges.items():
-            self._spend[key] = self._spend.get(key, 0) + amount
-        self._workers[instance_id] = attrs.evolve(worker, paid_until=paid_until)
-        return CoverOutcome.EXTENDED
-
-    async def refund_spend(self, amounts: Mapping[str, int]) -> None:
-        await trio.lowlevel.checkpoint()
-        for key, amount in amounts.items():
-            self._spend[key] = max(0, self._spend.get(key, 0) - amount)
-
-    async def spend(self, keys: Iterable[str]) -> dict[str, int]:
-        await trio.lowlevel.checkpoint()
-        return {key: self._spend.get(key, 0) for key in keys}
-
-
-def _implements_registry(registry: MemoryRegistry) -> Registry:
-    """mypy checks here that `MemoryRegistry` implements `Registry`."""
-    return registry

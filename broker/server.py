@@ -19,6 +19,7 @@ import trio
 
 from broker import protocol
 from broker.engine import Engine, Handout, Refusal, WorkerInterrupted, WorkerNotFound
+from broker.model import WorkerRequest
 from broker.protocol import (
     BadRequest,
     Burst,
@@ -197,7 +198,8 @@ class Server:
         """The reply to a command, and the hand-out when it was a successful GET_WORKER."""
         try:
             if isinstance(command, GetWorker):
-                handout = await self.engine.get_worker(command, _identity(peer, command.client))
+                request = WorkerRequest(command.instance_type, command.market, command.wait)
+                handout = await self.engine.get_worker(request, _identity(peer, command.client))
                 return Reply(handout.ip), handout
             return await self._execute(command, peer), None
         except Refusal as exc:

@@ -1,34 +1,52 @@
-"""The dollar ledger at work: commit covers in the registry, refund unused ones, keep totals.
+"""The budget room: covers, charges, refunds, caps reached, budget stops, and STATUS's money.
 
 `broker.ledger` is the arithmetic (periods, charges, admission); the `Registry` stores the
-committed totals atomically; this module joins them for the engine, which decides what to do
-when a cap refuses (refuse the request, interrupt the worker, terminate idle ones).
+committed totals atomically; this room joins them for the engine. Its words, used the same
+way everywhere:
+
+- a **cap** is a configured limit (`max_daily_cost`, `max_monthly_cost`);
+- a **cover** is what a worker may cost until it can next be reaped, committed in advance;
+- a cap **refuses** a charge (a launch's covers, or a cover's extension); the first refusal
+  in a period means the cap is **reached** for that period: the warm pool pauses until the
+  period ends, and with `on_cap: terminate_idle` idle workers go at once;
+- a worker whose cover a cap refuses to extend gets a **budget stop** (an `Interruption`
+  with reason "budget") and is terminated before its cover runs out; the stop is **lifted**
+  when a new period begins.
 """
 
 from __future__ import annotations
 
 import enum
-from collections.abc import Iterable, Mapping
+import math
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from typing import Any
 
 import attrs
 import structlog
+import trio
 
 from broker.cloud import CloudError
-from broker.ledger import Budget, CoverPolicy, PeriodSpend, charge, outstanding, refund
-from broker.pool import Worker
-from broker.registry import CoverOutcome, Registry, WorkerRecord
+from broker.context import Context
+from broker.ledger import CoverPolicy, OnCap, PeriodSpend, charge, outstanding, refund, refusal
+from broker.model import Interruption, Worker, WorkerState
+from broker.registry import CoverOutcome, LaunchIntent, WorkerRecord
 
 _log = structlog.get_logger("broker.spending")
 
 MAX_COVER_ROUNDS = 3  # extend_cover attempts when other replicas move the same cover
+LEDGER_READ_EVERY = 1.0  # seconds; refusals under load read the registry's spend at most so often
 
 
 class Cover(enum.Enum):
     """Whether a worker's cost is committed as far as it needs."""
 
     COVERED = "covered"
-    CAPPED = "capped"  # a cap forbids extending it
+    REFUSED = "refused"  # a cap refuses extending it
     GONE = "gone"  # the registry no longer has the worker
+
+
+class OverBudget(Exception):
+    """A cap refused a launch's charge; `str()` is the `budget: ...` refusal."""
 
 
 @attrs.frozen
@@ -47,41 +65,180 @@ class LaunchCharge:
         return {key: amount * n for key, amount in self.per_instance.items()}
 
 
-@attrs.frozen
-class Refused:
-    """A launch the caps do not allow: the cap's key and what one more worker needs."""
-
-    key: str
-    per_instance: int
+def covers_of(records: Iterable[WorkerRecord]) -> dict[str, tuple[float, float]]:
+    """(price, paid until) of each record whose cost is committed, by instance id."""
+    return {r.instance_id: r.cover for r in records if r.cover is not None}
 
 
 class Spending:
     """Commits and refunds spend for one engine; `committed` holds the totals last seen."""
 
-    def __init__(self, registry: Registry, budget: Budget, cover: CoverPolicy) -> None:
-        self.registry = registry
-        self.budget = budget
-        self.policy = cover
+    def __init__(self, ctx: Context) -> None:
+        self.ctx = ctx
+        settings = ctx.settings
+        self.budget = settings.budget
+        self.policy = CoverPolicy(
+            settings.limits.idle_timeout, settings.reap_interval, settings.launch_timeout
+        )
         self.committed: dict[str, int] = {}
+        self.cap_reached: str | None = None  # the ledger key whose cap was last reached
+        # With on_cap: terminate_idle, how idle workers are terminated (set by the engine).
+        self.terminate_idle: Callable[[str], Awaitable[Any]] | None = None
+        self._others: dict[str, tuple[float, float]] = {}  # other replicas' covers, last read
+        self._launches: dict[str, LaunchCharge] = {}  # charged, RunInstances not answered
+        self._ledger_read_at = -math.inf
+
+    # --- covers --------------------------------------------------------------------------------
 
     def covered(self, worker: Worker, now: float) -> bool:
         """True if the worker's cover is long enough already (no registry call): the check
-        every hand-out and PING makes before `cover`."""
+        every hand-out and PING makes before `ensure_cover`."""
         if worker.local or worker.price_per_hour is None:
             return True
         paid = worker.paid_until
         return paid is not None and paid >= self.policy.needed(worker.last_activity, now)
 
-    async def charge_launch(self, price: float, count: int, now: float) -> LaunchCharge | Refused:
-        """Commit the cost of up to `count` workers launched at `now` at `price` until they
-        could first be reaped (as many as fit under the caps). May raise CloudError."""
+    async def ensure_cover(self, worker: Worker, now: float) -> Cover:
+        """Make sure the worker's cost is committed until it could next be reaped, extending
+        its cover when its activity lets it live longer. May raise CloudError."""
+        if self.covered(worker, now):
+            return Cover.COVERED
+        cover = await self._extend(worker, now)
+        if cover is Cover.REFUSED:
+            self.on_cap(now)
+        return cover
+
+    async def _extend(self, worker: Worker, now: float) -> Cover:
+        price = worker.price_per_hour
+        if worker.local or price is None:
+            return Cover.COVERED
+        pool, registry, zone = self.ctx.pool, self.ctx.registry, self.budget.zone
+        needed = self.policy.needed(worker.last_activity, now)
+        for _ in range(MAX_COVER_ROUNDS):
+            seen = worker.paid_until
+            if seen is not None and seen >= needed:
+                return Cover.COVERED
+            start = worker.launched_at if seen is None else seen
+            if start < now:
+                # Time already run without cover (adopted, or the broker was down): spent,
+                # so charged whatever the caps say.
+                spent = charge(price, start, now, zone)
+                outcome = await registry.extend_cover(worker.instance_id, seen, now, spent, {})
+                if outcome is not CoverOutcome.EXTENDED:
+                    if not await self._reload(worker):
+                        return Cover.GONE
+                    continue
+                self._add(spent)
+                pool.set_cover(worker, now)
+                seen = start = now
+            target = self.policy.extended(now)
+            charges = charge(price, start, target, zone)
+            outcome = await registry.extend_cover(
+                worker.instance_id, seen, target, charges, self.budget.limits(charges)
+            )
+            if outcome is CoverOutcome.EXTENDED:
+                self._add(charges)
+                pool.set_cover(worker, target)
+                return Cover.COVERED
+            if outcome is CoverOutcome.CAPPED:
+                return Cover.REFUSED
+            if not await self._reload(worker):
+                return Cover.GONE
+        covered = worker.paid_until is not None and worker.paid_until >= needed
+        return Cover.COVERED if covered else Cover.REFUSED
+
+    async def _reload(self, worker: Worker) -> bool:
+        """Another replica moved the worker's cover: read it. False if the worker is gone."""
+        record = await self.ctx.registry.get_worker(worker.instance_id)
+        if record is None:
+            return False
+        self.ctx.pool.set_cover(worker, record.paid_until)
+        return True
+
+    def stop_for_budget(self, worker: Worker, now: float) -> Interruption:
+        """A cap refuses extending the worker's cover: it goes when the cover runs out."""
+        if worker.interruption is None:
+            self.ctx.pool.interrupt(worker, Interruption("budget", worker.paid_until, now))
+            if self.ctx.nursery is not None:
+                self.ctx.spawn(self.ctx.persist_interruption, worker)
+            _log.warning(
+                "worker.budget_exhausted",
+                instance_id=worker.instance_id,
+                ip=worker.ip,
+                paid_until=worker.paid_until,
+            )
+            self.ctx.notify()
+        assert worker.interruption is not None
+        return worker.interruption
+
+    async def check_covers(self, now: float) -> list[Worker]:
+        """Each reaper pass: extend the covers running workers need, lift budget stops of a
+        past period; the workers whose cover a cap refuses to extend and that must go before
+        the next pass can come (the caller terminates them)."""
+        await self.refresh(now)
+        keys = self.budget.current_keys(now)
+        doomed: list[Worker] = []
+        for worker in list(self.ctx.pool.workers.values()):
+            if worker.local or worker.state is not WorkerState.READY:
+                continue
+            stop = worker.interruption
+            budget_stop = stop is not None and stop.reason == "budget"
+            if (
+                budget_stop
+                and stop is not None
+                and self.budget.current_keys(stop.noticed_at) != keys
+            ):
+                # A new day or month began since the stop: its cap may allow it again.
+                self.ctx.pool.lift(worker)
+                await self.ctx.persist_interruption(worker)
+            try:
+                cover = await self.ensure_cover(worker, now)
+            except CloudError as exc:
+                _log.warning("registry.write_failed", op="extend_cover", error=str(exc))
+                continue
+            if cover is not Cover.REFUSED:
+                continue  # covered, or gone (the reconciliation drops it)
+            self.stop_for_budget(worker, now)
+            ends = worker.paid_until if worker.paid_until is not None else now
+            # Before the next pass can come (a pass takes time too): two intervals of margin.
+            margin = 2 * self.ctx.settings.reap_interval
+            if ends <= now + margin and worker.state is WorkerState.READY:
+                doomed.append(worker)
+        return doomed
+
+    # --- launches --------------------------------------------------------------------------
+
+    async def charge_launch(
+        self,
+        token: str,
+        description: str,
+        price: float | None,
+        count: int,
+        *,
+        reaches_cap: bool,
+    ) -> LaunchCharge | None:
+        """Commit the cost of up to `count` new workers at `price` until they could first be
+        reaped (fewer if only fewer fit under the caps), for the launch `token` of
+        `description` ("c7i.8xlarge spot"). None when the price is unknown and no cap is set
+        (nothing is charged). Raises OverBudget when a cap refuses even one; a refusal of
+        a launch that `reaches_cap` (not a dearer one-off request) means the cap is
+        reached. May raise CloudError."""
+        if price is None:
+            if self.budget.has_caps:
+                raise OverBudget(
+                    f"budget: no price known for {description}; add it under prices in the config"
+                )
+            return None
+        now = self.ctx.clock.now()
         paid_until = self.policy.initial(now)
         per_instance = charge(price, now, paid_until, self.budget.zone)
         limits = self.budget.limits(per_instance)
-        grant = await self.registry.reserve_spend(per_instance, count, limits)
+        grant = await self.ctx.registry.reserve_spend(per_instance, count, limits)
         self.committed.update(grant.committed)
         if grant.count > 0:
-            return LaunchCharge(per_instance, grant.count, paid_until, now)
+            charged = LaunchCharge(per_instance, grant.count, paid_until, now)
+            self._launches[token] = charged
+            return charged
         binding = next(
             (
                 key
@@ -92,58 +249,36 @@ class Spending:
         )
         if binding is None:  # every attempt lost a race with other writers: not a cap
             raise CloudError("LedgerContention", "the dollar ledger stayed busy; try again")
-        return Refused(binding, per_instance[binding])
+        if reaches_cap:
+            self.on_cap(now, binding)
+        if trio.current_time() - self._ledger_read_at >= LEDGER_READ_EVERY:
+            await self.read_ledger(now)  # the refusal names the pool's spend, replicas too
+        raise OverBudget(refusal(self.period_spend(binding, now), per_instance[binding]))
 
-    async def cover(self, worker: Worker, now: float) -> Cover:
-        """Make sure the worker's cost is committed until it could next be reaped, extending
-        its cover when its activity lets it live longer. May raise CloudError."""
-        price = worker.price_per_hour
-        if worker.local or price is None:
-            return Cover.COVERED
-        needed = self.policy.needed(worker.last_activity, now)
-        zone = self.budget.zone
-        for _ in range(MAX_COVER_ROUNDS):
-            seen = worker.paid_until
-            if seen is not None and seen >= needed:
-                return Cover.COVERED
-            start = worker.launched_at if seen is None else seen
-            if start < now:
-                # Time already run without cover (adopted, or the broker was down): spent,
-                # so charged whatever the caps say.
-                spent = charge(price, start, now, zone)
-                outcome = await self.registry.extend_cover(worker.instance_id, seen, now, spent, {})
-                if outcome is not CoverOutcome.EXTENDED:
-                    if not await self._reload(worker):
-                        return Cover.GONE
-                    continue
-                self._add(spent)
-                worker.paid_until = seen = start = now
-            target = self.policy.extended(now)
-            charges = charge(price, start, target, zone)
-            outcome = await self.registry.extend_cover(
-                worker.instance_id, seen, target, charges, self.budget.limits(charges)
-            )
-            if outcome is CoverOutcome.EXTENDED:
-                self._add(charges)
-                worker.paid_until = target
-                return Cover.COVERED
-            if outcome is CoverOutcome.CAPPED:
-                return Cover.CAPPED
-            if not await self._reload(worker):
-                return Cover.GONE
-        covered = worker.paid_until is not None and worker.paid_until >= needed
-        return Cover.COVERED if covered else Cover.CAPPED
+    async def settle_launch(self, token: str, launched: int = 0) -> None:
+        """The launch answered (or failed): give back the charge for workers not launched."""
+        charged = self._launches.pop(token, None)
+        if charged is not None:
+            await self.refund(charged.total(charged.count - launched))
+
+    def abandon_launch(self, token: str) -> None:
+        """The launch was cut off (it may still launch): its intent keeps the charge."""
+        self._launches.pop(token, None)
 
     async def refund(self, amounts: Mapping[str, int]) -> None:
         """Give back committed micro-dollars (logged, not raised, if the registry fails)."""
         if not any(amount > 0 for amount in amounts.values()):
             return
         try:
-            await self.registry.refund_spend(amounts)
+            await self.ctx.registry.refund_spend(amounts)
         except CloudError as exc:
             _log.error("registry.write_failed", op="refund_spend", error=str(exc))
             return
         self._add({key: -amount for key, amount in amounts.items()})
+
+    def forget(self, instance_id: str) -> None:
+        """The worker has ended: its cover no longer counts as outstanding."""
+        self._others.pop(instance_id, None)
 
     async def refund_cover(self, record: WorkerRecord, now: float) -> None:
         """A worker ended at `now`, before its cover ran out: give back the unused part."""
@@ -152,29 +287,88 @@ class Spending:
             return
         await self.refund(refund(price, now, paid_until, self.budget.zone))
 
+    async def refund_unlaunched(self, intent: LaunchIntent, launched: int) -> None:
+        """A settled intent's charge for the instances that never came (a launch cut off at
+        launch_timeout, or a broker that crashed before RunInstances answered)."""
+        price, paid_until = intent.price_per_hour, intent.paid_until
+        missing = intent.count - launched
+        if price is None or paid_until is None or missing <= 0:
+            return
+        per_instance = refund(price, intent.created_at, paid_until, self.budget.zone)
+        await self.refund({key: amount * missing for key, amount in per_instance.items()})
+
+    # --- caps reached ----------------------------------------------------------------------
+
+    def on_cap(self, now: float, key: str | None = None) -> None:
+        """A cap (of the period `key`, else the one with least room) refused a charge: the
+        warm pool stops refilling for the rest of that period, and with on_cap:
+        terminate_idle the idle workers go at once."""
+        keys = self.budget.current_keys(now)
+        if key is None:
+            limits = self.budget.limits(keys)
+            committed = self.committed
+            key = min(limits, key=lambda k: limits[k] - committed.get(k, 0), default=keys[0])
+        first = self.cap_reached not in keys
+        self.cap_reached = key
+        if first:
+            _log.warning("budget.cap_reached", period=key, on_cap=str(self.budget.on_cap))
+        terminate = self.terminate_idle
+        if self.budget.on_cap is OnCap.TERMINATE_IDLE and terminate and self.ctx.nursery:
+            self.ctx.spawn(terminate, "budget_cap")
+
+    def reached_this_period(self, now: float) -> bool:
+        """True if a cap was reached in the current day or month (no speculative launches)."""
+        return self.cap_reached in self.budget.current_keys(now)
+
+    # --- reading and reporting -------------------------------------------------------------
+
     async def refresh(self, now: float) -> None:
         """Read the current periods' totals (other replicas commit too)."""
         try:
-            self.committed.update(await self.registry.spend(self.budget.current_keys(now)))
+            self.committed.update(await self.ctx.registry.spend(self.budget.current_keys(now)))
         except CloudError as exc:
             _log.warning("registry.read_failed", op="spend", error=str(exc))
 
-    def period(
-        self, key: str, now: float, covers: Iterable[tuple[float, float]], pending: int = 0
-    ) -> PeriodSpend:
-        """One period's numbers: `covers` are the running workers' (price, paid until),
-        `pending` the micro-dollars charged for launches not answered yet."""
-        unused = outstanding(covers, now, key, self.budget.zone) + pending
+    async def read_ledger(self, now: float) -> None:
+        """Read the totals and every replica's covers (for STATUS and refusals)."""
+        self._ledger_read_at = trio.current_time()
+        await self.refresh(now)
+        try:
+            records = await self.ctx.registry.list_workers(now)
+        except CloudError as exc:
+            _log.warning("registry.read_failed", op="ledger", error=str(exc))
+            return
+        self.remember_covers(records)
+
+    def remember_covers(self, records: Iterable[WorkerRecord]) -> None:
+        """Every replica's workers' covers as just read from the registry."""
+        self._others = covers_of(records)
+
+    def period_spend(self, key: str, now: float) -> PeriodSpend:
+        """One period's numbers: committed as last seen; unused cover of every known worker
+        (this replica's as they are, others' as last read) and of launches not answered."""
+        covers = dict(self._others)
+        for w in self.ctx.pool.workers.values():
+            if w.price_per_hour is not None and w.paid_until is not None and not w.local:
+                covers[w.instance_id] = (w.price_per_hour, w.paid_until)
+        pending = sum(c.total().get(key, 0) for c in self._launches.values())
+        unused = outstanding(covers.values(), now, key, self.budget.zone) + pending
         limit = self.budget.limits([key]).get(key)
         return PeriodSpend(key, self.committed.get(key, 0), unused, limit)
 
-    async def _reload(self, worker: Worker) -> bool:
-        """Another replica moved the worker's cover: read it. False if the worker is gone."""
-        record = await self.registry.get_worker(worker.instance_id)
-        if record is None:
-            return False
-        worker.paid_until = record.paid_until
-        return True
+    def status(self, now: float) -> dict[str, Any]:
+        """STATUS's `budget`: each period's spend against its cap, the run rate."""
+        periods = {
+            key.partition(":")[0]: self.period_spend(key, now).to_status()
+            for key in self.budget.current_keys(now)
+        }
+        return {
+            **periods,
+            "timezone": self.budget.timezone,
+            "on_cap": str(self.budget.on_cap),
+            "run_rate_per_hour": round(self.ctx.pool.run_rate(), 6),
+            "max_hourly_cost": self.ctx.settings.limits.max_hourly_cost,
+        }
 
     def _add(self, amounts: Mapping[str, int]) -> None:
         for key, amount in amounts.items():

@@ -16,12 +16,7 @@ import structlog
 import trio
 
 from broker.aws import call, cloud_error, make_client
-
-# Transitional: "X as X" re-exports the ports for `broker.engine` until it imports them from
-# broker.cloud; then drop the "as".
-from broker.cloud import EventQueue as EventQueue
-from broker.cloud import JobQueue as JobQueue
-from broker.cloud import ReceivedEvent
+from broker.cloud import EventQueue, JobQueue, ReceivedEvent
 
 DEPTH_ATTRIBUTES = ("ApproximateNumberOfMessages", "ApproximateNumberOfMessagesNotVisible")
 

@@ -10,8 +10,8 @@ from trio.testing import MockClock
 
 from broker.agent import MISSED_BEATS, AgentSettings, run_agent
 from broker.clock import Clock
-from broker.pool import LocalWorker
-from broker.registry import MemoryRegistry
+from broker.memory_registry import MemoryRegistry
+from broker.model import LocalWorker
 
 WORKER = LocalWorker("lab-ws-1", "10.20.30.40")
 

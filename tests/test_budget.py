@@ -15,10 +15,10 @@ from broker.clock import Clock
 from broker.cloud import CloudError, LaunchSpec, Market
 from broker.engine import Engine, EngineSettings, Refusal, WorkerInterrupted
 from broker.ledger import Budget, CoverPolicy, OnCap, charge
-from broker.pool import Limits
+from broker.memory_registry import MemoryRegistry
+from broker.model import Limits, WorkerRequest
 from broker.prices import PriceTable
-from broker.protocol import GetWorker
-from broker.registry import MemoryRegistry, Registry
+from broker.registry import Registry
 from tests.fakes import FakeCloud
 
 BERLIN = ZoneInfo("Europe/Berlin")
@@ -76,7 +76,7 @@ async def cloud(clock: Clock) -> FakeCloud:
 async def ask(engine: Engine, client: str, wait: float | None = None) -> str:
     """GET_WORKER's reply line: the IP, or the ERROR reason."""
     try:
-        return (await engine.get_worker(GetWorker(wait=wait), client)).ip
+        return (await engine.get_worker(WorkerRequest(wait=wait), client)).ip
     except Refusal as exc:
         return f"ERROR: {exc}"
 
@@ -345,7 +345,7 @@ async def test_a_refused_dearer_request_does_not_count_as_reaching_the_cap(
         assert len(await engine.burst(1)) == 1
         await trio.sleep(30)
         with pytest.raises(Refusal, match="budget: max_daily_cost"):
-            await engine.get_worker(GetWorker(market=Market.ON_DEMAND, wait=1), "a")
+            await engine.get_worker(WorkerRequest(market=Market.ON_DEMAND, wait=1), "a")
         await trio.sleep(1)
         assert len(cloud.alive()) == 1
         assert engine.status()["budget"]["day"]["remaining"] > PER_LAUNCH

@@ -19,7 +19,7 @@ from broker.dynamo import DynamoRegistry, ensure_table
 from broker.ec2 import POOL_TAG, Ec2Cloud
 from broker.engine import Engine, EngineSettings
 from broker.ledger import MICROS, Budget, CoverPolicy, Period, charge, period_key
-from broker.pool import Limits
+from broker.model import Limits
 from broker.prices import PriceTable
 from broker.sandbox import MotoHandle, SandboxResources, prepare_resources
 from tests.harness import LineClient, ask_once, running_broker

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import uuid
 
-import attrs
 import pytest
 import trio
 from trio.testing import MockClock
@@ -15,9 +14,8 @@ from broker.burst import BurstPolicy
 from broker.clock import Clock
 from broker.cloud import LaunchSpec, Market
 from broker.engine import Engine, EngineSettings
-from broker.pool import Limits
+from broker.model import Limits, WorkerRequest
 from broker.prices import PriceTable
-from broker.protocol import GetWorker
 from broker.sandbox import MotoHandle
 from broker.sqs import SqsQueue
 from tests.fakes import FakeCloud
@@ -43,11 +41,13 @@ class FakeQueue:
         return self.messages
 
 
-def burst_engine(cloud: FakeCloud, clock: Clock, queue: object, **policy: object) -> Engine:
+def burst_engine(
+    cloud: FakeCloud, clock: Clock, queue: object, describe_interval: float = 2.0, **policy: object
+) -> Engine:
     settings = EngineSettings(
         default_spec=SPEC,
         limits=Limits(20, None, 3600.0),
-        describe_interval=2.0,
+        describe_interval=describe_interval,
         burst=BurstPolicy.from_dict({**POLICY, **policy}),
     )
     return Engine(cloud, settings, clock, PriceTable.default(), queue=queue)  # type: ignore[arg-type]
@@ -69,7 +69,7 @@ async def test_queue_depth_drives_launches_and_idleness_drives_scale_down(
         await trio.sleep(61)
         assert [count for _, count, _ in cloud.launch_calls] == [10]
         await trio.sleep(60)
-        held = (await engine.get_worker(GetWorker(), "alice")).ip
+        held = (await engine.get_worker(WorkerRequest(), "alice")).ip
         queue.messages = 0
         await trio.sleep(2 * 60)  # t=241: idle ~220 s < scale_down_delay: nothing yet
         assert len(cloud.alive()) == 10
@@ -125,8 +125,9 @@ async def test_messages_in_sqs_drive_launches_through_the_real_adapter(queue_url
     clock = Clock()
     cloud = FakeCloud(clock, boot_time=0.05)
     queue = SqsQueue(queue_url, trio.CapacityLimiter(2), region="us-east-1")
-    engine = burst_engine(cloud, clock, queue, queue_url=queue_url, check_interval=0.2)
-    engine.settings = attrs.evolve(engine.settings, describe_interval=0.05)
+    engine = burst_engine(
+        cloud, clock, queue, describe_interval=0.05, queue_url=queue_url, check_interval=0.2
+    )
     with trio.fail_after(20):
         async with trio.open_nursery() as nursery:
             await nursery.start(engine.run)

@@ -24,10 +24,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import trio
 import yaml
 
 from broker.aws import make_client
-from broker.dynamo import ensure_table
+from broker.dynamo import DynamoRegistry, ensure_table
 from broker.sandbox import MotoHandle, SandboxResources, prepare_resources
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -555,5 +556,16 @@ def test_stop_all_terminates_only_this_pools_tagged_instances(
     real = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
     assert real.returncode == 0, real.stderr
     assert pool_instances(pool_name) == []
+
+    async def registry_view() -> tuple[int, list[str]]:
+        registry = DynamoRegistry(
+            "compute-broker", pool_name, trio.CapacityLimiter(1), region="us-east-1"
+        )
+        workers = await registry.list_workers(time.time())
+        return await registry.reserved_instances(), [w.instance_id for w in workers]
+
+    # The broker's own retire path: the pool-wide counter and the registry are right at once,
+    # not two reconciliations later.
+    assert trio.run(registry_view) == (0, [])
     described = ec2.describe_instances(InstanceIds=[stranger_id])
     assert described["Reservations"][0]["Instances"][0]["State"]["Name"] == "running"

@@ -15,10 +15,10 @@ from trio.testing import MockClock
 from broker.clock import Clock
 from broker.cloud import CloudError, LaunchSpec, Market
 from broker.engine import WAIT_SLACK, Engine, EngineSettings, Refusal, WorkerNotFound
-from broker.pool import Limits, LocalWorker
+from broker.memory_registry import MemoryRegistry
+from broker.model import Limits, LocalWorker, WorkerRequest
 from broker.prices import PriceTable
-from broker.protocol import GetWorker
-from broker.registry import LaunchIntent, LeaseRecord, MemoryRegistry
+from broker.registry import LaunchIntent, LeaseRecord
 from broker.schedule import WarmPoolSchedule
 from tests.fakes import FakeCloud
 
@@ -64,7 +64,7 @@ async def engine(cloud: FakeCloud, clock: Clock) -> AsyncIterator[Engine]:
         nursery.cancel_scope.cancel()
 
 
-async def get_ip(engine: Engine, request: GetWorker, client: str) -> str:
+async def get_ip(engine: Engine, request: WorkerRequest, client: str) -> str:
     """GET_WORKER through the engine; the IP handed out."""
     return (await engine.get_worker(request, client)).ip
 
@@ -76,7 +76,7 @@ async def test_fifty_concurrent_requests_on_an_empty_pool_cause_one_launch(
     ips: list[str] = []
 
     async def ask(n: int) -> None:
-        ips.append(await get_ip(engine, GetWorker(), f"10.0.0.{n}"))
+        ips.append(await get_ip(engine, WorkerRequest(), f"10.0.0.{n}"))
 
     async with trio.open_nursery() as nursery:
         for n in range(50):
@@ -91,9 +91,9 @@ async def test_a_ready_worker_is_reused_without_launching(
     autojump_clock: MockClock, engine: Engine, cloud: FakeCloud
 ) -> None:
     """The second request gets the same worker at once."""
-    first = await get_ip(engine, GetWorker(), "a")
+    first = await get_ip(engine, WorkerRequest(), "a")
     before = trio.current_time()
-    second = await get_ip(engine, GetWorker(), "b")
+    second = await get_ip(engine, WorkerRequest(), "b")
     assert second == first
     assert trio.current_time() - before < 0.01
     assert len(cloud.launch_calls) == 1
@@ -103,8 +103,8 @@ async def test_requests_for_another_type_launch_that_type(
     autojump_clock: MockClock, engine: Engine, cloud: FakeCloud
 ) -> None:
     """type= picks the instance type; a worker of another type is not handed out."""
-    small = await get_ip(engine, GetWorker(), "a")
-    big = await get_ip(engine, GetWorker(instance_type="c7i.16xlarge"), "a")
+    small = await get_ip(engine, WorkerRequest(), "a")
+    big = await get_ip(engine, WorkerRequest(instance_type="c7i.16xlarge"), "a")
     assert small != big
     assert [call[0] for call in cloud.launch_calls] == [SPEC, BIG]
 
@@ -128,7 +128,7 @@ async def test_idle_worker_is_reaped_after_idle_timeout(
     autojump_clock: MockClock, engine: Engine, cloud: FakeCloud
 ) -> None:
     """A worker nobody uses for 900 s is terminated by the next reaper pass."""
-    await get_ip(engine, GetWorker(), "a")
+    await get_ip(engine, WorkerRequest(), "a")
     await trio.sleep(899)
     assert len(cloud.alive()) == 1
     await trio.sleep(61)
@@ -141,7 +141,7 @@ async def test_ping_keeps_a_worker_alive_past_the_idle_timeout(
     autojump_clock: MockClock, engine: Engine, cloud: FakeCloud
 ) -> None:
     """PING restarts the idle clock: a pinged worker outlives idle_timeout."""
-    ip = await get_ip(engine, GetWorker(), "a")
+    ip = await get_ip(engine, WorkerRequest(), "a")
     for _ in range(5):
         await trio.sleep(600)
         await engine.ping(ip, "a")
@@ -153,8 +153,8 @@ async def test_release_keeps_a_worker_another_client_holds(
     autojump_clock: MockClock, engine: Engine, cloud: FakeCloud
 ) -> None:
     """RELEASE by one holder ends only its lease; the last holder's RELEASE terminates."""
-    ip = await get_ip(engine, GetWorker(), "a")
-    assert await get_ip(engine, GetWorker(), "b") == ip
+    ip = await get_ip(engine, WorkerRequest(), "a")
+    assert await get_ip(engine, WorkerRequest(), "b") == ip
     await engine.release(ip, "a")
     assert len(cloud.alive()) == 1
     assert [lease.client for lease in engine.pool.leases.values()] == ["b"]
@@ -166,7 +166,7 @@ async def test_release_of_a_stranger_does_not_terminate_a_held_worker(
     autojump_clock: MockClock, engine: Engine, cloud: FakeCloud
 ) -> None:
     """A client without a lease cannot take a worker from its holder."""
-    ip = await get_ip(engine, GetWorker(), "a")
+    ip = await get_ip(engine, WorkerRequest(), "a")
     await engine.release(ip, "mallory")
     assert len(cloud.alive()) == 1
 
@@ -175,7 +175,7 @@ async def test_release_is_idempotent_and_unknown_ips_are_not_found(
     autojump_clock: MockClock, engine: Engine
 ) -> None:
     """Releasing a gone worker is fine; an IP never seen is WorkerNotFound."""
-    ip = await get_ip(engine, GetWorker(), "a")
+    ip = await get_ip(engine, WorkerRequest(), "a")
     await engine.release(ip, "a")
     await engine.release(ip, "a")
     with pytest.raises(WorkerNotFound):
@@ -188,8 +188,8 @@ async def test_lease_expires_after_idle_timeout_while_others_keep_the_worker(
     autojump_clock: MockClock, engine: Engine, cloud: FakeCloud
 ) -> None:
     """An idle lease ends; the worker stays for the client that keeps pinging."""
-    ip = await get_ip(engine, GetWorker(), "quiet")
-    await get_ip(engine, GetWorker(), "busy")
+    ip = await get_ip(engine, WorkerRequest(), "quiet")
+    await get_ip(engine, WorkerRequest(), "busy")
     for _ in range(4):
         await trio.sleep(300)
         await engine.ping(ip, "busy")
@@ -207,7 +207,7 @@ async def test_launch_error_is_answered_once_to_every_waiter(
 
     async def ask(n: int) -> None:
         try:
-            await get_ip(engine, GetWorker(), str(n))
+            await get_ip(engine, WorkerRequest(), str(n))
         except Refusal as exc:
             errors.append(str(exc))
 
@@ -227,7 +227,7 @@ async def test_unreachable_cloud_is_a_clear_error(
         CloudError("EndpointUnreachable", "connect refused", unreachable=True)
     )
     with pytest.raises(Refusal, match=r"^cloud unreachable: connect refused$"):
-        await get_ip(engine, GetWorker(), "a")
+        await get_ip(engine, WorkerRequest(), "a")
 
 
 async def test_instance_that_never_boots_is_terminated_at_launch_timeout(
@@ -240,7 +240,7 @@ async def test_instance_that_never_boots_is_terminated_at_launch_timeout(
         await nursery.start(engine.run)
         start = trio.current_time()
         with pytest.raises(Refusal, match=r"^launch timed out after 120s$"):
-            await get_ip(engine, GetWorker(), "a")
+            await get_ip(engine, WorkerRequest(), "a")
         assert trio.current_time() - start <= 120 + 2.0 + WAIT_SLACK
         with trio.fail_after(10):
             while cloud.alive():
@@ -254,8 +254,8 @@ async def test_wait_bounds_one_request_and_the_launch_carries_on(
 ) -> None:
     """wait=5 gives up after 5 s; the worker it started is handed to the next request."""
     with pytest.raises(Refusal, match=r"^no worker ready after 5s$"):
-        await get_ip(engine, GetWorker(wait=5), "a")
-    ip = await get_ip(engine, GetWorker(), "b")
+        await get_ip(engine, WorkerRequest(wait=5), "a")
+    ip = await get_ip(engine, WorkerRequest(), "b")
     assert ip
     assert len(cloud.launch_calls) == 1
 
@@ -267,9 +267,9 @@ async def test_budget_refuses_a_launch_over_max_hourly_cost(
     engine = make_engine(cloud, clock, max_hourly_cost=1.2)
     async with trio.open_nursery() as nursery:
         await nursery.start(engine.run)
-        await get_ip(engine, GetWorker(), "a")  # $0.50/h
+        await get_ip(engine, WorkerRequest(), "a")  # $0.50/h
         with pytest.raises(Refusal) as info:
-            await get_ip(engine, GetWorker(instance_type="c7i.16xlarge"), "a")  # +$1.00/h
+            await get_ip(engine, WorkerRequest(instance_type="c7i.16xlarge"), "a")  # +$1.00/h
         assert str(info.value).startswith("budget: ")
         assert "$1.2/h" in str(info.value)
         assert len(cloud.launch_calls) == 1
@@ -300,7 +300,7 @@ async def test_existing_pool_instances_are_adopted_at_start(
     async with trio.open_nursery() as nursery:
         await nursery.start(engine.run)
         assert list(engine.pool.workers) == [mine.instance_id]
-        assert await get_ip(engine, GetWorker(), "a") == mine.ip
+        assert await get_ip(engine, WorkerRequest(), "a") == mine.ip
         assert cloud.launch_calls == []
         nursery.cancel_scope.cancel()
 
@@ -313,7 +313,7 @@ async def test_shutdown_answers_waiting_requests(
 
     async def ask() -> None:
         try:
-            await get_ip(engine, GetWorker(), "a")
+            await get_ip(engine, WorkerRequest(), "a")
         except Refusal as exc:
             result.append(str(exc))
 
@@ -328,7 +328,7 @@ async def test_failed_termination_is_retried_by_the_reaper(
     autojump_clock: MockClock, engine: Engine, cloud: FakeCloud
 ) -> None:
     """If TerminateInstances fails, RELEASE says so and the next reaper pass retries."""
-    ip = await get_ip(engine, GetWorker(), "a")
+    ip = await get_ip(engine, WorkerRequest(), "a")
     cloud.terminate_errors.append(CloudError("RequestLimitExceeded", "slow down"))
     with pytest.raises(Refusal, match=r"^terminate failed: RequestLimitExceeded"):
         await engine.release(ip, "a")
@@ -341,7 +341,7 @@ async def test_status_reports_workers_leases_and_totals(
     autojump_clock: MockClock, engine: Engine
 ) -> None:
     """STATUS carries each worker, each lease and the run rate."""
-    ip = await get_ip(engine, GetWorker(), "a")
+    ip = await get_ip(engine, WorkerRequest(), "a")
     await trio.sleep(12)
     status = engine.status()
     (worker,) = status["workers"]
@@ -361,16 +361,16 @@ async def test_an_unexpected_error_in_a_launch_is_an_error_reply_not_a_crash(
     """A bug below the cloud port (here a KeyError) fails that launch only."""
     cloud.launch_errors.append(KeyError("LaunchTime"))
     with pytest.raises(Refusal, match=r"^launch failed: internal error \(logged by the broker\)$"):
-        await get_ip(engine, GetWorker(), "a")
+        await get_ip(engine, WorkerRequest(), "a")
     assert engine.pool.in_flight == {}
-    assert await get_ip(engine, GetWorker(), "a")  # the engine still works
+    assert await get_ip(engine, WorkerRequest(), "a")  # the engine still works
 
 
 async def test_a_ready_worker_that_dies_is_dropped_at_the_next_reaper_pass(
     autojump_clock: MockClock, engine: Engine, cloud: FakeCloud
 ) -> None:
     """Spot interruption or a manual terminate: the worker is no longer handed out or pinged."""
-    ip = await get_ip(engine, GetWorker(), "a")
+    ip = await get_ip(engine, WorkerRequest(), "a")
     (instance,) = cloud.instances.values()
     instance.state = "terminated"
     await trio.sleep(61)
@@ -378,7 +378,7 @@ async def test_a_ready_worker_that_dies_is_dropped_at_the_next_reaper_pass(
     assert engine.pool.leases == {}
     with pytest.raises(WorkerNotFound):
         await engine.ping(ip, "a")
-    assert await get_ip(engine, GetWorker(), "a") != ip
+    assert await get_ip(engine, WorkerRequest(), "a") != ip
 
 
 async def test_an_unknown_tagged_instance_is_adopted_then_reaped_when_idle(
@@ -415,7 +415,7 @@ async def test_exclusive_mode_gives_each_client_its_own_worker_up_to_max_workers
 
     async def client(n: int) -> None:
         try:
-            got[str(n)] = await get_ip(engine, GetWorker(wait=30), str(n))
+            got[str(n)] = await get_ip(engine, WorkerRequest(wait=30), str(n))
         except Refusal as exc:
             errors.append(str(exc))
 
@@ -439,7 +439,7 @@ async def test_exclusive_mode_launches_enough_for_everyone_waiting(
     got: list[str] = []
 
     async def client(n: int) -> None:
-        got.append(await get_ip(engine, GetWorker(), str(n)))
+        got.append(await get_ip(engine, WorkerRequest(), str(n)))
 
     async with trio.open_nursery() as nursery:
         await nursery.start(engine.run)
@@ -458,8 +458,8 @@ async def test_exclusive_holder_asking_again_gets_its_own_worker_back(
     engine = exclusive_engine(cloud, clock, per_worker=1, max_workers=10)
     async with trio.open_nursery() as nursery:
         await nursery.start(engine.run)
-        first = await get_ip(engine, GetWorker(), "a")
-        assert await get_ip(engine, GetWorker(), "a") == first
+        first = await get_ip(engine, WorkerRequest(), "a")
+        assert await get_ip(engine, WorkerRequest(), "a") == first
         assert len(cloud.instances) == 1
         nursery.cancel_scope.cancel()
 
@@ -471,11 +471,11 @@ async def test_a_waiting_client_gets_a_worker_once_a_holder_releases(
     engine = exclusive_engine(cloud, clock, per_worker=1, max_workers=1)
     async with trio.open_nursery() as nursery:
         await nursery.start(engine.run)
-        ip = await get_ip(engine, GetWorker(), "a")
+        ip = await get_ip(engine, WorkerRequest(), "a")
         got: list[str] = []
 
         async def waiter() -> None:
-            got.append(await get_ip(engine, GetWorker(wait=120), "b"))
+            got.append(await get_ip(engine, WorkerRequest(wait=120), "b"))
 
         nursery.start_soon(waiter)
         await trio.sleep(30)
@@ -490,7 +490,7 @@ async def test_a_waiting_client_gets_a_worker_once_a_holder_releases(
 
 async def test_ended_lease_logs_its_cost(autojump_clock: MockClock, engine: Engine) -> None:
     """lease.ended carries the lease's cost: $0.50/h for two hours is $1."""
-    ip = await get_ip(engine, GetWorker(), "a")
+    ip = await get_ip(engine, WorkerRequest(), "a")
     for _ in range(12):
         await trio.sleep(600)
         await engine.ping(ip, "a")
@@ -524,7 +524,7 @@ async def test_warm_pool_is_filled_in_the_background_and_answers_at_once(
         assert [count for _, count, _ in cloud.launch_calls] == [2]
         assert len(engine.pool.idle_ready(SPEC)) == 2
         start = trio.current_time()
-        await get_ip(engine, GetWorker(), "a")
+        await get_ip(engine, WorkerRequest(), "a")
         assert trio.current_time() == start
         await trio.sleep(30)
         assert [count for _, count, _ in cloud.launch_calls] == [2, 1]
@@ -542,7 +542,7 @@ async def test_release_returns_a_worker_to_the_warm_pool_instead_of_terminating(
     async with trio.open_nursery() as nursery:
         await nursery.start(engine.run)
         await trio.sleep(30)
-        ip = await get_ip(engine, GetWorker(), "a")
+        ip = await get_ip(engine, WorkerRequest(), "a")
         await engine.release(ip, "a")  # the refill may be booting: this one stays warm
         assert ip in {w.ip for w in engine.pool.idle_ready(SPEC)}
         nursery.cancel_scope.cancel()
@@ -583,8 +583,8 @@ async def test_a_restarted_engine_has_the_same_workers_leases_and_idle_clocks(
     first = Engine(cloud, make_engine(cloud, clock).settings, clock, PriceTable.default(), registry)
     async with trio.open_nursery() as nursery:
         await nursery.start(first.run)
-        ip = await get_ip(first, GetWorker(), "a")
-        await get_ip(first, GetWorker(), "b")
+        ip = await get_ip(first, WorkerRequest(), "a")
+        await get_ip(first, WorkerRequest(), "b")
         await trio.sleep(100)
         await first.ping(ip, "b")
         await first.release(ip, "a")
@@ -603,7 +603,7 @@ async def test_a_restarted_engine_has_the_same_workers_leases_and_idle_clocks(
         ]
         assert after["workers"][0]["idle_seconds"] == pytest.approx(50)
         assert len(cloud.launch_calls) == 1
-        assert await get_ip(second, GetWorker(), "b") == ip
+        assert await get_ip(second, WorkerRequest(), "b") == ip
         nursery.cancel_scope.cancel()
 
 
@@ -627,7 +627,7 @@ async def test_a_launch_interrupted_before_its_registry_write_is_adopted_after_r
             worker.instance_id
         ]
         assert await registry.list_intents(clock.now()) == []
-        await get_ip(engine, GetWorker(), "a")
+        await get_ip(engine, WorkerRequest(), "a")
         assert len(cloud.launch_calls) == 1
         nursery.cancel_scope.cancel()
 
@@ -659,15 +659,15 @@ async def test_a_client_asking_again_and_again_costs_one_write_per_interval(
     )
     async with trio.open_nursery() as nursery:
         await nursery.start(engine.run)
-        ip = await get_ip(engine, GetWorker(), "a")
+        ip = await get_ip(engine, WorkerRequest(), "a")
         assert registry.writes == 1
         for _ in range(100):
-            await get_ip(engine, GetWorker(), "a")
+            await get_ip(engine, WorkerRequest(), "a")
             await engine.ping(ip, "a")
             await trio.sleep(0.1)
         assert registry.writes == 1
         await trio.sleep(30)
-        await get_ip(engine, GetWorker(), "a")
+        await get_ip(engine, WorkerRequest(), "a")
         assert registry.writes == 2
         nursery.cancel_scope.cancel()
 
@@ -683,12 +683,12 @@ async def test_a_local_worker_is_handed_out_first_and_never_terminated(
     engine = Engine(cloud, settings, clock, PriceTable.default())
     async with trio.open_nursery() as nursery:
         await nursery.start(engine.run)
-        assert await get_ip(engine, GetWorker(), "a") == "10.1.2.3"
+        assert await get_ip(engine, WorkerRequest(), "a") == "10.1.2.3"
         await engine.release("10.1.2.3", "a")
         await trio.sleep(3000)
-        assert await get_ip(engine, GetWorker(), "b") == "10.1.2.3"
+        assert await get_ip(engine, WorkerRequest(), "b") == "10.1.2.3"
         assert cloud.launch_calls == []
-        cloud_ip = await get_ip(engine, GetWorker(instance_type="c7i.8xlarge"), "c")
+        cloud_ip = await get_ip(engine, WorkerRequest(instance_type="c7i.8xlarge"), "c")
         assert cloud_ip != "10.1.2.3"
         assert engine.status()["totals"]["workers"] == 2
         nursery.cancel_scope.cancel()
@@ -707,7 +707,7 @@ async def test_prefer_local_off_hands_out_cloud_workers_first(
     engine = Engine(cloud, settings, clock, PriceTable.default())
     async with trio.open_nursery() as nursery:
         await nursery.start(engine.run)
-        assert await get_ip(engine, GetWorker(), "a") != "10.1.2.3"
+        assert await get_ip(engine, WorkerRequest(), "a") != "10.1.2.3"
         nursery.cancel_scope.cancel()
 
 
@@ -729,7 +729,7 @@ async def test_replicas_a_lease_kept_alive_through_the_other_replica_is_not_reap
     async with trio.open_nursery() as nursery:
         await nursery.start(a.run)
         await nursery.start(b.run)
-        ip = await get_ip(a, GetWorker(), "alice")
+        ip = await get_ip(a, WorkerRequest(), "alice")
         await trio.sleep(61)  # B learns the worker and the lease at its reconciliation
         for _ in range(30):
             await b.ping(ip, "alice")
@@ -747,9 +747,9 @@ async def test_replicas_release_on_one_keeps_a_worker_held_through_the_other(
     registry, (a, b) = replicas(cloud, clock, make_engine(cloud, clock).settings)
     async with trio.open_nursery() as nursery:
         await nursery.start(a.run)
-        ip = await get_ip(a, GetWorker(), "alice")
+        ip = await get_ip(a, WorkerRequest(), "alice")
         await nursery.start(b.run)  # B restores the worker from the registry
-        assert await get_ip(b, GetWorker(), "bob") == ip
+        assert await get_ip(b, WorkerRequest(), "bob") == ip
         await a.release(ip, "alice")
         assert len(cloud.alive()) == 1
         assert (await registry.get_worker(next(iter(a.pool.workers)))) is not None
@@ -768,7 +768,7 @@ async def test_replicas_together_never_exceed_max_workers(
 
     async def client(engine: Engine, n: int) -> None:
         try:
-            served.append(await get_ip(engine, GetWorker(wait=60), f"c{n}"))
+            served.append(await get_ip(engine, WorkerRequest(wait=60), f"c{n}"))
         except Refusal:
             pass
 

@@ -21,7 +21,7 @@ from broker.clock import Clock
 from broker.cloud import LaunchSpec, Market
 from broker.ec2 import LAUNCH_RETRY, POOL_TAG, Ec2Cloud
 from broker.engine import Engine, EngineSettings
-from broker.pool import Limits
+from broker.model import Limits
 from broker.prices import PriceTable
 from broker.sandbox import SandboxResources
 from tests.aws_support import client_for, ec2_error, inject

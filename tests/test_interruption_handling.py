@@ -24,7 +24,7 @@ from broker.clock import Clock
 from broker.cloud import LaunchSpec, Market
 from broker.engine import Engine, EngineSettings
 from broker.interruptions import format_deadline
-from broker.pool import Limits
+from broker.model import Limits
 from broker.prices import PriceTable
 from broker.sandbox import MotoHandle
 from broker.sqs import SqsEventQueue, ensure_events_queue

@@ -15,10 +15,9 @@ from trio.testing import MockClock
 from broker.clock import Clock
 from broker.cloud import LaunchSpec, Market, ReceivedEvent
 from broker.engine import Engine, EngineSettings, WorkerInterrupted
-from broker.pool import Limits
+from broker.memory_registry import MemoryRegistry
+from broker.model import Limits, WorkerRequest
 from broker.prices import PriceTable
-from broker.protocol import GetWorker
-from broker.registry import MemoryRegistry
 from tests.fakes import FakeCloud
 
 SPEC = LaunchSpec("c7i.8xlarge", Market.SPOT)
@@ -72,9 +71,9 @@ async def test_the_replica_without_the_event_stops_handing_the_worker_out(
     b = Engine(cloud, settings, clock, PriceTable.default(), registry)
     async with trio.open_nursery() as nursery:
         await nursery.start(a.run)
-        ip = (await a.get_worker(GetWorker(), "alice")).ip
+        ip = (await a.get_worker(WorkerRequest(), "alice")).ip
         await nursery.start(b.run)  # B restores the worker from the registry
-        assert (await b.get_worker(GetWorker(), "alice")).ip == ip
+        assert (await b.get_worker(WorkerRequest(), "alice")).ip == ip
         [instance_id] = a.pool.workers
         events.put(warning(instance_id))
         with trio.fail_after(10):
@@ -82,7 +81,7 @@ async def test_the_replica_without_the_event_stops_handing_the_worker_out(
                 await trio.sleep(0.5)
         assert events.deleted == ["receipt-0"]
         assert a.pool.workers[instance_id].interruption is not None
-        assert (await b.get_worker(GetWorker(), "bob")).ip != ip
+        assert (await b.get_worker(WorkerRequest(), "bob")).ip != ip
         await trio.sleep(61)  # B reconciles with the registry
         with pytest.raises(WorkerInterrupted) as interrupted:
             await b.ping(ip, "alice")

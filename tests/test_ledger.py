@@ -87,10 +87,10 @@ def test_cover_policy() -> None:
 def test_budget_limits_only_capped_periods() -> None:
     """A daily cap limits day keys; months stay uncapped without max_monthly_cost."""
     budget = Budget(max_daily_cost=5.0, timezone="Europe/Berlin")
-    assert budget.capped
+    assert budget.has_caps
     assert budget.limits(["day:2026-11-23", "month:2026-11"]) == {"day:2026-11-23": 5 * MICROS}
     assert budget.current_keys(at("2026-11-23T12:00")) == ("day:2026-11-23", "month:2026-11")
-    assert not Budget().capped
+    assert not Budget().has_caps
 
 
 def test_outstanding_and_spent() -> None:

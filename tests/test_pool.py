@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 from broker.cloud import Instance, LaunchSpec, Market
-from broker.pool import GONE_MEMORY_SECONDS, Limits, Pool, ReleaseOutcome, WorkerState
+from broker.model import Limits, ReleaseOutcome, WorkerState
+from broker.pool import GONE_MEMORY_SECONDS, Pool
+from broker.status import pool_status
 
 SPEC = LaunchSpec("c7i.8xlarge", Market.SPOT)
 T0 = 1_700_000_000.0
@@ -16,7 +18,7 @@ def instance(n: int, spec: LaunchSpec = SPEC) -> Instance:
 def pool_with(*ns: int, max_workers: int = 10, cap: float | None = None) -> Pool:
     pool = Pool(Limits(max_workers, cap, 900.0))
     for n in ns:
-        pool.add(instance(n), T0, price=0.5, ready=True)
+        pool.adopt(instance(n), T0, price=0.5, ready=True)
     return pool
 
 
@@ -66,7 +68,7 @@ def test_choose_ready_ignores_launching_terminating_and_other_types() -> None:
     pool = pool_with(1, 2)
     pool.workers["i-1"].state = WorkerState.TERMINATING
     pool.workers["i-2"].state = WorkerState.LAUNCHING
-    pool.add(instance(3, LaunchSpec("c7i.8xlarge", Market.ON_DEMAND)), T0, price=1.4, ready=True)
+    pool.adopt(instance(3, LaunchSpec("c7i.8xlarge", Market.ON_DEMAND)), T0, price=1.4, ready=True)
     assert pool.choose_ready(SPEC) is None
 
 
@@ -105,4 +107,4 @@ def test_run_rate_includes_in_flight_launches() -> None:
     pool = pool_with(1, 2)
     pool.launch_started("tok", SPEC, 3, 0.5, T0)
     assert pool.run_rate() == 2.5
-    assert pool.status(T0)["totals"]["launches_in_flight"] == 3
+    assert pool_status(pool, T0)["totals"]["launches_in_flight"] == 3

@@ -19,12 +19,12 @@ import trio
 from broker.aws import make_client
 from broker.cloud import CloudError, Instance, LaunchSpec, Market
 from broker.dynamo import DynamoRegistry, decode_item, encode_item, ensure_table
-from broker.pool import WorkerState
+from broker.memory_registry import MemoryRegistry
+from broker.model import WorkerState
 from broker.registry import (
     CoverOutcome,
     LaunchIntent,
     LeaseRecord,
-    MemoryRegistry,
     Provider,
     Registry,
     WorkerRecord,
@@ -140,7 +140,7 @@ def test_records_round_trip_through_items_and_dynamodb_values(value: float) -> N
         worker(price=value, expires_at=NOW + value),
         worker(price=None, provider=Provider.LOCAL, state=WorkerState.LAUNCHING),
         LeaseRecord("10.0.0.1:5000", "i-0a", "198.51.100.7", value, NOW + value, NOW + IDLE),
-        LaunchIntent("t-1", "c7i.large", Market.ON_DEMAND, 3, value, NOW, ("i-1", "i-2")),
+        LaunchIntent("t-1", "c7i.large", Market.ON_DEMAND, 3, value, NOW),
         LaunchIntent.begin("t-2", SPEC, 1, value, IDLE),
     ]
     for record in records:
@@ -197,11 +197,10 @@ async def test_expired_workers_are_not_listed_but_still_readable(registry: Regis
 
     assert [w.instance_id for w in await registry.list_workers(NOW + 30)] == ["i-0a", "lab-01"]
     assert [w.instance_id for w in await registry.list_workers(NOW + 30.5)] == ["i-0a"]
-    assert [w.instance_id for w in await registry.expired_workers(NOW + 30.5)] == ["lab-01"]
     assert await registry.get_worker("lab-01") is not None
 
     assert await registry.update_worker_activity("lab-01", NOW + 31, expires_at=NOW + 121)
-    assert await registry.expired_workers(NOW + 31) == []
+    assert [w.instance_id for w in await registry.list_workers(NOW + 31)] == ["i-0a", "lab-01"]
     revived = await registry.get_worker("lab-01")
     assert revived is not None
     assert (revived.last_activity, revived.expires_at) == (NOW + 31, NOW + 121)
@@ -414,17 +413,14 @@ async def test_expired_leases_are_not_listed_until_touched(registry: Registry) -
 # --- launch intents ----------------------------------------------------------------------------
 
 
-async def test_intents_round_trip_complete_and_delete(registry: Registry) -> None:
-    """An intent reads back equal, takes its instance ids, expires, and is deleted."""
+async def test_intents_round_trip_expire_and_delete(registry: Registry) -> None:
+    """An intent reads back equal, expires, and is deleted."""
     first = LaunchIntent.begin("token-b", SPEC, 3, NOW, 3600.0)
     second = LaunchIntent.begin("token-a", LaunchSpec("t3.micro", Market.ON_DEMAND), 1, NOW, 60.0)
     await registry.put_intent(first)
     await registry.put_intent(second)
 
     assert [second, first] == await registry.list_intents(NOW)
-    assert await registry.complete_intent("token-b", ["i-1", "i-2"])
-    assert not await registry.complete_intent("token-missing", ["i-3"])
-    assert [i.instance_ids for i in await registry.list_intents(NOW)] == [(), ("i-1", "i-2")]
     assert [i.token for i in await registry.list_intents(NOW + 61)] == ["token-b"]
 
     await registry.delete_intent("token-b")

@@ -33,7 +33,7 @@ async def test_boot_delay_keeps_an_instance_pending_then_running(
     cloud: Ec2Cloud, boot_delay: Callable[[float], None]
 ) -> None:
     """With a boot delay an instance is pending (also to the state filter), then running."""
-    boot_delay(0.5)
+    boot_delay(2.0)  # long enough for three calls on a loaded machine
     with trio.fail_after(DEADLINE):
         [launched] = await cloud.launch(SPEC, 1, "token-boot")
         [described] = await cloud.describe([launched.instance_id])

@@ -14,7 +14,7 @@ import trio
 from broker.clock import Clock
 from broker.cloud import LaunchSpec, Market
 from broker.engine import Engine, EngineSettings
-from broker.pool import Limits
+from broker.model import Limits
 from broker.prices import PriceTable
 from broker.protocol import HELP_TEXT
 from tests.fakes import FakeCloud

@@ -1,0 +1,131 @@
+"""The boot room: one batched DescribeInstances for every launching worker, readiness probes,
+and launch timeouts.
+
+A launched worker is handed out once EC2 reports it running with a public IP (and, with
+`probe: true`, once its `worker_port` accepts a connection). It is ready in the registry
+before it is ready here, since hand-outs claim leases there. A worker still launching after
+`launch_timeout` is terminated and its waiters told why.
+"""
+
+from __future__ import annotations
+
+import structlog
+import trio
+
+from broker.cloud import CloudError, Instance
+from broker.context import Context
+from broker.launcher import Launcher
+from broker.model import Worker, WorkerState
+from broker.retire import Claim, Retire
+
+_log = structlog.get_logger("broker.bootwatch")
+
+
+class BootWatch:
+    """Watches launching workers until they are ready, lost or overdue."""
+
+    def __init__(self, ctx: Context, launcher: Launcher, retire: Retire) -> None:
+        self.ctx = ctx
+        self.launcher = launcher
+        self.retire = retire
+        self._probing: set[str] = set()
+
+    async def run(self) -> None:
+        """Describe launching workers every describe_interval; sleep while there are none."""
+        while True:
+            try:
+                if not await self.watch_once():
+                    await self.ctx.boot_wakeup.wait()
+                    continue
+            except Exception:
+                _log.exception("watcher.crashed")  # logged; the next pass starts afresh
+            await trio.sleep(self.ctx.settings.describe_interval)
+
+    async def watch_once(self) -> bool:
+        """One pass over the launching workers; False when there are none."""
+        ctx = self.ctx
+        waiting = ctx.pool.launching()
+        if not waiting:
+            return False
+        try:
+            described = await ctx.cloud.describe([w.instance_id for w in waiting])
+        except CloudError as exc:
+            _log.warning("describe.failed", error=str(exc), pending=len(waiting))
+            described = []
+        by_id = {instance.instance_id: instance for instance in described}
+        running = []
+        for worker in waiting:
+            ip = self._advance(worker, by_id.get(worker.instance_id))
+            if ip is not None:
+                running.append((worker, ip))
+        for worker, ip in running:
+            await self._ready(worker, ip)
+        ctx.notify()
+        await self._fail_overdue(ctx.clock.now())
+        return True
+
+    def _advance(self, worker: Worker, instance: Instance | None) -> str | None:
+        """The IP to make the worker ready with now, if any (probes start in the background)."""
+        if worker.state is not WorkerState.LAUNCHING or instance is None:
+            return None  # just launched instances may not be visible yet (eventual consistency)
+        if instance.state == "running" and instance.public_ip:
+            if not self.ctx.settings.probe:
+                return instance.public_ip
+            if worker.instance_id not in self._probing:
+                self._probing.add(worker.instance_id)
+                self.ctx.spawn(self._probe, worker, instance.public_ip)
+        elif not instance.is_alive:
+            self.retire.lose(
+                worker, f"worker {worker.instance_id} was {instance.state} while booting"
+            )
+        return None
+
+    async def _probe(self, worker: Worker, ip: str) -> None:
+        """Hand the worker out only once its port accepts a TCP connection."""
+        ok = False
+        try:
+            with trio.move_on_after(self.ctx.settings.probe_timeout):
+                stream = await trio.open_tcp_stream(ip, self.ctx.settings.worker_port)
+                await stream.aclose()
+                ok = True
+        except OSError as exc:
+            _log.debug("probe.failed", instance_id=worker.instance_id, ip=ip, error=str(exc))
+        finally:
+            self._probing.discard(worker.instance_id)
+        if ok:
+            await self._ready(worker, ip)
+            self.ctx.notify()
+
+    async def _ready(self, worker: Worker, ip: str) -> None:
+        """Ready in the registry first (hand-outs claim leases there), then here."""
+        ctx = self.ctx
+        await ctx.write(
+            "ready",
+            ctx.registry.set_worker_state,
+            worker.instance_id,
+            WorkerState.READY,
+            expect=WorkerState.LAUNCHING,
+            ip=ip,
+        )
+        now = ctx.clock.now()
+        if ctx.pool.mark_ready(worker.instance_id, ip, now) is None:
+            return
+        _log.info(
+            "worker.ready",
+            instance_id=worker.instance_id,
+            ip=ip,
+            boot_seconds=round(max(0.0, now - worker.launched_at), 3),
+        )
+        self.launcher.settle(worker.launch_token)
+
+    async def _fail_overdue(self, now: float) -> None:
+        """Terminate launching workers older than launch_timeout (booting or failing probes)."""
+        timeout = self.ctx.settings.launch_timeout
+        overdue = [w for w in self.ctx.pool.launching() if now - w.launched_at > timeout]
+        if not overdue:
+            return
+        reason = f"launch timed out after {timeout:g}s"
+        for worker in overdue:
+            self.launcher.fail(worker.launch_token, reason)
+            _log.error("worker.boot_timeout", instance_id=worker.instance_id, reason=reason)
+        await self.retire.retire(overdue, reason="boot_timeout", claim=Claim.FORCE)

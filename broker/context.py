@@ -1,0 +1,160 @@
+"""What the engine's rooms share: the pool, the ports, the clock, the settings, the signals.
+
+Every room (`broker.handout`, `broker.launcher`, `broker.bootwatch`, `broker.retire`,
+`broker.reconcile`, `broker.spending`, `broker.scaling`, `broker.ec2_events`) takes one
+`Context`. Best-effort registry writes and reads (logged, never raised) go through
+`Context.write` and `Context.read`, so their log lines are written in one place.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import attrs
+import structlog
+import trio
+
+from broker.burst import BurstPolicy
+from broker.clock import Clock
+from broker.cloud import Cloud, CloudError
+from broker.ledger import Budget
+from broker.model import NO_WARM_POOL, LaunchSpec, Lease, Limits, LocalWorker, WarmPool, Worker
+from broker.pool import Pool
+from broker.prices import PriceTable
+from broker.registry import Registry
+from broker.schedule import WarmPoolSchedule
+
+T = TypeVar("T")
+
+_log = structlog.get_logger("broker.engine")
+
+
+@attrs.frozen
+class EngineSettings:
+    """The engine's knobs (a subset of the config)."""
+
+    default_spec: LaunchSpec
+    limits: Limits
+    launch_timeout: float = 300.0
+    describe_interval: float = 2.0
+    reap_interval: float = 60.0
+    worker_port: int = 2560
+    probe: bool = False
+    probe_timeout: float = 2.0
+    warm_pool: WarmPoolSchedule = attrs.field(factory=WarmPoolSchedule.default)
+    local_workers: tuple[LocalWorker, ...] = ()
+    prefer_local: bool = True
+    burst: BurstPolicy = attrs.field(factory=BurstPolicy.default)
+    budget: Budget = attrs.field(factory=Budget)
+    subnets: tuple[str | None, ...] = ()
+
+    @property
+    def warm_pool_configured(self) -> bool:
+        """True if a warm pool is configured at any time of the week."""
+        return bool(self.warm_pool.min_idle or self.warm_pool.windows)
+
+
+class Wakeup:
+    """A signal one task waits on and others set; each wait needs a new set."""
+
+    def __init__(self) -> None:
+        self._event = trio.Event()
+
+    def set(self) -> None:
+        """Wake the waiting task (now, or as soon as it next waits)."""
+        self._event.set()
+
+    async def wait(self) -> None:
+        """Wait for the next `set` (at once if one came since the last wait), then rearm."""
+        await self._event.wait()
+        self._event = trio.Event()
+
+
+@attrs.define
+class Context:
+    """The pool and the ports, shared by every room of one engine."""
+
+    pool: Pool
+    registry: Registry
+    cloud: Cloud
+    clock: Clock
+    settings: EngineSettings
+    prices: PriceTable  # replaced when spot prices are refreshed
+    nursery: trio.Nursery | None = None  # set by Engine.run
+    closing: bool = False  # shutdown began: waiting requests are refused
+    boot_wakeup: Wakeup = attrs.field(factory=Wakeup)  # a launch answered: describe it
+    warm_wakeup: Wakeup = attrs.field(factory=Wakeup)  # a worker was taken: refill
+    _changed: trio.Event = attrs.field(factory=trio.Event, alias="_changed")
+
+    def notify(self) -> None:
+        """Wake every task waiting for the pool to change."""
+        self._changed.set()
+        self._changed = trio.Event()
+
+    async def changed(self) -> None:
+        """Wait until the pool changes (the next `notify`)."""
+        await self._changed.wait()
+
+    def spawn(self, fn: Callable[..., Awaitable[Any]], *args: Any) -> None:
+        """Run `fn(*args)` in the engine's nursery (the engine must be running)."""
+        assert self.nursery is not None, "Engine.run() must be running"
+        self.nursery.start_soon(fn, *args)
+
+    def warm(self, now: float) -> WarmPool:
+        """What the warm pool keeps at `now`: idle workers of the default type and market."""
+        if not self.settings.warm_pool_configured:
+            return NO_WARM_POOL
+        return WarmPool(self.settings.default_spec, self.settings.warm_pool.min_idle_at(now))
+
+    async def write(
+        self,
+        op: str,
+        call: Callable[..., Awaitable[T]],
+        *args: Any,
+        default: T | None = None,
+        level: str = "error",
+        **kwargs: Any,
+    ) -> T | None:
+        """A best-effort registry write: its result, or `default` (logged) if it failed."""
+        try:
+            return await call(*args, **kwargs)
+        except CloudError as exc:
+            getattr(_log, level)("registry.write_failed", op=op, error=str(exc))
+            return default
+
+    async def read(
+        self, op: str, call: Callable[..., Awaitable[T]], *args: Any, level: str = "error"
+    ) -> T | None:
+        """A best-effort registry read: its result, or None (logged) if it failed."""
+        try:
+            return await call(*args)
+        except CloudError as exc:
+            getattr(_log, level)("registry.read_failed", op=op, error=str(exc))
+            return None
+
+    async def persist_interruption(self, worker: Worker) -> None:
+        """Tell other replicas (through the registry) to hand the worker out no more, or (no
+        interruption any more) again."""
+        stop = worker.interruption
+        await self.write(
+            "mark_interrupted",
+            self.registry.mark_interrupted,
+            worker.instance_id,
+            None if stop is None else stop.reason,
+            None if stop is None else stop.deadline,
+        )
+
+
+def log_lease_end(lease: Lease, reason: str, now: float) -> None:
+    """The `lease.ended` event, with what the lease cost."""
+    cost = lease.cost(now)
+    _log.info(
+        "lease.ended",
+        client=lease.client,
+        instance_id=lease.instance_id,
+        ip=lease.ip,
+        reason=reason,
+        duration_seconds=round(max(0.0, now - lease.started_at), 3),
+        cost_usd=None if cost is None else round(cost, 6),
+    )

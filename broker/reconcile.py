@@ -1,0 +1,188 @@
+"""The reconcile room: restore from the registry, sync with other replicas, agree with EC2.
+
+At start the pool is restored from the registry (after a restart it has the same workers,
+leases and idle clocks), then reconciled with EC2's tagged instances. Every reaper pass does
+the same: workers EC2 no longer runs are lost, other replicas' workers and leases join, live
+tagged instances nobody knows are adopted (a launch cut off at launch_timeout, a crash between
+RunInstances and writing the worker), launch intents left by a crash are settled, and the
+pool-wide instance counter is repaired if a crash leaked a reservation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import structlog
+
+from broker.cloud import CloudError, Instance
+from broker.context import Context
+from broker.launcher import Launcher
+from broker.model import WorkerState
+from broker.registry import LaunchIntent, WorkerRecord
+from broker.retire import Retire
+from broker.spending import Spending
+
+_log = structlog.get_logger("broker.reconcile")
+
+
+class Reconciler:
+    """Keeps the pool in agreement with the registry and with EC2."""
+
+    def __init__(
+        self, ctx: Context, launcher: Launcher, retire: Retire, spending: Spending
+    ) -> None:
+        self.ctx = ctx
+        self.launcher = launcher
+        self.retire = retire
+        self.spending = spending
+        self._counter_suspect: tuple[int, int] | None = None
+
+    async def restore(self) -> None:
+        """Load workers and leases from the registry; workers caught mid-termination are
+        terminated by the next reaper pass."""
+        ctx = self.ctx
+        now = ctx.clock.now()
+        try:
+            records = await ctx.registry.list_workers(now)
+            leases = await ctx.registry.list_leases(now)
+        except CloudError as exc:
+            _log.error("registry.restore_failed", error=str(exc))
+            return
+        added = ctx.pool.restore(
+            [record.to_worker(now) for record in records], [lease.to_lease() for lease in leases]
+        )
+        self.retire.retry.update(w.instance_id for w in added if w.state is WorkerState.TERMINATING)
+        if records:
+            _log.info("registry.restored", workers=len(records), leases=len(leases))
+
+    async def add_declared_local_workers(self) -> None:
+        """Local workers from the config join the pool (and the registry, where leases are
+        claimed), ready at once; they are never launched, reaped or terminated."""
+        ctx = self.ctx
+        now = ctx.clock.now()
+        for local in ctx.settings.local_workers:
+            worker = ctx.pool.add_local(local, ctx.settings.default_spec.market, now)
+            if worker is None:
+                continue
+            try:
+                if await ctx.registry.get_worker(worker.instance_id) is None:
+                    await ctx.registry.put_worker(WorkerRecord.from_worker(worker))
+            except CloudError as exc:
+                _log.error("registry.write_failed", op="local_worker", error=str(exc))
+
+    async def reconcile(self) -> None:
+        """Make the pool agree with EC2's view of this pool's tagged instances (and with the
+        registry). Adopted workers start their idle clock now, so an unwanted one is reaped
+        after idle_timeout."""
+        ctx = self.ctx
+        try:
+            instances = await ctx.cloud.list_pool()
+        except CloudError as exc:
+            _log.error("reconcile.failed", error=str(exc))
+            return
+        now = ctx.clock.now()
+        alive = {instance.instance_id for instance in instances}
+        for worker in list(ctx.pool.workers.values()):
+            vanished = worker.state is WorkerState.READY and worker.instance_id not in alive
+            if vanished and not worker.local:
+                self.retire.lose(worker, f"worker {worker.instance_id} is no longer running in EC2")
+        # Other replicas' workers join from the registry first, so they are not "adopted"
+        # (which would overwrite their records).
+        intents = await self._sync(instances, now)
+        if ctx.pool.in_flight:
+            return  # an unanswered launch's instances may be listed already: not strangers
+        by_token = {i.token: i for i in intents}
+        for instance in instances:
+            if instance.instance_id in ctx.pool.workers:
+                continue
+            ready = instance.state == "running" and bool(instance.public_ip)
+            ready = ready and not ctx.settings.probe
+            price = ctx.prices.price(instance.instance_type, instance.market)
+            intent = by_token.get(instance.launch_token or "")
+            if intent is not None and intent.price_per_hour is not None:
+                price = intent.price_per_hour  # charged at launch: its cover comes with it
+            worker = ctx.pool.adopt(
+                instance,
+                now,
+                price=price,
+                ready=ready,
+                token=instance.launch_token,
+                paid_until=None if intent is None else intent.paid_until,
+            )
+            await ctx.write("put_worker", ctx.registry.put_worker, WorkerRecord.from_worker(worker))
+            _log.info(
+                "worker.adopted",
+                instance_id=instance.instance_id,
+                ip=instance.public_ip,
+                state=instance.state,
+                type=instance.instance_type,
+            )
+        await self._settle_intents(instances, intents, now)
+        ctx.boot_wakeup.set()
+        ctx.notify()
+
+    async def _sync(self, instances: Sequence[Instance], now: float) -> list[LaunchIntent]:
+        """Learn what other replicas did (`Pool.merge`), and repair the pool-wide instance
+        counter if a crash leaked a reservation. The registry's launch intents."""
+        ctx = self.ctx
+        registry = ctx.registry
+        try:
+            records = await registry.list_workers(now)
+            leases = await registry.list_leases(now)
+            intents = await registry.list_intents(now)
+            seen = await registry.reserved_instances()
+        except CloudError as exc:
+            _log.error("registry.read_failed", op="sync", error=str(exc))
+            return []
+        alive = {instance.instance_id for instance in instances}
+        self.spending.remember_covers(records)
+        plan = ctx.pool.merge(
+            {record.instance_id: record.to_worker(now) for record in records},
+            [lease.to_lease() for lease in leases],
+            alive=alive,
+            declared_local={local.instance_id for local in ctx.settings.local_workers},
+            now=now,
+        )
+        for worker in plan.joined:
+            if worker.local:
+                _log.info("worker.local_joined", instance_id=worker.instance_id)
+        for worker in plan.interrupted:
+            _log.info("worker.interrupted_elsewhere", instance_id=worker.instance_id)
+        for worker in plan.lost_local:
+            self.retire.lose(worker, f"local worker {worker.instance_id} stopped heartbeating")
+        for worker in plan.gone:
+            _log.info("worker.gone_elsewhere", instance_id=worker.instance_id)
+        launched = {instance.launch_token for instance in instances}
+        pending = sum(i.count for i in intents if i.token not in launched)
+        actual = len(alive) + pending
+        # A snapshot can be stale (another replica launched meanwhile): repair only a
+        # discrepancy seen on two passes in a row with nothing of ours in flight.
+        suspect = (seen, actual) if seen != actual and not ctx.pool.in_flight else None
+        confirmed = suspect is not None and suspect == self._counter_suspect
+        self._counter_suspect = None if confirmed else suspect
+        if confirmed and await registry.correct_reserved_instances(seen, actual):
+            _log.info("registry.counter_repaired", was=seen, now=actual)
+        return intents
+
+    async def _settle_intents(
+        self, instances: Sequence[Instance], intents: Sequence[LaunchIntent], now: float
+    ) -> None:
+        """Launch intents left by a crash: their instances (found by launch-token tag) have
+        been adopted above; an intent is dropped once it is answered or older than
+        launch_timeout (nobody waits for it any more)."""
+        launched: dict[str | None, int] = {}
+        for instance in instances:
+            launched[instance.launch_token] = launched.get(instance.launch_token, 0) + 1
+        timeout = self.ctx.settings.launch_timeout
+        for intent in intents:
+            if self.launcher.under_way(intent.token):
+                continue  # a launch of ours still under way
+            if intent.token in launched or now - intent.created_at > timeout:
+                _log.info("launch.intent_settled", client_token=intent.token)
+                try:
+                    settled = await self.ctx.registry.delete_intent(intent.token)
+                except CloudError as exc:
+                    _log.error("registry.write_failed", op="delete_intent", error=str(exc))
+                    continue
+                if settled is not None:  # only the replica that deleted it refunds
+                    await self.spending.refund_unlaunched(settled, launched.get(settled.token, 0))
