@@ -9,15 +9,11 @@ from typing import Any
 import attrs
 import pytest
 
-from broker.config import (
-    FIELDS,
-    Config,
-    ConfigError,
-    load_config,
-    parse_duration,
-    reference_markdown,
-    sample_yaml,
-)
+from broker.config import FIELDS
+from broker.config_docs import reference_markdown, sample_yaml
+from broker.config_load import load_config
+from broker.config_validate import Config, ConfigError
+from broker.values import parse_duration
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
 
