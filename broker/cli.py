@@ -24,7 +24,9 @@ from broker import __version__
 from broker.aws import make_client
 from broker.clock import Clock
 from broker.cloud import CloudError, LaunchSpec, Market
-from broker.config import Config, ConfigError, load_config, reference_markdown, sample_yaml
+from broker.config_docs import reference_markdown, sample_yaml
+from broker.config_load import load_config
+from broker.config_validate import Config, ConfigError
 from broker.ec2 import BILLABLE_STATES, Ec2Cloud, Ec2Settings
 from broker.engine import Engine, EngineSettings, Refusal
 from broker.ledger import Budget, OnCap

@@ -19,7 +19,7 @@ STATE_FIELDS = frozenset(f.name for cls in (Worker, Lease) for f in attrs.fields
 MUTATORS = frozenset({"pop", "popitem", "clear", "update", "setdefault", "__setitem__"})
 AWS_ADAPTERS = frozenset({"aws.py", "ec2.py", "dynamo.py", "sqs.py", "preflight.py"})
 # Modules allowed past the ~500-line guideline, each still one concern.
-LONG_MODULES = {"config.py": 1000, "dynamo.py": 760}
+LONG_MODULES = {"dynamo.py": 760}
 
 
 def modules() -> dict[str, ast.Module]:
@@ -109,8 +109,8 @@ def test_only_the_aws_adapters_import_boto3() -> None:
 
 
 def test_engine_is_small_and_modules_stay_readable() -> None:
-    """broker/engine.py stays under 350 lines; no module passes about 500 (config and the
-    DynamoDB adapter hold one concern each and may run longer)."""
+    """broker/engine.py stays under 350 lines; no module passes about 500 (the
+    DynamoDB adapter holds one concern and may run longer)."""
     lengths = {path.name: len(path.read_text().splitlines()) for path in BROKER.glob("*.py")}
     assert lengths["engine.py"] < 350
     too_long = {name: n for name, n in lengths.items() if n > LONG_MODULES.get(name, 550)}

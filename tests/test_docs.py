@@ -6,7 +6,7 @@ import configparser
 import re
 from pathlib import Path
 
-from broker.config import reference_markdown
+from broker.config_docs import reference_markdown
 from broker.protocol import HELP_TEXT
 
 ROOT = Path(__file__).resolve().parent.parent
