@@ -4,7 +4,7 @@ stand-ins for brokers and the instance metadata service, and the user data that 
 
 The script's power-off command is replaced by a stub that records the reason; `shutdown` and
 `poweroff` on its PATH are stubs too, so that no test can power this machine off. Times are
-short: checks every 0.2 s, orphan_timeout 1 s, replies awaited 0.5 s.
+short: checks every 0.2 s, orphan_timeout 1.5 s, replies awaited 0.5 s.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ from tests.harness import wait_for
 
 INSTANCE_ID = "i-0123456789abcdef0"
 INTERVAL = 0.2
-ORPHAN_TIMEOUT = 1.0
+ORPHAN_TIMEOUT = 1.5
 REPLY_TIMEOUT = 0.5
 SLACK = 3.0  # how late a power-off may come on a busy two-core machine
 OK = b"OK\n"
@@ -420,6 +420,36 @@ async def test_instance_id_comes_from_imdsv2(tmp_path: Path, client: str) -> Non
         ("PUT", "/latest/api/token"),
         ("GET", "/latest/meta-data/instance-id"),
     ]
+
+
+@pytest.mark.skipif(shutil.which("busybox") is None, reason="no busybox here")
+async def test_works_with_busybox_alone(tmp_path: Path) -> None:
+    """With only busybox's applets (Alpine-like: ash, nc, a wget without PUT) it still reads
+    its id and the broker's replies."""
+    applets = tmp_path / "busybox"
+    applets.mkdir()
+    busybox = shutil.which("busybox")
+    assert busybox is not None
+    listed = await trio.run_process([busybox, "--list"], capture_stdout=True)
+    for applet in listed.stdout.decode().split():
+        if applet not in ("shutdown", "poweroff", "halt", "reboot"):
+            (applets / applet).symlink_to(busybox)
+    broker, imds = FakeBroker(always(NOT_WANTED)), FakeImds()
+    async with trio.open_nursery() as nursery:
+        port = await serve(nursery, broker.handle)
+        imds_port = await serve(nursery, imds.handle)
+        async with running_watchdog(
+            tmp_path,
+            settings(port),
+            PATH=f"{tmp_path / 'bin'}{os.pathsep}{applets}",
+            CB_WATCHDOG_INSTANCE_ID=None,
+            CB_WATCHDOG_IMDS=f"127.0.0.1:{imds_port}",
+        ) as watchdog:
+            await watchdog.exited(2 * REPLY_TIMEOUT + SLACK)
+        nursery.cancel_scope.cancel()
+    assert watchdog.reasons == ["not wanted"], watchdog.log
+    assert broker.lines == [f"ALIVE {INSTANCE_ID}"] * 2
+    assert "transport nc" in watchdog.log
 
 
 @needs_sh
