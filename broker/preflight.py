@@ -459,7 +459,8 @@ def offerings(config: Config) -> list[Offering]:
 
 def dry_run_params(config: Config, offering: Offering) -> dict[str, Any]:
     """RunInstances parameters for a DryRun of `offering`: what `Ec2Cloud.launch` sends (the
-    same tags, for IAM conditions on them), with DryRun set and no ClientToken."""
+    same tags, for IAM conditions on them), with DryRun set and no ClientToken of ours (botocore
+    fills in a random one)."""
     params: dict[str, Any] = {
         "ImageId": config.ami_id,
         "InstanceType": offering.instance_type,
