@@ -303,11 +303,20 @@ def check_region(config: Config) -> tuple[str, Check]:
     """Blocking (reads the AWS config file): the region `make_client` will use, and whether
     botocore knows it (a typo would otherwise show as timeouts on an endpoint that does not
     exist)."""
-    session = boto3.session.Session()
+    try:
+        session = boto3.session.Session()  # reads the profile: AWS_PROFILE must name one
+        configured_region = session.region_name
+    except botocore.exceptions.BotoCoreError as exc:  # ProfileNotFound, a bad config file
+        return DEFAULT_REGION, Check(
+            "region",
+            False,
+            f"the AWS configuration cannot be read: {cloud_error(exc).message}",
+            "set AWS_PROFILE to a profile of the AWS config file, or unset it",
+        )
     if config.region is not None:
         region, source = config.region, "from the config"
-    elif session.region_name:
-        region, source = session.region_name, "from AWS_REGION, AWS_DEFAULT_REGION or AWS config"
+    elif configured_region:
+        region, source = configured_region, "from AWS_REGION, AWS_DEFAULT_REGION or AWS config"
     else:
         region, source = DEFAULT_REGION, "none configured: the default"
     known = {

@@ -235,6 +235,21 @@ async def test_unknown_region_fails_before_any_client_is_made(config: Config) ->
     assert exit_status(checks) == EXIT_CONFIG
 
 
+async def test_missing_aws_profile_fails_in_one_line(
+    config: Config, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """AWS_PROFILE naming a profile that does not exist fails `region` (where the AWS
+    configuration is first read) with the fix, instead of a traceback."""
+    monkeypatch.setenv("AWS_PROFILE", "no-such-profile")
+    clients = Clients()
+    checks = await checked(config, clients)
+    assert outcomes(checks) == [("region", False)]
+    assert "no-such-profile" in checks[0].detail
+    assert "AWS_PROFILE" in checks[0].fix
+    assert clients.services == []
+    assert exit_status(checks) == EXIT_CONFIG
+
+
 async def test_unreachable_aws_is_a_transient_failure(
     config: Config, monkeypatch: pytest.MonkeyPatch
 ) -> None:
