@@ -19,9 +19,8 @@ from __future__ import annotations
 import difflib
 import functools
 import os
-import re
 import shlex
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable
 from typing import Any, Final, Protocol
 
 import attrs
@@ -32,18 +31,12 @@ import structlog
 import trio
 
 from broker.aws import DEFAULT_REGION, call, cloud_error, make_client
+from broker.checks import LAUNCH_FIXES, LAUNCH_SETTINGS, NO_CREDENTIALS_FIX, Check
 from broker.cloud import THROTTLING_ERRORS, CloudError, LaunchSpec, Market
-from broker.config import Config, env_variable
+from broker.config import env_variable
+from broker.config_validate import Config
 from broker.dynamo import PARTITION_KEY, SORT_KEY
 from broker.ec2 import LAUNCH_TOKEN_TAG, MANAGED_TAG, NAME_TAG, POOL_TAG, WORKER_NAME
-
-# EX_CONFIG from sysexits.h: the configuration is wrong and starting again will not help. The
-# unit names it in `RestartPreventExitStatus=78`, which systemd applies to the main process
-# (ExecStart=) only, not to ExecStartPre= commands (systemd.service(5)).
-EXIT_CONFIG: Final = 78
-# EX_TEMPFAIL: AWS could not be asked (unreachable, throttled, a 5xx, no answer in time); the
-# same start may work in a minute, so systemd's Restart=on-failure should try again.
-EXIT_TEMPFAIL: Final = 75
 
 # The longest one check may take, retries included; a check that takes longer fails (transient).
 CHECK_TIMEOUT: Final = 20.0
@@ -53,15 +46,11 @@ CONNECT_TIMEOUT: Final = 3.0
 READ_TIMEOUT: Final = 10.0
 # Launch-token tag value of the dry runs (a real launch tags its ClientToken).
 DRY_RUN_TOKEN: Final = "preflight"
-# A detail longer than this is cut (AWS's messages are capped at 300 characters already).
-MAX_DETAIL: Final = 400
 # Queue attribute asked for: any one proves the queue exists and may be read.
 QUEUE_ATTRIBUTE: Final = "ApproximateNumberOfMessages"
 
 TABLE_USABLE: Final = frozenset({"ACTIVE", "UPDATING"})  # UPDATING tables serve reads/writes
 
-_ACCOUNT_ID = re.compile(r"(?<![0-9A-Za-z])\d{12}(?![0-9A-Za-z])")
-_ENCODED_MESSAGE = re.compile(r"(Encoded authorization failure message:)\s*\S+")
 # Codes that say AWS could not answer now, not that the request is wrong (with unreachable).
 _TRANSIENT_CODES: Final = THROTTLING_ERRORS | {
     "InternalError",
@@ -91,86 +80,7 @@ _NO_CREDENTIALS: Final = frozenset(
 )
 _QUEUE_MISSING: Final = frozenset({"AWS.SimpleQueueService.NonExistentQueue", "QueueDoesNotExist"})
 
-NO_CREDENTIALS_FIX: Final = (
-    "give the broker credentials: an instance role (EC2), or a credentials file through "
-    "systemd (LoadCredential=aws:FILE and Environment=AWS_SHARED_CREDENTIALS_FILE=%d/aws), or "
-    "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY in /etc/compute-broker/aws.env"
-)
-_LAUNCH_SETTINGS = "ami_id, instance_type, instance_types, subnets, security_group_ids, key_name"
-_LAUNCH_FIXES: Final[Mapping[str, str]] = {
-    "UnauthorizedOperation": (
-        "allow ec2:RunInstances and ec2:CreateTags to the broker's IAM role or user (README, "
-        "IAM policy); the log has AWS's encoded reason for `aws sts decode-authorization-message`"
-    ),
-    "InvalidAMIID.NotFound": "set ami_id to an AMI of {region} this account may use",
-    "InvalidAMIID.Malformed": "set ami_id to an AMI of {region} this account may use",
-    "InvalidAMIID.Unavailable": "set ami_id to an AMI of {region} this account may use",
-    "InvalidSubnetID.NotFound": "set subnet_id or subnets to subnets of {region}",
-    "InvalidSubnet": "set subnet_id or subnets to subnets of {region}",
-    "InvalidGroup.NotFound": "set security_group_ids to groups of the subnets' VPC in {region}",
-    "InvalidSecurityGroupID.NotFound": (
-        "set security_group_ids to groups of the subnets' VPC in {region}"
-    ),
-    "InvalidKeyPair.NotFound": "create or import the key pair in {region}, or set key_name: null",
-    "Unsupported": "the type is not offered there: choose another type or another subnet's zone",
-    "OptInRequired": "the account (or the AMI's Marketplace product) needs a subscription",
-    "PendingVerification": "AWS is still verifying the account; wait, or ask AWS Support",
-    "Blocked": "the account is blocked; ask AWS Support",
-    "DryRunIgnored": (
-        "the EC2 endpoint ignored DryRun (check AWS_ENDPOINT_URL); terminate what it launched"
-    ),
-}
-
 _log = structlog.get_logger("broker.preflight")
-
-
-def redact(text: str) -> str:
-    """`text` on one line, with AWS account ids and encoded authorization messages left out."""
-    text = _ENCODED_MESSAGE.sub(r"\1 (in the log)", text)
-    return " ".join(_ACCOUNT_ID.sub("<account>", text).split())
-
-
-def _detail(text: str) -> str:
-    flat = redact(text)
-    return flat if len(flat) <= MAX_DETAIL else flat[: MAX_DETAIL - 3] + "..."
-
-
-@attrs.frozen
-class Check:
-    """The outcome of one check: a name, ok or not, what was found and, on failure, the fix.
-
-    `detail` and `fix` are kept to one line without account ids whatever they are given.
-    `transient` marks a failure of asking (AWS unreachable, throttled, a 5xx, a timeout) rather
-    than of the setup: starting again later may succeed.
-    """
-
-    name: str
-    ok: bool
-    detail: str = attrs.field(converter=_detail)
-    fix: str = attrs.field(default="", converter=redact)
-    transient: bool = False
-
-    def line(self) -> str:
-        """`ok   NAME: DETAIL` or `FAIL NAME: DETAIL; FIX`."""
-        text = f"{'ok' if self.ok else 'FAIL':<4} {self.name}: {self.detail}"
-        return f"{text}; {self.fix}" if self.fix and not self.ok else text
-
-    def __str__(self) -> str:
-        return self.line()
-
-
-def exit_status(checks: Sequence[Check]) -> int:
-    """0 when every check passed; `EXIT_TEMPFAIL` when only transient ones failed; else
-    `EXIT_CONFIG`."""
-    failed = [check for check in checks if not check.ok]
-    if not failed:
-        return 0
-    return EXIT_TEMPFAIL if all(check.transient for check in failed) else EXIT_CONFIG
-
-
-def failures(checks: Sequence[Check]) -> list[Check]:
-    """The checks that failed, in order."""
-    return [check for check in checks if not check.ok]
 
 
 class ClientFactory(Protocol):
@@ -544,7 +454,7 @@ async def check_launch(context: _Context) -> Check:
     count = f" ({len(refused)} of {len(wanted)} offerings refused)" if len(wanted) > 1 else ""
     if error.unreachable or error.code in _TRANSIENT_CODES:
         return _failure("launch", error)
-    fix = _LAUNCH_FIXES.get(error.code, f"check {_LAUNCH_SETTINGS} against AWS's message")
+    fix = LAUNCH_FIXES.get(error.code, f"check {LAUNCH_SETTINGS} against AWS's message")
     fix = fix.format(region=context.region)
     if error.code == "UnauthorizedOperation":  # AWS's message is ARNs and an encoded blob: logged
         detail = f"UnauthorizedOperation: not allowed to launch {offering}{count}"

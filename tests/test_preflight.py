@@ -22,17 +22,12 @@ from botocore.awsrequest import AWSResponse
 
 from broker.aws import make_client
 from broker.burst import BurstPolicy
+from broker.checks import EXIT_CONFIG, EXIT_TEMPFAIL, Check, exit_status
 from broker.cloud import LaunchSpec, Market
-from broker.config import Config
+from broker.config_validate import Config
 from broker.dynamo import ensure_table
 from broker.ec2 import Ec2Cloud
-from broker.preflight import (
-    EXIT_CONFIG,
-    EXIT_TEMPFAIL,
-    Check,
-    exit_status,
-    run_checks,
-)
+from broker.preflight import run_checks
 from broker.sandbox import MotoHandle, SandboxResources
 from broker.sqs import ensure_events_queue
 from tests.aws_support import closed_loopback_port, ec2_error, ec2_reply
