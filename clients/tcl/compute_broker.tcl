@@ -203,6 +203,9 @@ proc ::compute_broker::cancel {token} {
     if {![info exists S(chan)]} {
         return 0
     }
+    if {![info exists S(cancellable)]} {
+        Usage "cancel: \"$token\" is not a request started with -command"
+    }
     Cancel $token
     return 1
 }
@@ -595,8 +598,11 @@ proc ::compute_broker::Call {opts line command finish {timeout ""}} {
     lassign [Endpoint $opts] host port quick
     if {$timeout eq ""} {set timeout $quick}
     if {[dict exists $opts -command]} {
-        return [Start $host $port $line $timeout $command [list [namespace current]::Deliver \
-            $line $finish [dict get $opts -command]]]
+        set token [Start $host $port $line $timeout $command \
+            [list [namespace current]::Deliver $line $finish [dict get $opts -command]]]
+        # Only these may be cancelled: other requests have a waiter (or a keep-alive).
+        set ${token}(cancellable) 1
+        return $token
     }
     lassign [Wait $host $port $line $timeout $command] code result errorcode
     lassign [Outcome $line $finish $code $result $errorcode] code result errorcode
