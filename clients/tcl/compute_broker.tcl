@@ -1,11 +1,18 @@
 # compute_broker.tcl --
 #
-#   Tcl 8.6 client for the compute-broker wire protocol (see protocol.md at the repository
+#   Tcl 8.6/9 client for the compute-broker wire protocol (see protocol.md at the repository
 #   root). One TCP connection per request, like the seed clients. Every connect and read is
-#   event driven (socket -async, fileevent, after, vwait) and bounded by a timeout, so a dead
-#   or silent broker cannot freeze an experiment.
+#   event driven (socket -async, fileevent, after) and bounded by a timeout, so a dead or
+#   silent broker cannot freeze an experiment.
 #
-#   Errors are raised with -errorcode {COMPUTE_BROKER <TYPE> <detail>}:
+#   Each request command (get_worker ping release status burst help) runs in one of three ways:
+#     - plain: waits in a vwait of its own and returns the result or raises the error;
+#     - in a coroutine (info coroutine non-empty): yields to the event loop instead, so other
+#       events and coroutines run while it waits, then returns or raises the same way;
+#     - with -command cmd: returns a token at once; later, from the event loop, calls
+#       {*}cmd ok result   or   {*}cmd error message errorcode   (at global level).
+#
+#   Errors are raised (or passed to -command) with -errorcode {COMPUTE_BROKER <TYPE> <detail>}:
 #     BROKER_ERROR  the broker answered a line beginning with ERROR (message = that line)
 #     INTERRUPTED   PING found the worker interrupted: {COMPUTE_BROKER INTERRUPTED ip deadline},
 #                   deadline YYYY-MM-DDTHH:MM:SSZ (UTC) or "" when none was given
@@ -14,10 +21,10 @@
 #     PROTOCOL      a reply that does not fit the protocol (e.g. GET_WORKER answered "OK")
 #     USAGE         a bad argument or option given to a proc of this package
 
-package require Tcl 8.6
+package require Tcl 8.6-
 
 namespace eval ::compute_broker {
-    namespace export configure get_worker ping release status burst help \
+    namespace export configure get_worker ping release status burst help cancel \
         with_worker replace_worker interrupted keepalive_start keepalive_stop
 
     variable version 0.1.0
@@ -37,8 +44,16 @@ namespace eval ::compute_broker {
     # A reply line longer than this is refused (protects memory against a garbage server).
     variable maxReply 16777216
 
-    # Counter for unique names: per-call state ::compute_broker::callN (a request) and
-    # ::compute_broker::waitN (a synchronous call's vwait variable), keep-alive keys withN.
+    # BURST's largest n (protocol.md: BURST <n> (1-100)); a larger one is a USAGE error here,
+    # as 0 is, rather than a request the broker refuses.
+    variable maxBurst 100
+
+    # The longest timeout, in ms, that after accepts on every Tcl (about 24.8 days).
+    variable maxTimeout 2147483647
+
+    # Counter for unique names: per-call state ::compute_broker::callN (a request; its name is
+    # the token -command calls return) and ::compute_broker::waitN (a waiting call's state),
+    # keep-alive keys withN.
     variable seq 0
 
     # Keep-alive schedules: key -> dict (see KeepaliveStart).
@@ -84,15 +99,21 @@ proc ::compute_broker::configure {args} {
     return
 }
 
+# Every request command also takes -command cmd (see the top of this file): it then returns
+# a token at once (for compute_broker::cancel) and the result or error goes to the callback.
+# Bad arguments are raised at once either way; the callback is never called before the
+# command has returned.
+
 # compute_broker::get_worker ?-host h? ?-port p? ?-type t? ?-market m? ?-wait s?
-#                            ?-timeout ms? ?-client id?
+#                            ?-timeout ms? ?-client id? ?-command cmd?
 #   Returns the worker's IP. The broker may legitimately take minutes while a worker boots,
 #   so the default timeout is the wait (or 300 s, the broker's default launch_timeout) plus
 #   the quick timeout (configure -timeout, 10 s) as a margin; -timeout ms replaces it.
 proc ::compute_broker::get_worker {args} {
     variable launchTimeout
+    variable maxTimeout
     set opts [ParseOptions get_worker $args \
-        {-host -port -type -market -wait -timeout -client}]
+        {-host -port -type -market -wait -timeout -client -command}]
     set line GET_WORKER
     foreach {opt key} {-type type -market market -wait wait} {
         if {[dict exists $opts $opt]} {
@@ -102,10 +123,7 @@ proc ::compute_broker::get_worker {args} {
         }
     }
     if {[dict exists $opts -wait]} {
-        set wait [dict get $opts -wait]
-        if {![string is double -strict $wait] || $wait <= 0} {
-            Usage "bad -wait \"$wait\": must be a positive number of seconds"
-        }
+        set wait [Seconds -wait [dict get $opts -wait]]
     } else {
         set wait $launchTimeout
     }
@@ -114,24 +132,20 @@ proc ::compute_broker::get_worker {args} {
         set timeout [dict get $opts -timeout]
     } else {
         lassign [Endpoint {}] - - margin
-        set timeout [expr {int(ceil($wait * 1000.0)) + $margin}]
+        # The broker cuts a longer wait down to its launch_timeout: so may this limit.
+        set timeout [expr {min($maxTimeout, int(ceil(min($wait, 1e9) * 1000.0)) + $margin)}]
     }
-    set reply [Call $opts $line GET_WORKER $timeout]
-    if {![regexp {^[0-9A-Fa-f.:]+$} $reply]} {
-        Protocol GET_WORKER $reply
-    }
-    variable interruptions
-    unset -nocomplain interruptions($reply)
-    return $reply
+    Call $opts $line GET_WORKER [namespace current]::WorkerReply $timeout
 }
 
-# compute_broker::ping ip ?-host h? ?-port p? ?-timeout ms? ?-client id?  -> OK
-#   An interrupted worker raises {COMPUTE_BROKER INTERRUPTED ip deadline}.
+# compute_broker::ping ip ?-host h? ?-port p? ?-timeout ms? ?-client id? ?-command cmd?
+#   -> OK. An interrupted worker raises {COMPUTE_BROKER INTERRUPTED ip deadline}.
 proc ::compute_broker::ping {ip args} {
     IpCommand PING $ip $args
 }
 
-# compute_broker::release ip ?-host h? ?-port p? ?-timeout ms? ?-client id?  -> OK
+# compute_broker::release ip ?-host h? ?-port p? ?-timeout ms? ?-client id? ?-command cmd?
+#   -> OK
 proc ::compute_broker::release {ip args} {
     IpCommand RELEASE $ip $args
 }
@@ -152,37 +166,87 @@ proc ::compute_broker::interrupted {ip {deadline_var ""}} {
     return 1
 }
 
-# compute_broker::status ?-host h? ?-port p? ?-timeout ms?  -> the JSON line
+# compute_broker::status ?-host h? ?-port p? ?-timeout ms? ?-command cmd?  -> the JSON line
 proc ::compute_broker::status {args} {
-    set opts [ParseOptions status $args {-host -port -timeout}]
-    set reply [Call $opts STATUS STATUS]
+    set opts [ParseOptions status $args {-host -port -timeout -command}]
+    Call $opts STATUS STATUS [namespace current]::StatusReply
+}
+
+# compute_broker::burst n ?-host h? ?-port p? ?-timeout ms? ?-command cmd?
+#   -> list of instance ids. n is 1-100 (the broker's limit).
+proc ::compute_broker::burst {n args} {
+    variable maxBurst
+    set opts [ParseOptions burst $args {-host -port -timeout -command}]
+    if {![regexp {^0*([0-9]{1,3})$} $n -> digits] || [scan $digits %d count] != 1
+            || $count < 1 || $count > $maxBurst} {
+        Usage "bad count \"$n\": must be a whole number from 1 to $maxBurst"
+    }
+    Call $opts "BURST $count" BURST [namespace current]::BurstReply
+}
+
+# compute_broker::help ?-host h? ?-port p? ?-timeout ms? ?-command cmd?
+#   -> "commands: ..." (OK stripped)
+proc ::compute_broker::help {args} {
+    set opts [ParseOptions help $args {-host -port -timeout -command}]
+    Call $opts HELP HELP [namespace current]::HelpReply
+}
+
+# compute_broker::cancel token  -> 1 if the request was abandoned, 0 if it had already ended
+#   Abandons a request started with -command: its callback is not called. Its connection is
+#   closed; a GET_WORKER the broker has already answered may leave a lease behind, which
+#   expires after the broker's idle_timeout.
+proc ::compute_broker::cancel {token} {
+    if {![regexp {^::compute_broker::call[0-9]+$} $token]} {
+        Usage "cancel: \"$token\" is not a token of a compute_broker request"
+    }
+    upvar #0 $token S
+    if {![info exists S(chan)]} {
+        return 0
+    }
+    if {![info exists S(cancellable)]} {
+        Usage "cancel: \"$token\" is not a request started with -command"
+    }
+    Cancel $token
+    return 1
+}
+
+# Reply checkers: each gets the reply line (not an ERROR one) and returns the command's result
+# or raises the error it stands for.
+proc ::compute_broker::WorkerReply {reply} {
+    variable interruptions
+    if {![regexp {^[0-9A-Fa-f.:]+$} $reply]} {
+        Protocol GET_WORKER $reply
+    }
+    unset -nocomplain interruptions($reply)
+    return $reply
+}
+
+proc ::compute_broker::OkReply {command reply} {
+    if {![regexp {^OK(\s|$)} $reply]} {
+        Protocol $command $reply
+    }
+    return $reply
+}
+
+proc ::compute_broker::StatusReply {reply} {
     if {[string index $reply 0] ne "\{"} {
         Protocol STATUS $reply
     }
     return $reply
 }
 
-# compute_broker::burst n ?-host h? ?-port p? ?-timeout ms?  -> list of instance ids
-proc ::compute_broker::burst {n args} {
-    set opts [ParseOptions burst $args {-host -port -timeout}]
-    if {![string is integer -strict $n] || $n < 1} {
-        Usage "bad count \"$n\": must be a positive integer"
-    }
-    set reply [Call $opts "BURST $n" BURST]
+proc ::compute_broker::BurstReply {reply} {
     if {![regexp {^OK[ \t]+([0-9]+)((?:[ \t]+\S+)*)[ \t]*$} $reply -> count ids]} {
         Protocol BURST $reply
     }
     set ids [regexp -all -inline {\S+} $ids]
-    if {[llength $ids] != $count} {
+    if {[scan $count %d count] != 1 || [llength $ids] != $count} {
         Protocol BURST $reply
     }
     return $ids
 }
 
-# compute_broker::help ?-host h? ?-port p? ?-timeout ms?  -> "commands: ..." (OK stripped)
-proc ::compute_broker::help {args} {
-    set opts [ParseOptions help $args {-host -port -timeout}]
-    set reply [Call $opts HELP HELP]
+proc ::compute_broker::HelpReply {reply} {
     if {![regexp {^OK(?:[ \t]+(.*))?$} $reply -> text]} {
         Protocol HELP $reply
     }
@@ -407,6 +471,12 @@ proc ::compute_broker::ParseOptions {cmd arglist allowed} {
     if {[dict exists $opts -interval]} {
         CheckMs -interval [dict get $opts -interval]
     }
+    if {[dict exists $opts -command]} {
+        set command [dict get $opts -command]
+        if {[catch {llength $command} words] || $words == 0} {
+            Usage "bad -command \"$command\": must be a command prefix (a non-empty list)"
+        }
+    }
     return $opts
 }
 
@@ -425,9 +495,20 @@ proc ::compute_broker::CheckPort {value} {
 }
 
 proc ::compute_broker::CheckMs {what value} {
-    if {![string is integer -strict $value] || $value < 1} {
-        Usage "bad $what \"$value\": must be a positive number of milliseconds"
+    variable maxTimeout
+    if {![string is integer -strict $value] || $value < 1 || $value > $maxTimeout} {
+        Usage "bad $what \"$value\": must be a whole number of milliseconds from 1 to\
+            $maxTimeout"
     }
+}
+
+# A number of seconds as the broker reads it (a decimal number > 0, finite) -> a double.
+proc ::compute_broker::Seconds {what value} {
+    if {![regexp {^(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][-+]?[0-9]+)?$} $value]
+            || [scan $value %g seconds] != 1 || !($seconds > 0) || !($seconds < Inf)} {
+        Usage "bad $what \"$value\": must be a positive number of seconds"
+    }
+    return $seconds
 }
 
 proc ::compute_broker::CheckClient {value {what -client}} {
@@ -509,24 +590,60 @@ set ::compute_broker::randomClient [::compute_broker::NewClientId]
 # Requests: one connection per request, event driven, bounded by a timeout
 # ---------------------------------------------------------------------------------------
 
-# Sends line, returns the reply line; raises the error an ERROR reply stands for.
-proc ::compute_broker::Call {opts line command {timeout ""}} {
+# Sends line and returns its result, or starts it and returns its token (-command in opts);
+# see the top of this file. finish is a command prefix called with the reply line (unless it
+# is an ERROR line, which CheckReply turns into its error) that returns the command's result
+# or raises its error. timeout defaults to the quick one (configure -timeout).
+proc ::compute_broker::Call {opts line command finish {timeout ""}} {
     lassign [Endpoint $opts] host port quick
     if {$timeout eq ""} {set timeout $quick}
-    set reply [Request $host $port $line $timeout $command]
-    CheckReply $line $reply
-    return $reply
+    if {[dict exists $opts -command]} {
+        set token [Start $host $port $line $timeout $command \
+            [list [namespace current]::Deliver $line $finish [dict get $opts -command]]]
+        # Only these may be cancelled: other requests have a waiter (or a keep-alive).
+        set ${token}(cancellable) 1
+        return $token
+    }
+    lassign [Wait $host $port $line $timeout $command] code result errorcode
+    lassign [Outcome $line $finish $code $result $errorcode] code result errorcode
+    if {$code ne "ok"} {
+        return -code error -errorcode $errorcode $result
+    }
+    return $result
 }
 
 # PING or RELEASE: "COMMAND ip ?client=ID?", whose success reply is OK.
 proc ::compute_broker::IpCommand {command ip arglist} {
-    set opts [ParseOptions [string tolower $command] $arglist {-host -port -timeout -client}]
+    set opts [ParseOptions [string tolower $command] $arglist \
+        {-host -port -timeout -client -command}]
     CheckWord ip $ip
-    set reply [Call $opts "$command $ip[ClientArg $opts]" $command]
-    if {![regexp {^OK(\s|$)} $reply]} {
-        Protocol $command $reply
+    Call $opts "$command $ip[ClientArg $opts]" $command \
+        [list [namespace current]::OkReply $command]
+}
+
+# What a finished request amounts to, as the arguments of a -command callback:
+# {ok result} or {error message errorcode}.
+proc ::compute_broker::Outcome {line finish code result errorcode} {
+    if {$code ne "ok"} {
+        return [list error $result $errorcode]
     }
-    return $reply
+    if {[catch {Finished $line $finish $result} value opts]} {
+        set errorcode {COMPUTE_BROKER PROTOCOL {}}
+        if {[dict exists $opts -errorcode]} {set errorcode [dict get $opts -errorcode]}
+        return [list error $value $errorcode]
+    }
+    return [list ok $value]
+}
+
+proc ::compute_broker::Finished {line finish reply} {
+    CheckReply $line $reply
+    return [{*}$finish $reply]
+}
+
+# A -command request has finished: the callback gets its outcome, at global level (an error
+# it raises goes to bgerror, from Finish).
+proc ::compute_broker::Deliver {line finish callback code result errorcode} {
+    uplevel #0 [list {*}$callback {*}[Outcome $line $finish $code $result $errorcode]]
 }
 
 # Raises (in the caller) the error a reply to the request line stands for, if any:
@@ -584,23 +701,60 @@ proc ::compute_broker::IsoUtc {text} {
     return [clock format $seconds -format {%Y-%m-%dT%H:%M:%SZ} -gmt 1]
 }
 
-# Synchronous request: starts it and enters the event loop (vwait) until it completes.
-# Each call waits on its own variable, so calls may nest (e.g. from event handlers).
-proc ::compute_broker::Request {host port line timeout command} {
+# Runs a request and waits for it: returns {code result errorcode} as Start's callback gets
+# them. In a coroutine it yields to the event loop until the reply (or the timeout) resumes
+# it, so other events and coroutines run meanwhile; anywhere else, and in a coroutine that
+# cannot yield (an event handler run by a vwait or update inside one), it waits in a vwait of
+# its own, so calls may nest (e.g. from event handlers). If the coroutine is deleted while it
+# waits, the request is abandoned.
+proc ::compute_broker::Wait {host port line timeout command} {
     variable seq
     set var [namespace current]::wait[incr seq]
-    Start $host $port $line $timeout $command [list [namespace current]::SetResult $var]
-    vwait $var
-    lassign [set $var] code result errorcode
-    unset $var
-    if {$code ne "ok"} {
-        return -code error -errorcode $errorcode $result
+    upvar #0 $var W
+    set W(coro) [info coroutine]
+    set W(token) [Start $host $port $line $timeout $command \
+        [list [namespace current]::Wake $var]]
+    if {$W(coro) ne ""} {
+        set trace [list [namespace current]::CoroutineTrace $var]
+        trace add command $W(coro) {rename delete} $trace
+        # Whoever else resumes the coroutine meanwhile gets "" and it goes back to waiting.
+        while {![info exists W(outcome)]} {
+            if {[catch {yield}]} {
+                # "cannot yield: C stack busy": wait in a vwait instead.
+                set W(coro) ""
+                break
+            }
+        }
+        trace remove command [info coroutine] {rename delete} $trace
     }
-    return $result
+    if {![info exists W(outcome)]} {
+        vwait ${var}(outcome)
+    }
+    set outcome $W(outcome)
+    unset W
+    return $outcome
 }
 
-proc ::compute_broker::SetResult {var code result errorcode} {
-    set $var [list $code $result $errorcode]
+# Start's callback for Wait: records the outcome and resumes the waiting coroutine, if any.
+proc ::compute_broker::Wake {var code result errorcode} {
+    upvar #0 $var W
+    if {![info exists W(token)]} return
+    set W(outcome) [list $code $result $errorcode]
+    if {$W(coro) ne ""} {
+        $W(coro)
+    }
+}
+
+# Command trace on a waiting coroutine: follows a rename; a deletion abandons the request.
+proc ::compute_broker::CoroutineTrace {var old new op} {
+    upvar #0 $var W
+    if {![info exists W(token)]} return
+    if {$op eq "rename" && $new ne ""} {
+        set W(coro) $new
+        return
+    }
+    Cancel $W(token)
+    unset W
 }
 
 # Asynchronous request. Returns a token; later, from the event loop, calls
@@ -621,6 +775,10 @@ proc ::compute_broker::Start {host port line timeout command callback} {
     }
     set S(chan) $chan
     fconfigure $chan -blocking 0 -translation lf -encoding utf-8 -buffering full
+    # Tcl 9 reads strictly by default: a reply that is not valid UTF-8 would be a read error
+    # there. Decode it as Tcl 8.6 does, leniently (the reply checks then judge it); Tcl 8.6
+    # has no -profile.
+    catch {fconfigure $chan -profile replace}
     fileevent $chan writable [list [namespace current]::Connected $token]
     return $token
 }

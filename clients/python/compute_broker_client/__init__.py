@@ -27,6 +27,7 @@ import json
 import logging
 import math
 import os
+import random
 import re
 import secrets
 import socket
@@ -40,6 +41,7 @@ __all__ = [
     "DEFAULT_KEEPALIVE",
     "DEFAULT_LAUNCH_TIMEOUT",
     "DEFAULT_PORT",
+    "MAX_BURST",
     "BrokerClient",
     "BrokerError",
     "BrokerProtocolError",
@@ -63,8 +65,11 @@ DEFAULT_KEEPALIVE = 60.0
 """Seconds between keepalive PINGs in `BrokerClient.worker` (the broker's idle timeout: 900 s)."""
 MAX_REPLY_BYTES = 16 * 1024 * 1024
 """A reply line longer than this is a protocol error (a STATUS of a big pool is well below)."""
+MAX_BURST = 100
+"""The largest `n` of BURST (protocol.md: `BURST <n>`, n from 1 to 100)."""
 
 _MAX_BACKOFF = 30.0
+_MAX_DOUBLINGS = 32  # 2**32 * any sane retry_backoff is far past _MAX_BACKOFF
 _CLIENT_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}\Z")
 _WORD = re.compile(r"[\x21-\x7e]+\Z")  # printable ASCII, no blanks: one protocol word
 
@@ -158,7 +163,11 @@ class BrokerClient:
     `timeout` bounds connecting and every reply except GET_WORKER's, which waits for a worker
     to boot: its reply may take `wait` seconds (or `launch_timeout`, the broker's default of
     300 s, when no `wait` is given) plus `timeout` as a margin. A refused connection is retried
-    `connect_retries` times, after `retry_backoff` seconds doubling each time.
+    `connect_retries` times. Retry n (from 0) waits a random time between 0 and
+    `retry_backoff * 2**n` seconds (at most 30): "full jitter", so that the instruments a broker
+    restart turned away do not all come back at the same instant. The draws come from `rng`
+    (default: a `random.Random` of the client's own, seeded by the OS, so the retries never
+    draw from, nor disturb, the global `random` generator an experiment may have seeded).
 
     `client_id` is sent as `client=ID` on GET_WORKER, PING and RELEASE so that programs on one
     host hold separate leases. It defaults to `COMPUTE_BROKER_CLIENT_ID`, else a random id per
@@ -176,6 +185,7 @@ class BrokerClient:
         client_id: str | None = None,
         *,
         launch_timeout: float = DEFAULT_LAUNCH_TIMEOUT,
+        rng: random.Random | None = None,
     ) -> None:
         self.host = host or os.environ.get("COMPUTE_BROKER_HOST") or DEFAULT_HOST
         self.port = _port(port)
@@ -189,6 +199,7 @@ class BrokerClient:
         if not (isinstance(retry_backoff, (int, float)) and 0 <= retry_backoff < math.inf):
             raise ValueError(f"retry_backoff must be a number >= 0, not {retry_backoff!r}")
         self.retry_backoff = float(retry_backoff)
+        self._rng = rng if rng is not None else random.Random()
         if client_id is None:
             client_id = os.environ.get("COMPUTE_BROKER_CLIENT_ID") or default_client_id()
         if client_id and not _CLIENT_ID.match(client_id):
@@ -240,9 +251,9 @@ class BrokerClient:
         return value
 
     def burst(self, n: int) -> list[str]:
-        """Launch up to `n` workers now without waiting for them; the new instance ids."""
-        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-            raise ValueError(f"n must be a positive int, not {n!r}")
+        """Launch up to `n` (1-100) workers now without waiting for them; the new instance ids."""
+        if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_BURST:
+            raise ValueError(f"n must be an int from 1 to {MAX_BURST}, not {n!r}")
         line = self._request(f"BURST {n}")
         words = line.split()
         if len(words) < 2 or words[0] != "OK" or not words[1].isdigit():
@@ -321,6 +332,16 @@ class BrokerClient:
         words = ["RELEASE", _word("ip", ip), *_client_words(client_id)]
         _expect_ok("RELEASE", self._request(" ".join(words)))
 
+    def _retry_delay(self, attempt: int) -> float:
+        """Seconds to wait before retry `attempt` (0 for the first) of a refused connection.
+
+        Full jitter: a uniform draw from [0, min(retry_backoff * 2**attempt, 30 s)]. Among the
+        usual schemes it spreads simultaneous clients the most, and each delay has a fixed
+        bound, so the longest a call can spend retrying is still the plain backoff's sum.
+        """
+        ceiling = min(self.retry_backoff * 2.0 ** min(attempt, _MAX_DOUBLINGS), _MAX_BACKOFF)
+        return self._rng.uniform(0.0, ceiling)
+
     def _lease_id(self) -> str:
         if not self.client_id:
             return ""
@@ -367,7 +388,7 @@ class BrokerClient:
                     raise BrokerUnavailable(
                         f"broker at {where} refused the connection ({attempt + 1} attempts)"
                     ) from exc
-                time.sleep(min(self.retry_backoff * 2**attempt, _MAX_BACKOFF))
+                time.sleep(self._retry_delay(attempt))
                 attempt += 1
             except OSError as exc:
                 raise BrokerUnavailable(f"cannot connect to broker at {where}: {exc}") from exc

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -78,28 +79,102 @@ def test_nonsense_reply_exits_1(stub: StubBroker) -> None:
 
 
 @pytest.mark.parametrize(
-    "args",
+    ("args", "complaint"),
     [
-        [],
-        ["frob"],
-        ["burst"],
-        ["burst", "many"],
-        ["ping"],
-        ["get", "--wait", "soon"],
-        ["get", "--type", "c7i large"],
-        ["get", "--wait", "0"],
-        ["--port", "70000", "status"],
-        ["--timeout", "0", "status"],
-        ["--client-id", "bad id", "status"],
+        ([], "a command is required"),
+        (["frob"], "argument COMMAND: invalid choice: 'frob'"),
+        (["burst"], "the following arguments are required: N"),
+        (["ping"], "the following arguments are required: ip"),
+        # burst N: the broker's range, 1-100, whatever side it is missed on
+        (["burst", "0"], "argument N: must be a whole number from 1 to 100, not '0'"),
+        (["burst", "101"], "argument N: must be a whole number from 1 to 100, not '101'"),
+        (["burst", "1000"], "argument N: must be a whole number from 1 to 100, not '1000'"),
+        (["burst", "-1"], "argument N: must be a whole number from 1 to 100, not '-1'"),
+        (["burst", "1.5"], "argument N: must be a whole number from 1 to 100, not '1.5'"),
+        (["burst", "many"], "argument N: must be a whole number from 1 to 100, not 'many'"),
+        # seconds: --wait as the broker reads wait=, --timeout likewise
+        (["get", "--wait", "0"], "argument --wait: must be a number of seconds > 0, not '0'"),
+        (["get", "--wait", "-5"], "argument --wait: must be a number of seconds > 0, not '-5'"),
+        (["get", "--wait", "nan"], "argument --wait: must be a number of seconds > 0"),
+        (["get", "--wait", "inf"], "argument --wait: must be a number of seconds > 0"),
+        (["get", "--wait", "soon"], "argument --wait: must be a number of seconds > 0"),
+        (["--timeout", "0", "status"], "argument --timeout: must be a number of seconds > 0"),
+        (["--timeout", "inf", "status"], "argument --timeout: must be a number of seconds > 0"),
+        # ports and counts
+        (["--port", "0", "status"], "argument --port: must be a port number from 1 to 65535"),
+        (["--port", "70000", "status"], "argument --port: must be a port number from 1 to"),
+        (["--port", "http", "status"], "argument --port: must be a port number from 1 to"),
+        (["--retries", "-1", "status"], "argument --retries: must be a whole number >= 0"),
+        # words the broker would refuse with ERROR: usage
+        (["get", "--type", "c7i large"], "argument --type: must be an EC2 instance type"),
+        (["get", "--type", "C7I.LARGE"], "argument --type: must be an EC2 instance type"),
+        (["get", "--market", "moon"], "argument --market: must be spot or on-demand"),
+        (["ping", "1.2.3"], "argument ip: must be an IP address, not '1.2.3'"),
+        (["ping", "worker-7.lab"], "argument ip: must be an IP address"),
+        (["release", "10.0.0.1 client=x"], "argument ip: must be an IP address"),
+        (["--client-id", "bad id", "status"], "argument --client-id: must be 1-64 characters"),
+        (["--client-id", "x" * 65, "status"], "argument --client-id: must be 1-64 characters"),
     ],
 )
-def test_usage_errors_exit_2(stub: StubBroker, args: list[str]) -> None:
-    """Bad usage exits 2 with a message on stderr and sends nothing."""
+def test_usage_errors_exit_2(stub: StubBroker, args: list[str], complaint: str) -> None:
+    """Bad usage exits 2 with argparse's usage and `error: <complaint>`, and sends nothing."""
     port_args = [] if "--port" in args else ["--port", str(stub.port)]
     result = run_cli("--host", stub.host, *port_args, *args)
     assert result.returncode == 2
-    assert result.stderr
+    assert result.stdout == ""
+    assert result.stderr.startswith("usage: compute-broker-client ")
+    last = result.stderr.rstrip("\n").splitlines()[-1]
+    # argparse names the subcommand too: `compute-broker-client burst: error: ...`
+    assert re.match(r"compute-broker-client( [a-z]+)?: error: ", last), result.stderr
+    assert last.split(": error: ", 1)[1].startswith(complaint), result.stderr
     assert stub.lines == []
+
+
+def test_burst_0_and_1000_are_refused_alike(stub: StubBroker) -> None:
+    """`burst 0` and `burst 1000` give the same exit code and the same message, bar the value:
+    neither reaches the broker (whose own answer to 1000 would be an ERROR, exit 1)."""
+    low, high = (run_cli(*_at(stub), "burst", n) for n in ("0", "1000"))
+    assert (low.returncode, high.returncode) == (2, 2)
+    assert low.stderr.replace("'0'", "'N'") == high.stderr.replace("'1000'", "'N'")
+    assert stub.lines == []
+
+
+@pytest.mark.parametrize(
+    ("args", "request_line"),
+    [
+        (["burst", "1"], "BURST 1"),
+        (["burst", "100"], "BURST 100"),
+        (["burst", "007"], "BURST 7"),
+        (["get", "--market", "SPOT"], "GET_WORKER market=spot"),
+        (["get", "--wait", "0.5"], "GET_WORKER wait=0.5"),
+        (["get", "--wait", "1e3"], "GET_WORKER wait=1000"),
+        (["ping", "::1"], "PING ::1"),
+        (["--client-id", "", "release", "127.77.0.9"], "RELEASE 127.77.0.9"),
+    ],
+)
+def test_values_at_the_limits_are_sent(
+    stub: StubBroker, args: list[str], request_line: str
+) -> None:
+    """Values the broker accepts pass the checks, in the form the broker reads them."""
+    result = run_cli(*_at(stub), *args)
+    assert result.returncode in (0, 1), result.stderr  # 1: the stub's `Worker not found`
+    assert stub.lines == [request_line]
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [
+        ("COMPUTE_BROKER_PORT", "nine"),
+        ("COMPUTE_BROKER_PORT", "0"),
+        ("COMPUTE_BROKER_CLIENT_ID", "rig 7"),
+    ],
+)
+def test_bad_environment_values_exit_2(variable: str, value: str) -> None:
+    """A bad $COMPUTE_BROKER_PORT or $COMPUTE_BROKER_CLIENT_ID is a usage error naming it."""
+    result = run_cli("--host", "127.0.0.1", "help", env=cli_env(**{variable: value}))
+    assert result.returncode == 2
+    last = result.stderr.rstrip("\n").splitlines()[-1]
+    assert last.startswith(f"compute-broker-client: error: ${variable} must be "), result.stderr
 
 
 def test_refused_connection_exits_3(refused_port: int) -> None:

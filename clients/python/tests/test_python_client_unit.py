@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import random
 import socket
 import threading
 import time
@@ -70,6 +71,13 @@ def test_burst_returns_instance_ids(stub: StubBroker, stub_client: BrokerClient)
     assert stub.lines == ["BURST 2"]
 
 
+def test_burst_accepts_1_to_max_burst(stub: StubBroker, stub_client: BrokerClient) -> None:
+    """burst() sends any n from 1 to MAX_BURST (100, the broker's limit) as it is."""
+    stub_client.burst(1)
+    stub_client.burst(compute_broker_client.MAX_BURST)
+    assert stub.lines == ["BURST 1", "BURST 100"]
+
+
 def test_help_returns_the_reply_line(stub: StubBroker, stub_client: BrokerClient) -> None:
     """help() returns the broker's HELP line as it is."""
     assert stub_client.help() == STUB_HELP
@@ -130,6 +138,8 @@ def test_reply_split_across_packets_is_joined() -> None:
         lambda c: c.ping("127.77.0.9 client=someone-else"),
         lambda c: c.release(""),
         lambda c: c.burst(0),
+        lambda c: c.burst(101),
+        lambda c: c.burst(1000),
         lambda c: c.burst(True),
         lambda c: c.burst("3"),
         lambda c: c.worker(keepalive=-1).__enter__(),
@@ -303,23 +313,70 @@ def test_slow_get_worker_within_wait_succeeds(stub: StubBroker) -> None:
     assert client.get_worker(wait=10) == STUB_IP
 
 
+class _RecordingRandom(random.Random):
+    """A random source that records the bounds asked of `uniform` and answers `fraction` of
+    the way from the low one to the high one (1.0: the bound itself)."""
+
+    def __init__(self, fraction: float = 1.0) -> None:
+        super().__init__(0)
+        self.fraction = fraction
+        self.bounds: list[tuple[float, float]] = []
+
+    def uniform(self, a: float, b: float) -> float:
+        self.bounds.append((a, b))
+        return a + (b - a) * self.fraction
+
+
 def test_refused_connection_is_retried_with_backoff_then_unavailable(
     refused_port: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A refused connection is retried connect_retries times, backoff doubling, then raises."""
+    """A refused connection is retried connect_retries times, each delay drawn between 0 and
+    a doubling ceiling, then raises."""
     delays: list[float] = []
     monkeypatch.setattr(time, "sleep", delays.append)
     attempts = _count_connects(monkeypatch)
-    client = BrokerClient("127.0.0.1", refused_port, connect_retries=3, retry_backoff=0.5)
+    rng = _RecordingRandom(fraction=0.25)
+    client = BrokerClient("127.0.0.1", refused_port, connect_retries=3, retry_backoff=0.5, rng=rng)
     with pytest.raises(BrokerUnavailable, match="refused"):
         client.status()
     assert len(attempts) == 4
-    assert delays == [0.5, 1.0, 2.0]
+    assert rng.bounds == [(0.0, 0.5), (0.0, 1.0), (0.0, 2.0)]
+    assert delays == [0.125, 0.25, 0.5]
+
+
+def test_retry_delays_are_jittered_within_their_ceilings() -> None:
+    """Full jitter: retry n waits a random time in [0, min(backoff * 2**n, 30)]; the delays
+    differ from draw to draw and cover the range, not one fixed value."""
+    client = BrokerClient("127.0.0.1", 9000, retry_backoff=0.5, rng=random.Random(20261129))
+    for attempt, ceiling in [(0, 0.5), (1, 1.0), (2, 2.0), (5, 16.0), (6, 30.0), (400, 30.0)]:
+        delays = [client._retry_delay(attempt) for _ in range(200)]
+        assert all(0.0 <= delay <= ceiling for delay in delays), (attempt, delays)
+        assert len(set(delays)) == len(delays), attempt
+        assert min(delays) < ceiling * 0.1 and max(delays) > ceiling * 0.9, attempt
+
+
+def test_retry_jitter_leaves_the_global_random_alone(
+    refused_port: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """By default the jitter draws from a generator of the client's own: an experiment's
+    `random.seed` sequence is not disturbed, and two clients do not retry in lockstep."""
+    monkeypatch.setattr(time, "sleep", lambda seconds: None)
+    first = BrokerClient("127.0.0.1", refused_port, connect_retries=2)
+    second = BrokerClient("127.0.0.1", refused_port, connect_retries=2)
+    random.seed(1234)
+    expected = random.random()
+    random.seed(1234)
+    with pytest.raises(BrokerUnavailable):
+        first.help()
+    assert expected == random.random()
+    assert [first._retry_delay(3) for _ in range(5)] != [second._retry_delay(3) for _ in range(5)]
 
 
 def test_refused_connection_really_waits_and_gives_up(refused_port: int) -> None:
     """With real sleeps, a closed port gives BrokerUnavailable after the short backoff."""
-    client = BrokerClient("127.0.0.1", refused_port, connect_retries=2, retry_backoff=0.05)
+    client = BrokerClient(
+        "127.0.0.1", refused_port, connect_retries=2, retry_backoff=0.05, rng=_RecordingRandom()
+    )
     started = time.monotonic()
     with pytest.raises(BrokerUnavailable):
         client.help()

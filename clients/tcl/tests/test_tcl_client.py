@@ -5,8 +5,10 @@ Starts `python -m broker serve --sandbox` on a free loopback port, then
   pointing at it, and fails with tcltest's output when any Tcl test fails;
 - runs the seed guide's Tcl snippet (request a worker, release it) verbatim against it.
 
-Without tclsh the tests are skipped, except in CI (the CI environment variable is set), where
-.ci/run installs tclsh and its absence is a failure.
+Each test runs once per Tcl: `tclsh` (Tcl 8.6 on Debian 12) and a Tcl 9 shell (`tclsh9.0`,
+Debian 13's package tcl9.0) when one is installed. Without tclsh the tests are skipped, except
+in CI (the CI environment variable is set), where .ci/run installs tclsh and its absence is a
+failure; without a Tcl 9 shell the Tcl 9 runs are skipped, in CI too (Debian 12 has none).
 """
 
 from __future__ import annotations
@@ -33,12 +35,11 @@ TESTS_DIR = Path(__file__).resolve().parent
 TCL_DIR = TESTS_DIR.parent
 REPO_ROOT = TCL_DIR.parent.parent
 TCLSH = shutil.which("tclsh")
+# A Tcl 9 shell, by the names its packages install (Debian 13: tcl9.0 -> /usr/bin/tclsh9.0).
+TCLSH9_NAMES = ("tclsh9.0", "tclsh9.1", "tclsh9")
+TCLSH9 = next((path for path in map(shutil.which, TCLSH9_NAMES) if path), None)
+TCL9_PACKAGE = "tcl9.0"
 IN_CI = bool(os.environ.get("CI"))
-
-pytestmark = pytest.mark.skipif(
-    TCLSH is None and not IN_CI,
-    reason="tclsh not found (install Tcl 8.6, e.g. apt-get install tcl); in CI it is required",
-)
 
 BROKER_CONFIG = """\
 sandbox_boot_time: 0.5
@@ -100,11 +101,36 @@ class LiveBroker:
         return reply.decode().rstrip("\r\n")
 
 
-@pytest.fixture(scope="module")
-def tclsh() -> str:
-    if TCLSH is None:
-        pytest.fail("tclsh is not installed, and CI is set: .ci/run should have installed it")
-    return TCLSH
+@pytest.fixture(scope="module", params=["tcl", "tcl9"])
+def tclsh(request: pytest.FixtureRequest) -> str:
+    """The Tcl shell to run: the default tclsh, then a Tcl 9 one (each checked for its major
+    version, so that the Tcl 9 run cannot silently be a Tcl 8 one)."""
+    if request.param == "tcl":
+        if TCLSH is None:
+            if IN_CI:
+                pytest.fail("tclsh is not installed, and CI is set: .ci/run should install it")
+            pytest.skip("tclsh not found (install Tcl 8.6, e.g. apt-get install tcl)")
+        return TCLSH
+    if TCLSH9 is None:
+        pytest.skip(
+            f"no Tcl 9 shell ({', '.join(TCLSH9_NAMES)}) on this machine: "
+            f"apt-get install {TCL9_PACKAGE} (Debian 13 and later; Debian 12 has no Tcl 9)"
+        )
+    version = _tcl_version(TCLSH9)
+    assert version.startswith("9."), f"{TCLSH9} is Tcl {version}, not Tcl 9"
+    return TCLSH9
+
+
+def _tcl_version(tclsh: str) -> str:
+    result = subprocess.run(
+        [tclsh],
+        input="puts [info patchlevel]\n",
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    )
+    return result.stdout.strip()
 
 
 @pytest.fixture(scope="module")
