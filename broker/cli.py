@@ -2,6 +2,7 @@
 
 compute-broker serve [--config FILE] [--sandbox] [--host H] [--port P]
 compute-broker check-config FILE
+compute-broker check [--config FILE]
 compute-broker setup [--config FILE]
 compute-broker agent --name NAME --ip IP [--config FILE]
 compute-broker stop-all [--config FILE] [--dry-run]
@@ -11,6 +12,8 @@ compute-broker config-reference | sample-config
 from __future__ import annotations
 
 import argparse
+import errno
+import functools
 import os
 import signal
 import sys
@@ -22,6 +25,7 @@ import trio
 
 from broker import __version__
 from broker.aws import make_client
+from broker.checks import EXIT_CONFIG, EXIT_TEMPFAIL, exit_status, failures
 from broker.clock import Clock
 from broker.cloud import CloudError, LaunchSpec, Market
 from broker.config_docs import reference_markdown, sample_yaml
@@ -39,7 +43,10 @@ from broker.sdnotify import notify
 from broker.server import Server, ServerSettings
 from broker.sqs import SqsEventQueue, SqsQueue, ensure_events_queue
 
-EXIT_CONFIG = 2
+# Exit statuses: EXIT_CONFIG (78, EX_CONFIG) for a config or setup that starting again will not
+# fix (the unit's RestartPreventExitStatus= names it); EXIT_TEMPFAIL (75) for AWS that could not
+# be asked at start; 1 for anything else (systemd restarts it).
+__all__ = ["EXIT_CONFIG", "EXIT_TEMPFAIL", "build_engine", "build_registry", "main"]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -48,7 +55,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()
-        return EXIT_CONFIG
+        return 2  # a usage error, as argparse's own
     command = _COMMANDS[args.command]
     return command(args)
 
@@ -72,6 +79,13 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("file")
     check.add_argument(
         "--aws", action="store_true", help="also require what serving against AWS needs (ami_id)"
+    )
+    preflight = sub.add_parser(
+        "check", help="check what serving needs from AWS, one ok/FAIL line each (docs/preflight.md)"
+    )
+    preflight.add_argument("--config", help="YAML config file (default: built-in defaults)")
+    preflight.add_argument(
+        "--sandbox", action="store_true", help="check against the embedded moto cloud"
     )
     setup = sub.add_parser("setup", help="create the DynamoDB registry table (idempotent)")
     setup.add_argument("--config", help="YAML config file (default: built-in defaults)")
@@ -108,6 +122,24 @@ def _check_config(args: argparse.Namespace) -> int:
         return EXIT_CONFIG
     print(f"{args.file}: ok ({len(attrs.asdict(config))} keys)")
     return 0
+
+
+def _check(args: argparse.Namespace) -> int:
+    """Run the start-up checks `serve` runs, print one line each; 0, 75 or 78."""
+    from broker.preflight import run_checks
+
+    try:
+        config = _load(args.config)
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return EXIT_CONFIG
+    configure_logging(config.log_format, "warning")
+    if args.sandbox:
+        config = _start_sandbox(config)
+    checks = trio.run(functools.partial(run_checks, config, config_path=args.config))
+    for check in checks:
+        print(check.line())
+    return exit_status(checks)
 
 
 def _setup(args: argparse.Namespace) -> int:
@@ -236,8 +268,7 @@ def _serve(args: argparse.Namespace) -> int:
     configure_logging(config.log_format, config.log_level)
     if args.sandbox:
         config = _start_sandbox(config)
-    trio.run(_run, config)
-    return 0
+    return trio.run(_run, config, args.config)
 
 
 def _start_sandbox(config: Config) -> Config:
@@ -348,8 +379,38 @@ def build_engine(config: Config, clock: Clock) -> Engine:
     )
 
 
-async def _run(config: Config) -> None:
+async def _preflight(config: Config, config_path: str | None) -> int:
+    """The start-up checks; on failure each failed one as one line on stderr. The exit status."""
+    from broker.preflight import run_checks
+
+    checks = await run_checks(config, config_path=config_path)
+    for check in failures(checks):
+        print(check.line(), file=sys.stderr)
+    return exit_status(checks)
+
+
+async def _listen(config: Config) -> list[trio.SocketListener] | int:
+    """The listening sockets, or (one line on stderr) the exit status when they cannot be had:
+    1 if the port is taken (it may free up: systemd retries), else EXIT_CONFIG."""
+    host, port = config.listen_host, config.listen_port
+    try:
+        return await trio.open_tcp_listeners(port, host=host)
+    except OSError as exc:
+        reason = exc.strerror or str(exc)
+        print(f"cannot listen on {host}:{port}: {reason}", file=sys.stderr)
+        return 1 if exc.errno == errno.EADDRINUSE else EXIT_CONFIG
+
+
+async def _run(config: Config, config_path: str | None = None) -> int:
     log = structlog.get_logger("broker")
+    status = await _preflight(config, config_path)
+    if status:
+        log.error("broker.not_started", reason="preflight", exit_status=status)
+        return status
+    listeners = await _listen(config)
+    if isinstance(listeners, int):
+        log.error("broker.not_started", reason="listen", exit_status=listeners)
+        return listeners
     engine = build_engine(config, Clock())
     server = Server(
         engine,
@@ -363,7 +424,7 @@ async def _run(config: Config) -> None:
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async with trio.open_nursery() as nursery:
             await nursery.start(engine.run)
-            listeners = await nursery.start(server.run)
+            await nursery.start(functools.partial(server.run, listeners=listeners))
             host, port = listeners[0].socket.getsockname()[:2]
             print(f"listening on {host}:{port}", flush=True)
             notify("READY=1")
@@ -380,11 +441,13 @@ async def _run(config: Config) -> None:
                 await server.wait_closed()
             nursery.cancel_scope.cancel()
     log.info("broker.stopped", workers_left_running=len(engine.pool.workers))
+    return 0
 
 
 _COMMANDS = {
     "serve": _serve,
     "check-config": _check_config,
+    "check": _check,
     "setup": _setup,
     "agent": _agent,
     "stop-all": _stop_all,

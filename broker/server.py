@@ -68,10 +68,15 @@ class Server:
         self._all_closed = trio.Event()
 
     async def run(
-        self, *, task_status: trio.TaskStatus[list[trio.SocketListener]] = trio.TASK_STATUS_IGNORED
+        self,
+        *,
+        listeners: list[trio.SocketListener] | None = None,
+        task_status: trio.TaskStatus[list[trio.SocketListener]] = trio.TASK_STATUS_IGNORED,
     ) -> None:
-        """Listen and serve; after `shutdown()`, return once every connection has closed."""
-        listeners = await trio.open_tcp_listeners(self.settings.port, host=self.settings.host)
+        """Listen (on `listeners`, else on the settings' host and port) and serve; after
+        `shutdown()`, return once every connection has closed."""
+        if listeners is None:
+            listeners = await trio.open_tcp_listeners(self.settings.port, host=self.settings.host)
         async with trio.open_nursery() as handlers:
             with self._accept_scope:
                 async with trio.open_nursery() as acceptors:

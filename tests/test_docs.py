@@ -51,6 +51,7 @@ def test_systemd_unit_runs_the_console_script_as_a_notify_service() -> None:
     service = unit["Service"]
     assert service["Type"] == "notify"
     assert re.fullmatch(r"/\S+/bin/compute-broker serve --config /\S+\.yaml", service["ExecStart"])
-    assert "check-config --aws" in service["ExecStartPre"]
+    assert "ExecStartPre" not in service  # serve checks itself: RestartPreventExitStatus works
+    assert service["RestartPreventExitStatus"] == "78"
     assert service["KillSignal"] == "SIGTERM"
     assert service["NoNewPrivileges"] == "yes"

@@ -28,6 +28,7 @@ import trio
 import yaml
 
 from broker.aws import make_client
+from broker.checks import EXIT_CONFIG
 from broker.dynamo import DynamoRegistry, ensure_table
 from broker.sandbox import MotoHandle, SandboxResources, prepare_resources
 
@@ -322,14 +323,15 @@ def test_netcat_one_liner_gets_a_worker(start_broker: Callable[..., BrokerProces
 
 
 def test_bad_config_stops_the_broker_with_one_line_naming_the_key(tmp_path: Path) -> None:
-    """An unknown key: exit status 2 and one line on stderr naming it; nothing listens."""
+    """An unknown key: exit status 78 (systemd does not restart it) and one line on stderr
+    naming it; nothing listens."""
     config = tmp_path / "bad.yaml"
     config.write_text("listen_prot: 9000\n")
     result = subprocess.run(
         [sys.executable, "-m", "broker", "serve", "--sandbox", "--config", str(config)],
         cwd=ROOT, capture_output=True, text=True, timeout=60,
     )  # fmt: skip
-    assert result.returncode == 2
+    assert result.returncode == EXIT_CONFIG
     assert result.stdout == ""
     (line,) = result.stderr.splitlines()
     assert line.startswith("config: listen_prot: unknown key")
@@ -337,7 +339,7 @@ def test_bad_config_stops_the_broker_with_one_line_naming_the_key(tmp_path: Path
         [sys.executable, "-m", "broker", "check-config", str(config)],
         cwd=ROOT, capture_output=True, text=True, timeout=60,
     )  # fmt: skip
-    assert check.returncode == 2
+    assert check.returncode == EXIT_CONFIG
     assert check.stderr == result.stderr
 
 
@@ -352,7 +354,7 @@ def test_serving_aws_without_an_ami_is_refused_at_start(tmp_path: Path) -> None:
         [sys.executable, "-m", "broker", "serve", "--host", "127.0.0.1", "--port", "0"],
         cwd=ROOT, capture_output=True, text=True, timeout=60, env=env,
     )  # fmt: skip
-    assert result.returncode == 2
+    assert result.returncode == EXIT_CONFIG
     assert "ami_id" in result.stderr
 
 
