@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ssl
+
 import attrs
 import pytest
 from hypothesis import HealthCheck, example, given, settings
@@ -15,6 +17,9 @@ from broker.protocol import (
     MAX_ERROR_BYTES,
     MAX_LINE_BYTES,
     NEED_DATA,
+    NOT_A_CLIENT_HTTP,
+    NOT_A_CLIENT_SSH,
+    NOT_A_CLIENT_TLS,
     NOT_UTF8,
     UNKNOWN_COMMAND,
     BadRequest,
@@ -31,6 +36,7 @@ from broker.protocol import (
     Reply,
     Status,
     parse,
+    probe,
 )
 
 
@@ -351,6 +357,140 @@ def test_error_replies_are_cut_to_the_documented_bound() -> None:
     assert Reply.error("x" * (MAX_ERROR_BYTES - 7)).to_bytes().endswith(b"xx\n")
 
 
+# --- strangers: HTTP, TLS and SSH on the first line ------------------------------------------
+
+
+def tls_client_hello() -> bytes:
+    """The ClientHello Python's own TLS client sends (it holds LF bytes but ends in none)."""
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    tls = ssl.create_default_context().wrap_bio(incoming, outgoing, server_hostname="broker.lab")
+    try:
+        tls.do_handshake()
+    except ssl.SSLWantReadError:  # it waits for the server's hello, having sent its own
+        return outgoing.read()
+    raise AssertionError("a TLS handshake cannot finish without a server")
+
+
+def test_probe_replies_are_exactly_these_lines() -> None:
+    """One ERROR line naming the protocol, and the connection closes."""
+    assert NOT_A_CLIENT_HTTP.to_bytes() == (
+        b"ERROR: not a compute-broker client (HTTP); see protocol.md\n"
+    )
+    assert NOT_A_CLIENT_TLS.to_bytes() == (
+        b"ERROR: not a compute-broker client (TLS); see protocol.md\n"
+    )
+    assert NOT_A_CLIENT_SSH.to_bytes() == (
+        b"ERROR: not a compute-broker client (SSH); see protocol.md\n"
+    )
+    assert NOT_A_CLIENT_HTTP.close and NOT_A_CLIENT_TLS.close and NOT_A_CLIENT_SSH.close
+
+
+@pytest.mark.parametrize(
+    "request_line",
+    [
+        b"GET / HTTP/1.1",
+        b"GET /metrics HTTP/1.1",
+        b"HEAD /healthz HTTP/1.0",
+        b"POST /api?x=1 HTTP/1.1",
+        b"PUT /x HTTP/1.1",
+        b"DELETE /x HTTP/1.1",
+        b"OPTIONS * HTTP/1.1",
+        b"CONNECT broker.lab:443 HTTP/1.1",
+        b"PRI * HTTP/2.0",
+        b"GET http://broker.lab:9000/ HTTP/1.1",
+        b"PROPFIND /dav/ HTTP/1.1",
+        b"GET / HTTP/2",
+    ],
+)
+def test_an_http_scrape_is_refused_once_and_launches_nothing(request_line: bytes) -> None:
+    """A first line `METHOD target HTTP/x.y` ends the connection: the empty line after the
+    headers (a GET_WORKER) is never served."""
+    reader = LineReader()
+    reader.receive_data(request_line + b"\r\nHost: broker.lab:9000\r\nAccept: */*\r\n\r\n")
+    assert [BadRequest(NOT_A_CLIENT_HTTP, "http probe"), CLOSED] == requests(reader)
+    reader.receive_data(b"GET_WORKER\n")
+    assert reader.next_request() == CLOSED
+
+
+def test_an_http_request_line_without_lf_before_eof_is_refused_too() -> None:
+    """`printf 'GET / HTTP/1.0' | nc -N`: the unterminated last line is checked as well."""
+    reader = LineReader()
+    reader.receive_data(b"GET / HTTP/1.0")
+    assert reader.next_request() == NEED_DATA
+    reader.receive_data(b"")
+    assert [BadRequest(NOT_A_CLIENT_HTTP, "http probe"), CLOSED] == requests(reader)
+
+
+@pytest.mark.parametrize(
+    "banner", [b"SSH-2.0-OpenSSH_9.6p1 Ubuntu-3ubuntu13", b"SSH-1.99-Cisco-1.25", b"SSH-2.0-x"]
+)
+def test_an_ssh_banner_is_refused_once(banner: bytes) -> None:
+    """An SSH client's identification string gets one ERROR line and the end."""
+    reader = LineReader()
+    reader.receive_data(banner + b"\r\n\x00\x00\x05\xdc\x06\x14\n\n")
+    assert [BadRequest(NOT_A_CLIENT_SSH, "ssh probe"), CLOSED] == requests(reader)
+
+
+def test_a_tls_client_hello_is_refused_from_its_first_two_bytes() -> None:
+    """A ClientHello has no LF at its end: the reader answers without waiting for one."""
+    hello = tls_client_hello()
+    assert hello[:2] == b"\x16\x03"
+    assert b"\n" in hello  # LF bytes inside must not split it into "lines"
+    reader = LineReader()
+    reader.receive_data(hello)
+    assert [BadRequest(NOT_A_CLIENT_TLS, "tls probe"), CLOSED] == requests(reader)
+
+
+def test_a_tls_record_arriving_byte_by_byte_is_refused_at_its_second_byte() -> None:
+    """0x16 alone waits for the next byte; 0x16 0x03 is TLS."""
+    reader = LineReader()
+    reader.receive_data(b"\x16")
+    assert reader.next_request() == NEED_DATA
+    reader.receive_data(b"\x03")
+    assert [BadRequest(NOT_A_CLIENT_TLS, "tls probe"), CLOSED] == requests(reader)
+
+
+def test_a_lone_0x16_byte_is_an_ordinary_unknown_command() -> None:
+    """Only 0x16 0x03 is TLS; 0x16 followed by LF or EOF is just a line."""
+    reader = LineReader()
+    reader.receive_data(b"\x16\nHELP\n")
+    assert [BadRequest(UNKNOWN_COMMAND, "unknown command"), Help(), NEED_DATA] == requests(reader)
+    reader = LineReader()
+    reader.receive_data(b"\x16")
+    reader.receive_data(b"")
+    assert [BadRequest(UNKNOWN_COMMAND, "unknown command"), CLOSED] == requests(reader)
+
+
+def test_only_the_first_line_is_checked_for_probes() -> None:
+    """After a first request, an HTTP, SSH or TLS-looking line is just an unknown command."""
+    reader = LineReader()
+    reader.receive_data(b"HELP\nGET / HTTP/1.1\nSSH-2.0-x\n\x16\x03\x01\nSTATUS\n")
+    unknown = BadRequest(UNKNOWN_COMMAND, "unknown command")
+    assert [Help(), unknown, unknown, unknown, Status(), NEED_DATA] == requests(reader)
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        b"GET_WORKER",
+        b"",
+        b"GET / HTTP",  # no version: HTTP/0.9 at most, an unknown command
+        b"GET  /  HTTP/1.1",  # not a request line: HTTP uses single spaces
+        b"SSH-2.0",  # no dash after the version
+        b"ssh-2.0-x",  # SSH banners are upper case
+        b"RELEASE 1.2.3.4",
+    ],
+)
+def test_ordinary_first_lines_are_not_probes(line: bytes) -> None:
+    """Near misses are served as usual and keep the connection open."""
+    assert probe(line) is None
+    reader = LineReader()
+    reader.receive_data(line + b"\nHELP\n")
+    first, second, rest = requests(reader)
+    assert not isinstance(first, BadRequest) or not first.reply.close
+    assert (Help(), NEED_DATA) == (second, rest)
+
+
 # --- no input reaches an exception -----------------------------------------------------------
 
 
@@ -451,8 +591,12 @@ def test_no_lookalike_character_is_taken_for_ascii(place: str) -> None:
 @example(line="BURST \u0661".encode())  # once BURST 1
 @example(line=b"\x0b\x0c\x1c")  # once GET_WORKER
 def test_parse_answers_every_input_with_a_command_or_an_error_line(line: bytes) -> None:
-    """No line reaches an exception."""
+    """No line reaches an exception; probes are never requests the broker would serve."""
     check_result(parse(line), line)
+    refusal = probe(line)
+    if refusal is not None:
+        assert isinstance(parse(line), BadRequest)
+        check_result(refusal)
 
 
 @_FUZZ
