@@ -361,7 +361,7 @@ def test_error_replies_are_cut_to_the_documented_bound() -> None:
 
 
 def tls_client_hello() -> bytes:
-    """The ClientHello Python's own TLS client sends (it holds LF bytes but ends in none)."""
+    """The ClientHello Python's own TLS client sends (binary, with no LF at its end)."""
     incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
     tls = ssl.create_default_context().wrap_bio(incoming, outgoing, server_hostname="broker.lab")
     try:
@@ -432,13 +432,14 @@ def test_an_ssh_banner_is_refused_once(banner: bytes) -> None:
 
 
 def test_a_tls_client_hello_is_refused_from_its_first_two_bytes() -> None:
-    """A ClientHello has no LF at its end: the reader answers without waiting for one."""
+    """A ClientHello has no LF at its end, and LF bytes inside it are no line ends: the
+    reader answers at once, and only once."""
     hello = tls_client_hello()
     assert hello[:2] == b"\x16\x03"
-    assert b"\n" in hello  # LF bytes inside must not split it into "lines"
-    reader = LineReader()
-    reader.receive_data(hello)
-    assert [BadRequest(NOT_A_CLIENT_TLS, "tls probe"), CLOSED] == requests(reader)
+    for record in (hello, b"\x16\x03\x01\x00\x0a\n\n\n\n\n\n\n\n\n\n"):
+        reader = LineReader()
+        reader.receive_data(record)
+        assert [BadRequest(NOT_A_CLIENT_TLS, "tls probe"), CLOSED] == requests(reader)
 
 
 def test_a_tls_record_arriving_byte_by_byte_is_refused_at_its_second_byte() -> None:
