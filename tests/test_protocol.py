@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ssl
+from pathlib import Path
 
 import attrs
 import pytest
@@ -383,6 +384,16 @@ def test_probe_replies_are_exactly_these_lines() -> None:
         b"ERROR: not a compute-broker client (SSH); see protocol.md\n"
     )
     assert NOT_A_CLIENT_HTTP.close and NOT_A_CLIENT_TLS.close and NOT_A_CLIENT_SSH.close
+
+
+def test_protocol_md_quotes_the_refusals_and_the_error_bound() -> None:
+    """protocol.md's table of other protocols shows the lines the broker sends, and its reply
+    sizes the bound Reply.error keeps."""
+    text = (Path(__file__).resolve().parent.parent / "protocol.md").read_text()
+    for reply in (NOT_A_CLIENT_HTTP, NOT_A_CLIENT_TLS, NOT_A_CLIENT_SSH):
+        assert f"| `{reply.text}` |" in text
+    assert f"cut to {MAX_ERROR_BYTES} bytes ending in `...`" in text
+    assert f"fits in {MAX_ERROR_BYTES + 1} bytes" in text
 
 
 @pytest.mark.parametrize(
