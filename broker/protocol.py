@@ -20,9 +20,14 @@ from broker.interruptions import format_deadline
 
 MAX_LINE_BYTES: Final = 1024
 MAX_BURST: Final = 100
+MAX_ERROR_BYTES: Final = 4095  # an ERROR reply, LF excluded; longer reasons are cut to fit
 
+# Every pattern below is ASCII by construction: `[0-9]` never matches other scripts' digits.
 _CLIENT_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")
 _INSTANCE_TYPE = re.compile(r"[a-z][a-z0-9-]*\.[a-z0-9-]+")
+_WHOLE_NUMBER = re.compile(r"[0-9]+")
+_DECIMAL_NUMBER = re.compile(r"(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
+_BLANKS = re.compile(r"[ \t]+")  # the only word separators: ASCII space and tab
 
 HELP_TEXT: Final = (
     "OK commands: GET_WORKER [type=T] [market=M] [wait=S] [client=ID] | PING <ip> [client=ID] | "
@@ -47,16 +52,43 @@ class Reply:
 
     @classmethod
     def error(cls, reason: str, *, close: bool = False) -> Reply:
-        """`ERROR: <reason>`; the reason is flattened to one line."""
-        return cls(f"ERROR: {_one_line(reason)}", close=close)
+        """`ERROR: <reason>`: flattened to one line, escaped to ASCII, and cut (ending in
+        `...`) to `MAX_ERROR_BYTES`, so that every error reply is short."""
+        text = _ascii(f"ERROR: {_one_line(reason)}")
+        if len(text) > MAX_ERROR_BYTES:
+            text = _cut(f"ERROR: {_one_line(reason)}", MAX_ERROR_BYTES - 3) + "..."
+        return cls(text, close=close)
 
     def to_bytes(self) -> bytes:
-        """The reply as sent: ASCII (anything else escaped) and one LF."""
-        return self.text.encode("ascii", "backslashreplace") + b"\n"
+        """The reply as sent: one line of printable ASCII (anything else backslash-escaped,
+        control characters included) and one LF."""
+        return _ascii(self.text).encode("ascii") + b"\n"
 
 
 def _one_line(text: str) -> str:
     return " ".join(text.split())
+
+
+_CONTROL_ESCAPES: Final = {code: f"\\x{code:02x}" for code in (*range(0x20), 0x7F)}
+
+
+def _ascii(text: str) -> str:
+    """`text` as printable ASCII: control characters as `\\xNN`, the rest of Unicode as
+    Python's backslash escapes (`\\xe9`, `\\u2028`, `\\U0001f600`)."""
+    escaped = text.translate(_CONTROL_ESCAPES)
+    return escaped.encode("ascii", "backslashreplace").decode("ascii")
+
+
+def _cut(text: str, size: int) -> str:
+    """The longest start of `text` whose ASCII form fits `size` (never half an escape)."""
+    pieces: list[str] = []
+    for char in text:
+        piece = _ascii(char)
+        size -= len(piece)
+        if size < 0:
+            break
+        pieces.append(piece)
+    return "".join(pieces)
 
 
 UNKNOWN_COMMAND: Final = Reply("ERROR: Unknown command")
@@ -76,6 +108,15 @@ LINE_TOO_LONG: Final = Reply.error("line too long", close=True)
 NOT_UTF8: Final = Reply.error("line is not valid UTF-8")
 TOO_MANY_CONNECTIONS: Final = Reply.error("too many connections", close=True)
 BYE: Final = Reply("OK bye", close=True)
+
+
+def _not_a_client(kind: str) -> Reply:
+    return Reply.error(f"not a compute-broker client ({kind}); see protocol.md", close=True)
+
+
+NOT_A_CLIENT_HTTP: Final = _not_a_client("HTTP")
+NOT_A_CLIENT_TLS: Final = _not_a_client("TLS")
+NOT_A_CLIENT_SSH: Final = _not_a_client("SSH")
 
 
 # --- commands --------------------------------------------------------------------------------
@@ -156,17 +197,27 @@ class _Usage(Exception):
 
 
 def parse(line: bytes) -> Command | BadRequest:
-    """Parse one request line (without its LF; a trailing CR is ignored)."""
+    """Parse one request line (without its LF; one trailing CR is ignored)."""
+    line = line.removesuffix(b"\r")
     if len(line) > MAX_LINE_BYTES:
         return BadRequest(LINE_TOO_LONG, "line too long")
+    return _parse(line)
+
+
+def _parse(line: bytes) -> Command | BadRequest:
     try:
         text = line.decode("utf-8")
     except UnicodeDecodeError:
         return BadRequest(NOT_UTF8, "not utf-8")
-    words = text.split()
-    if not words:
+    # Split on ASCII space and tab only: str.split() would also split on Unicode spaces and
+    # control characters, so that a line of them would be the empty line (GET_WORKER).
+    stripped = text.strip(" \t")
+    if not stripped:
         return GetWorker()
-    name, args = words[0].upper(), words[1:]
+    name, *args = _BLANKS.split(stripped)
+    # ASCII upper-casing only: str.upper() folds `\u017ftatus` (long s) to STATUS and `qu\u0131t`
+    # (dotless i) to QUIT.
+    name = name.upper() if name.isascii() else ""
     if name not in _USAGE:
         return BadRequest(UNKNOWN_COMMAND, "unknown command")
     try:
@@ -186,7 +237,7 @@ def _split(
         if not sep:
             plain.append(arg)
             continue
-        key = key.lower()
+        key = key.lower() if key.isascii() else key  # ASCII case only (not the Kelvin sign)
         if key not in keys:
             raise _Usage(f"unknown argument {key!r}")
         if key in options:
@@ -205,7 +256,11 @@ def _client(options: dict[str, str]) -> str | None:
 
 
 def _ip(word: str) -> str:
+    # ipaddress accepts an IPv6 scope id of any characters (`fe80::1%anything`); no worker has
+    # one, so the IP must be ASCII and carry none.
     try:
+        if not word.isascii() or "%" in word:
+            raise ValueError(word)
         return str(ipaddress.ip_address(word))
     except ValueError:
         raise _Usage(f"{word!r} is not an IP address") from None
@@ -218,16 +273,17 @@ def _parse_get_worker(args: list[str]) -> Command:
         raise _Usage(f"type {instance_type!r} is not an EC2 instance type")
     market: Market | None = None
     if "market" in options:
+        value = options["market"]
         try:
-            market = Market(options["market"].lower())
+            market = Market(value.lower() if value.isascii() else value)
         except ValueError:
             raise _Usage("market must be spot or on-demand") from None
     wait: float | None = None
     if "wait" in options:
-        try:
-            wait = float(options["wait"])
-        except ValueError:
-            wait = math.nan
+        # ASCII decimal forms only: float() also takes `inf`, `1_0`, `+5` and other scripts'
+        # digits (`wait=\u0663` is 3.0 to float()).
+        text = options["wait"]
+        wait = float(text) if _DECIMAL_NUMBER.fullmatch(text) else math.nan
         if not (wait > 0 and math.isfinite(wait)):
             raise _Usage("wait must be a number of seconds > 0")
     return GetWorker(instance_type, market, wait, _client(options))
@@ -245,7 +301,9 @@ def _parse_release(args: list[str]) -> Command:
 
 def _parse_burst(args: list[str]) -> Command:
     (count,), _ = _split(args, 1, frozenset())
-    if not count.isdigit() or not 1 <= int(count) <= MAX_BURST:
+    # Not str.isdigit(): it is true for `\u00b2` (superscript two, which int() refuses) and
+    # `\u0661` (Arabic-Indic one, which int() takes).
+    if not _WHOLE_NUMBER.fullmatch(count) or not 1 <= int(count) <= MAX_BURST:
         raise _Usage(f"n must be a whole number from 1 to {MAX_BURST}")
     return Burst(int(count))
 
@@ -286,12 +344,35 @@ NEED_DATA: Final = NeedData()
 CLOSED: Final = Closed()
 
 
+# What other protocols' clients send first. A line that is not a request in any case; the only
+# difference their detection makes is that the connection is closed instead of kept.
+_TLS_RECORD_START: Final = b"\x16\x03"  # handshake record, TLS/SSL 3.x (a ClientHello)
+_HTTP_REQUEST_LINE: Final = re.compile(
+    rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+ [^ \t]+ HTTP/[0-9](?:\.[0-9])?[ \t]*"
+)
+_SSH_BANNER: Final = re.compile(rb"SSH-[0-9]+\.[0-9]+-")
+
+
+def probe(first_line: bytes) -> BadRequest | None:
+    """The refusal for a connection's first line (without LF or CR) if it is another
+    protocol's opening (an HTTP request line, an SSH banner, a TLS record); otherwise None."""
+    if first_line.startswith(_TLS_RECORD_START):
+        return BadRequest(NOT_A_CLIENT_TLS, "tls probe")
+    if _HTTP_REQUEST_LINE.fullmatch(first_line):
+        return BadRequest(NOT_A_CLIENT_HTTP, "http probe")
+    if _SSH_BANNER.match(first_line):
+        return BadRequest(NOT_A_CLIENT_SSH, "ssh probe")
+    return None
+
+
 class LineReader:
     """Splits received bytes into request lines, with a hard limit on line length.
 
     Feed bytes with `receive_data` (`b""` means the peer's EOF); call `next_request` until it
     answers `NEED_DATA` or `CLOSED`. A line over the limit yields a `BadRequest` whose reply
-    closes the connection, and nothing more is read after it.
+    closes the connection, and nothing more is read after it. So does a first line that is
+    another protocol's opening (`probe`); a TLS ClientHello is recognised from its first two
+    bytes, without waiting for a line (it has none).
     """
 
     def __init__(self, max_line_bytes: int = MAX_LINE_BYTES) -> None:
@@ -299,6 +380,7 @@ class LineReader:
         self._max = max_line_bytes
         self._eof = False
         self._poisoned = False
+        self._first = True
         self._scanned = 0
 
     def receive_data(self, data: bytes) -> None:
@@ -312,26 +394,35 @@ class LineReader:
         """The next request, `NEED_DATA`, or `CLOSED` once the peer's EOF has been consumed."""
         if self._poisoned:
             return CLOSED
+        if self._first and self._buffer[:1] == _TLS_RECORD_START[:1]:
+            if self._buffer.startswith(_TLS_RECORD_START):
+                return self._poison(BadRequest(NOT_A_CLIENT_TLS, "tls probe"))
+            if len(self._buffer) < len(_TLS_RECORD_START) and not self._eof:
+                return NEED_DATA  # one byte so far: wait for the second
         end = self._buffer.find(b"\n", self._scanned)
         if end < 0:
             if len(self._buffer) > self._max + 1:  # +1: room for a CR before the LF
-                return self._poison()
+                return self._poison(BadRequest(LINE_TOO_LONG, "line too long"))
             if not self._eof:
                 self._scanned = len(self._buffer)
                 return NEED_DATA
             if not self._buffer:
                 return CLOSED
             end = len(self._buffer)  # an unterminated last line before EOF is a request
-        line = bytes(self._buffer[:end])
+        line = bytes(self._buffer[:end]).removesuffix(b"\r")
         del self._buffer[: end + 1]
         self._scanned = 0
-        if line.endswith(b"\r"):
-            line = line[:-1]
         if len(line) > self._max:
-            return self._poison()
-        return parse(line)
+            return self._poison(BadRequest(LINE_TOO_LONG, "line too long"))
+        if self._first:
+            self._first = False
+            refusal = probe(line)
+            if refusal is not None:
+                return self._poison(refusal)
+        return _parse(line)
 
-    def _poison(self) -> BadRequest:
+    def _poison(self, bad: BadRequest) -> BadRequest:
+        """Answer `bad` (which closes the connection) and read nothing more."""
         self._poisoned = True
         self._buffer.clear()
-        return BadRequest(LINE_TOO_LONG, "line too long")
+        return bad

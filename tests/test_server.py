@@ -19,6 +19,7 @@ from broker.prices import PriceTable
 from broker.protocol import HELP_TEXT
 from tests.fakes import FakeCloud
 from tests.harness import LineClient, RunningBroker, ask_once, running_broker, wait_for
+from tests.test_protocol import tls_client_hello
 
 SPEC = LaunchSpec("c7i.8xlarge", Market.SPOT)
 
@@ -128,6 +129,39 @@ async def test_line_too_long_is_answered_and_the_connection_closed(broker: Runni
     assert await client.readline() == b"ERROR: line too long"
     assert await client.at_eof()
     assert await other.ask("HELP") == HELP_TEXT
+    assert cloud_of(broker).launch_calls == []
+
+
+@pytest.mark.parametrize(
+    ("opening", "kind"),
+    [
+        (
+            b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1:9000\r\nUser-Agent: Prometheus/2.53.0\r\n"
+            b"Accept: text/plain;version=0.0.4\r\n\r\n",
+            "HTTP",
+        ),
+        (tls_client_hello(), "TLS"),
+        (b"SSH-2.0-OpenSSH_9.6p1 Ubuntu-3ubuntu13\r\n", "SSH"),
+    ],
+    ids=["http", "tls", "ssh"],
+)
+async def test_http_tls_and_ssh_openings_get_one_error_line_and_launch_nothing(
+    broker: RunningBroker, opening: bytes, kind: str
+) -> None:
+    """A Prometheus scrape, a TLS ClientHello or an SSH banner: one ERROR line naming the
+    protocol, the connection closed, no worker launched (the scrape's empty line is no
+    GET_WORKER)."""
+    client = await LineClient.connect(broker.port)
+    with structlog.testing.capture_logs() as logs:
+        await client.send(opening)
+        reply = await client.readline()
+        assert await client.at_eof()
+    assert f"ERROR: not a compute-broker client ({kind}); see protocol.md".encode() == reply
+    bad_lines = [event["reason"] for event in logs if event["event"] == "client.bad_line"]
+    assert [f"{kind.lower()} probe"] == bad_lines
+    status = json.loads(await ask_once(broker.port, "STATUS"))
+    assert status["workers"] == []
+    assert status["totals"]["launches_in_flight"] == 0
     assert cloud_of(broker).launch_calls == []
 
 
