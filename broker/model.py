@@ -248,18 +248,15 @@ class ReapPlan:
 
 @attrs.frozen
 class WarmPool:
-    """What the warm pool keeps: `count` idle ready workers of `spec`'s own type and market."""
+    """What the warm pool keeps: `count` idle ready workers that a default GET_WORKER would
+    be given (`spec`: the default type and market, or their configured fallbacks)."""
 
     spec: LaunchSpec
     count: int
 
     def wants(self, worker: Worker) -> bool:
-        """True if the worker is of the warm pool's type and market (fallbacks do not count)."""
-        return (
-            self.count > 0
-            and worker.instance_type == self.spec.instance_type
-            and worker.market == self.spec.market
-        )
+        """True if the warm pool counts this worker: a cloud worker `spec` accepts."""
+        return self.count > 0 and not worker.local and worker.matches(self.spec)
 
 
 NO_WARM_POOL: Final = WarmPool(LaunchSpec("none", Market.SPOT), 0)

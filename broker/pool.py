@@ -239,8 +239,7 @@ class Pool:
             and not worker.local
         ]
         warm_idle = sorted(
-            (w for w in unheld if w.available and w.matches(warm.spec)),
-            key=lambda w: -w.last_activity,
+            (w for w in unheld if w.available and warm.wants(w)), key=lambda w: -w.last_activity
         )
         kept = {w.instance_id for w in warm_idle[: warm.count]}
         # An interrupted worker nobody holds goes at once: it is handed out no more.
@@ -442,9 +441,8 @@ class Pool:
             return Released(ReleaseOutcome.KEPT, worker, lease, others)
         if worker.local:
             return Released(ReleaseOutcome.KEPT_WARM, worker, lease)  # never terminated
-        if worker.available and warm.count > 0:
-            own = LaunchSpec(worker.instance_type, worker.market)
-            idle_others = [w for w in self.idle_ready(own) if w is not worker]
+        if worker.available and warm.wants(worker):
+            idle_others = [w for w in self.warm_idle(warm) if w is not worker]
             if len(idle_others) < warm.count:
                 return Released(ReleaseOutcome.KEPT_WARM, worker, lease)
         self.mark_terminating(worker)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from broker.cloud import Instance, LaunchSpec, Market
-from broker.model import Limits, ReleaseOutcome, WorkerState
+from broker.model import Limits, ReleaseOutcome, WarmPool, WorkerState
 from broker.pool import GONE_MEMORY_SECONDS, Pool
 from broker.status import pool_status
 
@@ -108,3 +108,63 @@ def test_run_rate_includes_in_flight_launches() -> None:
     pool.launch_started("tok", SPEC, 3, 0.5, T0)
     assert pool.run_rate() == 2.5
     assert pool_status(pool, T0)["totals"]["launches_in_flight"] == 3
+
+
+C6I = LaunchSpec("c6i.8xlarge", Market.SPOT)
+ON_DEMAND = LaunchSpec("c7i.8xlarge", Market.ON_DEMAND)
+
+
+def mixed_pool() -> Pool:
+    """i-1: an idle c7i spot worker (the warm pool's kind); i-2 a c6i spot, i-3 a c7i on-demand
+    and i-4 a c7i spot worker, each held by one client."""
+    pool = pool_with(1)
+    for n, spec in ((2, C6I), (3, ON_DEMAND), (4, SPEC)):
+        pool.adopt(instance(n, spec), T0, price=0.5, ready=True)
+        pool.hand_out(pool.workers[f"i-{n}"], f"client-{n}", T0)
+    return pool
+
+
+def test_release_terminates_workers_the_warm_pool_does_not_count() -> None:
+    """Warm pool of one c7i spot worker, already idle: a released c6i or on-demand worker is
+    terminated at once (it is not the warm pool's kind), and so is a c7i spot one (the warm
+    pool is not short)."""
+    pool = mixed_pool()
+    warm = WarmPool(SPEC, 1)
+    for n in (2, 3, 4):
+        released = pool.release(f"192.0.2.{n}", f"client-{n}", T0, warm=warm)
+        assert ReleaseOutcome.TERMINATE is released.outcome, n
+    assert WorkerState.READY is pool.workers["i-1"].state
+
+
+def test_release_keeps_a_worker_of_the_warm_pools_kind_when_it_is_short() -> None:
+    """With no other idle c7i spot worker, the released one goes back to the warm pool; a
+    c6i worker released in the same situation is still terminated."""
+    pool = mixed_pool()
+    pool.hand_out(pool.workers["i-1"], "busy", T0)  # the warm worker is taken
+    warm = WarmPool(SPEC, 1)
+    assert ReleaseOutcome.TERMINATE is pool.release("192.0.2.2", "client-2", T0, warm=warm).outcome
+    assert ReleaseOutcome.KEPT_WARM is pool.release("192.0.2.4", "client-4", T0, warm=warm).outcome
+
+
+def test_warm_pool_counts_the_default_specs_fallback_types() -> None:
+    """A fallback type of the default spec serves default requests, so the warm pool counts
+    it; a type the default spec does not accept it does not."""
+    with_fallback = LaunchSpec("c7i.8xlarge", Market.SPOT, ("c6i.8xlarge",))
+    pool = mixed_pool()
+    c6i, on_demand = pool.workers["i-2"], pool.workers["i-3"]
+    assert WarmPool(with_fallback, 1).wants(c6i)
+    assert not WarmPool(SPEC, 1).wants(c6i)
+    assert not WarmPool(with_fallback, 1).wants(on_demand)
+    assert not WarmPool(SPEC, 0).wants(pool.workers["i-1"])
+
+
+def test_reaper_keeps_only_idle_workers_the_warm_pool_counts() -> None:
+    """Idle past idle_timeout: the c6i and on-demand workers are reaped, and of the two c7i
+    spot workers the warm pool keeps the most recently used one."""
+    pool = mixed_pool()
+    for n in (2, 3, 4):
+        pool.release(f"192.0.2.{n}", f"client-{n}", T0)  # no warm pool: marked terminating
+        pool.revert_ready(pool.workers[f"i-{n}"])
+    pool.ping("192.0.2.4", "nobody", T0 + 10)
+    plan = pool.reap_plan(T0 + 1000, warm=WarmPool(SPEC, 1))
+    assert {"i-1", "i-2", "i-3"} == {w.instance_id for w in plan.idle_workers}
