@@ -162,12 +162,7 @@ class Launcher:
         started = trio.current_time()
         try:
             with trio.fail_after(ctx.settings.launch_timeout):
-                # max_workers across replicas: a pool-wide counter in the registry.
-                max_workers = ctx.settings.limits.max_workers
-                attempt.reserved = await ctx.registry.reserve_instances(count, max_workers)
-                if attempt.reserved == 0:
-                    raise AllReserved(f"max_workers reached ({max_workers}) across replicas")
-                launched = await self._try_offerings(attempt)
+                launched = await self._try_offerings(attempt, count)
         except Exception as exc:
             await self._failed(attempt, exc)
             return
@@ -230,10 +225,13 @@ class Launcher:
         attempt.answered.set()
         self.ctx.notify()
 
-    async def _try_offerings(self, attempt: LaunchAttempt) -> Launched:
-        """Try the spec's offerings in order until EC2 has capacity for one: each is charged
-        to the ledger first, and refunded if EC2 answers a capacity error (remembered, so the
-        next launches skip that offering for a while)."""
+    async def _try_offerings(self, attempt: LaunchAttempt, count: int) -> Launched:
+        """Try the spec's offerings in order until EC2 has capacity for one. Each is charged to
+        the ledger first (every cap, max_hourly_cost included, in one conditional write); the
+        first charge that goes through reserves the slots on the pool-wide counter, so a
+        launch the budget refuses never holds one. A capacity error refunds the charge and is
+        remembered, so the next launches skip that offering for a while. When no offering
+        launched and a cap refused one, the launch fails with that cap's refusal."""
         ctx, spec = self.ctx, attempt.spec
         now = ctx.clock.now()
         candidates = offerings(spec, ctx.settings.subnets)
@@ -243,13 +241,25 @@ class Launcher:
             raise CloudError("InsufficientInstanceCapacity", f"no capacity recently: {skipped}")
         failures: list[str] = []
         last: CloudError | None = None
+        refused: str | None = None  # the first cap's refusal
+        refused_at = math.inf  # a cap refused this price: any dearer offering is refused too
         for index, offering in enumerate(tried):
             price = ctx.prices.price(offering.instance_type, offering.market)
             over_rate = ctx.pool.rate_refusal(attempt.token, offering.spec, price)
-            if over_rate is not None:  # a fallback dearer than the admitted price
+            if over_rate is None and price is not None and price >= refused_at:
+                over_rate = "refused by the budget at a lower price"
+            if over_rate is not None:  # a fallback dearer than the caps allow
+                refused = refused or over_rate
                 failures.append(f"{offering.describe()}: {over_rate}")
                 continue
-            charged = await self._charge(attempt, offering, price)
+            try:
+                charged = await self._charge(attempt, offering, price, attempt.reserved or count)
+            except OverBudget as exc:
+                refused = refused or str(exc)
+                refused_at = min(refused_at, math.inf if price is None else price)
+                failures.append(f"{offering.describe()}: {exc}")
+                continue
+            await self._reserve(attempt, charged, count)
             token = attempt.token if index == 0 else f"{attempt.token}-{index}"
             intent = LaunchIntent.begin(
                 token,
@@ -287,6 +297,8 @@ class Launcher:
                 self._note_fallback(spec, offering, failures, now)
             paid_until = None if charged is None else charged.paid_until
             return Launched(instances, offering, price, paid_until, token)
+        if refused is not None:
+            raise OverBudget(refused)  # what bound was a cap, not EC2's capacity
         if last is not None and len(failures) == 1:
             raise last  # AWS's own words when there was nothing to fall back to
         raise CloudError(
@@ -294,21 +306,37 @@ class Launcher:
         )
 
     async def _charge(
-        self, attempt: LaunchAttempt, offering: Offering, price: float | None
+        self, attempt: LaunchAttempt, offering: Offering, price: float | None, want: int
     ) -> LaunchCharge | None:
-        """Charge the attempt's reserved workers at the offering's price; fewer if only fewer
-        fit under the caps (their counter slots are given back)."""
+        """Charge `want` workers at the offering's price; fewer if only fewer fit under the
+        caps (slots already reserved for the rest are given back). Raises OverBudget."""
         charged = await self.spending.charge_launch(
             attempt.token,
             f"{offering.instance_type} {offering.market}",
             price,
-            attempt.reserved,
+            want,
             reaches_cap=attempt.spec == self.ctx.settings.default_spec,
         )
-        if charged is not None and charged.count < attempt.reserved:
+        if charged is not None and 0 < charged.count < attempt.reserved:
             await self.unreserve(attempt.reserved - charged.count)
             attempt.reserved = charged.count
         return charged
+
+    async def _reserve(
+        self, attempt: LaunchAttempt, charged: LaunchCharge | None, count: int
+    ) -> None:
+        """The first charge went through: reserve its workers' slots on the pool-wide counter
+        (max_workers across replicas); fewer slots shrink the charge, none refunds it."""
+        if attempt.reserved:
+            return
+        wanted = count if charged is None else charged.count
+        max_workers = self.ctx.settings.limits.max_workers
+        attempt.reserved = await self.ctx.registry.reserve_instances(wanted, max_workers)
+        if attempt.reserved == 0:
+            await self.spending.settle_launch(attempt.token)
+            raise AllReserved(f"max_workers reached ({max_workers}) across replicas")
+        if attempt.reserved < wanted:
+            await self.spending.shrink_launch(attempt.token, attempt.reserved)
 
     async def _undo_reservations(self, attempt: LaunchAttempt) -> None:
         await self.spending.settle_launch(attempt.token)

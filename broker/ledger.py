@@ -224,6 +224,22 @@ def outstanding(covers: Iterable[tuple[float, float]], now: float, key: str, zon
     return int(total * MICROS)
 
 
+# The ledger key of the pool-wide run rate (micro-dollars per hour of every replica's running,
+# booting and requested workers), kept only while max_hourly_cost is set: a launch adds its
+# workers' prices, a worker that ends gives its price back, and admission is the same
+# conditional write as the period caps'.
+RATE_KEY: Final = "rate"
+
+
+def rate_refusal(description: str, price_per_hour: float, rate: float, cap: float) -> str:
+    """The `ERROR: budget: ...` reason when one more worker would pass max_hourly_cost."""
+    return (
+        f"budget: launching one {description} (${price_per_hour:.4g}/h) would raise the run "
+        f"rate from ${rate:.4g}/h to ${rate + price_per_hour:.4g}/h, above max_hourly_cost "
+        f"${cap:.4g}/h"
+    )
+
+
 def refusal(spend: PeriodSpend, per_instance: int) -> str:
     """The `ERROR: budget: ...` reason naming the cap, the spend and the limit."""
     period = key_period(spend.key)

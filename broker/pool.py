@@ -27,6 +27,7 @@ from typing import Final
 
 import attrs
 
+from broker.ledger import rate_refusal
 from broker.model import (
     LOCAL_TYPE,
     NO_WARM_POOL,
@@ -193,12 +194,8 @@ class Pool:
         rate = self.run_rate()
         by_budget = math.floor((cap - rate) / price_per_hour + 1e-9) if price_per_hour else count
         if by_budget <= 0:
-            return Admission(
-                0,
-                f"budget: launching one {spec.instance_type} {spec.market} "
-                f"(${price_per_hour:.4g}/h) would raise the run rate from ${rate:.4g}/h to "
-                f"${rate + price_per_hour:.4g}/h, above max_hourly_cost ${cap:.4g}/h",
-            )
+            description = f"{spec.instance_type} {spec.market}"
+            return Admission(0, rate_refusal(description, price_per_hour, rate, cap))
         return Admission(min(allowed, by_budget))
 
     def rate_refusal(
@@ -211,11 +208,12 @@ class Pool:
         cap = self.limits.max_hourly_cost
         if flight is None or cap is None:
             return None
+        description = f"{spec.instance_type} {spec.market}"
         if price_per_hour is None:
-            return "no price known"
+            return f"budget: no price known for {description}; add it under prices in the config"
         others = self.run_rate() - (flight.price_per_hour or 0.0) * flight.count
         if others + price_per_hour * flight.count > cap + 1e-9:
-            return f"run rate would pass max_hourly_cost ${cap:.4g}/h"
+            return rate_refusal(description, price_per_hour, others, cap)
         self.in_flight[token] = attrs.evolve(flight, price_per_hour=price_per_hour)
         return None
 

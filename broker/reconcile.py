@@ -17,8 +17,9 @@ import structlog
 from broker.cloud import CloudError, Instance
 from broker.context import Context
 from broker.launcher import Launcher
+from broker.ledger import MICROS, RATE_KEY, to_micros
 from broker.model import WorkerState
-from broker.registry import LaunchIntent, WorkerRecord
+from broker.registry import LaunchIntent, Provider, WorkerRecord
 from broker.retire import Retire
 from broker.spending import Spending
 
@@ -36,6 +37,7 @@ class Reconciler:
         self.retire = retire
         self.spending = spending
         self._counter_suspect: tuple[int, int] | None = None
+        self._rate_suspect: tuple[int, int] | None = None
 
     async def restore(self) -> None:
         """Load workers and leases from the registry; workers caught mid-termination are
@@ -110,6 +112,8 @@ class Reconciler:
                 paid_until=None if intent is None else intent.paid_until,
             )
             await ctx.write("put_worker", ctx.registry.put_worker, WorkerRecord.from_worker(worker))
+            if intent is None:  # no launch of ours charged it: it runs, so it counts now
+                await self.spending.add_to_run_rate(price)
             _log.info(
                 "worker.adopted",
                 instance_id=instance.instance_id,
@@ -162,7 +166,44 @@ class Reconciler:
         self._counter_suspect = None if confirmed else suspect
         if confirmed and await registry.correct_reserved_instances(seen, actual):
             _log.info("registry.counter_repaired", was=seen, now=actual)
+        await self._check_run_rate(records, intents, launched)
         return intents
+
+    async def _check_run_rate(
+        self,
+        records: Sequence[WorkerRecord],
+        intents: Sequence[LaunchIntent],
+        launched: set[str | None],
+    ) -> None:
+        """With max_hourly_cost, the pool-wide run rate in the registry should be the prices of
+        every replica's workers and unanswered launches; a crash (or a cap set while workers
+        ran) can leave it off. Repaired like the instance counter: on two passes in a row."""
+        if self.spending.hourly_cap is None:
+            return
+        ctx = self.ctx
+        actual = sum(
+            to_micros(r.price_per_hour)
+            for r in records
+            if r.provider is Provider.EC2 and r.price_per_hour is not None
+        ) + sum(
+            i.count * to_micros(i.price_per_hour)
+            for i in intents
+            if i.token not in launched and i.price_per_hour is not None
+        )
+        committed = await ctx.read("spend", ctx.registry.spend, [RATE_KEY])
+        if committed is None:
+            return
+        seen = committed.get(RATE_KEY, 0)
+        suspect = (seen, actual) if seen != actual and not ctx.pool.in_flight else None
+        confirmed = suspect is not None and suspect == self._rate_suspect
+        self._rate_suspect = None if confirmed else suspect
+        if not confirmed:
+            return
+        if actual > seen:
+            await ctx.registry.reserve_spend({RATE_KEY: actual - seen}, 1, {})
+        else:
+            await ctx.registry.refund_spend({RATE_KEY: seen - actual})
+        _log.info("registry.run_rate_repaired", was=seen / MICROS, now=actual / MICROS)
 
     async def _settle_intents(
         self, instances: Sequence[Instance], intents: Sequence[LaunchIntent], now: float

@@ -17,24 +17,33 @@ way everywhere:
 from __future__ import annotations
 
 import enum
-import math
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import Any
 
 import attrs
 import structlog
-import trio
 
 from broker.cloud import CloudError
 from broker.context import Context
-from broker.ledger import CoverPolicy, OnCap, PeriodSpend, charge, outstanding, refund, refusal
+from broker.ledger import (
+    MICROS,
+    RATE_KEY,
+    CoverPolicy,
+    OnCap,
+    PeriodSpend,
+    charge,
+    outstanding,
+    rate_refusal,
+    refund,
+    refusal,
+    to_micros,
+)
 from broker.model import Interruption, Worker, WorkerState
-from broker.registry import CoverOutcome, LaunchIntent, WorkerRecord
+from broker.registry import CoverOutcome, LaunchIntent, Provider, WorkerRecord
 
 _log = structlog.get_logger("broker.spending")
 
 MAX_COVER_ROUNDS = 3  # extend_cover attempts when other replicas move the same cover
-LEDGER_READ_EVERY = 1.0  # seconds; refusals under load read the registry's spend at most so often
 
 
 class Cover(enum.Enum):
@@ -80,13 +89,16 @@ class Spending:
         self.policy = CoverPolicy(
             settings.limits.idle_timeout, settings.reap_interval, settings.launch_timeout
         )
+        self.hourly_cap = settings.limits.max_hourly_cost  # pool-wide, through RATE_KEY
         self.committed: dict[str, int] = {}
         self.cap_reached: str | None = None  # the ledger key whose cap was last reached
         # With on_cap: terminate_idle, how idle workers are terminated (set by the engine).
         self.terminate_idle: Callable[[str], Awaitable[Any]] | None = None
         self._others: dict[str, tuple[float, float]] = {}  # other replicas' covers, last read
+        # Other replicas' launches charged and not answered, as last read: (price, paid until)
+        # once per instance.
+        self._others_launching: list[tuple[float, float]] = []
         self._launches: dict[str, LaunchCharge] = {}  # charged, RunInstances not answered
-        self._ledger_read_at = -math.inf
 
     # --- covers --------------------------------------------------------------------------------
 
@@ -224,7 +236,7 @@ class Spending:
         a launch that `reaches_cap` (not a dearer one-off request) means the cap is
         reached. May raise CloudError."""
         if price is None:
-            if self.budget.has_caps:
+            if self.budget.has_caps or self.hourly_cap is not None:
                 raise OverBudget(
                     f"budget: no price known for {description}; add it under prices in the config"
                 )
@@ -233,6 +245,9 @@ class Spending:
         paid_until = self.policy.initial(now)
         per_instance = charge(price, now, paid_until, self.budget.zone)
         limits = self.budget.limits(per_instance)
+        if self.hourly_cap is not None:
+            per_instance[RATE_KEY] = to_micros(price)
+            limits[RATE_KEY] = to_micros(self.hourly_cap)
         grant = await self.ctx.registry.reserve_spend(per_instance, count, limits)
         self.committed.update(grant.committed)
         if grant.count > 0:
@@ -249,10 +264,15 @@ class Spending:
         )
         if binding is None:  # every attempt lost a race with other writers: not a cap
             raise CloudError("LedgerContention", "the dollar ledger stayed busy; try again")
+        if binding == RATE_KEY and self.hourly_cap is not None:
+            rate = grant.committed.get(RATE_KEY, 0) / MICROS  # every replica's workers
+            raise OverBudget(rate_refusal(description, price, rate, self.hourly_cap))
         if reaches_cap:
             self.on_cap(now, binding)
-        if trio.current_time() - self._ledger_read_at >= LEDGER_READ_EVERY:
-            await self.read_ledger(now)  # the refusal names the pool's spend, replicas too
+        # The refusal's figures are the pool's as they are now: read the ledger, every
+        # replica's covers and unanswered launches (the totals first: a charge made after
+        # that read cannot then count as spent).
+        await self.read_ledger(now)
         raise OverBudget(refusal(self.period_spend(binding, now), per_instance[binding]))
 
     async def settle_launch(self, token: str, launched: int = 0) -> None:
@@ -260,6 +280,14 @@ class Spending:
         charged = self._launches.pop(token, None)
         if charged is not None:
             await self.refund(charged.total(charged.count - launched))
+
+    async def shrink_launch(self, token: str, count: int) -> None:
+        """Only `count` of the launch's charged workers will be launched: refund the rest."""
+        charged = self._launches.get(token)
+        if charged is None or count >= charged.count:
+            return
+        self._launches[token] = attrs.evolve(charged, count=count)
+        await self.refund(charged.total(charged.count - count))
 
     def abandon_launch(self, token: str) -> None:
         """The launch was cut off (it may still launch): its intent keeps the charge."""
@@ -281,11 +309,27 @@ class Spending:
         self._others.pop(instance_id, None)
 
     async def refund_cover(self, record: WorkerRecord, now: float) -> None:
-        """A worker ended at `now`, before its cover ran out: give back the unused part."""
+        """A worker ended at `now`: give back the unused part of its cover, and its price to
+        the pool-wide run rate."""
         price, paid_until = record.price_per_hour, record.paid_until
-        if price is None or paid_until is None or paid_until <= now:
+        amounts: dict[str, int] = {}
+        if price is not None and paid_until is not None and paid_until > now:
+            amounts = refund(price, now, paid_until, self.budget.zone)
+        if self.hourly_cap is not None and price is not None and record.provider is Provider.EC2:
+            amounts[RATE_KEY] = to_micros(price)
+        await self.refund(amounts)
+
+    async def add_to_run_rate(self, price: float | None) -> None:
+        """An instance joined that no launch of ours charged (adopted): its price counts in
+        the pool-wide run rate whatever the cap says (it runs already)."""
+        if self.hourly_cap is None or price is None:
             return
-        await self.refund(refund(price, now, paid_until, self.budget.zone))
+        try:
+            grant = await self.ctx.registry.reserve_spend({RATE_KEY: to_micros(price)}, 1, {})
+        except CloudError as exc:
+            _log.error("registry.write_failed", op="run_rate", error=str(exc))
+            return
+        self.committed.update(grant.committed)
 
     async def refund_unlaunched(self, intent: LaunchIntent, launched: int) -> None:
         """A settled intent's charge for the instances that never came (a launch cut off at
@@ -295,6 +339,8 @@ class Spending:
         if price is None or paid_until is None or missing <= 0:
             return
         per_instance = refund(price, intent.created_at, paid_until, self.budget.zone)
+        if self.hourly_cap is not None:
+            per_instance[RATE_KEY] = to_micros(price)
         await self.refund({key: amount * missing for key, amount in per_instance.items()})
 
     # --- caps reached ----------------------------------------------------------------------
@@ -323,26 +369,42 @@ class Spending:
     # --- reading and reporting -------------------------------------------------------------
 
     async def refresh(self, now: float) -> None:
-        """Read the current periods' totals (other replicas commit too)."""
+        """Read the current periods' totals and the run rate (other replicas commit too)."""
+        keys = self.budget.current_keys(now)
+        if self.hourly_cap is not None:
+            keys = (*keys, RATE_KEY)
         try:
-            self.committed.update(await self.ctx.registry.spend(self.budget.current_keys(now)))
+            self.committed.update(await self.ctx.registry.spend(keys))
         except CloudError as exc:
             _log.warning("registry.read_failed", op="spend", error=str(exc))
 
     async def read_ledger(self, now: float) -> None:
-        """Read the totals and every replica's covers (for STATUS and refusals)."""
-        self._ledger_read_at = trio.current_time()
+        """Read the totals, then every replica's unanswered launches and covers (for STATUS
+        and refusals). Launches are read before workers: a launch answered in between is
+        then counted twice as unused (the safe side), never as spent."""
         await self.refresh(now)
         try:
+            intents = await self.ctx.registry.list_intents(now)
             records = await self.ctx.registry.list_workers(now)
         except CloudError as exc:
             _log.warning("registry.read_failed", op="ledger", error=str(exc))
             return
-        self.remember_covers(records)
+        self.remember_covers(records, intents)
 
-    def remember_covers(self, records: Iterable[WorkerRecord]) -> None:
-        """Every replica's workers' covers as just read from the registry."""
+    def remember_covers(
+        self, records: Iterable[WorkerRecord], intents: Iterable[LaunchIntent] = ()
+    ) -> None:
+        """Every replica's workers' covers, and the charges of launches not answered, as just
+        read from the registry (this replica's own launches are counted from memory)."""
         self._others = covers_of(records)
+        self._others_launching = [
+            (intent.price_per_hour, intent.paid_until)
+            for intent in intents
+            if intent.price_per_hour is not None
+            and intent.paid_until is not None
+            and intent.token.partition("-")[0] not in self._launches
+            for _ in range(intent.count)
+        ]
 
     def period_spend(self, key: str, now: float) -> PeriodSpend:
         """One period's numbers: committed as last seen; unused cover of every known worker
@@ -352,7 +414,8 @@ class Spending:
             if w.price_per_hour is not None and w.paid_until is not None and not w.local:
                 covers[w.instance_id] = (w.price_per_hour, w.paid_until)
         pending = sum(c.total().get(key, 0) for c in self._launches.values())
-        unused = outstanding(covers.values(), now, key, self.budget.zone) + pending
+        launching = outstanding(self._others_launching, now, key, self.budget.zone)
+        unused = outstanding(covers.values(), now, key, self.budget.zone) + pending + launching
         limit = self.budget.limits([key]).get(key)
         return PeriodSpend(key, self.committed.get(key, 0), unused, limit)
 
@@ -362,12 +425,15 @@ class Spending:
             key.partition(":")[0]: self.period_spend(key, now).to_status()
             for key in self.budget.current_keys(now)
         }
+        pool_rate = self.committed.get(RATE_KEY)
         return {
             **periods,
             "timezone": self.budget.timezone,
             "on_cap": str(self.budget.on_cap),
             "run_rate_per_hour": round(self.ctx.pool.run_rate(), 6),
-            "max_hourly_cost": self.ctx.settings.limits.max_hourly_cost,
+            # Every replica's, as committed in the registry (only with max_hourly_cost).
+            "pool_run_rate_per_hour": None if pool_rate is None else pool_rate / MICROS,
+            "max_hourly_cost": self.hourly_cap,
         }
 
     def _add(self, amounts: Mapping[str, int]) -> None:
