@@ -42,6 +42,7 @@ from broker.registry import Registry
 from broker.sdnotify import notify
 from broker.server import Server, ServerSettings
 from broker.sqs import SqsEventQueue, SqsQueue, ensure_events_queue
+from broker.userdata import WatchdogSettings, compose
 
 # Exit statuses: EXIT_CONFIG (78, EX_CONFIG) for a config or setup that starting again will not
 # fix (the unit's RestartPreventExitStatus= names it); EXIT_TEMPFAIL (75) for AWS that could not
@@ -262,6 +263,10 @@ def _serve(args: argparse.Namespace) -> int:
             config = attrs.evolve(config, listen_port=args.port)
         if not args.sandbox:
             config.validate_for_aws()
+        elif args.host is None and config.listen_host == "0.0.0.0":
+            # The sandbox is for one machine: nobody else on the network may drive it.
+            config = attrs.evolve(config, listen_host="127.0.0.1")
+        worker_user_data(config, config.listen_port)  # refused now, not at the first launch
     except ConfigError as exc:
         print(exc, file=sys.stderr)
         return EXIT_CONFIG
@@ -311,7 +316,7 @@ def build_registry(config: Config, limiter: trio.CapacityLimiter) -> Registry:
     return DynamoRegistry(config.registry_table, config.pool_name, limiter, region=config.region)
 
 
-def _ec2_settings(config: Config) -> Ec2Settings:
+def _ec2_settings(config: Config, port: int | None = None) -> Ec2Settings:
     return Ec2Settings(
         ami_id=config.ami_id or "",  # serve validates it; stop-all launches nothing
         security_group_ids=tuple(config.security_group_ids),
@@ -319,7 +324,45 @@ def _ec2_settings(config: Config) -> Ec2Settings:
         subnet_id=config.subnet_id,
         pool_name=config.pool_name,
         region=config.region,
+        user_data=None if port is None else worker_user_data(config, port),
     )
+
+
+_ANY_ADDRESS = frozenset({"", "0.0.0.0", "::"})
+
+
+def watchdog_brokers(config: Config, port: int) -> tuple[tuple[str, int], ...]:
+    """Where the workers' watchdogs reach the brokers: `broker_addresses`, else this broker's
+    own listen address on `port`. ConfigError when that is no address a worker can use."""
+    if config.broker_addresses:
+        found = []
+        for address in config.broker_addresses:
+            host, _, number = address.rpartition(":")
+            found.append((host.strip("[]"), int(number)))
+        return tuple(found)
+    if config.listen_host in _ANY_ADDRESS:
+        raise ConfigError(
+            f"broker_addresses: worker_watchdog needs the address workers reach this broker at, "
+            f"and listen_host {config.listen_host or '(any)'} does not say it: set "
+            "broker_addresses: [HOST:PORT] (every replica's), or worker_watchdog: false"
+        )
+    return ((config.listen_host, port),)
+
+
+def worker_user_data(config: Config, port: int) -> str | None:
+    """The user data every worker is launched with: the operator's `user_data` plus, unless
+    `worker_watchdog: false`, the watchdog (broker.userdata). ConfigError if too large."""
+    watchdog = None
+    if config.worker_watchdog:
+        watchdog = WatchdogSettings(
+            brokers=watchdog_brokers(config, port),
+            orphan_timeout=config.orphan_timeout,
+            max_lifetime=config.max_lifetime,
+        )
+    try:
+        return compose(config.user_data, watchdog)
+    except ValueError as exc:
+        raise ConfigError(f"user_data: {exc}") from None
 
 
 def _budget(config: Config) -> Budget:
@@ -328,10 +371,11 @@ def _budget(config: Config) -> Budget:
     )
 
 
-def build_engine(config: Config, clock: Clock) -> Engine:
-    """The engine for a config, talking to EC2 (and DynamoDB) through boto3."""
+def build_engine(config: Config, clock: Clock, port: int | None = None) -> Engine:
+    """The engine for a config, talking to EC2 (and DynamoDB) through boto3; with the port
+    the broker listens on, its workers are launched with the watchdog's user data."""
     limiter = trio.CapacityLimiter(config.aws_max_concurrency)
-    cloud = Ec2Cloud(_ec2_settings(config), limiter)
+    cloud = Ec2Cloud(_ec2_settings(config, port), limiter)
     settings = EngineSettings(
         default_spec=LaunchSpec(
             config.instance_type,
@@ -411,7 +455,7 @@ async def _run(config: Config, config_path: str | None = None) -> int:
     if isinstance(listeners, int):
         log.error("broker.not_started", reason="listen", exit_status=listeners)
         return listeners
-    engine = build_engine(config, Clock())
+    engine = build_engine(config, Clock(), listeners[0].socket.getsockname()[1])
     server = Server(
         engine,
         ServerSettings(

@@ -146,6 +146,51 @@ FIELDS: tuple[Field, ...] = (
         ["subnet-0123456789abcdef0", "subnet-0fedcba9876543210"],
     ),
     Field(
+        "user_data",
+        kinds.optional(kinds.text()),
+        None,
+        "Your own user data for every worker (a shell script, #cloud-config, or MIME; in YAML "
+        "a block: `user_data: |`). The watchdog is added to it, never replacing it "
+        "(docs/worker-watchdog.md). null: none.",
+        "#cloud-config",
+    ),
+    Field(
+        "worker_watchdog",
+        kinds.boolean(),
+        True,
+        "Put a dead-man's switch on every worker: it powers itself off (and so terminates) "
+        "when no broker has wanted it for orphan_timeout. false: guard orphans otherwise.",
+        False,
+    ),
+    Field(
+        "orphan_timeout",
+        kinds.duration(minimum=120.0),
+        1800,
+        "A worker that no broker has answered ALIVE with OK for this long powers itself off. "
+        "At least 2 minutes, so a broker restart never costs the workers.",
+        "1h",
+    ),
+    Field(
+        "max_lifetime",
+        kinds.duration(allow_zero=True),
+        0,
+        "A worker powers itself off this long after it booted, wanted or not. 0: no limit.",
+        "24h",
+    ),
+    Field(
+        "broker_addresses",
+        kinds.list_of(
+            kinds.text(
+                r"[A-Za-z0-9][A-Za-z0-9.-]*:[0-9]{1,5}|\[[0-9A-Fa-f:.]+\]:[0-9]{1,5}",
+                "be host:port",
+            )
+        ),
+        [],
+        "Where workers reach the brokers (every replica's), for their watchdog's ALIVE. []: "
+        "this broker's listen address, which must then be a specific one (not 0.0.0.0).",
+        ["broker.lab.example:9000", "203.0.113.7:9000"],
+    ),
+    Field(
         "worker_port",
         kinds.integer(1, 65535),
         2560,

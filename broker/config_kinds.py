@@ -125,9 +125,13 @@ def boolean() -> Kind:
     return Kind("boolean", check)
 
 
-def duration(*, allow_zero: bool = False, maximum: float | None = None) -> Kind:
+def duration(
+    *, allow_zero: bool = False, maximum: float | None = None, minimum: float | None = None
+) -> Kind:
     """Seconds or a string with a unit (`broker.values.parse_duration`), as float seconds."""
     rule = f"be a duration {'>=' if allow_zero else '>'} 0"
+    if minimum is not None:
+        rule = f"be a duration >= {minimum:g}s"
     if maximum is not None:
         rule += f" and <= {maximum:g}s"
 
@@ -138,6 +142,8 @@ def duration(*, allow_zero: bool = False, maximum: float | None = None) -> Kind:
         if seconds < 0 or (seconds == 0 and not allow_zero):
             raise _must(rule, value)
         if maximum is not None and seconds > maximum:
+            raise _must(rule, value)
+        if minimum is not None and seconds < minimum:
             raise _must(rule, value)
         return seconds
 

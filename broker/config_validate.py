@@ -64,6 +64,13 @@ class Config:
     key_name: str | None = _default("key_name")
     subnet_id: str | None = _default("subnet_id")
     subnets: tuple[str, ...] = attrs.field(default=_default("subnets"), converter=_string_tuple)
+    user_data: str | None = _default("user_data")
+    worker_watchdog: bool = _default("worker_watchdog")
+    orphan_timeout: float = _default("orphan_timeout")
+    max_lifetime: float = _default("max_lifetime")
+    broker_addresses: tuple[str, ...] = attrs.field(
+        default=_default("broker_addresses"), converter=_string_tuple
+    )
     worker_port: int = _default("worker_port")
     probe: bool = _default("probe")
     probe_timeout: float = _default("probe_timeout")

@@ -78,6 +78,8 @@ class Ec2Settings:
     subnet_id: str | None
     pool_name: str
     region: str | None
+    # The user data every worker gets (the operator's plus the watchdog: broker.userdata).
+    user_data: str | None = None
 
 
 class Ec2Cloud:
@@ -130,7 +132,12 @@ class Ec2Cloud:
             "ClientToken": client_token,
             "SecurityGroupIds": list(self.settings.security_group_ids),
             "TagSpecifications": [{"ResourceType": "instance", "Tags": self._tags(client_token)}],
+            # A worker that powers itself off (its watchdog, docs/worker-watchdog.md) is
+            # terminated, not stopped: a stopped instance still bills for its volumes.
+            "InstanceInitiatedShutdownBehavior": "terminate",
         }
+        if self.settings.user_data is not None:
+            params["UserData"] = self.settings.user_data
         if self.settings.key_name is not None:
             params["KeyName"] = self.settings.key_name
         subnet = subnet if subnet is not None else self.settings.subnet_id

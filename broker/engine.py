@@ -167,6 +167,11 @@ class Engine:
         """End the caller's lease; terminate the worker if nobody else holds it."""
         await self.handout.release(ip, client)
 
+    async def alive(self, instance_id: str) -> bool:
+        """ALIVE from a worker's watchdog: False only when neither this replica nor the
+        registry has a worker, a launch or an intent it could be (no write, no lease effect)."""
+        return await self.reconciler.wanted(instance_id)
+
     async def undeliverable(self, handout: Handout, client: str) -> None:
         """The GET_WORKER reply could not be sent: drop the lease it created, if it did."""
         await self.handout.undeliverable(handout, client)

@@ -397,6 +397,7 @@ def dry_run_params(config: Config, offering: Offering) -> dict[str, Any]:
                 ],
             }
         ],
+        "InstanceInitiatedShutdownBehavior": "terminate",
         "DryRun": True,
     }
     if config.key_name is not None:

@@ -25,6 +25,7 @@ MAX_ERROR_BYTES: Final = 4095  # an ERROR reply, LF excluded; longer reasons are
 # Every pattern below is ASCII by construction: `[0-9]` never matches other scripts' digits.
 _CLIENT_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")
 _INSTANCE_TYPE = re.compile(r"[a-z][a-z0-9-]*\.[a-z0-9-]+")
+_INSTANCE_ID = re.compile(r"i-[0-9a-f]{8,17}")
 _WHOLE_NUMBER = re.compile(r"[0-9]+")
 _DECIMAL_NUMBER = re.compile(r"(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
 _BLANKS = re.compile(r"[ \t]+")  # the only word separators: ASCII space and tab
@@ -93,6 +94,7 @@ def _cut(text: str, size: int) -> str:
 
 UNKNOWN_COMMAND: Final = Reply("ERROR: Unknown command")
 WORKER_NOT_FOUND: Final = Reply("ERROR: Worker not found")
+WORKER_NOT_WANTED: Final = Reply("ERROR: Worker not wanted")  # ALIVE: power yourself off
 WORKER_INTERRUPTED: Final = "ERROR: Worker interrupted"
 
 
@@ -170,7 +172,14 @@ class Quit:
     """QUIT: say goodbye and close."""
 
 
-Command = GetWorker | Ping | Release | Status | Burst | Help | Quit
+@attrs.frozen
+class Alive:
+    """ALIVE <instance-id>: a worker's watchdog asks whether the pool still wants it."""
+
+    instance_id: str
+
+
+Command = GetWorker | Ping | Release | Status | Burst | Help | Quit | Alive
 
 
 @attrs.frozen
@@ -184,6 +193,7 @@ class BadRequest:
 _USAGE: Final = {
     "GET_WORKER": "GET_WORKER [type=T] [market=spot|on-demand] [wait=S] [client=ID]",
     "PING": "PING <ip> [client=ID]",
+    "ALIVE": "ALIVE <instance-id>",
     "RELEASE": "RELEASE <ip> [client=ID]",
     "STATUS": "STATUS",
     "BURST": f"BURST <n> (1-{MAX_BURST})",
@@ -289,6 +299,13 @@ def _parse_get_worker(args: list[str]) -> Command:
     return GetWorker(instance_type, market, wait, _client(options))
 
 
+def _parse_alive(args: list[str]) -> Command:
+    (instance_id,), _ = _split(args, 1, frozenset())
+    if not _INSTANCE_ID.fullmatch(instance_id):
+        raise _Usage(f"{instance_id!r} is not an EC2 instance id")
+    return Alive(instance_id)
+
+
 def _parse_ping(args: list[str]) -> Command:
     (ip,), options = _split(args, 1, frozenset({"client"}))
     return Ping(_ip(ip), _client(options))
@@ -319,6 +336,7 @@ def _no_args(command: Command) -> Callable[[list[str]], Command]:
 _PARSERS: Final[dict[str, Callable[[list[str]], Command]]] = {
     "GET_WORKER": _parse_get_worker,
     "PING": _parse_ping,
+    "ALIVE": _parse_alive,
     "RELEASE": _parse_release,
     "BURST": _parse_burst,
     "STATUS": _no_args(Status()),

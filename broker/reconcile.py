@@ -16,6 +16,7 @@ import structlog
 
 from broker.cloud import CloudError, Instance
 from broker.context import Context
+from broker.errors import Refusal
 from broker.launcher import Launcher
 from broker.ledger import MICROS, RATE_KEY, to_micros
 from broker.model import WorkerState
@@ -71,6 +72,23 @@ class Reconciler:
                     await ctx.registry.put_worker(WorkerRecord.from_worker(worker))
             except CloudError as exc:
                 _log.error("registry.write_failed", op="local_worker", error=str(exc))
+
+    async def wanted(self, instance_id: str) -> bool:
+        """Whether the pool still wants the instance (a worker's watchdog asks, `ALIVE`):
+        known here (any state: a terminating one goes anyway), or, when not, the registry
+        has its worker or any launch not answered yet (another replica's fresh worker may
+        not be known here). Costs no registry call for a known worker and writes nothing.
+        Raises Refusal when the registry cannot be asked: the worker hears no verdict."""
+        ctx = self.ctx
+        if instance_id in ctx.pool.workers or ctx.pool.in_flight:
+            return True
+        now = ctx.clock.now()
+        try:
+            if await ctx.registry.get_worker(instance_id) is not None:
+                return True
+            return bool(await ctx.registry.list_intents(now))
+        except CloudError as exc:
+            raise Refusal(f"registry unavailable: {exc}") from exc
 
     async def reconcile(self) -> None:
         """Make the pool agree with EC2's view of this pool's tagged instances (and with the

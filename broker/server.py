@@ -21,6 +21,7 @@ from broker import protocol
 from broker.engine import Engine, Handout, Refusal, WorkerInterrupted, WorkerNotFound
 from broker.model import WorkerRequest
 from broker.protocol import (
+    Alive,
     BadRequest,
     Burst,
     Closed,
@@ -216,6 +217,9 @@ class Server:
 
     async def _execute(self, command: Command, peer: str) -> Reply:
         match command:
+            case Alive(instance_id=instance_id):
+                wanted = await self.engine.alive(instance_id)
+                return Reply.ok() if wanted else protocol.WORKER_NOT_WANTED
             case Ping(ip=ip, client=client):
                 await self.engine.ping(ip, _identity(peer, client))
                 return Reply.ok()
