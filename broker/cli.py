@@ -266,7 +266,8 @@ def _serve(args: argparse.Namespace) -> int:
         elif args.host is None and config.listen_host == "0.0.0.0":
             # The sandbox is for one machine: nobody else on the network may drive it.
             config = attrs.evolve(config, listen_host="127.0.0.1")
-        worker_user_data(config, config.listen_port)  # refused now, not at the first launch
+        # Refused now, not at the first launch (port 0: the real one is known once listening).
+        worker_user_data(config, config.listen_port or 65535)
     except ConfigError as exc:
         print(exc, file=sys.stderr)
         return EXIT_CONFIG
@@ -353,13 +354,13 @@ def worker_user_data(config: Config, port: int) -> str | None:
     """The user data every worker is launched with: the operator's `user_data` plus, unless
     `worker_watchdog: false`, the watchdog (broker.userdata). ConfigError if too large."""
     watchdog = None
-    if config.worker_watchdog:
-        watchdog = WatchdogSettings(
-            brokers=watchdog_brokers(config, port),
-            orphan_timeout=config.orphan_timeout,
-            max_lifetime=config.max_lifetime,
-        )
     try:
+        if config.worker_watchdog:
+            watchdog = WatchdogSettings(
+                brokers=watchdog_brokers(config, port),
+                orphan_timeout=config.orphan_timeout,
+                max_lifetime=config.max_lifetime,
+            )
         return compose(config.user_data, watchdog)
     except ValueError as exc:
         raise ConfigError(f"user_data: {exc}") from None
