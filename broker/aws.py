@@ -1,7 +1,8 @@
 """boto3 plumbing shared by the AWS adapters: client construction and one call wrapper.
 
 Every blocking boto3 call goes through `call`, which runs it in a worker thread under a
-`trio.CapacityLimiter` and turns botocore's exceptions into `broker.cloud.CloudError`.
+`trio.CapacityLimiter` and turns botocore's exceptions into `broker.cloud.CloudError`; the
+observers registered with `observe_calls` (metrics, health) hear of each call's outcome.
 """
 
 from __future__ import annotations
@@ -26,6 +27,10 @@ MAX_MESSAGE_LENGTH = 300
 
 _P = ParamSpec("_P")
 _T = TypeVar("_T")
+
+# Told of every AWS call that finished: (service, operation, seconds, error code or None).
+CallObserver = Callable[[str, str, float, str | None], None]
+_observers: list[CallObserver] = []
 
 # Service models are large JSON files: share one loader (and its cache) between sessions, so
 # a second client costs milliseconds instead of a few hundred.
@@ -79,8 +84,9 @@ async def call(
     Cancellation returns at once; the abandoned thread finishes (bounded by the client's
     timeouts) and keeps its limiter token until then.
     """
+    started = trio.current_time()
     try:
-        return await trio.to_thread.run_sync(
+        result = await trio.to_thread.run_sync(
             functools.partial(fn, *args, **kwargs), limiter=limiter, abandon_on_cancel=True
         )
     except (
@@ -88,7 +94,31 @@ async def call(
         botocore.exceptions.BotoCoreError,
         botocore.parsers.ResponseParserError,
     ) as exc:
-        raise cloud_error(exc) from exc
+        error = cloud_error(exc)
+        _tell(fn, trio.current_time() - started, error.code)
+        raise error from exc
+    _tell(fn, trio.current_time() - started, None)
+    return result
+
+
+def observe_calls(observer: CallObserver) -> Callable[[], None]:
+    """Tell `observer` of every AWS call from now on; returns the function that stops it."""
+    _observers.append(observer)
+    return lambda: _observers.remove(observer)
+
+
+def _tell(fn: Callable[..., Any], seconds: float, error: str | None) -> None:
+    if not _observers:
+        return
+    client = getattr(fn, "__self__", None)
+    meta = getattr(client, "meta", None)
+    if meta is None:
+        return  # not a client method (a paginator, a test double)
+    service = meta.service_model.service_name
+    name = getattr(fn, "__name__", "")
+    operation = meta.method_to_api_mapping.get(name, name)
+    for observer in list(_observers):
+        observer(service, operation, seconds, error)
 
 
 def cloud_error(exc: Exception) -> CloudError:

@@ -12,10 +12,8 @@ compute-broker config-reference | sample-config
 from __future__ import annotations
 
 import argparse
-import errno
 import functools
 import os
-import signal
 import sys
 from collections.abc import Sequence
 
@@ -23,26 +21,19 @@ import attrs
 import structlog
 import trio
 
-from broker import __version__
+from broker import __version__, service
 from broker.aws import make_client
-from broker.checks import EXIT_CONFIG, EXIT_TEMPFAIL, exit_status, failures
+from broker.checks import EXIT_CONFIG, EXIT_TEMPFAIL, exit_status
 from broker.clock import Clock
-from broker.cloud import CloudError, LaunchSpec, Market
+from broker.cloud import CloudError
 from broker.config_docs import reference_markdown, sample_yaml
 from broker.config_load import load_config
 from broker.config_validate import Config, ConfigError
-from broker.ec2 import BILLABLE_STATES, Ec2Cloud, Ec2Settings
-from broker.engine import Engine, EngineSettings, Refusal
-from broker.ledger import Budget, OnCap
+from broker.ec2 import BILLABLE_STATES, Ec2Cloud
+from broker.engine import Refusal
 from broker.log import configure_logging
-from broker.memory_registry import MemoryRegistry
-from broker.model import Limits
-from broker.prices import PriceTable
-from broker.registry import Registry
-from broker.sdnotify import notify
-from broker.server import Server, ServerSettings
-from broker.sqs import SqsEventQueue, SqsQueue, ensure_events_queue
-from broker.userdata import WatchdogSettings, compose
+from broker.sqs import ensure_events_queue
+from broker.wiring import build_engine, build_registry, worker_user_data
 
 # Exit statuses: EXIT_CONFIG (78, EX_CONFIG) for a config or setup that starting again will not
 # fix (the unit's RestartPreventExitStatus= names it); EXIT_TEMPFAIL (75) for AWS that could not
@@ -274,7 +265,7 @@ def _serve(args: argparse.Namespace) -> int:
     configure_logging(config.log_format, config.log_level)
     if args.sandbox:
         config = _start_sandbox(config)
-    return trio.run(_run, config, args.config)
+    return trio.run(service.serve, config, args.config)
 
 
 def _start_sandbox(config: Config) -> Config:
@@ -306,187 +297,6 @@ def _start_sandbox(config: Config) -> Config:
         key_name=resources.key_name,
         subnet_id=resources.subnet_id,
     )
-
-
-def build_registry(config: Config, limiter: trio.CapacityLimiter) -> Registry:
-    """The registry the config asks for."""
-    if config.registry == "memory":
-        return MemoryRegistry(config.pool_name)
-    from broker.dynamo import DynamoRegistry
-
-    return DynamoRegistry(config.registry_table, config.pool_name, limiter, region=config.region)
-
-
-def _ec2_settings(config: Config, port: int | None = None) -> Ec2Settings:
-    return Ec2Settings(
-        ami_id=config.ami_id or "",  # serve validates it; stop-all launches nothing
-        security_group_ids=tuple(config.security_group_ids),
-        key_name=config.key_name,
-        subnet_id=config.subnet_id,
-        pool_name=config.pool_name,
-        region=config.region,
-        user_data=None if port is None else worker_user_data(config, port),
-    )
-
-
-_ANY_ADDRESS = frozenset({"", "0.0.0.0", "::"})
-
-
-def watchdog_brokers(config: Config, port: int) -> tuple[tuple[str, int], ...]:
-    """Where the workers' watchdogs reach the brokers: `broker_addresses`, else this broker's
-    own listen address on `port`. ConfigError when that is no address a worker can use."""
-    if config.broker_addresses:
-        found = []
-        for address in config.broker_addresses:
-            host, _, number = address.rpartition(":")
-            found.append((host.strip("[]"), int(number)))
-        return tuple(found)
-    if config.listen_host in _ANY_ADDRESS:
-        raise ConfigError(
-            f"broker_addresses: worker_watchdog needs the address workers reach this broker at, "
-            f"and listen_host {config.listen_host or '(any)'} does not say it: set "
-            "broker_addresses: [HOST:PORT] (every replica's), or worker_watchdog: false"
-        )
-    return ((config.listen_host, port),)
-
-
-def worker_user_data(config: Config, port: int) -> str | None:
-    """The user data every worker is launched with: the operator's `user_data` plus, unless
-    `worker_watchdog: false`, the watchdog (broker.userdata). ConfigError if too large."""
-    watchdog = None
-    try:
-        if config.worker_watchdog:
-            watchdog = WatchdogSettings(
-                brokers=watchdog_brokers(config, port),
-                orphan_timeout=config.orphan_timeout,
-                max_lifetime=config.max_lifetime,
-            )
-        return compose(config.user_data, watchdog)
-    except ValueError as exc:
-        raise ConfigError(f"user_data: {exc}") from None
-
-
-def _budget(config: Config) -> Budget:
-    return Budget(
-        config.max_daily_cost, config.max_monthly_cost, config.budget_timezone, OnCap(config.on_cap)
-    )
-
-
-def build_engine(config: Config, clock: Clock, port: int | None = None) -> Engine:
-    """The engine for a config, talking to EC2 (and DynamoDB) through boto3; with the port
-    the broker listens on, its workers are launched with the watchdog's user data."""
-    limiter = trio.CapacityLimiter(config.aws_max_concurrency)
-    cloud = Ec2Cloud(_ec2_settings(config, port), limiter)
-    settings = EngineSettings(
-        default_spec=LaunchSpec(
-            config.instance_type,
-            Market(config.market),
-            config.instance_types,
-            config.on_demand_fallback,
-        ),
-        limits=Limits(
-            config.max_workers,
-            config.max_hourly_cost,
-            config.idle_timeout,
-            config.clients_per_worker if config.sharing == "exclusive" else None,
-        ),
-        launch_timeout=config.launch_timeout,
-        describe_interval=config.describe_interval,
-        reap_interval=config.reap_interval,
-        worker_port=config.worker_port,
-        probe=config.probe,
-        probe_timeout=config.probe_timeout,
-        warm_pool=config.warm_pool,
-        local_workers=config.local_workers,
-        prefer_local=config.prefer_local,
-        burst=config.burst_policy,
-        budget=_budget(config),
-        subnets=config.subnets or (config.subnet_id,),
-    )
-    prices = PriceTable.default().with_overrides(config.prices)
-    queue = events = None
-    if config.burst_policy.mode == "auto" and config.burst_policy.queue_url:
-        queue = SqsQueue(config.burst_policy.queue_url, limiter, region=config.region)
-    if config.events_queue_url:
-        # Long polls hold a thread for up to 20 s: their own limiter, not the shared one.
-        events = SqsEventQueue(
-            config.events_queue_url, trio.CapacityLimiter(1), region=config.region
-        )
-    return Engine(
-        cloud,
-        settings,
-        clock,
-        prices,
-        build_registry(config, limiter),
-        queue,
-        events=events,
-        spot_prices=cloud if config.spot_price_history else None,
-    )
-
-
-async def _preflight(config: Config, config_path: str | None) -> int:
-    """The start-up checks; on failure each failed one as one line on stderr. The exit status."""
-    from broker.preflight import run_checks
-
-    checks = await run_checks(config, config_path=config_path)
-    for check in failures(checks):
-        print(check.line(), file=sys.stderr)
-    return exit_status(checks)
-
-
-async def _listen(config: Config) -> list[trio.SocketListener] | int:
-    """The listening sockets, or (one line on stderr) the exit status when they cannot be had:
-    1 if the port is taken (it may free up: systemd retries), else EXIT_CONFIG."""
-    host, port = config.listen_host, config.listen_port
-    try:
-        return await trio.open_tcp_listeners(port, host=host)
-    except OSError as exc:
-        reason = exc.strerror or str(exc)
-        print(f"cannot listen on {host}:{port}: {reason}", file=sys.stderr)
-        return 1 if exc.errno == errno.EADDRINUSE else EXIT_CONFIG
-
-
-async def _run(config: Config, config_path: str | None = None) -> int:
-    log = structlog.get_logger("broker")
-    status = await _preflight(config, config_path)
-    if status:
-        log.error("broker.not_started", reason="preflight", exit_status=status)
-        return status
-    listeners = await _listen(config)
-    if isinstance(listeners, int):
-        log.error("broker.not_started", reason="listen", exit_status=listeners)
-        return listeners
-    engine = build_engine(config, Clock(), listeners[0].socket.getsockname()[1])
-    server = Server(
-        engine,
-        ServerSettings(
-            host=config.listen_host,
-            port=config.listen_port,
-            client_timeout=config.client_timeout,
-            max_connections=config.max_connections,
-        ),
-    )
-    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-        async with trio.open_nursery() as nursery:
-            await nursery.start(engine.run)
-            await nursery.start(functools.partial(server.run, listeners=listeners))
-            host, port = listeners[0].socket.getsockname()[:2]
-            print(f"listening on {host}:{port}", flush=True)
-            notify("READY=1")
-            log.info("broker.started", host=host, port=port, pool=config.pool_name)
-            async for signum in signals:
-                log.info("broker.stopping", signal=signal.Signals(signum).name)
-                break
-            notify("STOPPING=1")
-            await server.shutdown()
-            with trio.move_on_after(config.shutdown_grace):
-                await server.wait_closed()
-            engine.stop_handing_out()  # requests still waiting answer "shutting down"
-            with trio.move_on_after(2):
-                await server.wait_closed()
-            nursery.cancel_scope.cancel()
-    log.info("broker.stopped", workers_left_running=len(engine.pool.workers))
-    return 0
 
 
 _COMMANDS = {

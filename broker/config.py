@@ -146,6 +146,26 @@ FIELDS: tuple[Field, ...] = (
         ["subnet-0123456789abcdef0", "subnet-0fedcba9876543210"],
     ),
     Field(
+        "http_listen",
+        kinds.optional(
+            kinds.text(
+                r"[A-Za-z0-9][A-Za-z0-9.-]*:[0-9]{1,5}|\[[0-9A-Fa-f:.]+\]:[0-9]{1,5}",
+                "be host:port",
+            )
+        ),
+        None,
+        "Where to serve /metrics (Prometheus), /healthz and a status page for people "
+        "(docs/monitoring.md; needs the monitoring extra). null: off.",
+        "127.0.0.1:9100",
+    ),
+    Field(
+        "http_allow_cidrs",
+        kinds.list_of(kinds.text(r"[0-9A-Fa-f:.]+(/[0-9]{1,3})?", "be an address or CIDR")),
+        ["127.0.0.0/8", "::1/128"],
+        "Who may connect to http_listen; anyone else is closed before a byte is read.",
+        ["127.0.0.0/8", "10.1.2.0/24"],
+    ),
+    Field(
         "user_data",
         kinds.optional(kinds.text()),
         None,

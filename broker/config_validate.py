@@ -64,6 +64,10 @@ class Config:
     key_name: str | None = _default("key_name")
     subnet_id: str | None = _default("subnet_id")
     subnets: tuple[str, ...] = attrs.field(default=_default("subnets"), converter=_string_tuple)
+    http_listen: str | None = _default("http_listen")
+    http_allow_cidrs: tuple[str, ...] = attrs.field(
+        default=_default("http_allow_cidrs"), converter=_string_tuple
+    )
     user_data: str | None = _default("user_data")
     worker_watchdog: bool = _default("worker_watchdog")
     orphan_timeout: float = _default("orphan_timeout")

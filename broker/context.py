@@ -19,6 +19,7 @@ from broker.burst import BurstPolicy
 from broker.clock import Clock
 from broker.cloud import Cloud, CloudError
 from broker.ledger import Budget
+from broker.metrics import Metrics
 from broker.model import NO_WARM_POOL, LaunchSpec, Lease, Limits, LocalWorker, WarmPool, Worker
 from broker.pool import Pool
 from broker.prices import PriceTable
@@ -83,6 +84,7 @@ class Context:
     prices: PriceTable  # replaced when spot prices are refreshed
     nursery: trio.Nursery | None = None  # set by Engine.run
     closing: bool = False  # shutdown began: waiting requests are refused
+    metrics: Metrics = attrs.field(factory=Metrics)  # counters for /metrics (broker.monitor)
     boot_wakeup: Wakeup = attrs.field(factory=Wakeup)  # a launch answered: describe it
     warm_wakeup: Wakeup = attrs.field(factory=Wakeup)  # a worker was taken: refill
     _changed: trio.Event = attrs.field(factory=trio.Event, alias="_changed")
@@ -121,6 +123,7 @@ class Context:
             return await call(*args, **kwargs)
         except CloudError as exc:
             getattr(_log, level)("registry.write_failed", op=op, error=str(exc))
+            self.metrics.registry_error(op)
             return default
 
     async def read(
@@ -131,6 +134,7 @@ class Context:
             return await call(*args)
         except CloudError as exc:
             getattr(_log, level)("registry.read_failed", op=op, error=str(exc))
+            self.metrics.registry_error(op)
             return None
 
     async def persist_interruption(self, worker: Worker) -> None:

@@ -109,6 +109,7 @@ class Ec2Events:
         if interruption is None:
             return
         ctx.pool.interrupt(worker, interruption)
+        ctx.metrics.interrupted(reason)
         await ctx.persist_interruption(worker)
         holders = ctx.pool.holder_count(worker.instance_id)
         _log.warning(

@@ -32,8 +32,10 @@ from broker.context import Context, EngineSettings
 from broker.ec2_events import Ec2Events
 from broker.errors import Refusal, WorkerInterrupted, WorkerNotFound
 from broker.handout import WAIT_SLACK, Handout, HandoutDesk
+from broker.health import Health
 from broker.launcher import Launcher
 from broker.memory_registry import MemoryRegistry
+from broker.metrics import Metrics
 from broker.model import Worker, WorkerRequest
 from broker.pool import Pool
 from broker.prices import PriceTable
@@ -80,6 +82,7 @@ class Engine:
             settings=settings,
             prices=prices,
         )
+        self.health = Health(settings.reap_interval, clock.now())
         self.spending = Spending(ctx)
         self.launcher = Launcher(ctx, self.spending)
         self.retire = Retire(ctx, self.spending, self.launcher)
@@ -120,6 +123,11 @@ class Engine:
     def clock(self) -> Clock:
         """The clock seam."""
         return self.ctx.clock
+
+    @property
+    def metrics(self) -> Metrics:
+        """The counters the rooms and the server keep (served by broker.monitor)."""
+        return self.ctx.metrics
 
     @property
     def prices(self) -> PriceTable:
@@ -244,3 +252,5 @@ class Engine:
                 await self.reap_once()
             except Exception:
                 _log.exception("reaper.crashed")  # logged; the next pass tries again
+            else:
+                self.health.reaper_pass(self.ctx.clock.now())

@@ -187,7 +187,11 @@ class Launcher:
                 price_per_hour=launched.price,
                 api_seconds=round(trio.current_time() - started, 3),
             )
-        if not instances:
+        if instances:
+            ctx.metrics.launched(
+                launched.offering.instance_type, str(launched.offering.market), len(instances)
+            )
+        else:
             attempt.error = "launch failed: EC2 launched no instance"
             self.attempts.pop(attempt.token, None)
         attempt.answered.set()
@@ -207,6 +211,7 @@ class Launcher:
             await self._undo_reservations(attempt)  # nothing was launched
         spec = attempt.spec
         attempt.error = self.describe_error(exc)
+        self.ctx.metrics.launch_failed(_failure_kind(exc))
         self.ctx.pool.launch_failed(attempt.token)
         self.attempts.pop(attempt.token, None)
         by_counter = isinstance(exc, AllReserved)
@@ -362,6 +367,7 @@ class Launcher:
     ) -> None:
         wanted = f"{spec.instance_type} {spec.market}"
         self.fallbacks.append(Fallback(now, wanted, offering.describe(), tuple(failures)))
+        self.ctx.metrics.fallback()
         del self.fallbacks[:-FALLBACKS_SHOWN]
         _log.info("launch.fell_back", got=offering.describe(), after=list(failures))
 
@@ -402,3 +408,16 @@ class Launcher:
         """True if the intent `token` belongs to a launch of ours still under way (fallback
         offerings add "-<n>" to the attempt's token)."""
         return token.partition("-")[0] in self.attempts
+
+
+def _failure_kind(exc: Exception) -> str:
+    """The launch-failure label for metrics: AWS's error code, or what refused."""
+    if isinstance(exc, CloudError):
+        return exc.code
+    if isinstance(exc, trio.TooSlowError):
+        return "timeout"
+    if isinstance(exc, AllReserved):
+        return "max_workers"
+    if isinstance(exc, OverBudget):
+        return "budget"
+    return "internal"

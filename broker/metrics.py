@@ -32,7 +32,9 @@ PREFIX: Final = "compute_broker"
 # The classic Prometheus text format. Every name here is a legacy-valid one, so this is exactly
 # what generate_latest writes, and every Prometheus version reads it.
 CONTENT_TYPE: Final = "text/plain; version=0.0.4; charset=utf-8"
-COMMANDS: Final = frozenset({"GET_WORKER", "PING", "RELEASE", "STATUS", "BURST", "HELP", "QUIT"})
+COMMANDS: Final = frozenset(
+    {"GET_WORKER", "PING", "RELEASE", "STATUS", "BURST", "HELP", "QUIT", "ALIVE"}
+)
 OTHER: Final = "other"
 # Requests take from microseconds (STATUS) to minutes (a GET_WORKER that waits for a launch).
 REQUEST_BUCKETS: Final = (
@@ -65,6 +67,8 @@ _OUTCOMES: Final = (
     ("ERROR: registry unavailable", "registry_unavailable"),
     ("ERROR: cloud unreachable", "cloud_unreachable"),
     ("ERROR: Worker not found", "not_found"),
+    ("ERROR: Worker not wanted", "not_wanted"),
+    ("ERROR: not a compute-broker client", "bad_request"),
     ("ERROR: Worker interrupted", "interrupted"),
     ("ERROR: broker shutting down", "shutting_down"),
     ("ERROR: internal error", "internal_error"),

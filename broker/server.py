@@ -19,6 +19,7 @@ import trio
 
 from broker import protocol
 from broker.engine import Engine, Handout, Refusal, WorkerInterrupted, WorkerNotFound
+from broker.metrics import outcome_of
 from broker.model import WorkerRequest
 from broker.protocol import (
     Alive,
@@ -120,9 +121,12 @@ class Server:
         peer = _peer_host(stream)
         log = _log.bind(conn=conn_id, peer=peer)
         self.open_connections += 1
+        metrics = self.engine.metrics
+        metrics.connection_opened()
         try:
             if self.open_connections > self.settings.max_connections:
                 log.warning("connection.refused", reason="too many connections")
+                metrics.connection_refused("too_many_connections")
                 await _send_quietly(stream, protocol.TOO_MANY_CONNECTIONS)
                 return
             await self._serve_connection(stream, peer, log)
@@ -131,6 +135,7 @@ class Server:
             await _send_quietly(stream, INTERNAL_ERROR)
         finally:
             self.open_connections -= 1
+            metrics.connection_closed()
             self._check_idle()
             await stream.aclose()
 
@@ -182,14 +187,17 @@ class Server:
         if isinstance(event, BadRequest):
             reply = event.reply
             log.warning("client.bad_line", reason=event.reason, reply=reply.text)
+            self.engine.metrics.request("other", "bad_request", 0.0)
         else:
             reply, handout = await self._dispatch(event, peer)
+            seconds = trio.current_time() - started
             log.info(
                 "request",
                 command=type(event).__name__,
                 reply=reply.text[:80],
-                ms=round((trio.current_time() - started) * 1000, 3),
+                ms=round(seconds * 1000, 3),
             )
+            self.engine.metrics.request(_WIRE_NAMES[type(event)], outcome_of(reply.text), seconds)
         scope.deadline = trio.current_time() + self.settings.client_timeout
         try:
             await stream.send_all(reply.to_bytes())
@@ -237,6 +245,18 @@ class Server:
             case Quit():
                 return protocol.BYE
         raise AssertionError(f"unhandled command {command!r}")
+
+
+_WIRE_NAMES: Final = {
+    GetWorker: "GET_WORKER",
+    Ping: "PING",
+    Release: "RELEASE",
+    Status: "STATUS",
+    Burst: "BURST",
+    Help: "HELP",
+    Quit: "QUIT",
+    Alive: "ALIVE",
+}
 
 
 def _identity(peer: str, client: str | None) -> str:

@@ -171,6 +171,7 @@ class Spending:
         """A cap refuses extending the worker's cover: it goes when the cover runs out."""
         if worker.interruption is None:
             self.ctx.pool.interrupt(worker, Interruption("budget", worker.paid_until, now))
+            self.ctx.metrics.interrupted("budget")
             if self.ctx.nursery is not None:
                 self.ctx.spawn(self.ctx.persist_interruption, worker)
             _log.warning(

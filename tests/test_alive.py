@@ -17,7 +17,6 @@ import trio
 from trio.testing import MockClock
 
 from broker.aws import make_client
-from broker.cli import watchdog_brokers, worker_user_data
 from broker.clock import Clock
 from broker.cloud import LaunchSpec, Market
 from broker.config_validate import Config, ConfigError
@@ -30,6 +29,7 @@ from broker.protocol import Alive, BadRequest, parse
 from broker.registry import LaunchIntent, WorkerRecord
 from broker.sandbox import SandboxResources
 from broker.userdata import WATCHDOG_FILENAME
+from broker.wiring import watchdog_brokers, worker_user_data
 from tests.fakes import FakeCloud
 from tests.harness import ask_once, running_broker
 from tests.test_worker_watchdog import ORPHAN_TIMEOUT, SLACK, running_watchdog, settings
