@@ -392,7 +392,7 @@ WRITES = ("PutItem", "UpdateItem", "DeleteItem", "TransactWriteItems")
 def dynamodb_faults(bench: Bench) -> list[Result]:
     """Two replicas, exclusive mode: both claim the same ready workers at once (conditional
     checks decide, and every third transaction is cancelled as conflicting); then DynamoDB
-    throttles every second write and every third read while clients PING, RELEASE and ask."""
+    throttles every fourth write and every fifth read while clients PING, RELEASE and ask."""
     cloud = bench.cloud
     cap = 8
     pool = bench.pool("ddb")
@@ -449,9 +449,9 @@ def dynamodb_faults(bench: Bench) -> list[Result]:
             "ProvisionedThroughputExceededException",
             "The level of configured provisioned throughput for the table was exceeded.",
         )
-        rules = [cloud.injector.add(Rule("dynamodb", op, every=2, reply=throttle)) for op in WRITES]
+        rules = [cloud.injector.add(Rule("dynamodb", op, every=4, reply=throttle)) for op in WRITES]
         rules += [
-            cloud.injector.add(Rule("dynamodb", op, every=3, reply=throttle))
+            cloud.injector.add(Rule("dynamodb", op, every=5, reply=throttle))
             for op in ("GetItem", "Query")
         ]
         holders = checks.granted(outcomes)
@@ -462,7 +462,7 @@ def dynamodb_faults(bench: Bench) -> list[Result]:
         ]
         second = storm(lambda n: (a, b)[n % 2].port, pings, timeout=60)
         second += storm(lambda n: (a, b)[n % 2].port, releases, timeout=60)
-        asks = [f"GET_WORKER wait=10 client=t{n}" for n in range(4)]
+        asks = [f"GET_WORKER wait=30 client=t{n}" for n in range(4)]
         third = storm(lambda n: (a, b)[n % 2].port, asks, timeout=60)
         throttled = sum(r.applied for r in rules)
         for rule in rules:
@@ -489,7 +489,7 @@ def dynamodb_faults(bench: Bench) -> list[Result]:
         rows.append(
             Result(
                 "DynamoDB throttling",
-                "every 2nd write, every 3rd read throttled",
+                "every 4th write, every 5th read throttled",
                 tuple(found),
                 figures,
                 time.monotonic() - began,

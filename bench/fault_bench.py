@@ -51,6 +51,7 @@ class Result:
     checks: tuple[Check, ...]
     figures: Mapping[str, Any]
     seconds: float
+    known: str | None = None  # a known broker bug this scenario shows
 
     @property
     def ok(self) -> bool:

@@ -9,7 +9,9 @@ down"). The bench's own reads go straight to moto and are never faulted.
 
 from __future__ import annotations
 
+import collections
 import contextlib
+import copy
 import functools
 import io
 import json
@@ -24,13 +26,16 @@ import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl
 
 import attrs
 import boto3
 import botocore.config
 import yaml
+
+if TYPE_CHECKING:
+    from broker.sandbox import MotoHandle
 
 ROOT = Path(__file__).resolve().parent.parent
 HOST = "127.0.0.1"
@@ -164,6 +169,13 @@ class Injector:
         call._fault_injector = self  # type: ignore[attr-defined]
         DomainDispatcherApplication.__call__ = call  # type: ignore[method-assign]
 
+    def uninstall(self) -> None:
+        from moto.moto_server.werkzeug_app import DomainDispatcherApplication
+
+        installed = DomainDispatcherApplication.__call__
+        if getattr(installed, "_fault_injector", None) is self:
+            DomainDispatcherApplication.__call__ = installed.__wrapped__  # type: ignore[attr-defined,method-assign]
+
     def _serve(self, original: Any, app: Any, environ: dict[str, Any], start: Any) -> Any:
         if BENCH_AGENT in environ.get("HTTP_USER_AGENT", ""):
             return original(app, environ, start)
@@ -211,6 +223,72 @@ def dry_run(request: Request) -> bool:
 
 def not_dry_run(request: Request) -> bool:
     return not dry_run(request)
+
+
+# --- moto's transactions, at the cost of what they touch ------------------------------------
+
+_touched = threading.local()
+
+
+def install_fast_transactions() -> None:
+    """Make moto's TransactWriteItems cost what it touches, not the table's size.
+
+    moto backs up every table a transaction names (a deep copy) so it can roll back a
+    cancelled one: with 1,000 leases in the table that is some 60 ms per transaction, and
+    DynamoDB is serialised in the sandbox, so a soak would measure moto. The backup taken here
+    copies the table's item index and deep-copies only the items the transaction writes;
+    with requests serialised (`broker.sandbox.install_atomic_dynamodb`) the rollback is the
+    same. For benchmarks that fill the table; idempotent."""
+    from moto.dynamodb.models import DynamoDBBackend
+    from moto.dynamodb.models.dynamo_type import DynamoType
+    from moto.dynamodb.models.table import Table
+
+    if getattr(DynamoDBBackend.transact_write_items, "_fast", False):
+        return
+    original = DynamoDBBackend.transact_write_items
+
+    @functools.wraps(original)
+    def transact_write_items(backend: Any, transact_items: list[dict[str, Any]]) -> None:
+        keys = []
+        for item in transact_items:
+            _, op = next(iter(item.items()))
+            table = backend.tables.get(op.get("TableName"))
+            if table is None:
+                continue
+            attrs = op.get("Key") or op.get("Item") or {}
+            hash_key = attrs.get(table.hash_key_attr)
+            range_key = attrs.get(table.range_key_attr) if table.range_key_attr else None
+            if hash_key is not None:
+                keys.append(
+                    (DynamoType(hash_key), None if range_key is None else DynamoType(range_key))
+                )
+        _touched.keys = keys
+        try:
+            original(backend, transact_items)
+        finally:
+            _touched.keys = None
+
+    def backup(table: Any, memo: dict[int, Any]) -> Any:
+        keys = getattr(_touched, "keys", None)
+        if keys is None:  # not a transaction's backup: a real deep copy
+            clone = object.__new__(Table)
+            clone.__dict__.update(copy.deepcopy(table.__dict__, memo))
+            return clone
+        clone = copy.copy(table)
+        clone.items = collections.defaultdict(dict)
+        for hash_key, rows in table.items.items():
+            clone.items[hash_key] = dict(rows) if isinstance(rows, dict) else rows
+        for hash_key, range_key in keys:
+            rows = table.items.get(hash_key)
+            if range_key is None and rows is not None and not isinstance(rows, dict):
+                clone.items[hash_key] = copy.deepcopy(rows)
+            elif isinstance(rows, dict) and range_key in rows:
+                clone.items[hash_key][range_key] = copy.deepcopy(rows[range_key])
+        return clone
+
+    transact_write_items._fast = True  # type: ignore[attr-defined]
+    DynamoDBBackend.transact_write_items = transact_write_items  # type: ignore[method-assign]
+    Table.__deepcopy__ = backup  # type: ignore[attr-defined]
 
 
 # --- a TCP proxy that can go down ---------------------------------------------------------
@@ -291,20 +369,27 @@ class TcpProxy:
 
 
 class Cloud:
-    """moto in this process, the injector around it, a proxy in front; resources ready."""
+    """moto in this process, the injector around it, a proxy in front; resources ready.
 
-    def __init__(self) -> None:
+    Without `moto`, starts one and points this process's boto3 at it (a bench run). With
+    `moto` (a test session's), uses it as it is: the environment must point at it already.
+    """
+
+    def __init__(self, moto: MotoHandle | None = None) -> None:
         from broker import sandbox
         from broker.aws import make_client
         from broker.dynamo import ensure_table
 
         self.injector = Injector()
         self.injector.install()
-        self.moto = sandbox.start_moto()
-        for name in [name for name in os.environ if name.startswith("AWS_")]:
-            del os.environ[name]
-        os.environ.update(sandbox.sandbox_environment(self.moto.endpoint_url))
-        os.environ["AWS_CONFIG_FILE"] = os.environ["AWS_SHARED_CREDENTIALS_FILE"] = os.devnull
+        self._own_moto = moto is None
+        self.moto = sandbox.start_moto() if moto is None else moto
+        if self._own_moto:
+            for name in [name for name in os.environ if name.startswith("AWS_")]:
+                del os.environ[name]
+            os.environ.update(sandbox.sandbox_environment(self.moto.endpoint_url))
+            os.environ["AWS_CONFIG_FILE"] = os.devnull
+            os.environ["AWS_SHARED_CREDENTIALS_FILE"] = os.devnull
         sandbox.install_unique_ips()
         sandbox.install_boot_delay(0)
         make_client("ec2", region=REGION).describe_vpcs()  # moto loads its EC2 data once
@@ -316,8 +401,11 @@ class Cloud:
         config = botocore.config.Config(
             user_agent_extra=BENCH_AGENT, retries={"mode": "standard", "max_attempts": 3}
         )
-        self.ec2 = boto3.client("ec2", region_name=REGION, config=config)
-        self.dynamodb = boto3.client("dynamodb", region_name=REGION, config=config)
+        endpoint = self.moto.endpoint_url
+        self.ec2 = boto3.client("ec2", region_name=REGION, config=config, endpoint_url=endpoint)
+        self.dynamodb = boto3.client(
+            "dynamodb", region_name=REGION, config=config, endpoint_url=endpoint
+        )
 
     def boot_delay(self, seconds: float) -> None:
         from broker import sandbox
@@ -384,7 +472,10 @@ class Cloud:
 
     def close(self) -> None:
         self.proxy.stop()
-        self.moto.stop()
+        self.injector.uninstall()
+        self.boot_delay(0)
+        if self._own_moto:
+            self.moto.stop()
 
 
 @attrs.frozen

@@ -8,16 +8,19 @@ AWS request, AWS errors and slow answers, the endpoint down, hostile clients, a 
 across midnight) and then checks invariants: every running instance accounted for in the
 registry, no lease lost, no worker leased twice in exclusive mode, every cap respected, every
 request answered by exactly one line, every refusal naming the cap that bound with true
-figures. It prints one row per scenario and writes the table as Markdown (`--out`).
+figures. It prints one row per scenario and writes the table as Markdown: a run of every scenario
+writes docs/faults.md (or `--out`), a run of some (`--only`) only `--out`.
 
-The default run takes about three minutes on two cores; `--full` adds the longer scenarios
-(the endpoint down for 30 s instead of 10, a 10 s connect-and-close storm instead of 5).
+The default run takes about three and a half minutes on two cores (`tests/test_faults.py`
+runs it); `--full` runs the same scenarios with the longer faults the issue names: the
+endpoint down for 30 s instead of 10, the connect-and-close storm for 10 s instead of 5.
 Loopback only; every wait is bounded.
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import sys
 import tempfile
 import time
@@ -30,7 +33,19 @@ import attrs
 from bench import fault_aws, fault_clients, fault_crashes
 from bench.fault_bench import Bench, Result
 from bench.fault_checks import Check, figures_text, summarize
-from bench.fault_harness import Cloud
+from bench.fault_harness import ROOT, Cloud
+
+DOC = ROOT / "docs" / "faults.md"
+
+# Scenarios that show a broker bug not fixed yet: what goes wrong. tests/test_faults.py
+# expects them to fail (strictly: a fix makes that test fail until the entry is removed).
+_LEAKED_CHARGE = (
+    "a broker killed after the launch's ledger charge and before its launch intent is "
+    "written leaves the charge (the new worker's cover) committed in the day's and month's "
+    "ledger: no intent records it, so no reconciliation refunds it, and the restarted broker "
+    "charges the retried launch again"
+)
+KNOWN_BUGS = {"kill-launch-1": _LEAKED_CHARGE, "kill-launch-2": _LEAKED_CHARGE}
 
 
 @attrs.frozen
@@ -98,6 +113,8 @@ def run(
                     ]
                 finally:
                     bench.reset()
+                known = KNOWN_BUGS.get(scenario.name)
+                rows = [attrs.evolve(row, known=known) if known else row for row in rows]
                 for row in rows:
                     echo(_console_row(row))
                 results.extend(rows)
@@ -125,11 +142,10 @@ def markdown(results: Sequence[Result], *, full: bool, seconds: float) -> str:
     ]
     for r in results:
         failed = [c.name for c in r.checks if not c.ok]
-        verdict = (
-            f"{summarize(r.checks)} held"
-            if not failed
-            else (f"{summarize(r.checks)}; **failed:** {'; '.join(failed)}")
-        )
+        verdict = f"{summarize(r.checks)} held"
+        if failed:
+            verdict = f"{summarize(r.checks)}; **failed:** {'; '.join(failed)}"
+            verdict += " (a known broker bug, below)" if r.known else ""
         lines.append(
             f"| {r.scenario} | {r.fault} | {verdict} | {figures_text(r.figures)} "
             f"| {r.seconds:.0f} |"
@@ -138,10 +154,12 @@ def markdown(results: Sequence[Result], *, full: bool, seconds: float) -> str:
         "",
         f"{passed} of {len(results)} scenarios held every invariant "
         f"(`{'--full' if full else 'default'}` run, {seconds:.0f} s).",
-        "",
-        "<details><summary>Every check, with its figures</summary>",
-        "",
     ]
+    bugs = {r.known for r in results if r.known and not r.ok}
+    if bugs:
+        lines += ["", "Known broker bugs these scenarios show:", ""]
+        lines += [f"- {bug}." for bug in sorted(bugs)]
+    lines += ["", "<details><summary>Every check, with its figures</summary>", ""]
     for r in results:
         lines.append(f"- **{r.scenario}**")
         lines.extend(f"  - {check}" for check in r.checks)
@@ -149,11 +167,44 @@ def markdown(results: Sequence[Result], *, full: bool, seconds: float) -> str:
     return "\n".join(lines)
 
 
+def document(table: str, *, full: bool) -> str:
+    """docs/faults.md: what the suite does and the table of its latest run."""
+    command = ".venv/bin/python -m bench.faults" + (" --full" if full else "")
+    return f"""# The fault suite
+
+`{command}` wrote this file on {dt.date.today().isoformat()} (rerun it to refresh
+it). Each scenario runs `compute-broker serve` processes on loopback against a moto server in
+the bench process (DynamoDB serialised, as in the sandbox), injects its fault and then checks
+the promises that matter:
+
+- **accounted**: every instance EC2 runs for the pool is a worker in the registry, and every
+  cloud worker in the registry runs; no launch intent is left over and the pool-wide
+  instance counter equals the running instances;
+- **no lease lost**: every worker a client was given, and did not release, is still leased to
+  it in the registry;
+- **exclusive**: no worker is leased to two clients (in the replies and in the registry);
+- **caps**: `max_workers`, `max_hourly_cost` and `max_daily_cost` held (counted from EC2's
+  instances, not only from the broker's ledger), and the ledger holds what the workers cost;
+- **one reply line**: every request got exactly one line (a `QUIT` after it proves no second
+  line came), except the one cut off by a `kill -9`;
+- **true refusals**: every refusal names the configured cap that bound, with figures that
+  bind (the cap, the period in the budget's time zone, what one more worker needs).
+
+Faults are injected where the requests land: a WSGI layer around moto answers chosen AWS
+requests with an error, answers them late, or kills the broker process as they arrive (so
+a `kill -9` lands exactly between two steps of a launch or a reap); a TCP proxy between the
+brokers and moto is stopped to take the endpoint down. The budget clock scenario runs the
+engine in-process on Trio's MockClock. `tests/test_faults.py` runs the default scenarios
+(`slow` marker; a scenario that shows a known bug is expected to fail there).
+
+{table}"""
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--full", action="store_true", help="every scenario, longer faults")
     parser.add_argument("--only", nargs="*", default=[], help="scenarios whose name has WORD")
-    parser.add_argument("--out", type=Path, help="write the Markdown table here")
+    parser.add_argument("--out", type=Path, help="where to write the Markdown (docs/faults.md)")
     parser.add_argument("--list", action="store_true", help="list the scenarios and exit")
     args = parser.parse_args(argv)
     if args.list:
@@ -166,9 +217,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     table = markdown(results, full=args.full, seconds=seconds)
     print()
     print(table)
-    if args.out is not None:
-        args.out.write_text(table)
-    return 0 if all(r.ok for r in results) else 1
+    out = args.out if args.out is not None or args.only else DOC
+    if out is not None:
+        out.write_text(document(table, full=args.full))
+        print(f"wrote {out}")
+    return 0 if all(r.ok or r.known for r in results) else 1
 
 
 if __name__ == "__main__":
