@@ -305,7 +305,7 @@ def _replica_storm(
     cloud = bench.cloud
     pool = bench.pool("storm")
     config = bench.config(pool, sharing="exclusive", clients_per_worker=1, **settings)
-    cloud.boot_delay(0.5)
+    cloud.boot_delay(1.0)  # well past a reconciliation's registry reads (see race-reconcile-launch)
     with bench.brokers() as start:
         a, b = bench.start_together(start, [config, config])
         lines = [f"GET_WORKER wait={wait:g} client=c{n}" for n in range(clients)]

@@ -1,8 +1,9 @@
-"""The fault suite (`bench/faults.py`) as tests: each default scenario runs broker processes
-against the session's moto server, injects its fault and must hold every invariant.
+"""The fault suite (`bench/faults.py`) as tests: each scenario, with the shorter faults of the
+default run, runs broker processes against the session's moto server, injects its fault and
+must hold every invariant.
 
-Slow (about three minutes in all on two cores): marked `slow`. Every wait inside a scenario
-is bounded (socket timeouts, process and thread joins, polls with deadlines).
+Slow (about three and a half minutes in all on two cores): marked `slow`. Every wait inside
+a scenario is bounded (socket timeouts, process and thread joins, polls with deadlines).
 """
 
 from __future__ import annotations
@@ -32,8 +33,6 @@ def bench(moto_server: MotoHandle, tmp_path_factory: pytest.TempPathFactory) -> 
 def _params() -> list[object]:
     params: list[object] = []
     for scenario in SCENARIOS:
-        if not scenario.default:
-            continue
         marks = []
         if scenario.name in KNOWN_BUGS:  # strict: a fix shows as XPASS, failing this test
             marks.append(pytest.mark.xfail(reason=KNOWN_BUGS[scenario.name], strict=True))
