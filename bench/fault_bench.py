@@ -20,7 +20,8 @@ import attrs
 
 from bench import fault_checks as checks
 from bench.fault_checks import Caps, Check
-from bench.fault_harness import Broker, Cloud, Outcome, Reply, Request, Rule, brokers_of
+from bench.fault_harness import Broker, Cloud, Outcome, brokers_of
+from bench.fault_inject import Reply, Request, Rule
 from broker.prices import PriceTable
 
 TYPE, MARKET = "c7i.8xlarge", "spot"

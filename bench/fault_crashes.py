@@ -23,7 +23,8 @@ from bench.fault_bench import (
     today,
     wait_consistent,
 )
-from bench.fault_harness import Request, not_dry_run, storm, wait_until
+from bench.fault_harness import storm, wait_until
+from bench.fault_inject import Request, not_dry_run
 
 Match = Callable[[Request], bool] | None
 

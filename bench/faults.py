@@ -31,7 +31,7 @@ from pathlib import Path
 
 import attrs
 
-from bench import fault_aws, fault_clients, fault_crashes
+from bench import fault_aws, fault_clients, fault_clock, fault_crashes, fault_registry
 from bench.fault_bench import Bench, Result
 from bench.fault_checks import Check, figures_text, summarize
 from bench.fault_harness import ROOT, Cloud
@@ -93,10 +93,10 @@ SCENARIOS: list[Scenario] = [
     Scenario("replicas-hourly-budget-storm", fault_crashes.replicas_hourly_budget_storm),
     Scenario("aws-ec2-faults", fault_aws.ec2_faults),
     Scenario("aws-endpoint-down", fault_aws.endpoint_down),
-    Scenario("aws-dynamodb-replicas", fault_aws.dynamodb_faults),
-    Scenario("race-reconcile-release", fault_aws.reconcile_races_release),
-    Scenario("race-reconcile-launch", fault_aws.reconcile_races_launch),
-    Scenario("clock-midnight-month-end", fault_clients.clock_jumps),
+    Scenario("aws-dynamodb-replicas", fault_registry.dynamodb_faults),
+    Scenario("race-reconcile-release", fault_registry.reconcile_races_release),
+    Scenario("race-reconcile-launch", fault_registry.reconcile_races_launch),
+    Scenario("clock-midnight-month-end", fault_clock.clock_jumps),
     Scenario("hostile-clients", fault_clients.hostile_clients),
 ]
 
@@ -220,7 +220,8 @@ a `kill -9` lands exactly between two steps of a launch or a reap); a TCP proxy 
 brokers and moto is stopped to take the endpoint down. The budget clock scenario runs the
 engine in-process on Trio's MockClock. `tests/test_faults.py` runs every scenario with the
 default run's shorter faults (`slow` marker; a scenario that shows a known bug is expected to
-fail there).
+fail there). Seconds are wall time on a two-core machine shared with other work; a pause
+longer than the workers' covers is charged whatever the caps, as the README's "Money" says.
 
 {table}"""
 

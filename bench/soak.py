@@ -35,7 +35,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.fault_harness import HOST, Broker, install_fast_transactions, proc_figures
+from bench.fault_harness import Broker, proc_figures
+from bench.fault_inject import HOST, install_fast_transactions
 
 REQUEST_TIMEOUT = 60.0  # seconds one reply may take before it counts as an error
 RAMP_SECONDS = 5.0  # clients connect over this long, not all in one instant
