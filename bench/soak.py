@@ -1,12 +1,15 @@
 """Load soak: persistent clients mixing GET_WORKER, PING and RELEASE for minutes against a
 broker process on the DynamoDB registry (moto), with figures per minute.
 
-    .venv/bin/python -m bench.soak [--clients 1000] [--minutes 10] [--out FILE]
+    .venv/bin/python -m bench.soak [--clients 1000] [--minutes 10] [--think 10] [--out FILE]
+                                   [--trace FILE.csv]
 
 Each client holds one connection for the whole run and loops: GET_WORKER (with its own
-`client=`), then PINGs and now and then a RELEASE (then GET_WORKER again), pausing about
-`--think` seconds between requests (0.5x to 1.5x, at random). Workers are shared (the
-default), so RELEASE terminates a worker only when its last holder lets go.
+`client=`), then PINGs (80 %), GET_WORKER again (10 %) or RELEASE (10 %, then GET_WORKER),
+pausing about `--think` seconds between requests (0.5x to 1.5x, at random; 1,000 clients
+at 10 s: about 100 requests/s, each PING a registry write). Clients connect over 5 s.
+Workers are shared (the default), so RELEASE terminates a worker only when its last holder
+lets go.
 
 Printed per minute: requests, requests/s, p50 and p99 latency, errors, and the broker's RSS
 and open files (from /proc/<pid>/status and /proc/<pid>/fd); at the end the totals and the
