@@ -265,7 +265,7 @@ def _serve(args: argparse.Namespace) -> int:
     configure_logging(config.log_format, config.log_level)
     if args.sandbox:
         config = _start_sandbox(config)
-    return trio.run(service.serve, config, args.config)
+    return trio.run(functools.partial(service.serve, config, args.config, sandbox=args.sandbox))
 
 
 def _start_sandbox(config: Config) -> Config:

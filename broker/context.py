@@ -49,6 +49,7 @@ class EngineSettings:
     burst: BurstPolicy = attrs.field(factory=BurstPolicy.default)
     budget: Budget = attrs.field(factory=Budget)
     subnets: tuple[str | None, ...] = ()
+    boot_time_hint: float | None = None  # seconds a launch is expected to take to boot
 
     @property
     def warm_pool_configured(self) -> bool:

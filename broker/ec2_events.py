@@ -99,6 +99,8 @@ class Ec2Events:
                 reason = f"worker {worker.instance_id} is {event.state} (EC2 event)"
                 self.retire.lose(worker, reason)
                 ctx.notify()
+            elif event.state == "running" and worker.state is WorkerState.LAUNCHING:
+                ctx.boot_wakeup.set()  # describe it now: it is handed out at once
             return
         if isinstance(event, InterruptionWarning):
             reason, deadline = "spot_interruption", event.deadline

@@ -136,8 +136,9 @@ async def tell_systemd(engine: Engine, environ: Mapping[str, str]) -> None:
         await trio.sleep(every)
 
 
-async def serve(config: Config, config_path: str | None = None) -> int:
-    """Serve until SIGTERM or SIGINT; the exit status."""
+async def serve(config: Config, config_path: str | None = None, *, sandbox: bool = False) -> int:
+    """Serve until SIGTERM or SIGINT; the exit status. In the sandbox, launches are planned
+    to boot in sandbox_boot_time from the first one on."""
     log = structlog.get_logger("broker")
     status = await _preflight(config, config_path)
     if status:
@@ -147,7 +148,10 @@ async def serve(config: Config, config_path: str | None = None) -> int:
     if isinstance(listeners, int):
         log.error("broker.not_started", reason="listen", exit_status=listeners)
         return listeners
-    engine = build_engine(config, Clock(), listeners[0].socket.getsockname()[1])
+    hint = config.sandbox_boot_time if sandbox else None
+    engine = build_engine(
+        config, Clock(), listeners[0].socket.getsockname()[1], boot_time_hint=hint
+    )
     monitor = None if config.http_listen is None else _monitor(config, engine, engine.health)
     if isinstance(monitor, int):
         return monitor

@@ -84,7 +84,9 @@ def budget(config: Config) -> Budget:
     )
 
 
-def build_engine(config: Config, clock: Clock, port: int | None = None) -> Engine:
+def build_engine(
+    config: Config, clock: Clock, port: int | None = None, *, boot_time_hint: float | None = None
+) -> Engine:
     """The engine for a config, talking to EC2 (and DynamoDB) through boto3; with the port
     the broker listens on, its workers are launched with the watchdog's user data."""
     limiter = trio.CapacityLimiter(config.aws_max_concurrency)
@@ -114,6 +116,7 @@ def build_engine(config: Config, clock: Clock, port: int | None = None) -> Engin
         burst=config.burst_policy,
         budget=budget(config),
         subnets=config.subnets or (config.subnet_id,),
+        boot_time_hint=boot_time_hint,
     )
     prices = PriceTable.default().with_overrides(config.prices)
     queue = events = None

@@ -185,8 +185,8 @@ async def test_receive_rejects_limits_sqs_would_refuse() -> None:
 
 
 async def test_eventbridge_rule_with_the_pattern_feeds_the_queue(sqs: Any) -> None:
-    """Through (moto's) EventBridge with EVENT_PATTERN: the warning, the recommendation and the
-    terminated state arrive; a state change to running is filtered out by the rule."""
+    """Through (moto's) EventBridge with EVENT_PATTERN: the warning, the recommendation, the
+    running and the terminated states arrive; a state change to pending is filtered out."""
     url = ensure_events_queue(sqs, queue_name())
     events = make_client("events", region="us-east-1")
     rule = f"compute-broker-ec2-{uuid.uuid4().hex[:8]}"
@@ -195,6 +195,7 @@ async def test_eventbridge_rule_with_the_pattern_feeds_the_queue(sqs: Any) -> No
     events.put_targets(Rule=rule, Targets=[{"Id": "broker", "Arn": arn}])
     for detail_type, detail in [
         ("EC2 Spot Instance Interruption Warning", {"instance-action": "terminate"}),
+        ("EC2 Instance State-change Notification", {"state": "pending"}),
         ("EC2 Instance State-change Notification", {"state": "running"}),
         ("EC2 Instance Rebalance Recommendation", {}),
         ("EC2 Instance State-change Notification", {"state": "terminated"}),
@@ -208,13 +209,13 @@ async def test_eventbridge_rule_with_the_pattern_feeds_the_queue(sqs: Any) -> No
     queue = SqsEventQueue(url, trio.CapacityLimiter(1), region="us-east-1")
     parsed = []
     with trio.fail_after(10):
-        while len(parsed) < 3:
+        while len(parsed) < 4:
             received = await queue.receive(wait_seconds=1)
             parsed.extend(parse_event(message.body) for message in received)
             await queue.delete([message.receipt_handle for message in received])
         assert await queue.receive() == []
     kinds = sorted(type(event).__name__ for event in parsed)
-    assert kinds == ["InterruptionWarning", "RebalanceRecommendation", "StateChange"]
+    assert kinds == ["InterruptionWarning", "RebalanceRecommendation", "StateChange", "StateChange"]
     assert {INSTANCE} == {getattr(event, "instance_id", None) for event in parsed}
-    (state,) = [event for event in parsed if isinstance(event, StateChange)]
-    assert state.state == "terminated"
+    states = sorted(event.state for event in parsed if isinstance(event, StateChange))
+    assert states == ["running", "terminated"]
