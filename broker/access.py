@@ -38,6 +38,7 @@ NAME_RULE: Final = "a letter, then up to 63 of A-Z a-z 0-9 _ . -"
 
 AUTH_REQUIRED: Final = "ERROR: auth required"
 TOKEN_NOT_ACCEPTED: Final = "ERROR: auth required (token not accepted)"
+WORKER_ADDRESS_ONLY: Final = "ERROR: not allowed: this address may only send ALIVE"
 
 
 class Role(enum.StrEnum):
@@ -386,20 +387,26 @@ class Session:
     """One connection's identity: its address's, until an `AUTH` replaces it.
 
     A `token=` on one request identifies that request only and leaves the connection as it
-    was; a refused AUTH changes nothing."""
+    was; a refused AUTH changes nothing.
+
+    `worker_only`: the allowlist turned the peer away, but it is the address of a worker the
+    pool runs, admitted so that its watchdog's ALIVE is answered (workers have no token and
+    their public addresses are EC2's, not the lab's). Such a connection is anonymous whatever
+    its address or tokens: HELP, QUIT and ALIVE only."""
 
     policy: AccessPolicy
     peer: str
+    worker_only: bool = False
     identity: Identity = attrs.field(init=False)
 
     def __attrs_post_init__(self) -> None:
         identity = self.policy.identify(self.peer, None)
         assert isinstance(identity, Identity)  # without a token there is always one
-        self.identity = identity
+        self.identity = Identity(self.peer, None, Via.NONE) if self.worker_only else identity
 
     def auth(self, token: str) -> Denied | None:
         """`AUTH <token>`: None (reply `OK`) and the connection is that token's from now on."""
-        identity = self.policy.identify(self.peer, token)
+        identity = self.who(token)
         if isinstance(identity, Denied):
             return identity
         self.identity = identity
@@ -409,6 +416,8 @@ class Session:
         """Who is asking in a request with (`token=`) or without a token."""
         if token is None:
             return self.identity
+        if self.worker_only:
+            return Denied(WORKER_ADDRESS_ONLY, "token from a worker address")
         return self.policy.identify(self.peer, token)
 
 

@@ -16,6 +16,7 @@ from broker import access
 from broker.access import (
     AUTH_REQUIRED,
     TOKEN_NOT_ACCEPTED,
+    WORKER_ADDRESS_ONLY,
     AccessConfigError,
     AccessPolicy,
     Denied,
@@ -222,6 +223,21 @@ def test_a_wrong_token_on_a_request_is_refused_even_on_an_authenticated_connecti
     session = Session(policy(), "10.1.2.7")
     session.auth(ADMIN_TOKEN)
     assert session.who("wrong-token-0123456789") == Denied(TOKEN_NOT_ACCEPTED, "token not accepted")
+
+
+def test_a_worker_address_outside_the_allowlist_may_only_send_alive() -> None:
+    """A connection admitted only because it comes from a worker of the pool is anonymous:
+    ALIVE, HELP and QUIT; a token, by AUTH or `token=`, is refused."""
+    p = policy(allow_cidrs=["10.1.0.0/16"])
+    assert not p.admits("54.1.2.3")
+    session = Session(p, "54.1.2.3", worker_only=True)
+    assert session.who(None) == Identity("54.1.2.3", None, Via.NONE)
+    assert may(session.identity, "ALIVE") is None
+    assert may(session.identity, "GET_WORKER") == AUTH_REQUIRED
+    refused = Denied(WORKER_ADDRESS_ONLY, "token from a worker address")
+    assert session.auth(ADMIN_TOKEN) == refused
+    assert session.who(ADMIN_TOKEN) == refused
+    assert session.who(None) == Identity("54.1.2.3", None, Via.NONE)
 
 
 def test_a_session_starts_with_its_address_role() -> None:
