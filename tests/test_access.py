@@ -633,3 +633,23 @@ def test_public_error_leaves_ordinary_errors_alone() -> None:
         "subnet-0123456789abcdef0 (i-0123456789abcdef0, 1234567890123 ms, $0.45)"
     )
     assert public_error(text) == text
+
+
+# --- the docs quote the code -------------------------------------------------------------------
+
+
+def test_docs_security_md_quotes_the_refusals_the_code_makes() -> None:
+    """docs/security.md shows the start-up refusal, the token-file refusal and the replies
+    exactly as the code writes them."""
+    doc = (Path(__file__).resolve().parent.parent / "docs" / "security.md").read_text()
+    quoted = [
+        AccessPolicy.build().refuse_to_start("0.0.0.0"),
+        access.mode_problem("/etc/compute-broker/tokens", 0o100644),
+        AUTH_REQUIRED,
+        TOKEN_NOT_ACCEPTED,
+        may(identity(Role.USE), "BURST"),
+        may(identity(Role.USE), "PING", own_lease=False),
+    ]
+    for text in quoted:
+        assert text is not None
+        assert text in doc

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from broker.limits import LIMIT_PREFIX, MIN_SWEEP, Limiter, Limits
@@ -217,3 +219,23 @@ def test_many_busy_identities_at_once_are_capped_at_max_tracked() -> None:
     assert limiter.tracked <= 1000
     assert limiter.request("token:t49999", 0.0) is not None  # the latest are remembered
     assert limiter.request("token:t0", 0.0) is None  # the oldest were forgiven
+
+
+def test_docs_security_md_quotes_each_refusal_with_the_default_values() -> None:
+    """docs/security.md shows every limit's refusal as the defaults make it."""
+    doc = (Path(__file__).resolve().parent.parent / "docs" / "security.md").read_text()
+    limiter = Limiter()
+    for _ in range(128):
+        limiter.connection_opened("p")
+    for _ in range(200):
+        limiter.request("p", 0.0)
+    limiter.launch("p", 0.0, 100)
+    quoted = [
+        limiter.connection_opened("p"),
+        limiter.request("p", 0.0),
+        limiter.open_lease("p", 256),
+        limiter.launch("p", 0.0, 1),
+    ]
+    for text in quoted:
+        assert text is not None
+        assert f"`{text}`" in doc
