@@ -153,7 +153,7 @@ def parse_tokens(text: str, source: str) -> tuple[TokenEntry, ...]:
 
     Names and tokens must be unique; errors name `source` and the line, never its words."""
     entries: list[TokenEntry] = []
-    lines: dict[str, int] = {}  # name or digest -> the line it is on
+    lines: dict[tuple[str, str], int] = {}  # ("name", name) or ("token", digest) -> line
     for number, line in enumerate(text.splitlines(), 1):
         words = line.split()
         if not words or words[0].startswith("#"):
@@ -165,9 +165,9 @@ def parse_tokens(text: str, source: str) -> tuple[TokenEntry, ...]:
             entry = TokenEntry.from_secret(*words)
         except ValueError as exc:
             raise AccessConfigError(f"{where}: {exc}") from None
-        for kind, seen in (("name", entry.name), ("token", entry.digest.hex())):
+        for seen in (("name", entry.name), ("token", entry.digest.hex())):
             if seen in lines:
-                raise AccessConfigError(f"{where}: the same {kind} as line {lines[seen]}")
+                raise AccessConfigError(f"{where}: the same {seen[0]} as line {lines[seen]}")
             lines[seen] = number
         entries.append(entry)
     return tuple(entries)
@@ -287,6 +287,8 @@ class AccessPolicy:
         roles: dict[Network, Role] = {}
         for text, role in (address_roles or {}).items():
             network = parse_network(text, "address_roles")
+            if network in roles:
+                raise AccessConfigError(f"address_roles: {network} is given twice")
             try:
                 roles[network] = Role(role)
             except ValueError:

@@ -286,12 +286,15 @@ def test_a_cidr_with_host_bits_is_refused_with_both_readings() -> None:
         policy(allow_cidrs=["lab"])
 
 
-def test_an_address_role_outside_the_allowlist_is_refused() -> None:
-    """A role for addresses the allowlist turns away could never be used: a config error."""
+def test_a_bad_address_role_is_refused() -> None:
+    """A role outside the allowlist (no peer could use it), an unknown role, and one network
+    written twice are config errors."""
     with pytest.raises(AccessConfigError, match=r"10\.9\.0\.0/16 is not inside allow_cidrs"):
         policy(allow_cidrs=["10.1.0.0/16"], address_roles={"10.9.0.0/16": "use"})
     with pytest.raises(AccessConfigError, match="the role must be use, admin or agent"):
         policy(address_roles={"10.1.0.0/16": "root"})
+    with pytest.raises(AccessConfigError, match=r"10\.1\.2\.7/32 is given twice"):
+        policy(address_roles={"10.1.2.7": "use", "10.1.2.7/32": "admin"})
 
 
 def test_two_tokens_with_one_name_or_one_secret_are_refused() -> None:
@@ -375,6 +378,14 @@ def test_without_a_token_a_lease_belongs_to_the_address_as_before() -> None:
     assert owns(who, "10.0.0.5/other")
     assert not owns(who, "10.0.0.50/main")  # a prefix of the address is not the address
     assert not owns(who, None)
+
+
+def test_an_identity_describes_itself_for_the_log_without_secrets() -> None:
+    """The log shows the token's name or the address, the role and how it was got."""
+    assert identity(Role.USE).describe() == "token alice (use)"
+    assert Identity("10.1.2.7", Role.USE, Via.ADDRESS).describe() == "10.1.2.7 by address (use)"
+    assert Identity("10.1.2.7", Role.ADMIN, Via.OPEN).describe() == "10.1.2.7 (admin)"
+    assert Identity("10.1.2.7", None, Via.NONE).describe() == "10.1.2.7 (none)"
 
 
 # --- token files and the environment -------------------------------------------------------------
