@@ -489,7 +489,7 @@ def _dicts(value: object) -> list[Mapping[str, Any]]:
 
 
 _ARN: Final = re.compile(r"\barn:aws[a-z-]*:[A-Za-z0-9_+=,.@:/*-]*")
-_ACCOUNT_ID: Final = re.compile(r"\b[0-9]{12}\b")
+_ACCOUNT_ID: Final = re.compile(r"(?<![0-9A-Za-z])[0-9]{12}(?![0-9A-Za-z])")  # as checks.redact
 _ACCESS_KEY_ID: Final = re.compile(r"\b(?:AKIA|ASIA|AIDA|AROA|AIPA|ANPA|ANVA|AGPA)[A-Z0-9]{12,}\b")
 _ENCODED_MESSAGE: Final = re.compile(
     r"(Encoded authorization failure message:)\s*[A-Za-z0-9_+/=-]+", re.IGNORECASE
