@@ -446,6 +446,12 @@ def lease_owner(identity: Identity, client_id: str | None) -> str:
     return f"{identity.key}/{client_id}" if client_id else identity.key
 
 
+def owner_key(lease_client: str) -> str:
+    """The identity a lease's owner counts under (`Identity.key`): the owner without its
+    `/<client>`. Neither a token's key nor an address contains a `/`."""
+    return lease_client.partition("/")[0]
+
+
 def owns(identity: Identity, lease_client: object) -> bool:
     """Whether a lease's `client` (as STATUS and the pool write it) is this identity's."""
     if not isinstance(lease_client, str):

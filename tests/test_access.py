@@ -27,6 +27,7 @@ from broker.access import (
     Via,
     lease_owner,
     may,
+    owner_key,
     owns,
     parse_token_env,
     parse_tokens,
@@ -368,6 +369,18 @@ def test_with_tokens_two_users_behind_one_nat_own_different_leases() -> None:
     assert lease_owner(alice, None) == "token:alice"
     assert not owns(bob, lease_owner(alice, "main"))
     assert owns(alice, "token:alice/main") and owns(alice, "token:alice")
+    assert owner_key(lease_owner(alice, "main")) == alice.key == "token:alice"
+
+
+def test_an_owner_gives_back_the_identity_it_counts_under() -> None:
+    """The engine, which sees only lease owners, finds the limits' key from one."""
+    for who in (
+        Identity("10.0.0.5", Role.USE, Via.ADDRESS),
+        Identity("fd00::5", Role.USE, Via.ADDRESS),
+        Identity("fd00::5", Role.USE, Via.TOKEN, "a.b-c_d"),
+    ):
+        for client in (None, "main", "a:b.c-d"):
+            assert owner_key(lease_owner(who, client)) == who.key
 
 
 def test_without_a_token_a_lease_belongs_to_the_address_as_before() -> None:
