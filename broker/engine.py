@@ -18,7 +18,7 @@ answered: a launch intent before RunInstances, a lease before the IP is sent.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import structlog
@@ -29,6 +29,7 @@ from broker.burst import BurstDecision
 from broker.clock import Clock
 from broker.cloud import Cloud, EventQueue, Instance, JobQueue
 from broker.context import Context, EngineSettings
+from broker.decisions import reap_plan
 from broker.ec2_events import Ec2Events
 from broker.errors import Refusal, WorkerInterrupted, WorkerNotFound
 from broker.handout import WAIT_SLACK, Handout, HandoutDesk
@@ -163,9 +164,16 @@ class Engine:
 
     # --- requests ----------------------------------------------------------------------------
 
-    async def get_worker(self, request: WorkerRequest, client: str) -> Handout:
-        """A ready worker for `client`: reuse one, join a launch in flight, or launch."""
-        return await self.handout.get_worker(request, client)
+    async def get_worker(
+        self,
+        request: WorkerRequest,
+        client: str,
+        *,
+        may_launch: Callable[[], str | None] | None = None,
+    ) -> Handout:
+        """A ready worker for `client`: reuse one, join a launch in flight, or launch (when
+        `may_launch`, asked first, answers no refusal)."""
+        return await self.handout.get_worker(request, client, may_launch=may_launch)
 
     async def ping(self, ip: str, client: str) -> Worker:
         """Restart the worker's idle clock and the caller's lease."""
@@ -212,7 +220,7 @@ class Engine:
         doomed = await self.spending.check_covers(ctx.clock.now())
         await self.retire.retire(doomed, reason="budget", claim=Claim.FORCE)
         now = ctx.clock.now()
-        plan = ctx.pool.reap_plan(now, warm=ctx.warm(now))
+        plan = reap_plan(ctx.pool, now, warm=ctx.warm(now))
         await self.handout.expire_leases(plan.expired_leases, now)
         await self.retire.reap(plan.idle_workers, now)
 

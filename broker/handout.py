@@ -8,7 +8,7 @@ its activity is written at most every ACTIVITY_WRITE_EVERY seconds.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Final
 
 import attrs
@@ -64,8 +64,16 @@ class HandoutDesk:
             default.on_demand_fallback if request.market is None else False,
         )
 
-    async def get_worker(self, request: WorkerRequest, client: str) -> Handout:
-        """A ready worker for `client`: reuse one, join a launch in flight, or launch."""
+    async def get_worker(
+        self,
+        request: WorkerRequest,
+        client: str,
+        *,
+        may_launch: Callable[[], str | None] | None = None,
+    ) -> Handout:
+        """A ready worker for `client`: reuse one, join a launch in flight, or launch. A
+        launch this request would start is first put to `may_launch` (the caller's launch
+        limit): its refusal line (`ERROR: ...`) refuses the request."""
         ctx, launcher = self.ctx, self.launcher
         spec = self.spec_for(request)
         local_ok = request.instance_type is None and request.market is None
@@ -113,6 +121,9 @@ class HandoutDesk:
                         await ctx.changed()
                         continue
                     if demand[spec] > coming:
+                        limit = None if may_launch is None else may_launch()
+                        if limit is not None:
+                            raise Refusal(limit.removeprefix("ERROR: "))
                         try:
                             joined = launcher.for_demand(spec, demand[spec] - coming)
                         except Refusal as exc:

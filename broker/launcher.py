@@ -20,6 +20,7 @@ import trio
 
 from broker.cloud import CloudError, Instance
 from broker.context import Context
+from broker.decisions import admit, rate_check
 from broker.errors import Refusal
 from broker.model import LaunchSpec, Worker, WorkerState
 from broker.offerings import Offering, OfferingMemory, offerings
@@ -139,7 +140,7 @@ class Launcher:
         admit none."""
         ctx = self.ctx
         price = ctx.prices.price(spec.instance_type, spec.market)
-        admission = ctx.pool.admit(spec, count, price)
+        admission = admit(ctx.pool, spec, count, price)
         if admission.refusal is not None:
             _log.warning("launch.refused", reason=admission.refusal, type=spec.instance_type)
             raise Refusal(admission.refusal)
@@ -250,7 +251,7 @@ class Launcher:
         refused_at = math.inf  # a cap refused this price: any dearer offering is refused too
         for index, offering in enumerate(tried):
             price = ctx.prices.price(offering.instance_type, offering.market)
-            over_rate = ctx.pool.rate_refusal(attempt.token, offering.spec, price)
+            over_rate = rate_check(ctx.pool, attempt.token, offering.spec, price)
             if over_rate is None and price is not None and price >= refused_at:
                 over_rate = "refused by the budget at a lower price"
             if over_rate is not None:  # a fallback dearer than the caps allow

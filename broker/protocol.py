@@ -32,7 +32,7 @@ _BLANKS = re.compile(r"[ \t]+")  # the only word separators: ASCII space and tab
 
 HELP_TEXT: Final = (
     "OK commands: GET_WORKER [type=T] [market=M] [wait=S] [client=ID] | PING <ip> [client=ID] | "
-    "RELEASE <ip> [client=ID] | STATUS | BURST <n> | HELP | QUIT"
+    "RELEASE <ip> [client=ID] | STATUS | BURST <n> | AUTH <token> | HELP | QUIT"
 )
 
 
@@ -179,7 +179,25 @@ class Alive:
     instance_id: str
 
 
-Command = GetWorker | Ping | Release | Status | Burst | Help | Quit | Alive
+@attrs.frozen
+class Auth:
+    """AUTH <token>: the connection runs as that token from now on (docs/security.md)."""
+
+    token: str = attrs.field(repr=False)
+
+
+Command = GetWorker | Ping | Release | Status | Burst | Help | Quit | Alive | Auth
+
+
+@attrs.frozen
+class WithToken:
+    """A request that carried `token=<token>`: it runs as that token, this request only."""
+
+    command: Command
+    token: str = attrs.field(repr=False)
+
+
+Request = Command | WithToken
 
 
 @attrs.frozen
@@ -199,14 +217,17 @@ _USAGE: Final = {
     "BURST": f"BURST <n> (1-{MAX_BURST})",
     "HELP": "HELP",
     "QUIT": "QUIT",
+    "AUTH": "AUTH <token>",
 }
+# A token: printable ASCII without spaces (docs/security.md); never quoted back.
+_TOKEN_WORD: Final = re.compile(r"[!-~]{1,256}")
 
 
 class _Usage(Exception):
     """A known command with bad arguments; the message is the detail."""
 
 
-def parse(line: bytes) -> Command | BadRequest:
+def parse(line: bytes) -> Request | BadRequest:
     """Parse one request line (without its LF; one trailing CR is ignored)."""
     line = line.removesuffix(b"\r")
     if len(line) > MAX_LINE_BYTES:
@@ -214,7 +235,7 @@ def parse(line: bytes) -> Command | BadRequest:
     return _parse(line)
 
 
-def _parse(line: bytes) -> Command | BadRequest:
+def _parse(line: bytes) -> Request | BadRequest:
     try:
         text = line.decode("utf-8")
     except UnicodeDecodeError:
@@ -231,10 +252,40 @@ def _parse(line: bytes) -> Command | BadRequest:
     if name not in _USAGE:
         return BadRequest(UNKNOWN_COMMAND, "unknown command")
     try:
-        return _PARSERS[name](args)
+        if name == "AUTH":
+            return _parse_auth(args)
+        args, token = _take_token(args)
+        command = _PARSERS[name](args)
+        return command if token is None else WithToken(command, token)
     except _Usage as exc:
         detail = f"{exc}; " if str(exc) else ""
         return BadRequest(Reply.error(f"usage: {detail}{_USAGE[name]}"), "bad arguments")
+
+
+def _parse_auth(args: list[str]) -> Command:
+    # Not _split: a token may contain `=`.
+    if len(args) != 1:
+        raise _Usage("")
+    if not _TOKEN_WORD.fullmatch(args[0]):
+        raise _Usage("the token must be printable ASCII")
+    return Auth(args[0])
+
+
+def _take_token(args: list[str]) -> tuple[list[str], str | None]:
+    """The arguments without a `token=<t>` one, and the token."""
+    rest: list[str] = []
+    token: str | None = None
+    for arg in args:
+        key, sep, value = arg.partition("=")
+        if sep and key.isascii() and key.lower() == "token":
+            if token is not None:
+                raise _Usage("token given twice")
+            if not _TOKEN_WORD.fullmatch(value):
+                raise _Usage("the token must be printable ASCII")
+            token = value
+        else:
+            rest.append(arg)
+    return rest, token
 
 
 def _split(
@@ -408,7 +459,7 @@ class LineReader:
         else:
             self._eof = True
 
-    def next_request(self) -> Command | BadRequest | NeedData | Closed:
+    def next_request(self) -> Request | BadRequest | NeedData | Closed:
         """The next request, `NEED_DATA`, or `CLOSED` once the peer's EOF has been consumed."""
         if self._poisoned:
             return CLOSED

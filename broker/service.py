@@ -20,12 +20,12 @@ import trio
 from broker.aws import observe_calls
 from broker.checks import EXIT_CONFIG, exit_status, failures
 from broker.clock import Clock
-from broker.config_validate import Config
+from broker.config_validate import Config, ConfigError
 from broker.engine import Engine
 from broker.health import Health
 from broker.sdnotify import notify
 from broker.server import Server, ServerSettings
-from broker.wiring import build_engine
+from broker.wiring import build_engine, build_gate
 
 if TYPE_CHECKING:
     from broker.monitor import Monitor
@@ -140,6 +140,17 @@ async def serve(config: Config, config_path: str | None = None, *, sandbox: bool
     """Serve until SIGTERM or SIGINT; the exit status. In the sandbox, launches are planned
     to boot in sandbox_boot_time from the first one on."""
     log = structlog.get_logger("broker")
+    try:
+        gate = build_gate(config, os.environ)
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return EXIT_CONFIG
+    refusal = (
+        None if "LISTEN_FDS" in os.environ else gate.policy.refuse_to_start(config.listen_host)
+    )
+    if refusal is not None:  # before anything listens (with socket activation: see below)
+        print(refusal, file=sys.stderr)
+        return EXIT_CONFIG
     status = await _preflight(config, config_path)
     if status:
         log.error("broker.not_started", reason="preflight", exit_status=status)
@@ -148,6 +159,12 @@ async def serve(config: Config, config_path: str | None = None, *, sandbox: bool
     if isinstance(listeners, int):
         log.error("broker.not_started", reason="listen", exit_status=listeners)
         return listeners
+    for listener in listeners:  # the real socket: with socket activation, not listen_host
+        refusal = gate.policy.refuse_to_start(str(listener.socket.getsockname()[0]))
+        if refusal is not None:
+            print(refusal, file=sys.stderr)
+            log.error("broker.not_started", reason="insecure", exit_status=EXIT_CONFIG)
+            return EXIT_CONFIG
     hint = config.sandbox_boot_time if sandbox else None
     engine = build_engine(
         config, Clock(), listeners[0].socket.getsockname()[1], boot_time_hint=hint
@@ -163,6 +180,7 @@ async def serve(config: Config, config_path: str | None = None, *, sandbox: bool
             client_timeout=config.client_timeout,
             max_connections=config.max_connections,
         ),
+        gate,
     )
     stop_observing = [
         observe_calls(

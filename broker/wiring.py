@@ -4,14 +4,26 @@ commands; no argument parsing here."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import trio
 
+from broker.access import (
+    TOKEN_ENV,
+    AccessConfigError,
+    AccessPolicy,
+    parse_token_env,
+    read_token_file,
+)
 from broker.clock import Clock
 from broker.cloud import LaunchSpec, Market
 from broker.config_validate import Config, ConfigError
 from broker.ec2 import Ec2Cloud, Ec2Settings
 from broker.engine import Engine, EngineSettings
+from broker.gate import Gate
 from broker.ledger import Budget, OnCap
+from broker.limits import Limiter
+from broker.limits import Limits as IdentityLimits
 from broker.memory_registry import MemoryRegistry
 from broker.model import Limits
 from broker.prices import PriceTable
@@ -137,3 +149,28 @@ def build_engine(
         events=events,
         spot_prices=cloud if config.spot_price_history else None,
     )
+
+
+def build_gate(config: Config, environ: Mapping[str, str]) -> Gate:
+    """The access policy (allowlist, address roles, tokens from tokens_file and the
+    environment) and the per-identity limits. ConfigError names what is wrong."""
+    try:
+        tokens = read_token_file(config.tokens_file) if config.tokens_file else ()
+        if TOKEN_ENV in environ:
+            tokens = (*tokens, parse_token_env(environ[TOKEN_ENV]))
+        policy = AccessPolicy.build(
+            allow_cidrs=config.allow_cidrs,
+            address_roles=config.address_roles,
+            tokens=tokens,
+            insecure=config.insecure,
+        )
+    except AccessConfigError as exc:
+        raise ConfigError(str(exc)) from None
+    limits = IdentityLimits(
+        max_connections_per_peer=config.max_connections_per_peer,
+        max_requests_per_second=config.max_requests_per_second,
+        request_burst=config.request_burst,
+        max_leases_per_identity=config.max_leases_per_identity,
+        max_launches_per_minute=config.max_launches_per_minute,
+    )
+    return Gate(policy, Limiter(limits))
