@@ -11,6 +11,7 @@ is passed to `call(...)` rather than called), every `get_paginator("...")` and e
 from __future__ import annotations
 
 import ast
+import functools
 import json
 import re
 from collections.abc import Iterable, Mapping
@@ -20,6 +21,7 @@ from typing import Any
 import botocore.session
 import pytest
 import trio
+import yaml
 from botocore import xform_name
 
 from broker import cli
@@ -133,9 +135,10 @@ def walk(source: str) -> _Calls:
     return calls
 
 
+@functools.cache
 def code_calls() -> tuple[dict[str, set[str]], set[str]]:
     """Every AWS operation the broker's modules refer to (with the functions it is in), and
-    every service they make clients for."""
+    every service they make clients for (read once per test run)."""
     found: dict[str, set[str]] = {}
     services: set[str] = set()
     for path in sorted(BROKER.glob("*.py")):
@@ -657,3 +660,15 @@ def test_iam_policy_command_refuses_a_config_without_ami_and_a_bad_account(
     path.write_text("ami_id: ami-0123456789abcdef0\n")
     assert cli.main(["iam-policy", "--config", str(path), "--account", "12345"]) == 2
     assert "12 digits" in capsys.readouterr().err
+
+
+def test_docs_example_is_what_the_command_prints() -> None:
+    """docs/iam.md's example policy is the one its example config gives (regenerate it with
+    `compute-broker iam-policy --config CONFIG --account 111122223333`)."""
+    text = (BROKER.parent / "docs" / "iam.md").read_text()
+    example_config = re.search(r"```yaml\n(.*?)```", text, re.S)
+    example_policy = re.search(r"```json\n(.*?)```", text, re.S)
+    assert example_config is not None and example_policy is not None
+    config = Config.from_dict(yaml.safe_load(example_config.group(1)))
+    assert json.loads(example_policy.group(1)) == policy(config, account=ACCOUNT)
+    assert example_policy.group(1) == render(policy(config, account=ACCOUNT)) + "\n"
