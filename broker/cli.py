@@ -95,6 +95,19 @@ def _parser() -> argparse.ArgumentParser:
     )
     stop_all.add_argument("--config", help="YAML config file (pool_name, region, registry)")
     stop_all.add_argument("--dry-run", action="store_true", help="list them, terminate nothing")
+    iam_policy = sub.add_parser(
+        "iam-policy", help="print the least-privilege IAM policy for a config (docs/iam.md)"
+    )
+    iam_policy.add_argument("--config", help="YAML config file (default: built-in defaults)")
+    iam_policy.add_argument(
+        "--account", default="*", help="the AWS account id in the ARNs (default: *, any)"
+    )
+    iam_policy.add_argument(
+        "--setup", action="store_true", help="also allow what `compute-broker setup` does"
+    )
+    iam_policy.add_argument(
+        "--events-queue", metavar="NAME", help="with --setup: the events queue setup creates"
+    )
     sub.add_parser("config-reference", help="print the config reference (Markdown)")
     sub.add_parser("sample-config", help="print a commented sample config")
     return parser
@@ -235,6 +248,25 @@ def _stop_all(args: argparse.Namespace) -> int:
         return 1
 
 
+def _iam_policy(args: argparse.Namespace) -> int:
+    """Print the IAM policy for the config as JSON; 78 for a config it cannot be made for."""
+    from broker.iam import policy, render
+
+    try:
+        config = _load(args.config)
+        document = policy(
+            config, account=args.account, setup=args.setup, events_queue=args.events_queue
+        )
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return EXIT_CONFIG
+    except ValueError as exc:
+        print(f"iam-policy: {exc}", file=sys.stderr)
+        return 2  # a usage error, as argparse's own
+    print(render(document))
+    return 0
+
+
 def _config_reference(args: argparse.Namespace) -> int:
     sys.stdout.write(reference_markdown())
     return 0
@@ -306,6 +338,7 @@ _COMMANDS = {
     "setup": _setup,
     "agent": _agent,
     "stop-all": _stop_all,
+    "iam-policy": _iam_policy,
     "config-reference": _config_reference,
     "sample-config": _sample_config,
 }
