@@ -109,6 +109,23 @@ FIELDS: tuple[Field, ...] = (
         ["c6i.8xlarge", "m7i.8xlarge"],
     ),
     Field(
+        "allowed_instance_types",
+        kinds.list_of(
+            kinds.text(kinds.INSTANCE_TYPE.pattern, "look like an EC2 instance type (c7i.8xlarge)")
+        ),
+        [],
+        "The only types a GET_WORKER type= may ask for. []: instance_type and instance_types.",
+        ["c7i.8xlarge", "c7i.16xlarge"],
+    ),
+    Field(
+        "allow_on_demand",
+        kinds.optional(kinds.boolean()),
+        None,
+        "Whether a GET_WORKER may ask for market=on-demand. null: only when market is "
+        "on-demand or on_demand_fallback is on.",
+        True,
+    ),
+    Field(
         "on_demand_fallback",
         kinds.boolean(),
         False,

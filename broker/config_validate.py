@@ -57,6 +57,10 @@ class Config:
     instance_types: tuple[str, ...] = attrs.field(
         default=_default("instance_types"), converter=_string_tuple
     )
+    allowed_instance_types: tuple[str, ...] = attrs.field(
+        default=_default("allowed_instance_types"), converter=_string_tuple
+    )
+    allow_on_demand: bool | None = _default("allow_on_demand")
     on_demand_fallback: bool = _default("on_demand_fallback")
     security_group_ids: tuple[str, ...] = attrs.field(
         default=_default("security_group_ids"), converter=_string_tuple

@@ -50,6 +50,8 @@ class EngineSettings:
     budget: Budget = attrs.field(factory=Budget)
     subnets: tuple[str | None, ...] = ()
     boot_time_hint: float | None = None  # seconds a launch is expected to take to boot
+    allowed_types: frozenset[str] = frozenset()  # what GET_WORKER type= may name (empty: any)
+    allow_on_demand: bool = True  # whether GET_WORKER market=on-demand may be asked for
 
     @property
     def warm_pool_configured(self) -> bool:

@@ -19,7 +19,15 @@ from broker.cloud import CloudError
 from broker.context import Context, log_lease_end
 from broker.errors import Refusal, WorkerInterrupted, WorkerNotFound
 from broker.launcher import LaunchAttempt, Launcher
-from broker.model import LaunchSpec, Lease, Released, ReleaseOutcome, Worker, WorkerRequest
+from broker.model import (
+    LaunchSpec,
+    Lease,
+    Market,
+    Released,
+    ReleaseOutcome,
+    Worker,
+    WorkerRequest,
+)
 from broker.registry import LeaseRecord
 from broker.retire import Claim, Retire
 from broker.spending import Cover, Spending
@@ -53,10 +61,20 @@ class HandoutDesk:
     # --- GET_WORKER --------------------------------------------------------------------------
 
     def spec_for(self, request: WorkerRequest) -> LaunchSpec:
-        """What a request accepts: the default spec (with its fallbacks), or what it names."""
-        default = self.ctx.settings.default_spec
+        """What a request accepts: the default spec (with its fallbacks), or what it names.
+        Refusal when it names a type or market the config does not allow."""
+        settings = self.ctx.settings
+        default = settings.default_spec
         if request.instance_type is None and request.market is None:
             return default
+        allowed = settings.allowed_types
+        if request.instance_type is not None and allowed and request.instance_type not in allowed:
+            raise Refusal(
+                f"not allowed: type {request.instance_type} (allowed_instance_types: "
+                f"{', '.join(sorted(allowed))})"
+            )
+        if request.market is Market.ON_DEMAND and not settings.allow_on_demand:
+            raise Refusal("not allowed: market=on-demand (allow_on_demand is off)")
         return LaunchSpec(
             request.instance_type or default.instance_type,
             request.market or default.market,

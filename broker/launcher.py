@@ -140,6 +140,13 @@ class Launcher:
         admit none."""
         ctx = self.ctx
         price = ctx.prices.price(spec.instance_type, spec.market)
+        if price is None:  # uncharged, uncounted: never, capped or not
+            reason = (
+                f"budget: no price known for {spec.instance_type} {spec.market}; "
+                "add it under prices in the config"
+            )
+            _log.warning("launch.refused", reason=reason, type=spec.instance_type)
+            raise Refusal(reason)
         admission = admit(ctx.pool, spec, count, price)
         if admission.refusal is not None:
             _log.warning("launch.refused", reason=admission.refusal, type=spec.instance_type)
@@ -252,6 +259,8 @@ class Launcher:
         for index, offering in enumerate(tried):
             price = ctx.prices.price(offering.instance_type, offering.market)
             over_rate = rate_check(ctx.pool, attempt.token, offering.spec, price)
+            if price is None:
+                over_rate = f"budget: no price known for {offering.describe()}"
             if over_rate is None and price is not None and price >= refused_at:
                 over_rate = "refused by the budget at a lower price"
             if over_rate is not None:  # a fallback dearer than the caps allow

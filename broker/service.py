@@ -208,6 +208,15 @@ async def serve(config: Config, config_path: str | None = None, *, sandbox: bool
                 notify("READY=1")
                 nursery.start_soon(tell_systemd, engine, os.environ)
                 log.info("broker.started", host=host, port=port, pool=config.pool_name)
+                uncapped = config.max_hourly_cost is None and not (
+                    config.max_daily_cost or config.max_monthly_cost
+                )
+                if uncapped and not sandbox:
+                    log.warning(
+                        "budget.uncapped",
+                        advice="set max_daily_cost (and max_hourly_cost): nothing bounds "
+                        "what this pool may spend",
+                    )
                 async for signum in signals:
                     log.info("broker.stopping", signal=signal.Signals(signum).name)
                     break

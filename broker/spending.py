@@ -434,6 +434,8 @@ class Spending:
             "run_rate_per_hour": round(self.ctx.pool.run_rate(), 6),
             # Every replica's, as committed in the registry (only with max_hourly_cost).
             "pool_run_rate_per_hour": None if pool_rate is None else pool_rate / MICROS,
+            # No dollar cap at all: nothing bounds what the pool may spend (warned at start).
+            "uncapped": not self.budget.has_caps and self.hourly_cap is None,
             "max_hourly_cost": self.hourly_cap,
         }
 

@@ -129,6 +129,14 @@ def build_engine(
         budget=budget(config),
         subnets=config.subnets or (config.subnet_id,),
         boot_time_hint=boot_time_hint,
+        allowed_types=frozenset(
+            config.allowed_instance_types or (config.instance_type, *config.instance_types)
+        ),
+        allow_on_demand=(
+            config.allow_on_demand
+            if config.allow_on_demand is not None
+            else config.market == "on-demand" or config.on_demand_fallback
+        ),
     )
     prices = PriceTable.default().with_overrides(config.prices)
     queue = events = None
