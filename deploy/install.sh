@@ -4,6 +4,7 @@
 #   sudo deploy/install.sh [install]      # from a checkout of the repository; run it again after
 #                                         # editing the config, and for every upgrade
 #   sudo deploy/install.sh check          # `compute-broker check` with the service's credentials
+#   sudo deploy/install.sh run ARGS...    # `compute-broker ARGS` as the service user, likewise
 #   sudo deploy/install.sh rollback [RELEASE]   # back to the previous (or the named) release
 #   sudo deploy/install.sh releases       # list the installed releases
 #   sudo deploy/install.sh tcl-client     # only the Tcl client, for a lab machine
@@ -490,6 +491,18 @@ cmd_check() {
     run_as_service "$release" check check --config "$R_CONFIG"
 }
 
+# Any compute-broker command as the service would run it (stop-all, setup --events-queue ...).
+cmd_run() {
+    check_settings
+    [[ $# -gt 0 ]] || die "run: which compute-broker command? (e.g. run stop-all --dry-run --config $config)" 2
+    local release
+    release=$(current_release)
+    [[ -n $release ]] || die "nothing installed in $PREFIX"
+    ensure_credentials
+    [[ $credentials_ready == yes ]] || die "fill in the key in $credentials_file" $EX_CONFIG
+    run_as_service "$release" run "$@"
+}
+
 cmd_rollback() {
     check_settings
     local target=${1:-} now
@@ -561,6 +574,7 @@ cmd_uninstall() {
 case ${1:-install} in
 install) cmd_install ;;
 check) cmd_check ;;
+run) cmd_run "${@:2}" ;;
 rollback) cmd_rollback "${2:-}" ;;
 releases) cmd_releases ;;
 tcl-client) cmd_tcl_client ;;

@@ -466,6 +466,17 @@ def test_check_from_the_installed_script_uses_the_service_credentials(
     assert f"LoadCredential=aws:{site.root}{ETC}/aws-credentials" in run
 
 
+def test_run_gives_any_command_the_service_credentials(deployed: Deployed) -> None:
+    """`run stop-all --dry-run --config FILE` reaches AWS as the service user with its key."""
+    site = deployed.site
+    run = site.run("run", "stop-all", "--dry-run", "--config", str(site.path(f"{ETC}/config.yaml")))
+    assert run.status == 0, run.output
+    assert "0 instance(s) in pool default" in run.output
+    (call,) = run.called("systemd-run")
+    assert "--unit=compute-broker-run" in call
+    assert f"LoadCredential=aws:{site.root}{ETC}/aws-credentials" in call
+
+
 @pytest.mark.skipif(shutil.which("tclsh") is None, reason="needs tclsh (Debian: tcl)")
 def test_tcl_client_alone_for_a_lab_machine(tmp_path: Path) -> None:
     """`tcl-client` installs only the Tcl client at /opt/compute-broker/clients/tcl."""
