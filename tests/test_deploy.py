@@ -524,3 +524,24 @@ def test_uninstall_removes_the_service_and_the_releases(tmp_path: Path, purge: s
     else:
         assert site.path(f"{ETC}/config.yaml").exists()
         assert run.called("userdel") == []
+
+
+def test_deployment_guide_says_what_the_script_and_the_defaults_do(deployed: Deployed) -> None:
+    """docs/deployment.md's IAM policy names the default table and pool, and its drop-in is the
+    one the script installs."""
+    from broker.config_validate import Config
+
+    guide = (REPO / "docs" / "deployment.md").read_text()
+    blocks = re.findall(r"```(json|ini)\n(.*?)```", guide, re.S)
+    (policy,) = [
+        json.loads(text) for kind, text in blocks if kind == "json" and '"Version"' in text
+    ]
+    statements = {statement["Sid"]: statement for statement in policy["Statement"]}
+    defaults = Config()
+    assert statements["Registry"]["Resource"].endswith(f":table/{defaults.registry_table}")
+    condition = statements["TerminateOnlyItsOwnPool"]["Condition"]["StringEquals"]
+    assert condition == {"ec2:ResourceTag/compute-broker:pool": defaults.pool_name}
+    (dropin,) = [text for kind, text in blocks if kind == "ini" and "[Service]" in text]
+    installed = deployed.site.path(DROPIN).read_text().splitlines()
+    for line in dropin.split("\n"):
+        assert not line.strip() or line.strip() in installed
