@@ -67,6 +67,7 @@ R_CONFIG=$ROOT$config
 # because bash ignores `set -e` inside a function called from an `if`, `&&` or `||`).
 credentials_mode=role # role | file
 credentials_ready=yes
+config_fresh=no
 switched=no
 unit_changed=no
 build_dir=
