@@ -6,6 +6,7 @@ compute-broker check [--config FILE]
 compute-broker setup [--config FILE]
 compute-broker agent --name NAME --ip IP [--config FILE]
 compute-broker stop-all [--config FILE] [--dry-run]
+compute-broker iam-policy [--config FILE] [--account ID] [--setup] [--events-queue NAME]
 compute-broker config-reference | sample-config
 """
 
@@ -122,6 +123,7 @@ def _check_config(args: argparse.Namespace) -> int:
         config = _load(args.file)
         if args.aws:
             config.validate_for_aws()
+            worker_user_data(config, config.listen_port or 65535)  # what serve refuses too
     except ConfigError as exc:
         print(exc, file=sys.stderr)
         return EXIT_CONFIG

@@ -196,7 +196,7 @@ ensure_release() {
     local unit_text
     unit_text=$(render_unit "$release")
     grep -q "^ExecStart=$PREFIX/current/bin/compute-broker .*$config" <<<"$unit_text" ||
-        die "systemd/compute-broker.service: its ExecStart= no longer runs /opt/compute-broker/venv/bin/compute-broker with /etc/compute-broker/config.yaml; deploy/install.sh needs updating"
+        die "systemd/compute-broker.service: its ExecStart= no longer runs $PREFIX/current/bin/compute-broker with $config; deploy/install.sh needs updating"
     say "release $release: creating $PREFIX/releases/$release"
     rm -rf "$dir"
     mkdir -p "$R_PREFIX/releases"
