@@ -62,7 +62,7 @@ class Via(enum.StrEnum):
 
 OPEN_COMMANDS: Final = frozenset({"HELP", "QUIT", "AUTH", "ALIVE"})  # anyone admitted
 OWN_LEASE_COMMANDS: Final = frozenset({"PING", "RELEASE"})  # `use`: only on a lease it holds
-AGENT_COMMANDS: Final = frozenset({"REGISTER", "HEARTBEAT"})  # proposed names (issue #13 item 5)
+AGENT_COMMANDS: Final = frozenset({"REGISTER", "HEARTBEAT", "DEREGISTER"})  # local workers
 _ALLOWED: Final[Mapping[Role, frozenset[str]]] = {
     Role.USE: frozenset({"GET_WORKER", "PING", "RELEASE", "STATUS"}),
     Role.ADMIN: frozenset({"GET_WORKER", "PING", "RELEASE", "STATUS", "BURST"}) | AGENT_COMMANDS,

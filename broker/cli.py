@@ -33,6 +33,7 @@ from broker.config_validate import Config, ConfigError
 from broker.ec2 import BILLABLE_STATES, Ec2Cloud
 from broker.engine import Refusal
 from broker.log import configure_logging
+from broker.model import LocalWorker
 from broker.sqs import ensure_events_queue
 from broker.wiring import build_engine, build_registry, worker_user_data
 
@@ -90,7 +91,12 @@ def _parser() -> argparse.ArgumentParser:
     agent = sub.add_parser("agent", help="register this lab machine as a local worker")
     agent.add_argument("--name", required=True, help="the worker's name (1-64 of A-Za-z0-9_.-)")
     agent.add_argument("--ip", required=True, help="the IP clients connect to")
-    agent.add_argument("--config", help="YAML config file (registry, pool_name, heartbeat)")
+    agent.add_argument(
+        "--broker",
+        metavar="HOST:PORT",
+        help="a broker's address (default: $COMPUTE_BROKER_HOST:$COMPUTE_BROKER_PORT, else "
+        "localhost:9000); the token, for the agent role, comes from $COMPUTE_BROKER_TOKEN",
+    )
     stop_all = sub.add_parser(
         "stop-all", help="emergency stop: terminate every instance tagged with this pool"
     )
@@ -179,39 +185,41 @@ def _setup(args: argparse.Namespace) -> int:
 
 
 def _agent(args: argparse.Namespace) -> int:
+    """Register this machine as a local worker through a broker's port (no AWS access)."""
     from broker.agent import AgentSettings, run_agent
 
     try:
-        config = load_config(
-            args.config,
-            {
-                **os.environ,
-                "COMPUTE_BROKER_LOCAL_WORKERS": f"[{{name: {args.name}, ip: {args.ip}}}]",
-            },
-        )
-    except ConfigError as exc:
-        print(exc, file=sys.stderr)
-        return EXIT_CONFIG
-    if config.registry != "dynamodb":
-        print(
-            "agent: needs registry: dynamodb (the brokers read local workers from it)",
-            file=sys.stderr,
-        )
-        return EXIT_CONFIG
-    configure_logging(config.log_format, config.log_level)
-    (worker,) = config.local_workers  # validated name and ip
+        worker = _local_worker(args.name, args.ip)
+        broker = _broker_address(args.broker)
+    except ValueError as exc:
+        print(f"agent: {exc}", file=sys.stderr)
+        return 2
+    configure_logging("auto", "info")
+    token = os.environ.get("COMPUTE_BROKER_TOKEN") or None
+    trio.run(functools.partial(run_agent, AgentSettings(worker, broker, token)))
+    return 0
 
-    async def main() -> None:
-        registry = build_registry(config, trio.CapacityLimiter(2))
-        settings = AgentSettings(worker, config.agent_heartbeat)
-        await run_agent(registry, settings, Clock())
+
+def _local_worker(name: str, ip: str) -> LocalWorker:
+    from broker.config_kinds import Invalid, local_worker
 
     try:
-        trio.run(main)
-    except CloudError as exc:
-        print(f"agent: {exc}", file=sys.stderr)
-        return 1
-    return 0
+        worker: LocalWorker = local_worker().check({"name": name, "ip": ip})
+    except Invalid as exc:
+        raise ValueError(str(exc)) from None
+    return worker
+
+
+def _broker_address(value: str | None) -> tuple[str, int]:
+    """HOST:PORT from --broker, else the clients' environment, else localhost:9000."""
+    if value is None:
+        host = os.environ.get("COMPUTE_BROKER_HOST", "localhost")
+        port_text = os.environ.get("COMPUTE_BROKER_PORT", "9000")
+    else:
+        host, _, port_text = value.rpartition(":")
+    if not host or not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
+        raise ValueError(f"--broker must be HOST:PORT (got {value!r})")
+    return host.strip("[]"), int(port_text)
 
 
 def _stop_all(args: argparse.Namespace) -> int:

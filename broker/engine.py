@@ -27,7 +27,7 @@ import trio
 from broker.bootwatch import BootWatch
 from broker.burst import BurstDecision
 from broker.clock import Clock
-from broker.cloud import Cloud, EventQueue, Instance, JobQueue
+from broker.cloud import Cloud, CloudError, EventQueue, Instance, JobQueue
 from broker.context import Context, EngineSettings
 from broker.decisions import reap_plan
 from broker.ec2_events import Ec2Events
@@ -35,6 +35,7 @@ from broker.errors import Refusal, WorkerInterrupted, WorkerNotFound
 from broker.handout import WAIT_SLACK, Handout, HandoutDesk
 from broker.health import Health
 from broker.launcher import Launcher
+from broker.local_workers import LocalWorkers
 from broker.memory_registry import MemoryRegistry
 from broker.metrics import Metrics
 from broker.model import Worker, WorkerRequest
@@ -94,6 +95,7 @@ class Engine:
         self.scaling = Scaling(
             ctx, self.launcher, self.retire, self.spending, queue=queue, spot_prices=spot_prices
         )
+        self.local_workers = LocalWorkers(ctx, self.retire, settings.agent_heartbeat)
         self.ec2_events = (
             None if events is None else Ec2Events(ctx, self.launcher, self.retire, events)
         )
@@ -187,6 +189,31 @@ class Engine:
         """ALIVE from a worker's watchdog: False only when neither this replica nor the
         registry has a worker, a launch or an intent it could be (no write, no lease effect)."""
         return await self.reconciler.wanted(instance_id)
+
+    async def register_local(self, name: str, ip: str) -> float:
+        """An agent registers (or keeps registered) a local worker; the heartbeat interval it
+        must keep. May raise Refusal (the registry is unavailable)."""
+        try:
+            await self.local_workers.register(name, ip)
+        except CloudError as exc:
+            raise Refusal(f"registry unavailable: {exc}") from exc
+        return self.local_workers.interval
+
+    async def heartbeat_local(self, name: str) -> None:
+        """An agent's heartbeat; WorkerNotFound if its entry expired (it registers again)."""
+        try:
+            known = await self.local_workers.heartbeat(name)
+        except CloudError as exc:
+            raise Refusal(f"registry unavailable: {exc}") from exc
+        if not known:
+            raise WorkerNotFound(name)
+
+    async def deregister_local(self, name: str) -> None:
+        """An agent stops: its local worker leaves the pool."""
+        try:
+            await self.local_workers.deregister(name)
+        except CloudError as exc:
+            raise Refusal(f"registry unavailable: {exc}") from exc
 
     async def undeliverable(self, handout: Handout, client: str) -> None:
         """The GET_WORKER reply could not be sent: drop the lease it created, if it did."""

@@ -26,10 +26,13 @@ from broker.protocol import (
     Auth,
     Burst,
     Command,
+    Deregister,
     GetWorker,
+    Heartbeat,
     Help,
     Ping,
     Quit,
+    Register,
     Release,
     Reply,
     Request,
@@ -51,6 +54,9 @@ WIRE_NAMES: Final[dict[type, str]] = {
     Quit: "QUIT",
     Alive: "ALIVE",
     Auth: "AUTH",
+    Register: "REGISTER",
+    Heartbeat: "HEARTBEAT",
+    Deregister: "DEREGISTER",
 }
 
 

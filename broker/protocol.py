@@ -186,7 +186,42 @@ class Auth:
     token: str = attrs.field(repr=False)
 
 
-Command = GetWorker | Ping | Release | Status | Burst | Help | Quit | Alive | Auth
+@attrs.frozen
+class Register:
+    """REGISTER <name> <ip>: an agent registers (or keeps registered) a local worker."""
+
+    name: str
+    ip: str
+
+
+@attrs.frozen
+class Heartbeat:
+    """HEARTBEAT <name>: an agent's local worker is still there."""
+
+    name: str
+
+
+@attrs.frozen
+class Deregister:
+    """DEREGISTER <name>: an agent's local worker leaves the pool."""
+
+    name: str
+
+
+Command = (
+    GetWorker
+    | Ping
+    | Release
+    | Status
+    | Burst
+    | Help
+    | Quit
+    | Alive
+    | Auth
+    | Register
+    | Heartbeat
+    | Deregister
+)
 
 
 @attrs.frozen
@@ -218,7 +253,12 @@ _USAGE: Final = {
     "HELP": "HELP",
     "QUIT": "QUIT",
     "AUTH": "AUTH <token>",
+    "REGISTER": "REGISTER <name> <ip>",
+    "HEARTBEAT": "HEARTBEAT <name>",
+    "DEREGISTER": "DEREGISTER <name>",
 }
+# A local worker's name (as in the config's local_workers).
+_LOCAL_NAME: Final = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 # A token: printable ASCII without spaces (docs/security.md); never quoted back.
 _TOKEN_WORD: Final = re.compile(r"[!-~]{1,256}")
 
@@ -357,6 +397,27 @@ def _parse_alive(args: list[str]) -> Command:
     return Alive(instance_id)
 
 
+def _name(word: str) -> str:
+    if not _LOCAL_NAME.fullmatch(word):
+        raise _Usage("name must be 1-64 of A-Z a-z 0-9 _ . -")
+    return word
+
+
+def _parse_register(args: list[str]) -> Command:
+    (name, ip), _ = _split(args, 2, frozenset())
+    return Register(_name(name), _ip(ip))
+
+
+def _parse_heartbeat(args: list[str]) -> Command:
+    (name,), _ = _split(args, 1, frozenset())
+    return Heartbeat(_name(name))
+
+
+def _parse_deregister(args: list[str]) -> Command:
+    (name,), _ = _split(args, 1, frozenset())
+    return Deregister(_name(name))
+
+
 def _parse_ping(args: list[str]) -> Command:
     (ip,), options = _split(args, 1, frozenset({"client"}))
     return Ping(_ip(ip), _client(options))
@@ -388,6 +449,9 @@ _PARSERS: Final[dict[str, Callable[[list[str]], Command]]] = {
     "GET_WORKER": _parse_get_worker,
     "PING": _parse_ping,
     "ALIVE": _parse_alive,
+    "REGISTER": _parse_register,
+    "HEARTBEAT": _parse_heartbeat,
+    "DEREGISTER": _parse_deregister,
     "RELEASE": _parse_release,
     "BURST": _parse_burst,
     "STATUS": _no_args(Status()),

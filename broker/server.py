@@ -29,12 +29,15 @@ from broker.protocol import (
     Burst,
     Closed,
     Command,
+    Deregister,
     GetWorker,
+    Heartbeat,
     Help,
     LineReader,
     NeedData,
     Ping,
     Quit,
+    Register,
     Release,
     Reply,
     Request,
@@ -267,6 +270,15 @@ class Server:
             case Burst(count=count):
                 ids = await self.engine.burst(count)
                 return Reply.ok(" ".join([str(len(ids)), *ids]))
+            case Register(name=name, ip=ip):
+                interval = await self.engine.register_local(name, ip)
+                return Reply.ok(f"heartbeat={interval:g}")
+            case Heartbeat(name=name):
+                await self.engine.heartbeat_local(name)
+                return Reply.ok()
+            case Deregister(name=name):
+                await self.engine.deregister_local(name)
+                return Reply.ok()
             case Help():
                 return Reply(protocol.HELP_TEXT)
             case Quit():

@@ -129,6 +129,7 @@ def build_engine(
         budget=budget(config),
         subnets=config.subnets or (config.subnet_id,),
         boot_time_hint=boot_time_hint,
+        agent_heartbeat=config.agent_heartbeat,
         allowed_types=frozenset(
             config.allowed_instance_types or (config.instance_type, *config.instance_types)
         ),

@@ -504,18 +504,15 @@ def test_agent_registers_a_local_worker_that_is_preferred_and_expires(
     aws_env: dict[str, str],
     tmp_path: Path,
 ) -> None:
-    """`compute-broker agent` registers a lab machine: brokers hand it out before launching;
-    after the agent dies (no deregistration) its entry expires and a cloud worker is used."""
-    broker = start_broker(reap_interval=0.2)
-    config = tmp_path / "agent.yaml"
-    config.write_text(
-        yaml.safe_dump({"pool_name": pool_name, "agent_heartbeat": 0.5, "log_format": "json"})
-    )
+    """`compute-broker agent` registers a lab machine through the broker's port (no AWS
+    credentials): brokers hand it out before launching; after the agent dies (no
+    deregistration) its entry expires and a cloud worker is used."""
+    broker = start_broker(reap_interval=0.2, agent_heartbeat=0.5)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
     agent = subprocess.Popen(
         [sys.executable, "-m", "broker", "agent", "--name", "lab-ws-1", "--ip", "10.20.30.40",
-         "--config", str(config)],
-        cwd=ROOT, env={**os.environ, **aws_env}, stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+         "--broker", f"127.0.0.1:{broker.port}"],
+        cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
     try:
         wait_until(lambda: any(w["provider"] == "local" for w in status_of(broker)["workers"]))
