@@ -1,6 +1,6 @@
-"""The EC2 events room (broker/ec2_events.py): an interruption across replicas on Trio's
-MockClock. tests/test_ec2_events_aws.py has the events arriving through moto's SQS, and what
-clients see."""
+"""The EC2 events room (broker/ec2_events.py): `next_interruption`'s de-duplication as plain
+code, and an interruption across replicas on Trio's MockClock. tests/test_ec2_events_aws.py
+has the events arriving through moto's SQS, and what clients see."""
 
 from __future__ import annotations
 
@@ -12,14 +12,49 @@ import trio
 from trio.testing import MockClock
 
 from broker.clock import Clock
+from broker.ec2_events import next_interruption
 from broker.engine import WorkerInterrupted
 from broker.memory_registry import MemoryRegistry
-from broker.model import WorkerRequest
-from tests.engines import make_engine, running
+from broker.model import Interruption, WorkerRequest
+from tests.engines import T0, make_engine, running
 from tests.fakes import FakeCloud, FakeEvents
 from tests.harness import wait_for
 
-SPOT = "spot_interruption"
+SPOT, REBALANCE = "spot_interruption", "rebalance_recommendation"
+NOW = T0 + 10
+
+
+# --- next_interruption: what a warning adds --------------------------------------------------
+
+
+def test_a_first_warning_interrupts_the_worker() -> None:
+    """No interruption yet: the warning's reason and deadline, noticed now."""
+    assert next_interruption(None, SPOT, T0 + 120, NOW) == Interruption(SPOT, T0 + 120, NOW)
+    assert next_interruption(None, REBALANCE, None, NOW) == Interruption(REBALANCE, None, NOW)
+
+
+def test_a_repeated_or_weaker_warning_adds_nothing() -> None:
+    """SQS delivers at least once: the same warning again, or a rebalance recommendation
+    after a spot warning (it says less), changes nothing."""
+    spot = Interruption(SPOT, T0 + 120, T0)
+    rebalance = Interruption(REBALANCE, None, T0)
+    assert next_interruption(spot, SPOT, T0 + 120, NOW) is None
+    assert next_interruption(spot, REBALANCE, None, NOW) is None
+    assert next_interruption(rebalance, REBALANCE, None, NOW) is None
+
+
+def test_a_spot_warning_after_a_rebalance_recommendation_brings_the_deadline() -> None:
+    """A rebalance recommendation has no deadline; the spot warning after it has one."""
+    rebalance = Interruption(REBALANCE, None, T0)
+    assert next_interruption(rebalance, SPOT, T0 + 120, NOW) == Interruption(SPOT, T0 + 120, NOW)
+
+
+def test_a_warning_replaces_a_budget_stop_keeping_the_sooner_deadline() -> None:
+    """EC2's warning replaces a budget stop; the worker goes at whichever deadline is first."""
+    soon = Interruption("budget", T0 + 60, T0)
+    late = Interruption("budget", T0 + 600, T0)
+    assert next_interruption(soon, SPOT, T0 + 120, NOW) == Interruption(SPOT, T0 + 60, NOW)
+    assert next_interruption(late, SPOT, T0 + 120, NOW) == Interruption(SPOT, T0 + 120, NOW)
 
 
 # --- across replicas -------------------------------------------------------------------------

@@ -1,5 +1,6 @@
 """The retire room (broker/retire.py): the one path by which a worker leaves the pool: the
-reaper, failed terminations retried. On Trio's MockClock with an in-memory cloud."""
+reaper, failed terminations retried, `compute-broker stop-all`. On Trio's MockClock with an
+in-memory cloud."""
 
 from __future__ import annotations
 
@@ -7,10 +8,12 @@ import pytest
 import trio
 from trio.testing import MockClock
 
+from broker.clock import Clock
 from broker.cloud import CloudError
 from broker.engine import Engine, Refusal
+from broker.memory_registry import MemoryRegistry
 from broker.model import WorkerRequest
-from tests.engines import get_ip
+from tests.engines import get_ip, make_engine, running
 from tests.fakes import FakeCloud
 
 
@@ -38,3 +41,25 @@ async def test_failed_termination_is_retried_by_the_reaper(
     assert len(cloud.alive()) == 1
     await trio.sleep(61)
     assert cloud.alive() == []
+
+
+async def test_stop_all_retires_every_instance_and_gives_back_the_counter_at_once(
+    autojump_clock: MockClock, cloud: FakeCloud, clock: Clock
+) -> None:
+    """`stop-all` from an engine that is not running (as the CLI does): every listed instance
+    is terminated, held or not, and the registry has no workers, no leases and no reserved
+    slots right after, not a reconciliation later."""
+    registry = MemoryRegistry("test")
+    broker = make_engine(cloud, clock, registry)
+    async with running(broker):
+        await broker.burst(2)
+        await get_ip(broker, WorkerRequest(), "alice")  # one of the two
+    assert len(await registry.list_leases(clock.now())) == 1
+    assert await registry.reserved_instances() == 2
+    stopper = make_engine(cloud, clock, registry)
+    stopped = await stopper.stop_all(await cloud.list_pool())
+    assert sorted(stopped) == sorted(cloud.instances)
+    assert cloud.alive() == []
+    assert await registry.list_workers(clock.now()) == []
+    assert await registry.list_leases(clock.now()) == []
+    assert await registry.reserved_instances() == 0

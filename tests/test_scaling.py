@@ -1,6 +1,6 @@
-"""The scaling room (broker/scaling.py): the warm pool's refill and bursting on the job queue,
-on Trio's MockClock with an in-memory cloud and queue. tests/test_scaling_aws.py has bursting
-on moto's SQS."""
+"""The scaling room (broker/scaling.py): the warm pool's refill and bursting on the job queue.
+`warm_counts` as plain code; the loops on Trio's MockClock with an in-memory cloud and queue.
+tests/test_scaling_aws.py has bursting on moto's SQS."""
 
 from __future__ import annotations
 
@@ -13,10 +13,80 @@ from trio.testing import MockClock
 from broker.burst import BurstPolicy
 from broker.clock import Clock
 from broker.memory_registry import MemoryRegistry
-from broker.model import WorkerRequest
+from broker.model import LaunchSpec, Market, WorkerRequest, WorkerState
+from broker.registry import LaunchIntent, Provider, WorkerRecord
+from broker.scaling import warm_counts
 from broker.schedule import WarmPoolSchedule
-from tests.engines import SPEC, get_ip, make_engine, running
+from tests.engines import BIG, SPEC, T0, get_ip, make_engine, running
 from tests.fakes import FakeCloud, FakeQueue
+
+# --- warm_counts: the warm pool across replicas, from the registry ---------------------------
+
+
+def record(
+    n: int,
+    state: WorkerState = WorkerState.READY,
+    *,
+    holders: int = 0,
+    spec: LaunchSpec = SPEC,
+    provider: Provider = Provider.EC2,
+) -> WorkerRecord:
+    return WorkerRecord(
+        instance_id=f"i-{n}",
+        provider=provider,
+        ip=f"192.0.2.{n}",
+        instance_type=spec.instance_type,
+        market=spec.market,
+        state=state,
+        launched_at=T0,
+        last_activity=T0,
+        price_per_hour=0.5,
+        launch_token=None,
+        holders=holders,
+    )
+
+
+def intent(token: str, count: int, spec: LaunchSpec = SPEC) -> LaunchIntent:
+    return LaunchIntent.begin(token, spec, count, T0, ttl=600)
+
+
+def test_warm_counts_counts_ready_cloud_workers_of_the_spec_nobody_holds_as_idle() -> None:
+    """Idle across replicas: ready, unheld, EC2, and of a type and market the spec accepts;
+    held, local, terminating and other offerings' workers are not."""
+    records = [
+        record(1),
+        record(2),
+        record(3, holders=1),
+        record(4, provider=Provider.LOCAL),
+        record(5, WorkerState.TERMINATING),
+        record(6, spec=BIG),
+        record(7, spec=LaunchSpec("c7i.8xlarge", Market.ON_DEMAND)),
+    ]
+    assert warm_counts(records, [], SPEC, idle=0, launching=0) == (2, 0)
+
+
+def test_warm_counts_accepts_the_specs_fallback_types() -> None:
+    """A worker of a fallback type counts for a spec that accepts it."""
+    spec = LaunchSpec("c7i.8xlarge", Market.SPOT, fallback_types=("c6i.8xlarge",))
+    records = [record(1, spec=LaunchSpec("c6i.8xlarge", Market.SPOT))]
+    assert warm_counts(records, [], spec, idle=0, launching=0) == (1, 0)
+
+
+def test_warm_counts_counts_booting_workers_and_unanswered_intents_as_launching() -> None:
+    """Launching across replicas: workers still booting plus every instance an intent (written
+    before RunInstances, deleted once it answers) still asks for, of the spec only."""
+    records = [record(1, WorkerState.LAUNCHING), record(2, WorkerState.LAUNCHING, spec=BIG)]
+    intents = [intent("a", 2), intent("b", 1), intent("c", 5, spec=BIG)]
+    assert warm_counts(records, intents, SPEC, idle=0, launching=0) == (0, 4)
+
+
+def test_warm_counts_never_count_less_than_the_local_view() -> None:
+    """The registry may lag this replica (a launch answered, its record not written yet):
+    each count is at least what the pool here sees."""
+    assert warm_counts([], [], SPEC, idle=2, launching=3) == (2, 3)
+    shared = warm_counts([record(1), record(2)], [intent("a", 1)], SPEC, idle=1, launching=0)
+    assert shared == (2, 1)
+
 
 # --- the warm pool ---------------------------------------------------------------------------
 
