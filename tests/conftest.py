@@ -1,5 +1,10 @@
 """Shared fixtures: the engine on Trio's MockClock with an in-memory cloud (`clock`, `cloud`,
-`engine`), and the sandbox cloud (an embedded moto server) for tests that use AWS."""
+`engine`), and the sandbox cloud (an embedded moto server) for tests that use AWS.
+
+Every test that uses the moto server is marked `slow` here, by its fixtures; tests that start
+a process (the broker, tclsh, nc, sh) carry the mark themselves. `pytest -m "not slow"` runs
+the rest: the unit suite.
+"""
 
 from __future__ import annotations
 
@@ -16,6 +21,13 @@ from tests.fakes import FakeCloud
 
 if TYPE_CHECKING:
     from broker.sandbox import MotoHandle, SandboxResources
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark `slow` every test that needs the moto server (directly or through a fixture)."""
+    for item in items:
+        if "moto_server" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture

@@ -36,6 +36,8 @@ from tests.harness import wait_for_blocking
 ROOT = Path(__file__).resolve().parent.parent
 START_TIMEOUT = 60.0
 
+pytestmark = pytest.mark.slow  # every test starts the broker (or another command) as a process
+
 
 @pytest.fixture(scope="module")
 def resources(moto_server: MotoHandle) -> SandboxResources:

@@ -210,6 +210,7 @@ async def test_the_python_client_raises_worker_interrupted_with_the_deadline(
     assert caught.value.deadline == datetime.fromtimestamp(interrupted.deadline, UTC)
 
 
+@pytest.mark.slow  # starts tclsh
 @pytest.mark.skipif(
     TCLSH is None and not os.environ.get("CI"),
     reason="tclsh not found (install Tcl 8.6, e.g. apt-get install tcl); in CI it is required",

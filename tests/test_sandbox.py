@@ -166,6 +166,7 @@ def test_sandbox_environment_has_fake_credentials_only() -> None:
     assert environment["AWS_DEFAULT_REGION"] == "us-east-1"
 
 
+@pytest.mark.slow  # starts a second moto server
 async def test_start_moto_listens_on_loopback_until_stopped() -> None:
     """A second sandbox server starts on a free loopback port and stops cleanly."""
     handle = await trio.to_thread.run_sync(sandbox.start_moto)
