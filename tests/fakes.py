@@ -149,20 +149,29 @@ class FakeQueue:
 
 class FakeEvents:
     """An EC2 events queue (`broker.cloud.EventQueue`) in memory: what `put` adds, the next
-    `receive` returns once; deleted receipt handles are recorded."""
+    `receive` returns once (a receive waiting on an empty queue returns as soon as something is
+    put, like SQS's long poll); deleted receipt handles are recorded."""
 
     def __init__(self) -> None:
         self.waiting: list[ReceivedEvent] = []
         self.deleted: list[str] = []
+        self._put = 0
+        self._arrived = trio.Event()
 
     def put(self, body: str) -> None:
-        self.waiting.append(ReceivedEvent(f"receipt-{len(self.waiting)}", body))
+        self.waiting.append(ReceivedEvent(f"receipt-{self._put}", body))
+        self._put += 1
+        self._arrived.set()
 
     async def receive(
         self, *, wait_seconds: int = 0, max_messages: int = 10
     ) -> list[ReceivedEvent]:
-        await trio.sleep(min(wait_seconds, 1))
+        with trio.move_on_after(wait_seconds):
+            await self._arrived.wait()
+        await trio.lowlevel.checkpoint()
         taken, self.waiting = self.waiting[:max_messages], self.waiting[max_messages:]
+        if not self.waiting:
+            self._arrived = trio.Event()
         return taken
 
     async def delete(self, receipt_handles: Sequence[str]) -> None:

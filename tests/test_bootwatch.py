@@ -1,8 +1,12 @@
 """The boot room (broker/bootwatch.py): one batched DescribeInstances for every launching
-worker, readiness probes, launch timeouts. On Trio's MockClock with an in-memory cloud; the
-probe tests on real loopback sockets and real (short) time."""
+worker, scheduled around each type's learned boot time (broker/boottimes.py; its schedule is
+in tests/test_boottimes.py) or woken by EC2's `running` event, readiness probes, launch
+timeouts. On Trio's MockClock with an in-memory cloud; the probe tests on real loopback
+sockets and real (short) time."""
 
 from __future__ import annotations
+
+import json
 
 import pytest
 import trio
@@ -12,7 +16,7 @@ from broker.clock import Clock
 from broker.engine import WAIT_SLACK, Engine, Refusal
 from broker.model import WorkerRequest
 from tests.engines import get_ip, make_engine, running
-from tests.fakes import FakeCloud
+from tests.fakes import FakeCloud, FakeEvents
 from tests.harness import LineClient, ask_once, running_broker, wait_for
 
 
@@ -42,6 +46,65 @@ async def test_instance_that_never_boots_is_terminated_at_launch_timeout(
         assert trio.current_time() - start <= 120 + 2.0 + WAIT_SLACK
         await wait_for(lambda: not cloud.alive(), timeout=10, poll=1)
         assert engine.pool.workers == {}
+
+
+# --- hand-out at the speed of EC2 -----------------------------------------------------------
+
+BOOT = 15.0  # seconds from launch to running, as on EC2
+
+
+async def test_a_learned_boot_is_handed_out_within_a_third_of_a_second_of_running(
+    autojump_clock: MockClock, clock: Clock
+) -> None:
+    """First launch: learned. Then, for each next cold GET_WORKER, the answer comes at most
+    0.3 s after the instance is running, with no more describes than polling every 2 s."""
+    cloud = FakeCloud(clock, boot_time=BOOT)
+    engine = make_engine(cloud, clock, clients_per_worker=1)
+    delays, calls = [], []
+    async with running(engine):
+        await engine.get_worker(WorkerRequest(), "first")
+        for n in range(4):
+            before = len(cloud.describe_calls)
+            started = trio.current_time()
+            await engine.get_worker(WorkerRequest(), f"client-{n}")
+            delays.append(trio.current_time() - started - BOOT)
+            calls.append(len(cloud.describe_calls) - before)
+    assert all(0 <= delay <= 0.3 for delay in delays), delays
+    assert all(n <= BOOT / 2.0 + 1 for n in calls), calls
+
+
+async def test_an_ec2_running_event_hands_the_worker_out_at_once(
+    autojump_clock: MockClock, clock: Clock
+) -> None:
+    """With the events queue, EC2's `running` state-change wakes the watcher: the first
+    launch of a type (nothing learned, describe every 2 s) is handed out when the event comes,
+    not at the next poll."""
+    boot = BOOT + 1.5  # midway between two polls (every 2 s from the launch): 1.5 s late
+    cloud = FakeCloud(clock, boot_time=boot)
+    events = FakeEvents()
+    engine = make_engine(cloud, clock, events=events)
+
+    async def announce() -> None:
+        await wait_for(lambda: cloud.instances)
+        (instance,) = cloud.instances.values()
+        await trio.sleep(instance.running_at - clock.now())
+        events.put(
+            json.dumps(
+                {
+                    "source": "aws.ec2",
+                    "detail-type": "EC2 Instance State-change Notification",
+                    "time": "2026-11-29T12:00:00Z",
+                    "detail": {"instance-id": instance.instance_id, "state": "running"},
+                }
+            )
+        )
+
+    async with running(engine), trio.open_nursery() as nursery:
+        nursery.start_soon(announce)
+        started = trio.current_time()
+        await engine.get_worker(WorkerRequest(), "a")
+        delay = trio.current_time() - started - boot
+    assert 0 <= delay <= 0.3, delay
 
 
 # --- readiness probes, over loopback ---------------------------------------------------------
