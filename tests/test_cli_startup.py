@@ -21,6 +21,8 @@ from broker.sandbox import SandboxResources
 ROOT = Path(__file__).resolve().parent.parent
 TIMEOUT = 60
 
+pytestmark = pytest.mark.slow  # every test runs `compute-broker` as a process
+
 
 def config_file(tmp_path: Path, resources: SandboxResources, **overrides: Any) -> Path:
     config = {

@@ -17,7 +17,7 @@ from broker.aws import call, make_client
 from broker.cloud import Instance, LaunchSpec, Market
 from broker.ec2 import Ec2Cloud
 from broker.sandbox import MotoHandle, SandboxResources
-from tests.conftest import wait_until
+from tests.harness import wait_for
 
 SPEC = LaunchSpec("t3.micro", Market.SPOT)
 DEADLINE = 10
@@ -44,7 +44,7 @@ async def test_boot_delay_keeps_an_instance_pending_then_running(
             [instance] = await cloud.describe([launched.instance_id])
             return instance if instance.state == "running" else None
 
-        booted = await wait_until(running)
+        booted = await wait_for(running, poll=0.05, what="the instance to run")
         running_ids = await _ids_in_state(cloud, "running")
 
     assert (described.state, listed.state) == ("pending", "pending")
@@ -166,6 +166,7 @@ def test_sandbox_environment_has_fake_credentials_only() -> None:
     assert environment["AWS_DEFAULT_REGION"] == "us-east-1"
 
 
+@pytest.mark.slow  # starts a second moto server
 async def test_start_moto_listens_on_loopback_until_stopped() -> None:
     """A second sandbox server starts on a free loopback port and stops cleanly."""
     handle = await trio.to_thread.run_sync(sandbox.start_moto)

@@ -1,5 +1,6 @@
-"""The EC2 event queue against the sandbox's SQS (and EventBridge): setup creates it once with
-EventBridge's permission; messages are received, parsed and deleted in batches."""
+"""The SQS adapters (broker/sqs.py) against the sandbox's SQS (and EventBridge): the job
+queue's depth; the EC2 event queue, which setup creates once with EventBridge's permission,
+and whose messages are received, parsed and deleted in batches."""
 
 from __future__ import annotations
 
@@ -59,6 +60,17 @@ def statements(sqs: Any, url: str) -> list[dict[str, Any]]:
 async def depth(url: str) -> int:
     """Visible plus in-flight messages."""
     return await SqsQueue(url, trio.CapacityLimiter(1), region="us-east-1").depth()
+
+
+async def test_job_queue_depth_counts_visible_and_in_flight_messages(sqs: Any) -> None:
+    """Depth is visible plus in-flight (received, not deleted) messages."""
+    name = f"compute-broker-jobs-{uuid.uuid4().hex[:8]}"
+    url: str = sqs.create_queue(QueueName=name)["QueueUrl"]
+    for n in range(7):
+        sqs.send_message(QueueUrl=url, MessageBody=f"job {n}")
+    sqs.receive_message(QueueUrl=url, MaxNumberOfMessages=2, VisibilityTimeout=60)
+    with trio.fail_after(10):
+        assert await depth(url) == 7
 
 
 def test_setup_creates_the_queue_once_with_eventbridge_allowed(sqs: Any) -> None:
