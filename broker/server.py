@@ -20,6 +20,7 @@ import trio
 from broker import protocol
 from broker.access import Session, public_error, redact_status
 from broker.engine import Engine, Handout, Refusal, WorkerInterrupted, WorkerNotFound
+from broker.framing import Closed, LineReader, NeedData
 from broker.gate import WIRE_NAMES, Admitted, Gate
 from broker.metrics import outcome_of
 from broker.model import WorkerRequest
@@ -27,14 +28,11 @@ from broker.protocol import (
     Alive,
     BadRequest,
     Burst,
-    Closed,
     Command,
     Deregister,
     GetWorker,
     Heartbeat,
     Help,
-    LineReader,
-    NeedData,
     Ping,
     Quit,
     Register,
