@@ -14,7 +14,14 @@ from pathlib import Path
 from typing import Iterator
 
 import pytest
-from pyclient_support import REPO_ROOT, LiveBroker, StubBroker, closed_port, silent_listener
+from pyclient_support import (
+    REPO_ROOT,
+    AuthBroker,
+    LiveBroker,
+    StubBroker,
+    closed_port,
+    silent_listener,
+)
 
 from compute_broker_client import BrokerClient
 
@@ -26,6 +33,20 @@ launch_timeout: 30
 max_workers: 10
 describe_interval: 0.2
 """
+
+
+@pytest.fixture(autouse=True)
+def _no_token_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A developer's own COMPUTE_BROKER_TOKEN must not change what the tests send."""
+    monkeypatch.delenv("COMPUTE_BROKER_TOKEN", raising=False)
+
+
+@pytest.fixture
+def auth_stub() -> Iterator[AuthBroker]:
+    """A stand-in broker that serves a connection only after `AUTH pyclient_support.TOKEN`."""
+    server = AuthBroker()
+    yield server
+    server.close()
 
 
 @pytest.fixture
