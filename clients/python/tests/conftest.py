@@ -15,6 +15,7 @@ from typing import Iterator
 
 import pytest
 from pyclient_support import (
+    LIVE_TOKENS,
     REPO_ROOT,
     AuthBroker,
     LiveBroker,
@@ -80,11 +81,25 @@ def refused_port() -> int:
 @pytest.fixture(scope="session")
 def live_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveBroker]:
     """The real broker in sandbox mode on a free loopback port, for the whole session."""
+    yield from _serve(tmp_path_factory.mktemp("live-broker"), BROKER_CONFIG)
+
+
+@pytest.fixture(scope="session")
+def live_token_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveBroker]:
+    """A sandbox broker with access control: the tokens in LIVE_TOKENS (name role token)."""
+    workdir = tmp_path_factory.mktemp("live-token-broker")
+    tokens = workdir / "tokens"
+    tokens.write_text("".join(f"{name} {role} {token}\n" for name, role, token in LIVE_TOKENS))
+    tokens.chmod(0o600)  # the broker refuses a tokens file that others may read
+    yield from _serve(workdir, BROKER_CONFIG + f"tokens_file: {tokens}\n")
+
+
+def _serve(workdir: Path, config_text: str) -> Iterator[LiveBroker]:
+    """Run `python -m broker serve --sandbox` with `config_text` until the generator closes."""
     if not (REPO_ROOT / "broker" / "__init__.py").is_file():
         pytest.skip("the broker's source is not beside this client")
-    workdir = tmp_path_factory.mktemp("live-broker")
     config = workdir / "broker.yaml"
-    config.write_text(BROKER_CONFIG)
+    config.write_text(config_text)
     log_path = workdir / "broker.log"
     env = {k: v for k, v in os.environ.items() if not k.startswith("COMPUTE_BROKER_")}
     with open(log_path, "wb") as log:

@@ -32,6 +32,11 @@ STUB_HELP = "OK commands: GET_WORKER | PING <ip> | RELEASE <ip> | STATUS | BURST
 
 TOKEN = "Tk-stand-in-" + "s3cr3t" * 4
 """The token AuthBroker accepts: distinctive, so a leak of it is easy to find in any text."""
+LIVE_TOKENS = (
+    ("alice", "use", "Tk-live-alice-" + "a1" * 10),
+    ("ops", "admin", "Tk-live-ops-" + "0p" * 10),
+)
+"""The tokens file of conftest.live_token_broker: (name, role, token)."""
 AUTH_REQUIRED = "ERROR: auth required"
 TOKEN_NOT_ACCEPTED = "ERROR: auth required (token not accepted)"
 
