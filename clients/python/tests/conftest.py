@@ -33,6 +33,9 @@ idle_timeout: 900
 launch_timeout: 30
 max_workers: 10
 describe_interval: 0.2
+# The live tests' type=: allowed, and priced (the broker refuses a type with no known price).
+allowed_instance_types: [c7i.8xlarge, c7i.large]
+prices: {c7i.large: {spot: 0.03}}
 """
 
 

@@ -47,6 +47,15 @@ BROKER_CONFIG = """\
 sandbox_boot_time: 0.5
 launch_timeout: 30
 describe_interval: 0.1
+# The default type and compute_broker.test's freshType candidates: allowed, and priced (the
+# broker refuses a type with no known price).
+allowed_instance_types: [c7i.8xlarge, t3.small, t3.medium, t3.large, m5.large, m5.xlarge,
+  c5.large, c5.xlarge, r5.large]
+prices:
+  t3.medium: {spot: 0.0125}
+  m5.large: {spot: 0.035}
+  m5.xlarge: {spot: 0.07}
+  r5.large: {spot: 0.04}
 """
 STARTUP_TIMEOUT = 60.0
 SUITE_TIMEOUT = 120.0
