@@ -21,6 +21,8 @@ from compute_broker_client import AuthError, BrokerClient, BrokerError
 
 SANDBOX_PREFIX = "127.77."
 
+pytestmark = pytest.mark.slow  # the broker runs as a process (conftest.live_broker)
+
 
 @pytest.fixture
 def client(live_broker: LiveBroker) -> BrokerClient:

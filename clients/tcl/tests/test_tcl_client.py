@@ -43,6 +43,8 @@ TCLSH9 = next((path for path in map(shutil.which, TCLSH9_NAMES) if path), None)
 TCL9_PACKAGE = "tcl9.0"
 IN_CI = bool(os.environ.get("CI"))
 
+pytestmark = pytest.mark.slow  # every test runs tclsh (and most a broker process)
+
 BROKER_CONFIG = """\
 sandbox_boot_time: 0.5
 launch_timeout: 30
