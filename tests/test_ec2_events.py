@@ -98,3 +98,12 @@ async def test_the_replica_without_the_event_stops_handing_the_worker_out(
     noon = datetime(2026, 11, 23, 12, 0, tzinfo=UTC).timestamp()
     assert interrupted.value.interruption.reason == SPOT
     assert interrupted.value.interruption.deadline == noon + 120
+
+
+def test_a_rebalance_recommendation_keeps_a_budget_stops_deadline() -> None:
+    """A worker the budget stops at T, then recommended for rebalance (no deadline of its own):
+    it still goes at T."""
+    stop = Interruption("budget", 1_000.0, 10.0)
+    after = next_interruption(stop, "rebalance_recommendation", None, 20.0)
+    assert after is not None
+    assert (after.reason, after.deadline) == ("rebalance_recommendation", 1_000.0)
