@@ -227,15 +227,17 @@ class Engine:
             raise Refusal(attempt.error)
         return [instance.instance_id for instance in attempt.instances]
 
-    def status(self) -> dict[str, Any]:
-        """The STATUS document, as this replica knows it now."""
-        return status_document(self.ctx.pool, self.spending, self.launcher, self.ctx.clock.now())
+    def status(self, owner: str | None = None) -> dict[str, Any]:
+        """The STATUS document, as this replica knows it now: every lease, or only those of
+        the identity `owner` (a lease client's part before its `/`)."""
+        ctx = self.ctx
+        return status_document(ctx.pool, self.spending, self.launcher, ctx.clock.now(), owner)
 
-    async def report(self) -> dict[str, Any]:
+    async def report(self, owner: str | None = None) -> dict[str, Any]:
         """The STATUS document, with the ledger's totals and every replica's covers read
         from the registry first (else as last seen)."""
         await self.spending.read_ledger(self.ctx.clock.now())
-        return self.status()
+        return self.status(owner)
 
     # --- one pass of each loop (the loops call these; so do tests) ---------------------------
 

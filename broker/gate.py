@@ -13,6 +13,7 @@ import structlog
 from broker.access import (
     AccessPolicy,
     Identity,
+    Role,
     Session,
     lease_owner,
     may,
@@ -129,6 +130,8 @@ class Gate:
         if refusal is not None:
             _log.warning("access.denied", who=who.describe(), command=name)
             return Reply(refusal)
+        if isinstance(command, Status) and command.all and who.role is not Role.ADMIN:
+            return Reply("ERROR: not allowed: STATUS all needs the admin role")
         if isinstance(command, Burst):
             refusal = self.limiter.launch(who.key, now, command.count)
             if refusal is not None:

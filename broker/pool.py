@@ -62,7 +62,9 @@ class Pool:
     _held: dict[str, dict[str, Lease]] = attrs.field(factory=dict, alias="_held")
     # client -> how many leases it holds, and identity (the client up to its `/`) -> leases.
     _by_client: dict[str, int] = attrs.field(factory=dict, alias="_by_client")
-    _by_identity: dict[str, int] = attrs.field(factory=dict, alias="_by_identity")
+    _by_identity: dict[str, dict[tuple[str, str], Lease]] = attrs.field(
+        factory=dict, alias="_by_identity"
+    )
 
     # --- queries -----------------------------------------------------------------------------
 
@@ -87,7 +89,11 @@ class Pool:
 
     def leases_held(self, identity: str) -> int:
         """How many leases the owners of `identity` (their part before `/`) hold in all."""
-        return self._by_identity.get(identity, 0)
+        return len(self._by_identity.get(identity, ()))
+
+    def leases_of(self, identity: str) -> list[Lease]:
+        """The leases the owners of `identity` hold (STATUS shows a caller its own)."""
+        return list(self._by_identity.get(identity, {}).values())
 
     def is_held(self, instance_id: str) -> bool:
         """True if any client holds the worker."""
@@ -340,7 +346,12 @@ class Pool:
         if self.leases.pop((lease.client, lease.instance_id), None) is None:
             return
         _count(self._by_client, lease.client, -1)
-        _count(self._by_identity, lease.client.partition("/")[0], -1)
+        identity = lease.client.partition("/")[0]
+        owned = self._by_identity.get(identity)
+        if owned is not None:
+            owned.pop((lease.client, lease.instance_id), None)
+            if not owned:
+                del self._by_identity[identity]
         held = self._held.get(lease.instance_id)
         if held is not None:
             held.pop(lease.client, None)
@@ -473,7 +484,7 @@ class Pool:
         key = (lease.client, lease.instance_id)
         if key not in self.leases:
             _count(self._by_client, lease.client, 1)
-            _count(self._by_identity, lease.client.partition("/")[0], 1)
+        self._by_identity.setdefault(lease.client.partition("/")[0], {})[key] = lease
         self.leases[key] = lease
         self._held.setdefault(lease.instance_id, {})[lease.client] = lease
 

@@ -32,7 +32,7 @@ _BLANKS = re.compile(r"[ \t]+")  # the only word separators: ASCII space and tab
 
 HELP_TEXT: Final = (
     "OK commands: GET_WORKER [type=T] [market=M] [wait=S] [client=ID] | PING <ip> [client=ID] | "
-    "RELEASE <ip> [client=ID] | STATUS | BURST <n> | AUTH <token> | HELP | QUIT"
+    "RELEASE <ip> [client=ID] | STATUS [all] | BURST <n> | AUTH <token> | HELP | QUIT"
 )
 
 
@@ -152,7 +152,10 @@ class Release:
 
 @attrs.frozen
 class Status:
-    """STATUS: the pool as one JSON line."""
+    """STATUS [all]: the pool as one JSON line; the caller's own leases, or (`all`, admin)
+    every lease."""
+
+    all: bool = False
 
 
 @attrs.frozen
@@ -248,7 +251,7 @@ _USAGE: Final = {
     "PING": "PING <ip> [client=ID]",
     "ALIVE": "ALIVE <instance-id>",
     "RELEASE": "RELEASE <ip> [client=ID]",
-    "STATUS": "STATUS",
+    "STATUS": "STATUS [all]",
     "BURST": f"BURST <n> (1-{MAX_BURST})",
     "HELP": "HELP",
     "QUIT": "QUIT",
@@ -419,6 +422,14 @@ def _parse_deregister(args: list[str]) -> Command:
     return Deregister(_name(name))
 
 
+def _parse_status(args: list[str]) -> Command:
+    if not args:
+        return Status()
+    if len(args) == 1 and args[0].isascii() and args[0].lower() == "all":
+        return Status(all=True)
+    raise _Usage("")
+
+
 def _parse_ping(args: list[str]) -> Command:
     (ip,), options = _split(args, 1, frozenset({"client"}))
     return Ping(_ip(ip), _client(options))
@@ -455,7 +466,7 @@ _PARSERS: Final[dict[str, Callable[[list[str]], Command]]] = {
     "DEREGISTER": _parse_deregister,
     "RELEASE": _parse_release,
     "BURST": _parse_burst,
-    "STATUS": _no_args(Status()),
+    "STATUS": _parse_status,
     "HELP": _no_args(Help()),
     "QUIT": _no_args(Quit()),
 }

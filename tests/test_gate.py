@@ -98,8 +98,13 @@ async def test_roles_against_the_commands(autojump_clock: MockClock) -> None:
         assert own["view"] == "own"
         assert own["leases"] == []
         assert ip not in json.dumps(own)
-        full = json.loads(await admin.ask("STATUS"))
+        assert json.loads(await admin.ask("STATUS"))["leases"] == []  # its own: none
+        assert json.loads(await admin.ask("STATUS"))["totals"]["leases"] == 1
+        full = json.loads(await admin.ask("STATUS all"))
         assert [lease["client"] for lease in full["leases"]] == ["token:alice"]
+        assert await alice.ask("STATUS all") == (
+            "ERROR: not allowed: STATUS all needs the admin role"
+        )
         assert (await admin.ask("BURST 1")).startswith("OK 1 ")
         assert await admin.ask(f"PING {ip}") == "OK"
         assert await alice.ask(f"RELEASE {ip}") == "OK"

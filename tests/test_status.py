@@ -86,6 +86,7 @@ def test_pool_status_totals_count_states_launches_in_flight_run_rate_and_caps() 
         "workers": 2,
         "by_state": {"launching": 1, "ready": 1, "terminating": 0},
         "launches_in_flight": 3,
+        "leases": 0,
         "run_rate_per_hour": 4.0,
         "max_hourly_cost": 5.0,
         "max_workers": 10,
@@ -109,3 +110,16 @@ async def test_status_reports_workers_leases_and_totals(
     assert status["leases"][0]["client"] == "a"
     assert status["totals"]["run_rate_per_hour"] == 0.5
     assert status["totals"]["by_state"]["ready"] == 1
+
+
+def test_status_for_one_identity_lists_only_its_leases() -> None:
+    """The bounded STATUS: an identity's leases (its client= ids included), every lease
+    counted in totals."""
+    pool = Pool(Limits(10, None, 900.0))
+    worker = pool.adopt(instance(1), T0, price=0.5, ready=True)
+    for client in ("10.0.0.5", "10.0.0.5/job1", "10.0.0.6/job2"):
+        pool.hand_out(worker, client, T0)
+    document = pool_status(pool, T0, owner="10.0.0.5")
+    assert sorted(lease["client"] for lease in document["leases"]) == ["10.0.0.5", "10.0.0.5/job1"]
+    assert document["totals"]["leases"] == 3
+    assert len(pool_status(pool, T0)["leases"]) == 3
