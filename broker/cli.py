@@ -13,8 +13,8 @@ compute-broker config-reference | sample-config
 from __future__ import annotations
 
 import argparse
-import gc
 import functools
+import gc
 import os
 import sys
 from collections.abc import Sequence
