@@ -96,6 +96,11 @@ class Trace:
         times = [s.at for s in self.sessions[:1]] + [d.at for d in self.depths[:1]]
         return min(times, default=0.0)
 
+    @property
+    def last_depth_change(self) -> float:
+        """When the job queue's depth last changes (the start if it never does)."""
+        return self.depths[-1].at if self.depths else self.start
+
     def lines(self) -> Iterator[str]:
         """The trace as JSON lines, in time order."""
         events: list[Session | QueueDepth] = [*self.sessions, *self.depths]
