@@ -353,7 +353,9 @@ def _simulate(args: argparse.Namespace) -> int:
         print(simulate.summary(result), file=sys.stderr)
     if args.plot:
         try:
-            simulate.plot(results, args.plot)
+            source = args.generate or Path(args.trace or args.trace_from_log).name
+            title = f"{len(trace.sessions)} sessions ({source}), cost against wait"
+            simulate.plot(results, args.plot, title=title)
         except simulate.PlotUnavailable as exc:
             print(f"simulate: {exc}", file=sys.stderr)
             return 1

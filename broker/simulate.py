@@ -20,7 +20,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import random
 import statistics
 from collections.abc import Iterator, Sequence
 from typing import Final
@@ -197,7 +196,7 @@ def simulate(
     """Run the engine for `config` over `trace` on simulated time (quietly: engine events
     below warning are dropped, which also makes it faster)."""
     started = wall_time()
-    with quiet_logs(), _seeded_scheduler(seed):
+    with quiet_logs():
         result = trio.run(
             _run,
             config,
@@ -279,24 +278,6 @@ def _covered(uses: Sequence[Use], low: float, high: float) -> float:
             total += finish - begin
             reached = finish
     return total
-
-
-@contextlib.contextmanager
-def _seeded_scheduler(seed: int) -> Iterator[None]:
-    """Trio wakes tasks due at the same instant in a random order (on purpose, to shake out
-    ordering bugs); seeding that choice makes a simulation give the same figures each run.
-    A private attribute of Trio's (what its Hypothesis plugin seeds): skipped if it moves."""
-    scheduler = getattr(getattr(trio, "_core", None), "_run", None)
-    chooser = getattr(scheduler, "_r", None)
-    if not isinstance(chooser, random.Random):
-        yield
-        return
-    state = chooser.getstate()
-    chooser.seed(seed)
-    try:
-        yield
-    finally:
-        chooser.setstate(state)
 
 
 @contextlib.contextmanager
@@ -410,7 +391,7 @@ def plot(results: Sequence[Result], path: str, *, title: str = "") -> None:
             fontsize=9,
             color=color,
         )
-    axes.set_xlim(0, right)
+    axes.set_xlim(-0.02 * right, right)  # a marker at 0 s shows whole
     axes.set_ylim(0, top)
     axes.set_xlabel("wait for a worker, s (marker: median; line: to the 95th percentile)")
     axes.set_ylabel("spent, $")
