@@ -232,27 +232,27 @@ def from_log(
             continue
         name = event.get("event")
         key = (str(event.get("client")), str(event.get("instance_id")))
-        if name == "lease.started":
-            waited[key] = float(event.get("waited_seconds") or 0.0)
-        elif name == "lease.ended":
-            try:
-                ended = _time(event["timestamp"])
-                duration = _seconds(event["duration_seconds"], "duration_seconds")
-            except (KeyError, ValueError) as exc:
-                problem = f"missing {exc}" if isinstance(exc, KeyError) else str(exc)
-                raise TraceError(f"line {number}: lease.ended: {problem}") from None
-            started = ended - duration
-            expired = event.get("reason") == "expired"
-            used = max(0.0, duration - idle_timeout) if expired else duration
-            sessions.append(
-                Session(
-                    at=started - waited.pop(key, 0.0),
-                    duration=used,
-                    client=key[0],
-                    ping=ping,
-                    release=not expired,
-                )
+        try:
+            if name == "lease.started":
+                waited[key] = _seconds(event.get("waited_seconds", 0), "waited_seconds")
+                continue
+            if name != "lease.ended":
+                continue
+            ended = _time(event["timestamp"])
+            duration = _seconds(event["duration_seconds"], "duration_seconds")
+        except (KeyError, ValueError) as exc:
+            problem = f"missing {exc}" if isinstance(exc, KeyError) else str(exc)
+            raise TraceError(f"line {number}: {name}: {problem}") from None
+        expired = event.get("reason") == "expired"
+        sessions.append(
+            Session(
+                at=ended - duration - waited.pop(key, 0.0),
+                duration=max(0.0, duration - idle_timeout) if expired else duration,
+                client=key[0],
+                ping=ping,
+                release=not expired,
             )
+        )
     return trace(sessions)
 
 

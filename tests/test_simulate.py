@@ -181,7 +181,8 @@ def test_a_bad_trace_line_is_named_by_its_number() -> None:
 def test_the_brokers_log_replays_as_a_trace() -> None:
     """lease.ended lines (as journalctl -o cat or -o json prints them, with or without a
     priority prefix) become sessions: they arrived waited_seconds before the lease started;
-    a released lease was released, an expired one was abandoned idle_timeout before."""
+    a released lease was released, an expired one was abandoned idle_timeout before; an
+    event without its figures is refused with its line number."""
     started = {
         "event": "lease.started",
         "client": "10.0.0.5/job-1",
@@ -221,6 +222,9 @@ def test_the_brokers_log_replays_as_a_trace() -> None:
         Session(nine, 600.0, "10.0.0.5/job-1", ping=60.0, release=True),
         Session(noon - 1000, 100.0, "10.0.0.6", ping=60.0, release=False),
     ) == trace.sessions
+    broken = {key: value for key, value in released.items() if key != "duration_seconds"}
+    with pytest.raises(traces.TraceError, match=r"line 2: lease.ended: missing 'duration_se"):
+        traces.from_log(["", json.dumps(broken)])
 
 
 # --- the command -----------------------------------------------------------------------------
