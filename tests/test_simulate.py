@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -124,8 +125,10 @@ def test_a_generated_week_simulates_within_a_minute() -> None:
 
 def test_the_engine_settings_are_the_ones_serve_uses(monkeypatch: pytest.MonkeyPatch) -> None:
     """simulate.engine_settings mirrors broker.wiring.build_engine, key for key."""
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")  # no call is made; boto3 wants some
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    for name in [name for name in os.environ if name.startswith("AWS_")]:
+        monkeypatch.delenv(name)  # no AWS call is made, and nobody's profile is read
+    monkeypatch.setenv("AWS_CONFIG_FILE", os.devnull)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", os.devnull)
     config = attrs.evolve(
         load_config(DOCS / "warm-2.yaml", {}),
         region="us-east-1",
