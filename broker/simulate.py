@@ -155,8 +155,8 @@ class Result:
 
 
 def engine_settings(config: Config) -> EngineSettings:
-    """The engine's knobs for a config, as `broker.wiring.build_engine` sets them (a test
-    holds the two equal), except `probe`: a simulated worker has no port to probe."""
+    """The engine's knobs for a config, as `broker.wiring.build_engine` sets them for AWS (a
+    test holds the two equal): no boot-time hint, the boot watcher learns them."""
     return EngineSettings(
         default_spec=LaunchSpec(
             config.instance_type,
@@ -182,6 +182,15 @@ def engine_settings(config: Config) -> EngineSettings:
         burst=config.burst_policy,
         budget=budget(config),
         subnets=config.subnets or (config.subnet_id,),
+        agent_heartbeat=config.agent_heartbeat,
+        allowed_types=frozenset(
+            config.allowed_instance_types or (config.instance_type, *config.instance_types)
+        ),
+        allow_on_demand=(
+            config.allow_on_demand
+            if config.allow_on_demand is not None
+            else config.market == "on-demand" or config.on_demand_fallback
+        ),
     )
 
 

@@ -79,7 +79,9 @@ def test_a_client_pinging_less_often_than_idle_timeout_loses_its_worker_and_asks
     the client, whose next PING hears `Worker not found`; it asks again (a second launch)."""
     result = one(Session(T, 700, "lab/a", ping=400), lab_config(idle_timeout=300))
     assert (result.launches, result.lost) == (2, 1)
-    assert [pytest.approx(w, abs=0.01) for w in result.waits] == [60.0, 60.0]
+    first, second = result.waits  # the second boot is watched on a learned schedule
+    assert first == pytest.approx(60.0, abs=0.01)
+    assert 60.0 - 0.01 <= second <= 60.0 + 2  # within a describe_interval of the boot
 
 
 def test_a_warm_pool_answers_at_once_and_its_waiting_is_idle() -> None:
