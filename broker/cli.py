@@ -116,6 +116,36 @@ def _parser() -> argparse.ArgumentParser:
     iam_policy.add_argument(
         "--events-queue", metavar="NAME", help="with --setup: the events queue setup creates"
     )
+    simulate = sub.add_parser(
+        "simulate",
+        help="what a config costs: the broker's decisions on simulated time over a trace "
+        "(docs/simulator.md)",
+    )
+    configs = simulate.add_mutually_exclusive_group()
+    configs.add_argument("--config", help="YAML config file to simulate")
+    configs.add_argument("--compare", nargs="+", metavar="FILE", help="YAML configs to compare")
+    source = simulate.add_mutually_exclusive_group(required=True)
+    source.add_argument("--trace", metavar="FILE", help="a trace of sessions (JSON lines)")
+    source.add_argument("--generate", choices=["lab-day", "lab-week"], help="a generated trace")
+    source.add_argument("--trace-from-log", metavar="FILE", help="the broker's JSON log lines")
+    simulate.add_argument("--seed", type=int, default=0, help="for --generate and boot times")
+    simulate.add_argument("--start", help="--generate: first day, YYYY-MM-DD (2026-11-02)")
+    simulate.add_argument("--timezone", default="UTC", help="--generate: the lab's time zone")
+    simulate.add_argument(
+        "--log-idle-timeout",
+        type=float,
+        default=900.0,
+        metavar="SECONDS",
+        help="--trace-from-log: the logging broker's idle_timeout (900)",
+    )
+    simulate.add_argument(
+        "--boot-time",
+        action="append",
+        default=[],
+        metavar="[TYPE=]MEDIAN[:P95]",
+        help="seconds to a usable worker (default 20:45); repeat per type",
+    )
+    simulate.add_argument("--plot", metavar="PNG", help="with --compare: cost against wait")
     sub.add_parser("config-reference", help="print the config reference (Markdown)")
     sub.add_parser("sample-config", help="print a commented sample config")
     return parser
@@ -288,6 +318,51 @@ def _sample_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def _simulate(args: argparse.Namespace) -> int:
+    """Without a config, print the trace; with one (or --compare), simulate and print a table."""
+    import datetime as dt
+    from pathlib import Path
+
+    from broker import simulate, traces
+
+    try:
+        if args.generate:
+            start = dt.date.fromisoformat(args.start) if args.start else traces.DEFAULT_START
+            trace = traces.generate(args.generate, args.seed, start=start, timezone=args.timezone)
+        else:
+            with open(args.trace or args.trace_from_log, encoding="utf-8") as file:
+                if args.trace:
+                    trace = traces.read(file)
+                else:
+                    trace = traces.from_log(file, idle_timeout=args.log_idle_timeout)
+        paths = args.compare or ([args.config] if args.config else [])
+        configs = [(Path(path).stem, load_config(path, {})) for path in paths]
+        boot = simulate.BootModel.parse(args.boot_time)
+    except (ConfigError, OSError, ValueError) as exc:  # TraceError is a ValueError
+        print(f"simulate: {exc}", file=sys.stderr)
+        return 2
+    if not configs:
+        sys.stdout.writelines(line + "\n" for line in trace.lines())
+        return 0
+    configure_logging("auto", "warning")
+    results = [
+        simulate.simulate(config, trace, boot=boot, seed=args.seed, name=name)
+        for name, config in configs
+    ]
+    print(simulate.table(results))
+    for result in results:
+        print(simulate.summary(result), file=sys.stderr)
+    if args.plot:
+        try:
+            source = args.generate or Path(args.trace or args.trace_from_log).name
+            title = f"{len(trace.sessions)} sessions ({source}), cost against wait"
+            simulate.plot(results, args.plot, title=title)
+        except simulate.PlotUnavailable as exc:
+            print(f"simulate: {exc}", file=sys.stderr)
+            return 1
+    return 0
+
+
 def _serve(args: argparse.Namespace) -> int:
     try:
         config = _load(args.config)
@@ -354,6 +429,7 @@ _COMMANDS = {
     "agent": _agent,
     "stop-all": _stop_all,
     "iam-policy": _iam_policy,
+    "simulate": _simulate,
     "config-reference": _config_reference,
     "sample-config": _sample_config,
 }
