@@ -9,7 +9,8 @@ as the expected boot time nears:
 - one early check (an instance that failed at once, or a very fast boot);
 - while the expected time is far off, a check every `GAP` seconds (a failure is noticed);
 - from just before the expected time, a check every `FAST` seconds for a short window;
-- after it, every describe_interval, as before.
+- after it, checks at doubling gaps (FAST, 2 FAST, 4 FAST, ...) up to describe_interval, so
+  a boot a little later than planned is still seen soon after it.
 
 Until a type has been seen booting, the hint (the sandbox's boot time) is planned for, or
 without one it is described every describe_interval, as before. The calls per launch stay
@@ -71,4 +72,9 @@ def next_check(elapsed: float, expected: float | None, describe_interval: float)
         return min(gap_check, start)
     if elapsed < end:
         return start + (int((elapsed - start) / FAST) + 1) * FAST
-    return end + (int((elapsed - end) / describe_interval) + 1) * describe_interval
+    # After the window: end + FAST, + 2 FAST, + 4 FAST, ... then every describe_interval.
+    check, gap = end, FAST
+    while check <= elapsed:
+        check += gap
+        gap = min(gap * 2, describe_interval)
+    return check

@@ -47,6 +47,9 @@ from broker.model import (
 )
 
 GONE_MEMORY_SECONDS: Final = 24 * 3600  # how long RELEASE of a terminated IP stays `OK`
+# How long a worker this broker terminated is not taken back from a view of EC2 or the
+# registry read before the termination (a reconciliation that was already under way).
+RETIRED_MEMORY_SECONDS: Final = 600
 
 
 @attrs.define
@@ -58,6 +61,7 @@ class Pool:
     leases: dict[tuple[str, str], Lease] = attrs.field(factory=dict)
     in_flight: dict[str, InFlight] = attrs.field(factory=dict)
     gone_ips: dict[str, float] = attrs.field(factory=dict)
+    retired: dict[str, float] = attrs.field(factory=dict)  # instance id -> when terminated
     # instance id -> client -> lease: the same leases as `leases`, indexed by worker.
     _held: dict[str, dict[str, Lease]] = attrs.field(factory=dict, alias="_held")
     # client -> how many leases it holds, and identity (the client up to its `/`) -> leases.
@@ -293,6 +297,18 @@ class Pool:
         if worker.state is WorkerState.TERMINATING and worker.instance_id in self.workers:
             worker.state = WorkerState.READY
 
+    def retire(self, instance_id: str, now: float) -> tuple[Worker | None, list[Lease]]:
+        """The worker was terminated here: `remove` it, and take it back from no stale view
+        (of EC2 or the registry) for RETIRED_MEMORY_SECONDS."""
+        self.retired[instance_id] = now
+        for old in [i for i, t in self.retired.items() if now - t >= RETIRED_MEMORY_SECONDS]:
+            del self.retired[old]
+        return self.remove(instance_id, now)
+
+    def recently_retired(self, instance_id: str) -> bool:
+        """True if this broker terminated the instance a short while ago."""
+        return instance_id in self.retired
+
     def remove(self, instance_id: str, now: float) -> tuple[Worker | None, list[Lease]]:
         """The worker is gone: drop it and its leases; remember its IP for RELEASE."""
         worker = self.workers.pop(instance_id, None)
@@ -441,6 +457,8 @@ class Pool:
         for instance_id, record in registry.items():
             if instance_id in self.workers or record.state is WorkerState.TERMINATING:
                 continue
+            if instance_id in self.retired:
+                continue  # terminated here since the registry was read
             if instance_id in alive or record.local:
                 self.workers[instance_id] = attrs.evolve(record)
                 joined.append(self.workers[instance_id])

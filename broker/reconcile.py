@@ -115,6 +115,8 @@ class Reconciler:
         for instance in instances:
             if instance.instance_id in ctx.pool.workers:
                 continue
+            if ctx.pool.recently_retired(instance.instance_id):
+                continue  # terminated here after EC2 was asked: not a stranger
             ready = instance.state == "running" and bool(instance.public_ip)
             ready = ready and not ctx.settings.probe
             price = ctx.prices.price(instance.instance_type, instance.market)

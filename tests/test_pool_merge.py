@@ -141,3 +141,20 @@ def test_merge_adds_other_replicas_leases_and_their_later_activity() -> None:
     assert pool.leases[("carol", "i-2")].last_activity == T0 + 10
     assert pool.leases[("bob", "i-1")].price_per_hour == 0.5
     assert pool.holder_count("i-1") == 2
+
+
+def test_a_worker_terminated_here_is_not_taken_back_from_a_stale_view() -> None:
+    """A registry snapshot (and EC2 view) read before this broker terminated i-1 still shows
+    it: the merge does not bring it back, as it would bring back any other replica's worker."""
+    pool = pool_with(1)
+    pool.retire("i-1", NOW)
+    plan = pool.merge(
+        {"i-1": theirs(1), "i-2": theirs(2)},
+        [],
+        alive={"i-1", "i-2"},
+        declared_local=(),
+        now=NOW + 1,
+    )
+    assert [w.instance_id for w in plan.joined] == ["i-2"]
+    assert "i-1" not in pool.workers
+    assert pool.recently_retired("i-1")
