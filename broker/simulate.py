@@ -29,17 +29,16 @@ import structlog
 import trio
 import trio.testing
 
+from broker import wiring
 from broker.clock import Clock, wall_time
-from broker.cloud import LaunchSpec, Market
 from broker.config_validate import Config
 from broker.engine import Engine, EngineSettings, Refusal, WorkerInterrupted, WorkerNotFound
 from broker.handout import Handout
 from broker.memory_registry import MemoryRegistry
-from broker.model import Limits, WorkerRequest
+from broker.model import WorkerRequest
 from broker.prices import PriceTable
 from broker.simcloud import BootModel, SimCloud, SimQueue
 from broker.traces import Session, Trace
-from broker.wiring import budget
 
 __all__ = ["BootModel", "PlotUnavailable", "Result", "plot", "simulate", "summary", "table"]
 
@@ -155,43 +154,9 @@ class Result:
 
 
 def engine_settings(config: Config) -> EngineSettings:
-    """The engine's knobs for a config, as `broker.wiring.build_engine` sets them for AWS (a
-    test holds the two equal): no boot-time hint, the boot watcher learns them."""
-    return EngineSettings(
-        default_spec=LaunchSpec(
-            config.instance_type,
-            Market(config.market),
-            config.instance_types,
-            config.on_demand_fallback,
-        ),
-        limits=Limits(
-            config.max_workers,
-            config.max_hourly_cost,
-            config.idle_timeout,
-            config.clients_per_worker if config.sharing == "exclusive" else None,
-        ),
-        launch_timeout=config.launch_timeout,
-        describe_interval=config.describe_interval,
-        reap_interval=config.reap_interval,
-        worker_port=config.worker_port,
-        probe=config.probe,
-        probe_timeout=config.probe_timeout,
-        warm_pool=config.warm_pool,
-        local_workers=config.local_workers,
-        prefer_local=config.prefer_local,
-        burst=config.burst_policy,
-        budget=budget(config),
-        subnets=config.subnets or (config.subnet_id,),
-        agent_heartbeat=config.agent_heartbeat,
-        allowed_types=frozenset(
-            config.allowed_instance_types or (config.instance_type, *config.instance_types)
-        ),
-        allow_on_demand=(
-            config.allow_on_demand
-            if config.allow_on_demand is not None
-            else config.market == "on-demand" or config.on_demand_fallback
-        ),
-    )
+    """The engine's knobs for a config, as serve sets them for AWS: no boot-time hint, the
+    boot watcher learns them."""
+    return wiring.engine_settings(config)
 
 
 def simulate(

@@ -96,14 +96,9 @@ def budget(config: Config) -> Budget:
     )
 
 
-def build_engine(
-    config: Config, clock: Clock, port: int | None = None, *, boot_time_hint: float | None = None
-) -> Engine:
-    """The engine for a config, talking to EC2 (and DynamoDB) through boto3; with the port
-    the broker listens on, its workers are launched with the watchdog's user data."""
-    limiter = trio.CapacityLimiter(config.aws_max_concurrency)
-    cloud = Ec2Cloud(ec2_settings(config, port), limiter)
-    settings = EngineSettings(
+def engine_settings(config: Config, *, boot_time_hint: float | None = None) -> EngineSettings:
+    """The engine's knobs for a config (serve and the simulator use the same)."""
+    return EngineSettings(
         default_spec=LaunchSpec(
             config.instance_type,
             Market(config.market),
@@ -139,6 +134,16 @@ def build_engine(
             else config.market == "on-demand" or config.on_demand_fallback
         ),
     )
+
+
+def build_engine(
+    config: Config, clock: Clock, port: int | None = None, *, boot_time_hint: float | None = None
+) -> Engine:
+    """The engine for a config, talking to EC2 (and DynamoDB) through boto3; with the port
+    the broker listens on, its workers are launched with the watchdog's user data."""
+    limiter = trio.CapacityLimiter(config.aws_max_concurrency)
+    cloud = Ec2Cloud(ec2_settings(config, port), limiter)
+    settings = engine_settings(config, boot_time_hint=boot_time_hint)
     prices = PriceTable.default().with_overrides(config.prices)
     queue = events = None
     if config.burst_policy.mode == "auto" and config.burst_policy.queue_url:
