@@ -139,9 +139,10 @@ class HandoutDesk:
                         await ctx.changed()
                         continue
                     if demand[spec] > coming:
-                        limit = None if may_launch is None else may_launch()
-                        if limit is not None:
-                            raise Refusal(limit.removeprefix("ERROR: "))
+                        if may_launch is not None:  # a request counts once, however long
+                            limit, may_launch = may_launch(), None  # it waits and retries
+                            if limit is not None:
+                                raise Refusal(limit.removeprefix("ERROR: "))
                         try:
                             joined = launcher.for_demand(spec, demand[spec] - coming)
                         except Refusal as exc:

@@ -49,6 +49,7 @@ RECEIVE_SIZE: Final = 4096
 ACCEPT_RETRY_SECONDS: Final = 0.1  # after EMFILE/ENFILE/ENOMEM/ENOBUFS on accept
 _ACCEPT_RESOURCE_ERRORS: Final = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
 INTERNAL_ERROR: Final = Reply.error("internal error (logged by the broker)")
+RENDER_IN_THREAD: Final = 1000  # leases above which STATUS all is rendered off the event loop
 
 
 @attrs.frozen
@@ -269,7 +270,7 @@ class Server:
                 document = await self.engine.report(None if everything else identity.key)
                 if identity.role is not Role.ADMIN:
                     document = redact_status(document, identity)
-                if everything:
+                if everything and len(document.get("leases", ())) > RENDER_IN_THREAD:
                     return Reply(await trio.to_thread.run_sync(_render, document))
                 return Reply(_render(document))
             case Burst(count=count):

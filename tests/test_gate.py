@@ -41,6 +41,15 @@ NO_LIMITS = Limits(None, None, 1, None, None)
 async def broker(
     policy: AccessPolicy, limits: Limits = NO_LIMITS, **settings: Any
 ) -> AsyncIterator[int]:
+    """A broker with this gate on a free loopback port (its port)."""
+    async with broker_and_engine(policy, limits, **settings) as (_, port):
+        yield port
+
+
+@asynccontextmanager
+async def broker_and_engine(
+    policy: AccessPolicy, limits: Limits = NO_LIMITS, **settings: Any
+) -> AsyncIterator[tuple[Engine, int]]:
     """An engine on a fake cloud and a server with this gate, on a free loopback port."""
     clock = Clock()
     engine = Engine(
@@ -60,7 +69,7 @@ async def broker(
     async with trio.open_nursery() as nursery:
         await nursery.start(engine.run)
         listeners = await nursery.start(server.run)
-        yield listeners[0].socket.getsockname()[1]
+        yield engine, listeners[0].socket.getsockname()[1]
         nursery.cancel_scope.cancel()
 
 
@@ -201,3 +210,23 @@ async def test_one_peer_at_its_connection_limit_locks_nobody_else_out(
         assert json.loads(await other.ask("STATUS"))["totals"]["workers"] == 1
         for client in [*hogs, refused, other]:
             await client.aclose()
+
+
+async def test_status_all_lists_every_lease_and_status_only_the_callers() -> None:
+    """2,000 leases of other identities: STATUS stays a short line (the caller holds none),
+    STATUS all lists all 2,000 (rendered off the event loop)."""
+    with trio.fail_after(30):
+        async with broker_and_engine(AccessPolicy.build()) as (engine, port):
+            client = await connect(port)
+            ip = await client.ask("GET_WORKER client=first")
+            assert ip.startswith("198.51.100.")
+            # Leases of other hosts, put in the pool as a replica merge would.
+            worker = next(iter(engine.pool.workers.values()))
+            for n in range(2000):
+                engine.pool.hand_out(worker, f"10.0.{n // 250}.{n % 250}", 0.0)
+            own = await client.ask("STATUS")
+            every = json.loads(await client.ask("STATUS all"))
+            await client.aclose()
+    assert len(own) < 4096
+    assert json.loads(own)["totals"]["leases"] == 2001
+    assert len(every["leases"]) == 2001
