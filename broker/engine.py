@@ -50,6 +50,8 @@ from broker.status import status_document
 
 _log = structlog.get_logger("broker.engine")
 
+STATUS_LEDGER_AGE = 1.0  # seconds a STATUS may show the ledger as read before
+
 __all__ = [
     "WAIT_SLACK",
     "Engine",
@@ -234,9 +236,10 @@ class Engine:
         return status_document(ctx.pool, self.spending, self.launcher, ctx.clock.now(), owner)
 
     async def report(self, owner: str | None = None) -> dict[str, Any]:
-        """The STATUS document, with the ledger's totals and every replica's covers read
-        from the registry first (else as last seen)."""
-        await self.spending.read_ledger(self.ctx.clock.now())
+        """The STATUS document, with the ledger's totals and every replica's covers as read
+        from the registry within the last second (else as last seen): a STATUS costs at most
+        three registry reads a second, however many clients ask."""
+        await self.spending.read_ledger(self.ctx.clock.now(), max_age=STATUS_LEDGER_AGE)
         return self.status(owner)
 
     # --- one pass of each loop (the loops call these; so do tests) ---------------------------
