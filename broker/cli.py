@@ -399,6 +399,7 @@ def _start_sandbox(config: Config) -> Config:
     os.environ["AWS_CONFIG_FILE"] = os.environ["AWS_SHARED_CREDENTIALS_FILE"] = os.devnull
     sandbox.install_unique_ips()
     sandbox.install_boot_delay(config.sandbox_boot_time)
+    sandbox.install_worker_services(config.worker_port)  # workers echo on worker_port
     resources = sandbox.prepare_resources(config.region or "us-east-1")
     if config.registry == "dynamodb":
         from broker.dynamo import ensure_table

@@ -6,7 +6,7 @@ import importlib
 import ipaddress
 import sys
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -18,6 +18,7 @@ from broker.cloud import Instance, LaunchSpec, Market
 from broker.ec2 import Ec2Cloud
 from broker.sandbox import MotoHandle, SandboxResources
 from tests.harness import wait_for
+from tests.test_sandbox_workers import echo, refused
 
 SPEC = LaunchSpec("t3.micro", Market.SPOT)
 DEADLINE = 10
@@ -81,6 +82,43 @@ async def test_boot_delay_applies_to_instances_created_after_it_is_set(
 
     states = {i.instance_id: i.state for i in described}
     assert states == {slow[0].instance_id: "pending", fast[0].instance_id: "running"}
+
+
+@pytest.fixture
+def worker_port(moto_server: MotoHandle) -> Iterator[int]:
+    """Workers launched during the test answer on the default worker port."""
+    sandbox.install_worker_services(sandbox.WORKER_PORT)
+    try:
+        yield sandbox.WORKER_PORT
+    finally:
+        sandbox.install_worker_services(None)
+
+
+async def test_a_worker_answers_on_its_port_exactly_while_ec2_says_running(
+    cloud: Ec2Cloud, boot_delay: Callable[[float], None], worker_port: int
+) -> None:
+    """Pending: connections refused; running: each line echoed; terminated: refused again."""
+    boot_delay(2.0)  # long enough for three calls on a loaded machine
+    with trio.fail_after(DEADLINE):
+        [launched] = await cloud.launch(SPEC, 1, "token-worker-port")
+        [pending] = await cloud.describe([launched.instance_id])
+        assert pending.public_ip is not None
+        ip = pending.public_ip
+        refused_while_pending = await refused(ip, worker_port)
+
+        async def running() -> Instance | None:
+            [instance] = await cloud.describe([launched.instance_id])
+            return instance if instance.state == "running" else None
+
+        await wait_for(running, poll=0.05, what="the instance to run")
+        reply = await echo(ip, worker_port, b"hello\n")
+        await cloud.terminate([launched.instance_id])
+        refused_once_terminated = await refused(ip, worker_port)
+
+    assert pending.state == "pending"
+    assert refused_while_pending
+    assert reply == b"hello\n"
+    assert refused_once_terminated
 
 
 async def test_300_workers_get_300_distinct_loopback_ips(cloud: Ec2Cloud) -> None:
