@@ -119,12 +119,15 @@ async def test_closing_a_worker_closes_its_port_and_its_connections_for_good(
     with trio.fail_after(DEADLINE):
         service.boot()
         stream = await trio.open_tcp_stream(ip, service.port)
+        await stream.send_all(b"accepted?\n")
+        accepted = await stream.receive_some(4096)  # so the service, not the backlog, has it
         await trio.to_thread.run_sync(service.close)
         after_close = await stream.receive_some(4096)
         await stream.aclose()
         booted_again = service.boot()
         closed = await refused(ip, service.port)
 
+    assert accepted == b"accepted?\n"
     assert after_close == b""
     assert not booted_again
     assert closed
