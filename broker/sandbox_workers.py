@@ -109,6 +109,8 @@ class WorkerService:
                 listener = trio.SocketListener(trio.socket.from_stdlib_socket(self._sock))
                 async with trio.open_nursery() as connections:
                     await trio.serve_listeners(_echo, [listener], handler_nursery=connections)
+        except Exception:  # one worker's failure must not end every worker's service
+            _log.exception("sandbox.worker_service_failed", ip=self.ip, port=self.port)
         finally:
             if not served:
                 with self._lock:

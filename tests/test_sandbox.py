@@ -1,4 +1,5 @@
-"""The sandbox cloud: moto patched to boot slowly, hand out loopback IPs and launch like EC2."""
+"""The sandbox cloud: moto patched to boot slowly, hand out loopback IPs, launch like EC2, and
+serve each worker's port while it runs."""
 
 from __future__ import annotations
 
