@@ -41,6 +41,7 @@ class BootWatch:
         self._probing: set[str] = set()
         self.boot_times = BootTimes(hint=ctx.settings.boot_time_hint)
         self._pending_at: dict[str, float] = {}  # when each was last described not running
+        self._observed: set[str] = set()  # workers whose boot time was taken
 
     async def run(self) -> None:
         """Describe launching workers when their schedule says; sleep while there are none.
@@ -86,7 +87,8 @@ class BootWatch:
         for worker in waiting:
             instance = by_id.get(worker.instance_id)
             if self._running(worker, instance):
-                if worker.instance_id not in self._probing:
+                if worker.instance_id not in self._observed:
+                    self._observed.add(worker.instance_id)
                     # It became running between the last check that saw it pending and now.
                     before = self._pending_at.get(worker.instance_id, worker.launched_at)
                     boot = (before + seen_at) / 2 - worker.launched_at
@@ -97,6 +99,7 @@ class BootWatch:
             if ip is not None:
                 running.append((worker, ip))
         self._pending_at = pending_at
+        self._observed &= {w.instance_id for w in waiting}
         for worker, ip in running:
             await self._ready(worker, ip)
         ctx.notify()
@@ -141,16 +144,23 @@ class BootWatch:
             self.ctx.notify()
 
     async def _ready(self, worker: Worker, ip: str) -> None:
-        """Ready in the registry first (hand-outs claim leases there), then here."""
+        """Ready in the registry first (hand-outs claim leases there), then here. If the
+        registry cannot be told, the worker stays launching here and the next pass tries
+        again: a worker ready here but launching there could be neither leased nor reaped."""
         ctx = self.ctx
-        await ctx.write(
-            "ready",
-            ctx.registry.set_worker_state,
-            worker.instance_id,
-            WorkerState.READY,
-            expect=WorkerState.LAUNCHING,
-            ip=ip,
-        )
+        try:
+            written = await ctx.registry.set_worker_state(
+                worker.instance_id, WorkerState.READY, expect=WorkerState.LAUNCHING, ip=ip
+            )
+            if not written:  # another replica made it ready first, or it is gone
+                record = await ctx.registry.get_worker(worker.instance_id)
+                written = record is not None and record.state is WorkerState.READY
+        except CloudError as exc:
+            _log.error("registry.write_failed", op="ready", error=str(exc))
+            ctx.metrics.registry_error("ready")
+            return
+        if not written:
+            return
         now = ctx.clock.now()
         if ctx.pool.mark_ready(worker.instance_id, ip, now) is None:
             return

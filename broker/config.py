@@ -360,8 +360,8 @@ FIELDS: tuple[Field, ...] = (
         "max_hourly_cost",
         kinds.optional(kinds.number(0, inclusive=False)),
         None,
-        "Cap on the pool's run rate in $/hour; a launch that would exceed it is refused. "
-        "null: no cap. With a cap, a type with no known price cannot be launched.",
+        "Cap on the run rate in $/hour of every replica's workers; a launch that would exceed "
+        "it is refused. null: no cap.",
         12.5,
     ),
     Field(

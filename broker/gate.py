@@ -104,8 +104,10 @@ class Gate:
             (request.command, request.token) if isinstance(request, WithToken) else (request, None)
         )
         if isinstance(command, Auth):
+            refusal = self.limiter.request(session.peer, now)  # guessing tokens is throttled
+            if refusal is not None:
+                return Reply(refusal)
             denied = session.auth(command.token)
-            self.limiter.request(session.peer if denied else session.identity.key, now)
             if denied is not None:
                 _log.warning("auth.failed", peer=session.peer, reason=denied.reason)
                 return Reply(denied.text)
@@ -113,9 +115,9 @@ class Gate:
             return Reply.ok()
         who = session.who(token)
         if not isinstance(who, Identity):
-            self.limiter.request(session.peer, now)
+            refusal = self.limiter.request(session.peer, now)
             _log.warning("auth.failed", peer=session.peer, reason=who.reason)
-            return Reply(who.text)
+            return Reply(refusal or who.text)
         refusal = self.limiter.request(who.key, now)
         if refusal is not None:
             _log.warning("limit.reached", who=who.key, limit="max_requests_per_second")

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 from typing import Final
 
+import attrs
 import structlog
 
 from broker.context import Context
+from broker.errors import Refusal
 from broker.model import LOCAL_TYPE, LocalWorker, Market, WorkerState
 from broker.registry import Provider, WorkerRecord
 from broker.retire import Retire
@@ -45,16 +47,28 @@ class LocalWorkers:
         self.retire = retire
         self.interval = interval  # the agents' heartbeat, as told in REGISTER's reply
 
+    def _undeclared(self, name: str) -> None:
+        """A worker declared in the config is the config's, not an agent's to change."""
+        if any(local.name == name for local in self.ctx.settings.local_workers):
+            raise Refusal(f"not allowed: local worker {name} is declared in the config")
+
     async def register(self, name: str, ip: str) -> None:
         """Register the worker (or keep it registered: a restarted agent keeps its entry and
-        the count of clients holding it); it joins this broker's pool at once."""
+        the count of clients holding it; a new IP replaces the old); it joins this broker's
+        pool at once."""
+        self._undeclared(name)
         ctx, worker = self.ctx, LocalWorker(name, ip)
         now = ctx.clock.now()
         expires = now + MISSED_BEATS * self.interval
-        known = await ctx.registry.update_worker_activity(
-            worker.instance_id, now, expires_at=expires
-        )
-        if not known:
+        record = await ctx.registry.get_worker(worker.instance_id)
+        if record is not None and record.ip == ip:
+            await ctx.registry.update_worker_activity(worker.instance_id, now, expires_at=expires)
+        elif record is not None:  # the machine has a new address (DHCP)
+            moved = attrs.evolve(record, ip=ip, last_activity=now, expires_at=expires)
+            await ctx.registry.put_worker(moved)
+            ctx.pool.remove(worker.instance_id, now)
+            _log.info("agent.moved", instance_id=worker.instance_id, ip=ip, was=record.ip)
+        else:
             await ctx.registry.put_worker(local_record(worker, now, self.interval))
             _log.info("agent.registered", instance_id=worker.instance_id, ip=ip)
         if ctx.pool.add_local(worker, ctx.settings.default_spec.market, now) is not None:
@@ -70,6 +84,7 @@ class LocalWorkers:
 
     async def deregister(self, name: str) -> None:
         """The agent stops: the worker leaves the pool and the registry."""
+        self._undeclared(name)
         instance_id = LocalWorker(name, "0.0.0.0").instance_id
         worker = self.ctx.pool.workers.get(instance_id)
         if worker is not None and worker.local:

@@ -298,11 +298,8 @@ class Pool:
             worker.state = WorkerState.READY
 
     def retire(self, instance_id: str, now: float) -> tuple[Worker | None, list[Lease]]:
-        """The worker was terminated here: `remove` it, and take it back from no stale view
-        (of EC2 or the registry) for RETIRED_MEMORY_SECONDS."""
-        self.retired[instance_id] = now
-        for old in [i for i, t in self.retired.items() if now - t >= RETIRED_MEMORY_SECONDS]:
-            del self.retired[old]
+        """The worker was terminated here: `remove` it (which takes it back from no stale
+        view for RETIRED_MEMORY_SECONDS)."""
         return self.remove(instance_id, now)
 
     def recently_retired(self, instance_id: str) -> bool:
@@ -310,7 +307,12 @@ class Pool:
         return instance_id in self.retired
 
     def remove(self, instance_id: str, now: float) -> tuple[Worker | None, list[Lease]]:
-        """The worker is gone: drop it and its leases; remember its IP for RELEASE."""
+        """The worker is gone: drop it and its leases; remember its IP for RELEASE, and its id
+        for RETIRED_MEMORY_SECONDS, so that no view of EC2 or the registry read before now
+        (a reconciliation under way) brings it back."""
+        self.retired[instance_id] = now
+        for old in [i for i, t in self.retired.items() if now - t >= RETIRED_MEMORY_SECONDS]:
+            del self.retired[old]
         worker = self.workers.pop(instance_id, None)
         ended = self.holders(instance_id)
         for lease in ended:
@@ -457,8 +459,8 @@ class Pool:
         for instance_id, record in registry.items():
             if instance_id in self.workers or record.state is WorkerState.TERMINATING:
                 continue
-            if instance_id in self.retired:
-                continue  # terminated here since the registry was read
+            if instance_id in self.retired and not record.local:
+                continue  # gone here since the registry was read (an agent may come back)
             if instance_id in alive or record.local:
                 self.workers[instance_id] = attrs.evolve(record)
                 joined.append(self.workers[instance_id])

@@ -8,6 +8,7 @@ import signal
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
+import pytest
 import trio
 from trio.testing import MockClock
 
@@ -15,7 +16,7 @@ from broker.access import AccessPolicy, TokenEntry
 from broker.agent import AgentSettings, run_agent
 from broker.clock import Clock
 from broker.cloud import LaunchSpec, Market
-from broker.engine import Engine, EngineSettings
+from broker.engine import Engine, EngineSettings, Refusal
 from broker.gate import Gate
 from broker.limits import Limiter, Limits
 from broker.local_workers import MISSED_BEATS
@@ -104,3 +105,36 @@ async def test_with_access_control_the_agent_needs_the_agent_role(
             await nursery.start(run_agent, settings)
             assert "local:lab-ws-1" in engine.pool.workers
             nursery.cancel_scope.cancel()
+
+
+async def test_a_new_address_replaces_the_old_and_declared_workers_are_not_an_agents(
+    autojump_clock: MockClock,
+) -> None:
+    """REGISTER with a new IP (DHCP) moves the worker; a name the config declares cannot be
+    registered or deregistered by an agent."""
+    async with broker() as (engine, _):
+        await engine.register_local("lab-ws-1", "10.20.30.40")
+        await engine.register_local("lab-ws-1", "10.20.30.41")
+        record = await engine.registry.get_worker("local:lab-ws-1")
+        assert record is not None
+        assert record.ip == "10.20.30.41"
+        assert engine.pool.workers["local:lab-ws-1"].ip == "10.20.30.41"
+    async with declared_broker() as engine:
+        for call in (engine.register_local("bench", "10.0.0.9"), engine.deregister_local("bench")):
+            with pytest.raises(Refusal, match="declared in the config"):
+                await call
+
+
+@asynccontextmanager
+async def declared_broker() -> AsyncIterator[Engine]:
+    clock = Clock(epoch=1_700_000_000.0)
+    settings = EngineSettings(
+        default_spec=LaunchSpec("c7i.8xlarge", Market.SPOT),
+        limits=PoolLimits(10, None, 900.0),
+        local_workers=(LocalWorker("bench", "10.0.0.8"),),
+    )
+    engine = Engine(FakeCloud(clock), settings, clock, PriceTable.default(), MemoryRegistry("p"))
+    async with trio.open_nursery() as nursery:
+        await nursery.start(engine.run)
+        yield engine
+        nursery.cancel_scope.cancel()

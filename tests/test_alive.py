@@ -103,6 +103,7 @@ async def test_alive_asks_the_registry_before_condemning_a_worker(
         await registry.put_worker(record)
         assert await engine.alive(other)
         await registry.put_intent(LaunchIntent.begin("t-1", SPEC, 1, clock.now(), 600.0))
+        await trio.sleep(1.1)  # the intents are read at most once a second
         assert await engine.alive(UNKNOWN)
         nursery.cancel_scope.cancel()
 

@@ -7,14 +7,17 @@ sockets and real (short) time."""
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import pytest
 import trio
 from trio.testing import MockClock
 
 from broker.clock import Clock
+from broker.cloud import CloudError
 from broker.engine import WAIT_SLACK, Engine, Refusal
-from broker.model import WorkerRequest
+from broker.memory_registry import MemoryRegistry
+from broker.model import WorkerRequest, WorkerState
 from tests.engines import get_ip, make_engine, running
 from tests.fakes import FakeCloud, FakeEvents
 from tests.harness import LineClient, ask_once, running_broker, wait_for
@@ -154,3 +157,30 @@ async def test_probe_that_never_succeeds_ends_in_a_timeout_and_a_termination() -
                 "ERROR: no worker ready after 0.3s"
             )
             assert len(cloud.launch_calls) == 2
+
+
+class ReadyWriteFailsOnce(MemoryRegistry):
+    """The registry refuses the first `ready` write (a DynamoDB throttle, say)."""
+
+    failed = False
+
+    async def set_worker_state(self, instance_id: str, state: WorkerState, **kwargs: Any) -> bool:
+        if state is WorkerState.READY and not self.failed:
+            self.failed = True
+            raise CloudError("ProvisionedThroughputExceededException", "slow down")
+        return await super().set_worker_state(instance_id, state, **kwargs)
+
+
+async def test_a_worker_the_registry_was_not_told_is_ready_stays_launching_and_is_retried(
+    autojump_clock: MockClock, clock: Clock, cloud: FakeCloud
+) -> None:
+    """The ready write fails once: the worker is not ready here either (it could be neither
+    leased nor reaped), and the next describe pass makes it ready in both; it is handed out."""
+    registry = ReadyWriteFailsOnce("test")
+    engine = make_engine(cloud, clock, registry)
+    async with running(engine):
+        ip = await get_ip(engine, WorkerRequest(), "a")
+        (record,) = await registry.list_workers(clock.now())
+    assert registry.failed
+    assert record.state is WorkerState.READY
+    assert record.ip == ip

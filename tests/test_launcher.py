@@ -11,10 +11,12 @@ from trio.testing import MockClock
 from broker.clock import Clock
 from broker.cloud import CloudError, LaunchSpec, Market
 from broker.engine import Engine, Refusal
+from broker.ledger import Budget
 from broker.memory_registry import MemoryRegistry
 from broker.model import WorkerRequest
 from broker.prices import PriceTable
-from tests.engines import ask, get_ip, make_engine, running
+from broker.registry import LaunchIntent
+from tests.engines import T0, ask, get_ip, make_engine, running
 from tests.fakes import FakeCloud
 
 FALLBACK_PRICES = PriceTable(
@@ -235,3 +237,45 @@ async def test_a_fallback_the_hourly_cap_forbids_is_a_budget_refusal(
         "from $0/h to $3/h, above max_hourly_cost $2/h"
     )
     assert [spec.market for spec, _, _ in cloud.launch_calls] == [Market.SPOT]
+
+
+class DeleteIntentFailsOnce(MemoryRegistry):
+    """The registry refuses the first intent deletion."""
+
+    failed = False
+
+    async def delete_intent(self, token: str) -> LaunchIntent | None:
+        if not self.failed:
+            self.failed = True
+            raise CloudError("ProvisionedThroughputExceededException", "slow down")
+        return await super().delete_intent(token)
+
+
+async def test_a_failed_offerings_charge_is_refunded_once_even_if_its_intent_lingers(
+    autojump_clock: MockClock,
+) -> None:
+    """No capacity for the first offering and its intent cannot be deleted: the reconciler
+    refunds its charge when it settles the intent, and the launcher does not refund it too,
+    so the day's committed spend ends as it does when nothing fails (to the micro-dollar the
+    two refund paths round differently, on the safe side)."""
+
+    async def committed(registry: MemoryRegistry) -> int:
+        clock = Clock(epoch=T0)
+        cloud = FakeCloud(clock, boot_time=5.0)
+        cloud.launch_errors = [CloudError("InsufficientInstanceCapacity", "none")]
+        spec = LaunchSpec("c7i.8xlarge", Market.SPOT, ("c6i.8xlarge",))
+        engine = make_engine(
+            cloud, clock, registry, default_spec=spec, budget=Budget(max_daily_cost=100.0)
+        )
+        async with running(engine):
+            await get_ip(engine, WorkerRequest(), "a")
+            await trio.sleep(400)  # past launch_timeout: the leftover intent is settled
+            await engine.reap_once()
+            assert await registry.list_intents(clock.now()) == []
+            keys = engine.settings.budget.current_keys(clock.now())
+            return (await registry.spend(keys))[keys[0]]
+
+    failing = DeleteIntentFailsOnce("test")
+    lingered, clean = await committed(failing), await committed(MemoryRegistry("test"))
+    assert clean <= lingered <= clean + 2
+    assert failing.failed
