@@ -6,7 +6,6 @@ describe_interval wastes up to that interval on every cold start. Instead the br
 how long instances of each type take to boot and describes them on a schedule that tightens
 as the expected boot time nears:
 
-- one early check (an instance that failed at once, or a very fast boot);
 - while the expected time is far off, a check every `GAP` seconds (a failure is noticed);
 - from just before the expected time, a check every `FAST` seconds for a short window;
 - after it, checks at doubling gaps (FAST, 2 FAST, 4 FAST, ...) up to describe_interval, so
@@ -25,10 +24,9 @@ from typing import Final
 
 import attrs
 
-FIRST: Final = 1.0  # seconds after launch of the first check
 GAP: Final = 5.0  # seconds between checks while the expected boot time is far off
 LEAD: Final = 0.25  # the fast checks start this long before the expected boot time
-FAST: Final = 0.25  # seconds between the fast checks
+FAST: Final = 0.5  # seconds between the fast checks (the wait after running: FAST / 2 median)
 WINDOW: Final = 1.0  # the fast checks go on this long (from LEAD before the expected time)
 SAMPLES: Final = 20  # boots remembered per type
 QUANTILE: Final = 0.25  # the expected boot time: this quantile of the remembered ones
@@ -63,12 +61,10 @@ def next_check(elapsed: float, expected: float | None, describe_interval: float)
     (strictly later than `elapsed`)."""
     if expected is None:
         return (int(elapsed / describe_interval) + 1) * describe_interval
-    start = max(FIRST, expected - LEAD)
+    start = max(FAST, expected - LEAD)
     end = start + WINDOW
-    if elapsed < FIRST:
-        return min(FIRST, start)
     if elapsed < start:
-        gap_check = FIRST + (int((elapsed - FIRST) / GAP) + 1) * GAP
+        gap_check = (int(elapsed / GAP) + 1) * GAP
         return min(gap_check, start)
     if elapsed < end:
         return start + (int((elapsed - start) / FAST) + 1) * FAST

@@ -298,7 +298,7 @@ def parse_line(line: bytes) -> Request | BadRequest:
     try:
         if name == "AUTH":
             return _parse_auth(args)
-        args, token = _take_token(args)
+        args, token = _take_token(args) if "=" in stripped else (args, None)
         command = _PARSERS[name](args)
         return command if token is None else WithToken(command, token)
     except _Usage as exc:

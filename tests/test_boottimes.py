@@ -3,7 +3,7 @@ boot time, as plain code. (The boot watcher using it, on MockClock: tests/test_b
 
 from __future__ import annotations
 
-from broker.boottimes import FAST, FIRST, GAP, LEAD, BootTimes, next_check
+from broker.boottimes import FAST, GAP, LEAD, BootTimes, next_check
 
 BOOT = 15.0  # seconds from launch to running, as on EC2
 
@@ -14,15 +14,15 @@ def test_unlearned_types_are_polled_every_describe_interval() -> None:
 
 
 def test_the_schedule_tightens_around_the_expected_boot() -> None:
-    """An early check, sparse checks while far off, fast ones from just before the expected
-    boot time, then describe_interval again."""
+    """Sparse checks while far off, fast ones from just before the expected boot time, then
+    doubling gaps up to describe_interval."""
     times, t = [], 0.0
     while t < BOOT + 6:
         t = next_check(t, BOOT, 2.0)
         times.append(round(t, 2))
     start = BOOT - LEAD
-    assert times[0] == FIRST
-    assert times[1] == FIRST + GAP
+    assert times[0] == GAP
+    assert times[1] == 2 * GAP
     assert start in times
     assert round(start + FAST, 2) in times
     assert times[-1] - times[-2] == 2.0
