@@ -1,0 +1,295 @@
+"""The broker as deployed against the floor: throughput, the sandbox's tail, memory.
+
+    .venv/bin/python bench/deployed.py [--quick] [--rounds 3] [--no-pin]
+
+- Throughput (`throughput`): 50 persistent clients and 50 one-shot clients sending warm
+  GET_WORKERs to the bare Trio server, the seed-style server (one-shot only: it closes after
+  one request), and `compute-broker serve --config` with `registry: memory` and with
+  `registry: dynamodb` (moto), logging as shipped (`info`, a JSON line per request, written
+  to a file). Each round runs every server once, in turn, so a burst of noise from other
+  processes hits one round and not one server; the table shows the median over rounds, and
+  broker/floor is the ratio of those medians.
+- Sandbox tail (`sandbox_tail`): a fresh `serve --sandbox` (moto embedded in the broker's
+  process) and a fresh deployed broker, each given one cold GET_WORKER and then 50 one-shot
+  clients, first run, no warm-up: p50, p99, max. The sandbox's first hand-out time is its
+  cold GET_WORKER with the shipped `sandbox_boot_time` (3 s).
+- Memory (`memory`): a deployed broker's RSS before and while holding N idle connections
+  (`max_connections` and the open-file limit raised to fit), and, in another fresh broker,
+  before and after N leases (N new clients on one connection); per connection and per lease.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from typing import Any
+
+from procs import (
+    BENCH,
+    Broker,
+    Moto,
+    Placement,
+    floor_server,
+    measured_load,
+    pin_self,
+    raise_fd_limit,
+)
+from procs import request as one_request
+
+PERSISTENT = "50 persistent"
+ONESHOT = "50 one-shot"
+
+
+def _scale(quick: bool) -> dict[str, int]:
+    if quick:
+        return {"persistent": 200, "oneshot": 40, "warmup": 20}
+    return {"persistent": 1000, "oneshot": 200, "warmup": 50}
+
+
+def _load(server: Any, mode: str, placement: Placement, quick: bool) -> dict[str, Any]:
+    scale = _scale(quick)
+    return measured_load(
+        server,
+        server.port,
+        mode,
+        placement=placement,
+        clients=50,
+        requests=scale[mode],
+        warmup=scale["warmup"],
+    )
+
+
+# --- throughput ----------------------------------------------------------------------------
+
+
+def throughput(
+    moto: Moto, placement: Placement, *, rounds: int, quick: bool
+) -> dict[str, dict[str, list[dict[str, Any]]]]:
+    """{server: {mode: [result per round]}}."""
+    results: dict[str, dict[str, list[dict[str, Any]]]] = {}
+
+    def note(name: str, mode: str, result: dict[str, Any]) -> None:
+        results.setdefault(name, {}).setdefault(mode, []).append(result)
+
+    for _ in range(rounds):
+        with floor_server("trio", placement) as server:
+            note("bare Trio", PERSISTENT, _load(server, "persistent", placement, quick))
+            note("bare Trio", ONESHOT, _load(server, "oneshot", placement, quick))
+        with floor_server("seed", placement) as server:
+            note("seed pattern (threads)", ONESHOT, _load(server, "oneshot", placement, quick))
+        for registry in ("memory", "dynamodb"):
+            name = f"broker, registry {registry}"
+            with Broker(moto, placement, registry=registry) as broker:
+                first = one_request(broker.port, "GET_WORKER")  # the cold launch
+                assert not first.startswith("ERROR"), first
+                for mode, label in (("persistent", PERSISTENT), ("oneshot", ONESHOT)):
+                    before = broker.log_lines("request")
+                    result = _load(broker, mode, placement, quick)
+                    logged = broker.log_lines("request") - before
+                    scale = _scale(quick)
+                    result["logged_ok"] = logged >= 50 * (scale[mode] + scale["warmup"])
+                    note(name, label, result)
+    return results
+
+
+def _median(runs: list[dict[str, Any]], key: str) -> float:
+    return float(statistics.median(run[key] for run in runs))
+
+
+def throughput_table(results: dict[str, dict[str, list[dict[str, Any]]]]) -> str:
+    floor = results["bare Trio"]
+    lines = [
+        "| server | load | req/s | p50 ms | p99 ms | vs bare Trio | server CPU % "
+        "| generator CPU % | errors |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for name, by_mode in results.items():
+        for mode in (PERSISTENT, ONESHOT):
+            runs = by_mode.get(mode)
+            if not runs:
+                continue
+            rate = _median(runs, "rate")
+            ratio = rate / _median(floor[mode], "rate")
+            server_cpu = statistics.median(r["server_cpu_seconds"] / r["seconds"] for r in runs)
+            gen_cpu = statistics.median(r["cpu_seconds"] / r["seconds"] for r in runs)
+            errors = sum(r["errors"] for r in runs)
+            logged = "" if all(r.get("logged_ok", True) for r in runs) else " (log lines missing!)"
+            lines.append(
+                f"| {name}{logged} | {mode} | {rate:,.0f} | {_median(runs, 'p50_ms'):.2f} "
+                f"| {_median(runs, 'p99_ms'):.2f} | {ratio:.2f} | {server_cpu * 100:.0f} "
+                f"| {gen_cpu * 100:.0f} | {errors} |"
+            )
+    rounds = len(floor[PERSISTENT])
+    lines.append(
+        f"median of {rounds} round(s); targets: broker >= 0.9 x bare Trio in both loads, "
+        "one-shot at least the seed's rate, p99 no worse than the seed's"
+    )
+    return "\n".join(lines)
+
+
+# --- the sandbox's tail --------------------------------------------------------------------
+
+
+def sandbox_tail(moto: Moto, placement: Placement, *, quick: bool) -> dict[str, dict[str, Any]]:
+    """First-run one-shot load on a fresh sandbox broker and a fresh deployed one."""
+    requests = _scale(quick)["oneshot"]
+    out: dict[str, dict[str, Any]] = {}
+    for name, sandbox in (("serve --sandbox", True), ("deployed (dynamodb on moto)", False)):
+        with Broker(None if sandbox else moto, placement, sandbox=sandbox) as broker:
+            start = time.monotonic()
+            first = one_request(broker.port, "GET_WORKER")
+            cold = time.monotonic() - start
+            assert not first.startswith("ERROR"), first
+            result = measured_load(
+                broker, broker.port, "oneshot", placement=placement, clients=50, requests=requests
+            )
+            result["first_handout_s"] = round(cold, 2)
+            result["rss_mb"] = round(broker.rss_kib() / 1024, 1)
+            out[name] = result
+    return out
+
+
+def sandbox_table(results: dict[str, dict[str, Any]]) -> str:
+    lines = [
+        "| 50 one-shot clients, first run | req/s | p50 ms | p99 ms | max ms "
+        "| first GET_WORKER s | RSS MB |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for name, r in results.items():
+        lines.append(
+            f"| {name} | {r['rate']:,.0f} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} "
+            f"| {r['max_ms']:.1f} | {r['first_handout_s']:.2f} | {r['rss_mb']:.0f} |"
+        )
+    sandbox, deployed = results["serve --sandbox"], results["deployed (dynamodb on moto)"]
+    lines.append(
+        f"sandbox p99 / deployed p99: {sandbox['p99_ms'] / deployed['p99_ms']:.1f} "
+        "(target <= 2); first GET_WORKER: sandbox boot 3 s (sandbox_boot_time), deployed "
+        "moto boot as set by the caller"
+    )
+    return "\n".join(lines)
+
+
+# --- memory --------------------------------------------------------------------------------
+
+
+def _fd_count(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def _settle_rss(broker: Broker) -> int:
+    """RSS once it stops moving (the broker may still be accepting)."""
+    last = broker.rss_kib()
+    for _ in range(50):
+        time.sleep(0.2)
+        now = broker.rss_kib()
+        if now == last:
+            return now
+        last = now
+    return last
+
+
+def memory(moto: Moto, placement: Placement, *, connections: int, leases: int) -> dict[str, Any]:
+    """RSS per idle connection and per lease of a deployed broker (registry memory)."""
+    raise_fd_limit()
+    settings = {"max_connections": connections + 100, "client_timeout": 3600}
+    out: dict[str, Any] = {"connections": connections, "leases": leases}
+    with Broker(moto, placement, registry="memory", settings=settings) as broker:
+        assert not one_request(broker.port, "GET_WORKER").startswith("ERROR")
+        base_fds, base = _fd_count(broker.pid), _settle_rss(broker)
+        argv = [
+            sys.executable,
+            str(BENCH / "loadgen.py"),
+            f"--port={broker.port}",
+            "--mode=hold",
+            f"--connections={connections}",
+        ]
+        if placement.generator is not None:
+            argv.append(f"--cpu={placement.generator}")
+        holder = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        try:
+            assert holder.stdout is not None and holder.stdin is not None
+            held = json.loads(holder.stdout.readline())["held"]
+            deadline = time.monotonic() + 120
+            while _fd_count(broker.pid) < base_fds + held and time.monotonic() < deadline:
+                time.sleep(0.2)
+            accepted = _fd_count(broker.pid) - base_fds
+            with_conns = _settle_rss(broker)
+            holder.stdin.close()
+        finally:
+            holder.wait(60)
+        out["accepted"] = accepted
+        out["rss_base_mb"] = round(base / 1024, 1)
+        out["rss_with_connections_mb"] = round(with_conns / 1024, 1)
+        out["per_connection_kb"] = round((with_conns - base) / max(accepted, 1), 2)
+    with Broker(moto, placement, registry="memory") as broker:
+        assert not one_request(broker.port, "GET_WORKER").startswith("ERROR")
+        base = _settle_rss(broker)
+        argv = [
+            sys.executable,
+            str(BENCH / "loadgen.py"),
+            f"--port={broker.port}",
+            "--mode=leases",
+            f"--leases={leases}",
+        ]
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=600, check=True)
+        made = json.loads(done.stdout.strip().splitlines()[-1])
+        assert made["errors"] == 0, made["first_error"]
+        with_leases = _settle_rss(broker)
+        out["rss_with_leases_mb"] = round(with_leases / 1024, 1)
+        out["per_lease_kb"] = round((with_leases - base) / leases, 2)
+        out["new_lease_p50_ms"] = made["p50_ms"]
+    return out
+
+
+def memory_table(r: dict[str, Any]) -> str:
+    return "\n".join(
+        [
+            "| memory (deployed, registry memory) | value |",
+            "| --- | ---: |",
+            f"| RSS at start (one worker, one lease) | {r['rss_base_mb']:.1f} MB |",
+            f"| RSS holding {r['accepted']:,} idle connections "
+            f"| {r['rss_with_connections_mb']:.1f} MB |",
+            f"| per idle connection | {r['per_connection_kb']:.2f} KiB |",
+            f"| RSS after {r['leases']:,} leases (fresh broker) "
+            f"| {r['rss_with_leases_mb']:.1f} MB |",
+            f"| per lease | {r['per_lease_kb']:.2f} KiB |",
+            f"| first GET_WORKER of a new client (new lease), p50 "
+            f"| {r['new_lease_p50_ms']:.2f} ms |",
+            "target: 10,000 idle connections under 100 MB of broker RSS",
+        ]
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--rounds", type=int, help="throughput rounds (default 3, quick 1)")
+    parser.add_argument("--no-pin", action="store_true", help="do not pin processes to CPUs")
+    parser.add_argument(
+        "--only", choices=["throughput", "sandbox", "memory"], help="one section only"
+    )
+    args = parser.parse_args()
+    placement = Placement.default(not args.no_pin)
+    pin_self(placement.generator)
+    print(f"placement: {placement.describe()}")
+    moto = Moto(boot_delay=0.5)
+    try:
+        if args.only in (None, "throughput"):
+            rounds = args.rounds or (1 if args.quick else 3)
+            print(throughput_table(throughput(moto, placement, rounds=rounds, quick=args.quick)))
+        if args.only in (None, "sandbox"):
+            print(sandbox_table(sandbox_tail(moto, placement, quick=args.quick)))
+        if args.only in (None, "memory"):
+            n = 2000 if args.quick else 10_000
+            print(memory_table(memory(moto, placement, connections=n, leases=n)))
+    finally:
+        moto.stop()
+
+
+if __name__ == "__main__":
+    main()
