@@ -289,7 +289,7 @@ def deployed_settings(moto: Moto, registry: str) -> dict[str, Any]:
 class Broker(Server):
     """`compute-broker serve --config` (the broker as deployed; `sandbox=True`: `serve
     --sandbox`, moto embedded), BENCH_SETTINGS and `settings` in its config, its log (stderr)
-    in a file."""
+    in a file. `command` runs it (after the interpreter): `-m broker` unless profiling."""
 
     def __init__(
         self,
@@ -299,7 +299,7 @@ class Broker(Server):
         registry: str = "memory",
         settings: dict[str, Any] | None = None,
         sandbox: bool = False,
-        python_args: Sequence[str] = (),
+        command: Sequence[str] = ("-m", "broker"),
     ) -> None:
         config = dict(BENCH_SETTINGS)
         if sandbox:
@@ -316,7 +316,7 @@ class Broker(Server):
         os.close(fd)
         argv += ["--config", self.config_path, "--host", HOST, "--port", "0"]
         super().__init__(
-            [sys.executable, *python_args, "-m", "broker", *argv],
+            [sys.executable, *command, *argv],
             cpu=placement.server,
             env=env,
             log_path=log_path,

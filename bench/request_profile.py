@@ -8,9 +8,10 @@
   logging (structlog, the JSON renderer, the write), metrics, engine and registry, protocol,
   socket I/O, the server's own code, Trio's scheduler. Also the functions with the most
   samples on top of the stack (self) and in the stack (inclusive).
-- `cprofile`: runs the broker under `python -m cProfile`; deterministic but each Python call
-  costs more, so cheap, many-call code looks dearer than it is. Self time by the same
-  categories (by file), and the top functions by self and cumulative time.
+- `cprofile`: runs the broker through bench/profiled_broker.py, profiling only while the load
+  runs (start-up left out); deterministic, but each Python call costs more, so cheap,
+  many-call code looks dearer than it is. Self time by the same categories (by file; C
+  functions by name), and the top functions by self and cumulative time.
 
 The broker: `compute-broker serve --config`, registry dynamodb on moto, logging at `info`
 (shipped), placed as the other benchmarks place it (procs.Placement); the profiler runs on
@@ -25,6 +26,7 @@ import os
 import pstats
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -132,6 +134,17 @@ def py_spy_report(raw: str, top: int = 12) -> str:
     return "\n".join(lines)
 
 
+def _builtin_category(name: str) -> str:
+    """The category of a C function (cProfile names them, with no file)."""
+    if "epoll" in name:
+        return "waiting in epoll (idle)"
+    if "_socket.socket" in name:
+        return "socket I/O (trio streams, send/recv)"
+    if "_json" in name or "TextIOWrapper" in name:  # the JSON log renderer, the log write
+        return CATEGORIES[0][0]
+    return OTHER
+
+
 def cprofile_report(path: str, top: int = 15) -> str:
     stats = pstats.Stats(path)
     raw = stats.stats  # type: ignore[attr-defined]
@@ -139,7 +152,7 @@ def cprofile_report(path: str, top: int = 15) -> str:
     total = 0.0
     rows = []
     for (file, line, func), (_, calls, tottime, cumtime, _) in raw.items():
-        by_category[categorize([file])] += tottime
+        by_category[_builtin_category(func) if file == "~" else categorize([file])] += tottime
         total += tottime
         rows.append((tottime, cumtime, calls, f"{func} ({_short(file)}:{line})"))
     idle = by_category["waiting in epoll (idle)"]
@@ -218,15 +231,21 @@ def profile(moto: Moto, placement: Placement, *, tool: str, seconds: float) -> s
     fd, out = tempfile.mkstemp(prefix="bench-cprofile-", suffix=".prof")
     os.close(fd)
     try:
-        broker = Broker(
-            moto, placement, registry="dynamodb", python_args=["-m", "cProfile", "-o", out]
-        )
-        with broker:
+        command = [str(BENCH / "profiled_broker.py"), out]
+        with Broker(moto, placement, registry="dynamodb", command=command) as broker:
             assert not request(broker.port, "GET_WORKER").startswith("ERROR")
             load = _loadgen(broker.port, placement, requests=100_000)
-            time.sleep(seconds)
-            load.kill()
-            load.wait()
+            try:
+                time.sleep(1)  # past the connects
+                os.kill(broker.pid, signal.SIGUSR1)
+                time.sleep(seconds)
+                os.kill(broker.pid, signal.SIGUSR2)
+                deadline = time.monotonic() + 30
+                while not os.path.getsize(out) and time.monotonic() < deadline:
+                    time.sleep(0.1)
+            finally:
+                load.kill()
+                load.wait()
         return cprofile_report(out)
     finally:
         os.unlink(out)
