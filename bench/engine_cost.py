@@ -18,6 +18,9 @@ beside it), through the engine's API:
   - STATUS: the document (`Engine.report`) rendered as the server renders it, its size;
   - last (it adds leases), a new client's first GET_WORKER: a new lease.
 
+Then the same at 1,000 leases with fewer workers (`--contrast-workers`, 10 and 100): whether
+a cost follows the worker count rather than the lease count.
+
 The issue's target: GET_WORKER, PING and RELEASE p50 within 10 % of each other across sizes.
 Logging is configured as shipped (`info`, JSON) into /dev/null, so the engine's own events
 (`lease.ended`, `worker.release`) cost what they cost; the server's per-request line is not
@@ -56,6 +59,8 @@ SPEC = LaunchSpec("c7i.8xlarge", Market.SPOT)
 POOL_TAG = "compute-broker:pool"
 STATUS_SECONDS = 2.0  # STATUS is timed 3 to 20 times, within about this long
 NEW_LEASE_CALLS = 100  # new clients timed at the end of each size (each adds a lease)
+CONTRAST_LEASES = 1000  # the lease count of the rows that vary the worker count
+HOLDERS = 100  # the clients whose warm GET_WORKERs and PINGs are timed, in turn
 
 
 class BenchCloud:
@@ -131,19 +136,31 @@ def _json_default(value: object) -> object:
 
 
 async def fill_through_pool(engine: Engine, leases: int) -> None:
-    """`leases` leases for new clients, round robin over the workers (as the hand-out's
-    fewest-holders choice spreads them), through the pool's `hand_out` and the registry's
-    `claim_lease`: what the hand-out room does for a new lease, without choosing a worker."""
+    """`leases` leases for new clients, spread evenly over the workers (as the hand-out's
+    fewest-holders choice spreads them; fewer leases than workers go to workers spread over
+    the pool's order, not to its first ones), through the pool's `hand_out` and the
+    registry's `claim_lease`: what the hand-out room does for a new lease, without choosing
+    a worker."""
     workers = list(engine.pool.workers.values())
     timeout = engine.settings.limits.idle_timeout
     for n in range(leases):
-        worker = workers[n % len(workers)]
+        index = n * len(workers) // leases if leases < len(workers) else n % len(workers)
+        worker = workers[index]
         assert worker.ip is not None
         client, now = f"c{n}", engine.clock.now()
         lease, _ = engine.pool.hand_out(worker, client, now)
         engine.pool.note_persisted(lease, now)
         record = LeaseRecord.start(client, worker.instance_id, worker.ip, now, timeout)
         assert await engine.registry.claim_lease(record, None)
+
+
+def spread_holders(engine: Engine, count: int) -> list[str]:
+    """Up to `count` clients, one on each of `count` held workers spread evenly over the
+    pool's order, so where a client's worker sits in any scan averages out alike at every
+    size."""
+    held = [w for w in engine.pool.workers.values() if engine.pool.holders(w.instance_id)]
+    step = max(1, len(held) // count)
+    return [engine.pool.holders(w.instance_id)[0].client for w in held[::step][:count]]
 
 
 async def measure_size(leases: int, workers: int, calls: int, fill: str = "pool") -> dict[str, Any]:
@@ -171,9 +188,7 @@ async def measure_size(leases: int, workers: int, calls: int, fill: str = "pool"
         result["fill_seconds"] = round(time.perf_counter() - start, 2)
         result["rss_per_lease_bytes"] = round((rss_kib() - rss_before) * 1024 / max(leases, 1))
         assert len(engine.pool.leases) == leases
-        # Holders spread over the lease list (and so over the workers), so the position of a
-        # client's worker in any scan averages out.
-        holders = [f"c{n}" for n in range(0, leases, max(1, leases // 100))]
+        holders = spread_holders(engine, HOLDERS)
         ips = {}
         for client in holders:
             ips[client] = (await engine.get_worker(request, client)).ip
@@ -246,12 +261,22 @@ def spread(rows: list[dict[str, Any]], key: str) -> float:
     return max(values) / min(values) - 1
 
 
-def run(sizes: Sequence[int], workers: int, calls: int, fill: str = "pool") -> list[dict[str, Any]]:
+def run(
+    sizes: Sequence[int],
+    workers: int,
+    calls: int,
+    fill: str = "pool",
+    contrast: Sequence[int] = (),
+) -> list[dict[str, Any]]:
+    """A row per lease count at `workers` workers, then one per worker count in `contrast`
+    at 1,000 leases (what the cost follows when it is not the lease count)."""
+    cases = [(size, workers) for size in sizes]
+    cases += [(CONTRAST_LEASES, n) for n in contrast if n != workers]
     with open(os.devnull, "w") as devnull:
         configure_logging("json", "info", stream=devnull)
         rows = []
-        for size in sizes:
-            rows.append(summarize(trio.run(measure_size, size, workers, calls, fill)))
+        for leases, pool_workers in cases:
+            rows.append(summarize(trio.run(measure_size, leases, pool_workers, calls, fill)))
             gc.collect()
     return rows
 
@@ -274,11 +299,13 @@ def table(rows: list[dict[str, Any]]) -> str:
             f"| {r['new_lease_p50_us']:.1f} "
             f"| {r['status_ms']:,.2f} | {r['status_bytes']:,} | {per_lease} |"
         )
-    if len(rows) > 1:
+    by_leases = [r for r in rows if r["workers"] == rows[0]["workers"]]
+    if len(by_leases) > 1:
         lines.append(
-            "\nspread across sizes (max/min - 1 of p50; target <= 10 %): "
+            f"\nspread across lease counts at {rows[0]['workers']:,} workers "
+            "(max/min - 1 of p50; target <= 10 %): "
             + ", ".join(
-                f"{name} {spread(rows, key) * 100:.0f} %"
+                f"{name} {spread(by_leases, key) * 100:.0f} %"
                 for name, key in (
                     ("GET_WORKER", "get_worker_p50_us"),
                     ("PING", "ping_p50_us"),
@@ -294,6 +321,11 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="sizes 10,1000,10000; fewer calls")
     parser.add_argument("--sizes", help="lease counts, comma-separated (default 10,1000,100000)")
     parser.add_argument("--workers", type=int, default=1000)
+    parser.add_argument(
+        "--contrast-workers",
+        default="10,100",
+        help="also these worker counts at 1,000 leases, comma-separated ('' for none)",
+    )
     parser.add_argument("--calls", type=int, help="timed calls per request kind")
     parser.add_argument(
         "--fill",
@@ -307,7 +339,8 @@ def main() -> None:
     default_sizes = "10,1000,10000" if args.quick else "10,1000,100000"
     sizes = [int(s) for s in (args.sizes or default_sizes).split(",")]
     calls = args.calls or (300 if args.quick else 2000)
-    rows = run(sizes, args.workers, calls, args.fill)
+    contrast = [int(n) for n in args.contrast_workers.split(",") if n]
+    rows = run(sizes, args.workers, calls, args.fill, contrast)
     if args.json:
         json.dump(rows, sys.stdout)
         print()

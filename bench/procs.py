@@ -120,11 +120,14 @@ class Server:
         ticks = int(fields[11]) + int(fields[12])  # utime, stime
         return ticks / os.sysconf("SC_CLK_TCK")
 
-    def rss_kib(self) -> int:
+    def rss_kib(self, field: str = "VmRSS") -> int:
+        """Resident memory (KiB): all of it (VmRSS), or its anonymous part (RssAnon: the
+        heap, which the kernel cannot page out without swap; file pages, the interpreter's
+        and the libraries' code, can be, and are on a machine that reclaims cold pages)."""
         for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
+            if line.startswith(f"{field}:"):
                 return int(line.split()[1])
-        raise RuntimeError("no VmRSS")
+        raise RuntimeError(f"no {field}")
 
     def stop(self) -> None:
         if self.proc.poll() is None:
