@@ -183,16 +183,22 @@ def _fd_count(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
 
 
+SETTLE_AGE = 15.0  # seconds: a new broker's heap shrinks by ~15 MB some 10 s after start
+SETTLE_STEADY = 3  # equal readings, a second apart, that make the RSS settled
+
+
 def _settle_rss(broker: Broker) -> tuple[int, int]:
-    """(RSS, anonymous RSS) in KiB once they stop moving (the broker may still be accepting)."""
-    last = broker.rss_kib("RssAnon")
-    for _ in range(50):
-        time.sleep(0.2)
-        now = broker.rss_kib("RssAnon")
-        if now == last:
+    """(RSS, anonymous RSS) in KiB once the broker is SETTLE_AGE old and its anonymous RSS
+    has stopped moving (it may still be accepting, or freeing what start-up left)."""
+    time.sleep(max(0.0, broker.started_at + SETTLE_AGE - time.monotonic()))
+    readings = [broker.rss_kib("RssAnon")]
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if len(readings) >= SETTLE_STEADY and len(set(readings[-SETTLE_STEADY:])) == 1:
             break
-        last = now
-    return broker.rss_kib(), last
+        time.sleep(1)
+        readings.append(broker.rss_kib("RssAnon"))
+    return broker.rss_kib(), readings[-1]
 
 
 def memory(moto: Moto, placement: Placement, *, connections: int, leases: int) -> dict[str, Any]:
@@ -253,7 +259,7 @@ def memory_table(r: dict[str, Any]) -> str:
         [
             "| memory (deployed, registry memory) | value |",
             "| --- | ---: |",
-            f"| RSS at start (one worker, one lease) | {r['rss_base_mb']:.1f} MB |",
+            f"| RSS settled after start (one worker, one lease) | {r['rss_base_mb']:.1f} MB |",
             f"| RSS holding {r['accepted']:,} idle connections "
             f"| {r['rss_with_connections_mb']:.1f} MB |",
             f"| per idle connection (anonymous RSS) | {r['per_connection_kb']:.2f} KiB |",

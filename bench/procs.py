@@ -109,6 +109,7 @@ class Server:
             tail = Path(log_path).read_text()[-2000:] if log_path else ""
             raise RuntimeError(f"{argv[1:3]} did not start: {line!r}\n{tail}")
         self.port = int(match.group(2))
+        self.started_at = time.monotonic()
 
     @property
     def pid(self) -> int:
