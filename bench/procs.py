@@ -185,10 +185,12 @@ def loadgen(
 
 
 def measured_load(server: Server, port: int, mode: str, **kwargs: Any) -> dict[str, Any]:
-    """`loadgen`, plus the server's CPU seconds during the run (`server_cpu_seconds`)."""
+    """`loadgen`, plus the server's CPU seconds during the whole run (`server_cpu_seconds`)
+    and the requests it served meanwhile, warm-up included (`served`)."""
     before = server.cpu_seconds()
     result = loadgen(port, mode, **kwargs)
     result["server_cpu_seconds"] = round(server.cpu_seconds() - before, 3)
+    result["served"] = result["requests"] + kwargs.get("clients", 50) * kwargs.get("warmup", 0)
     return result
 
 
