@@ -93,8 +93,10 @@ def _inclusive_worthy(file: str) -> bool:
     return "broker/" in file or "structlog/" in file
 
 
-def py_spy_report(raw: str, top: int = 12) -> str:
-    """The category shares and top functions of a `py-spy record --format raw` output."""
+def py_spy_report(raw: str, top: int = 12, cpu_us: float | None = None) -> str:
+    """The category shares and top functions of a `py-spy record --format raw` output;
+    with `cpu_us` (the broker's CPU microseconds per request meanwhile), each category's
+    share of it too."""
     by_category: collections.Counter[str] = collections.Counter()
     self_counts: collections.Counter[str] = collections.Counter()
     inclusive: collections.Counter[str] = collections.Counter()
@@ -116,11 +118,19 @@ def py_spy_report(raw: str, top: int = 12) -> str:
     if not total:
         return "no samples"
     busy = total - by_category["waiting in epoll (idle)"]
-    lines = [f"py-spy: {total} samples, {busy} busy (not waiting in epoll)", ""]
-    lines += ["| category | % of busy samples |", "| --- | ---: |"]
+    lines = [f"py-spy: {total} samples, {busy} busy (not waiting in epoll)"]
+    if cpu_us is not None:
+        lines.append(f"broker CPU per request meanwhile: {cpu_us:.1f} us")
+    lines += [
+        "",
+        "| category | % of busy samples | ~ CPU us per request |",
+        "| --- | ---: | ---: |",
+    ]
     for name, count in by_category.most_common():
         if name != "waiting in epoll (idle)":
-            lines.append(f"| {name} | {count / max(busy, 1) * 100:.1f} |")
+            share = count / max(busy, 1)
+            us = "" if cpu_us is None else f"{share * cpu_us:.1f}"
+            lines.append(f"| {name} | {share * 100:.1f} | {us} |")
     lines += ["", "| top of stack (self) | % of all samples |", "| --- | ---: |"]
     for name, count in self_counts.most_common(top):
         lines.append(f"| {name} | {count / total * 100:.1f} |")
@@ -218,12 +228,15 @@ def profile(moto: Moto, placement: Placement, *, tool: str, seconds: float) -> s
                 argv = [spy, "record", "--pid", str(broker.pid), "--rate", "250"]
                 argv += ["--duration", str(int(seconds)), "--format", "raw", "--output", out]
                 argv += ["--nonblocking"]
+                cpu, served = broker.cpu_seconds(), broker.log_lines("request")
                 done = subprocess.run(
                     argv, capture_output=True, text=True, timeout=seconds + 60, check=False
                 )
+                cpu, served = broker.cpu_seconds() - cpu, broker.log_lines("request") - served
                 if done.returncode != 0:
                     raise RuntimeError(f"py-spy failed: {done.stderr[-1000:]}")
-                return py_spy_report(Path(out).read_text())
+                cpu_us = cpu / served * 1e6 if served else None
+                return py_spy_report(Path(out).read_text(), cpu_us=cpu_us)
             finally:
                 load.kill()
                 load.wait()
