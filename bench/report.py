@@ -13,7 +13,10 @@ Sections, in the order they run (each also runs alone: see its module):
   profile     bench/request_profile.py  where a warm request's time goes (py-spy or cProfile)
   cold        bench/cold.py       delay from `running` to the GET_WORKER answer, Describe calls
   engine      bench/engine_cost.py  GET_WORKER, PING, RELEASE, STATUS at 10 / 1,000 / 100,000
-                                  leases and 1,000 workers (in its own process)
+                                  leases and 1,000 workers, and 1,000 leases on 10 and 100
+                                  workers (in its own process)
+
+bench/README.md says how to read the tables.
 
 `--quick` (about a tenth of the requests, 1 throughput round, 2,000 connections and leases,
 10,000 leases at most in the engine section, 3 cold launches) checks the tools in a few
