@@ -222,7 +222,7 @@ async def measure_size(leases: int, workers: int, calls: int, fill: str = "pool"
         assert not cloud.terminated, "a timed RELEASE terminated a worker"
         assert len(engine.pool.leases) == leases, "RELEASE left or took other leases"
 
-        status_samples = []
+        status_samples: list[float] = []
         size = 0
         deadline = time.perf_counter() + STATUS_SECONDS
         while len(status_samples) < 3 or (
@@ -257,7 +257,7 @@ def summarize(raw: dict[str, Any]) -> dict[str, Any]:
 
 def spread(rows: list[dict[str, Any]], key: str) -> float:
     """How far apart the sizes are: max/min - 1 of the p50s (0.10 = within 10 %)."""
-    values = [row[key] for row in rows]
+    values = [float(row[key]) for row in rows]
     return max(values) / min(values) - 1
 
 

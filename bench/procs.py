@@ -19,9 +19,9 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import attrs
 
@@ -64,7 +64,8 @@ def pin_self(cpu: int | None) -> None:
         os.sched_setaffinity(0, {cpu})
 
 
-def _pinned(cpu: int | None) -> Any:
+def pinned(cpu: int | None) -> Callable[[], None] | None:
+    """A `preexec_fn` that pins the child process to `cpu` (None: no pinning)."""
     if cpu is None:
         return None
     return lambda: os.sched_setaffinity(0, {cpu})
@@ -91,7 +92,7 @@ class Server:
                 stdout=subprocess.PIPE,
                 stderr=stderr,
                 text=True,
-                preexec_fn=_pinned(cpu),
+                preexec_fn=pinned(cpu),
             )
         finally:
             if log_path:
@@ -141,7 +142,7 @@ class Server:
         if self.proc.stdout is not None:
             self.proc.stdout.close()
 
-    def __enter__(self) -> Server:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -237,8 +238,8 @@ class Moto:
             calls.append(time.monotonic())
             return describe(response)
 
-        Instance.__init__ = recording_init  # type: ignore[method-assign]
-        InstanceResponse.describe_instances = counting_describe  # type: ignore[method-assign]
+        Instance.__init__ = recording_init  # type: ignore[method-assign,assignment]
+        InstanceResponse.describe_instances = counting_describe  # type: ignore[method-assign,assignment]
 
     def set_boot_delay(self, seconds: float) -> None:
         from broker import sandbox

@@ -41,7 +41,7 @@ import cold
 import deployed
 import engine_cost
 import request_profile
-from procs import BENCH, Moto, Placement, pin_self, raise_fd_limit
+from procs import BENCH, Moto, Placement, pin_self, pinned, raise_fd_limit
 
 SECTIONS = ["throughput", "sandbox", "memory", "profile", "cold", "engine"]
 THROUGHPUT_BOOT = 0.5  # seconds moto keeps a new instance pending outside the cold section
@@ -68,11 +68,13 @@ def engine_section(quick: bool, placement: Placement) -> str:
     argv = [sys.executable, str(BENCH / "engine_cost.py"), "--json"]
     if quick:
         argv.append("--quick")
-    pin = (
-        None if placement.server is None else (lambda: os.sched_setaffinity(0, {placement.server}))
-    )
     done = subprocess.run(
-        argv, capture_output=True, text=True, timeout=1800, check=False, preexec_fn=pin
+        argv,
+        capture_output=True,
+        text=True,
+        timeout=1800,
+        check=False,
+        preexec_fn=pinned(placement.server),
     )
     if done.returncode != 0:
         raise RuntimeError(f"engine_cost failed: {done.stderr[-2000:]}")
