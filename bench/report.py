@@ -91,7 +91,9 @@ def main() -> None:
         choices=["py-spy", "cprofile", "none"],
         help="profiler for the profile section (default: py-spy if installed, else cProfile)",
     )
-    parser.add_argument("--rounds", type=int, help="throughput rounds (default 3, quick 1)")
+    parser.add_argument(
+        "--rounds", type=int, help="throughput rounds and sandbox pairs (default 3, quick 1)"
+    )
     args = parser.parse_args()
     quick = args.quick
     skip = set(args.skip)
@@ -132,7 +134,9 @@ def main() -> None:
             section(
                 "sandbox",
                 "The sandbox's tail",
-                lambda: deployed.sandbox_table(deployed.sandbox_tail(moto, placement, quick=quick)),
+                lambda: deployed.sandbox_table(
+                    deployed.sandbox_tail(moto, placement, quick=quick, rounds=rounds)
+                ),
             )
             n = 2000 if quick else 10_000
             section(
