@@ -25,7 +25,9 @@ The issue's target: GET_WORKER, PING and RELEASE p50 within 10 % of each other a
 Logging is configured as shipped (`info`, JSON) into /dev/null, so the engine's own events
 (`lease.ended`, `worker.release`) cost what they cost; the server's per-request line is not
 part of this (see the throughput benchmark). Time is the real clock; the engine's loops run
-but have nothing to do (reap_interval is a day).
+but have nothing to do (reap_interval is a day). Every size's engine is built first, then the
+calls go round the sizes one at a time, so a burst of outside load (the machine is shared)
+falls on every size alike.
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ import os
 import statistics
 import sys
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -57,7 +59,7 @@ from broker.registry import LeaseRecord
 POOL = "bench"
 SPEC = LaunchSpec("c7i.8xlarge", Market.SPOT)
 POOL_TAG = "compute-broker:pool"
-STATUS_SECONDS = 2.0  # STATUS is timed 3 to 20 times, within about this long
+STATUS_SECONDS = 2.0  # STATUS is timed 3 to 20 times per size, within about this long each
 NEW_LEASE_CALLS = 100  # new clients timed at the end of each size (each adds a lease)
 CONTRAST_LEASES = 1000  # the lease count of the rows that vary the worker count
 HOLDERS = 100  # the clients whose warm GET_WORKERs and PINGs are timed, in turn
@@ -116,16 +118,6 @@ def rss_kib() -> int:
     return 0
 
 
-async def timed(calls: int, fn: Callable[[int], Awaitable[Any]]) -> list[float]:
-    """Seconds of each of `calls` awaits of fn(i)."""
-    samples = []
-    for i in range(calls):
-        start = time.perf_counter()
-        await fn(i)
-        samples.append(time.perf_counter() - start)
-    return samples
-
-
 def p(samples: list[float], q: float) -> float:
     ordered = sorted(samples)
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
@@ -163,86 +155,124 @@ def spread_holders(engine: Engine, count: int) -> list[str]:
     return [engine.pool.holders(w.instance_id)[0].client for w in held[::step][:count]]
 
 
-async def measure_size(leases: int, workers: int, calls: int, fill: str = "pool") -> dict[str, Any]:
-    """Build an engine with `workers` workers and `leases` leases; time the requests."""
-    clock = Clock()
-    cloud = BenchCloud(workers, clock.now())
-    settings = EngineSettings(
-        default_spec=SPEC,
-        limits=Limits(max_workers=workers + 100, max_hourly_cost=None, idle_timeout=900.0),
-        reap_interval=86400.0,
-    )
-    engine = Engine(cloud, settings, clock, PriceTable.default(), MemoryRegistry(POOL))
-    request = WorkerRequest()
-    result: dict[str, Any] = {"leases": leases, "workers": workers}
-    async with trio.open_nursery() as nursery:
+class SizeBench:
+    """One engine with `workers` workers and `leases` leases, and its timed requests."""
+
+    def __init__(self, leases: int, workers: int, fill: str) -> None:
+        self.leases, self.workers, self.fill = leases, workers, fill
+        self.result: dict[str, Any] = {"leases": leases, "workers": workers}
+        for name in ("get_worker", "ping", "release", "status", "new_lease"):
+            self.result[name] = []
+        self.request = WorkerRequest()
+
+    async def start(self, nursery: trio.Nursery) -> None:
+        """Build the engine, let it adopt its workers, make the leases."""
+        self.clock = clock = Clock()
+        self.cloud = BenchCloud(self.workers, clock.now())
+        settings = EngineSettings(
+            default_spec=SPEC,
+            limits=Limits(self.workers + 100, max_hourly_cost=None, idle_timeout=900.0),
+            reap_interval=86400.0,
+        )
+        self.engine = engine = Engine(
+            self.cloud, settings, clock, PriceTable.default(), MemoryRegistry(POOL)
+        )
         await nursery.start(engine.run)
-        assert len(engine.pool.workers) == workers, "the engine did not adopt the workers"
+        assert len(engine.pool.workers) == self.workers, "the engine did not adopt the workers"
         rss_before = rss_kib()
         start = time.perf_counter()
-        if fill == "engine":
-            for n in range(leases):
-                await engine.get_worker(request, f"c{n}")
+        if self.fill == "engine":
+            for n in range(self.leases):
+                await engine.get_worker(self.request, f"c{n}")
         else:
-            await fill_through_pool(engine, leases)
-        result["fill_seconds"] = round(time.perf_counter() - start, 2)
-        result["rss_per_lease_bytes"] = round((rss_kib() - rss_before) * 1024 / max(leases, 1))
-        assert len(engine.pool.leases) == leases
-        holders = spread_holders(engine, HOLDERS)
-        ips = {}
-        for client in holders:
-            ips[client] = (await engine.get_worker(request, client)).ip
-        gc.collect()
+            await fill_through_pool(engine, self.leases)
+        self.result["fill_seconds"] = round(time.perf_counter() - start, 2)
+        grown = (rss_kib() - rss_before) * 1024
+        self.result["rss_per_lease_bytes"] = round(grown / max(self.leases, 1))
+        assert len(engine.pool.leases) == self.leases
+        self.holders = spread_holders(engine, HOLDERS)
+        self.ips = {}
+        for client in self.holders:  # covers extended now, not in a timed call
+            self.ips[client] = (await engine.get_worker(self.request, client)).ip
+        handout = await engine.get_worker(self.request, self.holders[0])
+        self.anchor = engine.pool.workers[handout.instance_id]  # RELEASE's worker: held
 
-        async def get(i: int) -> None:
-            await engine.get_worker(request, holders[i % len(holders)])
+    async def _time(self, name: str, call: Awaitable[Any]) -> None:
+        start = time.perf_counter()
+        await call
+        self.result[name].append(time.perf_counter() - start)
 
-        async def ping(i: int) -> None:
-            client = holders[i % len(holders)]
-            await engine.ping(ips[client], client)
+    async def time_get(self, i: int) -> None:
+        """A warm GET_WORKER from a client that holds its worker."""
+        await self._time(
+            "get_worker", self.engine.get_worker(self.request, self.holders[i % len(self.holders)])
+        )
 
-        result["get_worker"] = await timed(calls, get)
-        result["ping"] = await timed(calls, ping)
+    async def time_ping(self, i: int) -> None:
+        client = self.holders[i % len(self.holders)]
+        await self._time("ping", self.engine.ping(self.ips[client], client))
 
-        # RELEASE: a fresh lease, made untimed, on a worker someone else holds too.
-        anchor = engine.pool.workers[(await engine.get_worker(request, holders[0])).instance_id]
+    async def time_release(self, i: int) -> None:
+        """RELEASE of a fresh lease (made untimed) on a worker another client holds too."""
+        engine, anchor, client = self.engine, self.anchor, f"r{i}"
         assert anchor.ip is not None
-        release_samples = []
+        now = self.clock.now()
+        lease, _ = engine.pool.hand_out(anchor, client, now)
+        engine.pool.note_persisted(lease, now)
+        record = LeaseRecord.start(client, anchor.instance_id, anchor.ip, now, 900.0)
+        assert await engine.registry.claim_lease(record, None)
+        await self._time("release", engine.release(anchor.ip, client))
+        assert not self.cloud.terminated, "a timed RELEASE terminated a worker"
+
+    async def time_status(self) -> None:
+        """STATUS as the server renders it: the document, then one JSON line."""
+        start = time.perf_counter()
+        document = await self.engine.report()
+        line = json.dumps(document, separators=(",", ":"), default=_json_default)
+        self.result["status"].append(time.perf_counter() - start)
+        self.result["status_bytes"] = len(line) + 1
+
+    async def time_new_lease(self, i: int) -> None:
+        """A new client's first GET_WORKER (adds a lease)."""
+        await self._time("new_lease", self.engine.get_worker(self.request, f"new{i}"))
+
+
+async def measure_sizes(
+    cases: Sequence[tuple[int, int]], calls: int, fill: str = "pool"
+) -> list[dict[str, Any]]:
+    """One engine per (leases, workers) case, all built first; then each request kind is
+    timed in turn across the engines, call by call, so a burst of outside load (this machine
+    is shared) falls on every size alike."""
+    async with trio.open_nursery() as nursery:
+        benches = []
+        for leases, workers in cases:
+            bench = SizeBench(leases, workers, fill)
+            await bench.start(nursery)
+            benches.append(bench)
+        gc.collect()
         for i in range(calls):
-            client = f"r{i}"
-            now = clock.now()
-            lease, _ = engine.pool.hand_out(anchor, client, now)
-            engine.pool.note_persisted(lease, now)
-            record = LeaseRecord.start(client, anchor.instance_id, anchor.ip, now, 900.0)
-            assert await engine.registry.claim_lease(record, None)
-            start = time.perf_counter()
-            await engine.release(anchor.ip, client)
-            release_samples.append(time.perf_counter() - start)
-        result["release"] = release_samples
-        assert not cloud.terminated, "a timed RELEASE terminated a worker"
-        assert len(engine.pool.leases) == leases, "RELEASE left or took other leases"
-
-        status_samples: list[float] = []
-        size = 0
-        deadline = time.perf_counter() + STATUS_SECONDS
-        while len(status_samples) < 3 or (
-            len(status_samples) < 20 and time.perf_counter() < deadline
-        ):
-            start = time.perf_counter()
-            document = await engine.report()
-            line = json.dumps(document, separators=(",", ":"), default=_json_default)
-            status_samples.append(time.perf_counter() - start)
-            size = len(line) + 1
-        result["status"] = status_samples
-        result["status_bytes"] = size
-
-        # Last, as it adds leases: a new client's first GET_WORKER (a new lease).
-        async def new_lease(i: int) -> None:
-            await engine.get_worker(request, f"new{i}")
-
-        result["new_lease"] = await timed(min(calls, NEW_LEASE_CALLS), new_lease)
+            for bench in benches:
+                await bench.time_get(i)
+                await bench.time_ping(i)
+                await bench.time_release(i)
+        for bench in benches:
+            assert len(bench.engine.pool.leases) == bench.leases, "RELEASE took other leases"
+        deadline = time.perf_counter() + STATUS_SECONDS * len(benches)
+        for n in range(20):
+            if n >= 3 and time.perf_counter() > deadline:
+                break
+            for bench in benches:
+                await bench.time_status()
+        for i in range(min(calls, NEW_LEASE_CALLS)):  # last: it adds leases
+            for bench in benches:
+                await bench.time_new_lease(i)
         nursery.cancel_scope.cancel()
-    return result
+    return [bench.result for bench in benches]
+
+
+async def measure_size(leases: int, workers: int, calls: int, fill: str = "pool") -> dict[str, Any]:
+    """One size alone (tests, a quick look)."""
+    return (await measure_sizes([(leases, workers)], calls, fill))[0]
 
 
 def summarize(raw: dict[str, Any]) -> dict[str, Any]:
@@ -274,11 +304,7 @@ def run(
     cases += [(CONTRAST_LEASES, n) for n in contrast if n != workers]
     with open(os.devnull, "w") as devnull:
         configure_logging("json", "info", stream=devnull)
-        rows = []
-        for leases, pool_workers in cases:
-            rows.append(summarize(trio.run(measure_size, leases, pool_workers, calls, fill)))
-            gc.collect()
-    return rows
+        return [summarize(raw) for raw in trio.run(measure_sizes, cases, calls, fill)]
 
 
 def table(rows: list[dict[str, Any]]) -> str:
