@@ -7,8 +7,9 @@
   one request), and `compute-broker serve --config` with `registry: memory` and with
   `registry: dynamodb` (moto), logging as shipped (`info`, a JSON line per request, written
   to a file). Each round runs every server once, in turn, so a burst of noise from other
-  processes hits one round and not one server; the table shows the median over rounds, and
-  broker/floor is the ratio of those medians.
+  processes hits one round and not one server (each round starts with the next server, after
+  an unmeasured warm-up run); the table shows the median over rounds, and broker/floor is the
+  ratio of those medians. Also each server's CPU per request against the floor's.
 - Sandbox tail (`sandbox_tail`): a fresh `serve --sandbox` (moto embedded in the broker's
   process) and a fresh deployed broker, each given one cold GET_WORKER and then 50 one-shot
   clients, first run, no warm-up: p50, p99, max; `--rounds` fresh pairs, medians. The
@@ -70,33 +71,53 @@ def _load(server: Any, mode: str, placement: Placement, quick: bool) -> dict[str
 # --- throughput ----------------------------------------------------------------------------
 
 
+THROUGHPUT_SERVERS = (
+    "bare Trio",
+    "seed pattern (threads)",
+    "broker, registry memory",
+    "broker, registry dynamodb",
+)
+
+
 def throughput(
     moto: Moto, placement: Placement, *, rounds: int, quick: bool
 ) -> dict[str, dict[str, list[dict[str, Any]]]]:
-    """{server: {mode: [result per round]}}."""
-    results: dict[str, dict[str, list[dict[str, Any]]]] = {}
+    """{server: {mode: [result per round]}}. Before the first round an unmeasured run warms
+    the machine's paths (the generator's start, the page cache); each round starts with the
+    next server, so no server is always measured first."""
+    results: dict[str, dict[str, list[dict[str, Any]]]] = {name: {} for name in THROUGHPUT_SERVERS}
 
     def note(name: str, mode: str, result: dict[str, Any]) -> None:
-        results.setdefault(name, {}).setdefault(mode, []).append(result)
+        results[name].setdefault(mode, []).append(result)
 
-    for _ in range(rounds):
+    def bare_trio() -> None:
         with floor_server("trio", placement) as server:
             note("bare Trio", PERSISTENT, _load(server, "persistent", placement, quick))
             note("bare Trio", ONESHOT, _load(server, "oneshot", placement, quick))
+
+    def seed() -> None:
         with floor_server("seed", placement) as server:
             note("seed pattern (threads)", ONESHOT, _load(server, "oneshot", placement, quick))
-        for registry in ("memory", "dynamodb"):
-            name = f"broker, registry {registry}"
-            with Broker(moto, placement, registry=registry) as broker:
-                first = one_request(broker.port, "GET_WORKER")  # the cold launch
-                assert not first.startswith("ERROR"), first
-                for mode, label in (("persistent", PERSISTENT), ("oneshot", ONESHOT)):
-                    before = broker.log_lines("request")
-                    result = _load(broker, mode, placement, quick)
-                    logged = broker.log_lines("request") - before
-                    scale = _scale(quick)
-                    result["logged_ok"] = logged >= 50 * (scale[mode] + scale["warmup"])
-                    note(name, label, result)
+
+    def broker(registry: str) -> None:
+        name = f"broker, registry {registry}"
+        with Broker(moto, placement, registry=registry) as served:
+            first = one_request(served.port, "GET_WORKER")  # the cold launch
+            assert not first.startswith("ERROR"), first
+            for mode, label in (("persistent", PERSISTENT), ("oneshot", ONESHOT)):
+                before = served.log_lines("request")
+                result = _load(served, mode, placement, quick)
+                logged = served.log_lines("request") - before
+                scale = _scale(quick)
+                result["logged_ok"] = logged >= 50 * (scale[mode] + scale["warmup"])
+                note(name, label, result)
+
+    with floor_server("trio", placement) as server:  # the warm-up, not counted
+        _load(server, "oneshot", placement, quick=True)
+    runs = [bare_trio, seed, lambda: broker("memory"), lambda: broker("dynamodb")]
+    for n in range(rounds):
+        for run in runs[n % len(runs) :] + runs[: n % len(runs)]:
+            run()
     return results
 
 
