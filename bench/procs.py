@@ -322,12 +322,17 @@ class Broker(Server):
         fd, log_path = tempfile.mkstemp(prefix="bench-broker-", suffix=".log")
         os.close(fd)
         argv += ["--config", self.config_path, "--host", HOST, "--port", "0"]
-        super().__init__(
-            [sys.executable, *command, *argv],
-            cpu=placement.server,
-            env=env,
-            log_path=log_path,
-        )
+        try:
+            super().__init__(
+                [sys.executable, *command, *argv],
+                cpu=placement.server,
+                env=env,
+                log_path=log_path,
+            )
+        except BaseException:
+            os.unlink(self.config_path)
+            os.unlink(log_path)
+            raise
 
     def log_lines(self, event: str) -> int:
         """How many lines of its log are the event `event` (JSON lines)."""
