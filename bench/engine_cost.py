@@ -15,7 +15,9 @@ beside it), through the engine's API:
   - RELEASE by a holder whose worker has other holders (the worker stays; the lease for each
     release is made beforehand, untimed, through the pool's `hand_out` and the registry's
     `claim_lease`, as the hand-out room does);
-  - STATUS: the document (`Engine.report`) rendered as the server renders it, its size;
+  - STATUS: the document with the caller's own leases (`Engine.report(owner)`), rendered as
+    the server renders it, and its size; STATUS all (every lease): the document's build, on
+    the event loop, and its rendering, which the server does in a thread past 1,000 leases;
   - last (it adds leases), a new client's first GET_WORKER: a new lease.
 
 Then the same at 1,000 leases with fewer workers (`--contrast-workers`, 10 and 100): whether
@@ -36,6 +38,7 @@ import argparse
 import gc
 import itertools
 import json
+import math
 import os
 import statistics
 import sys
@@ -124,7 +127,14 @@ def p(samples: list[float], q: float) -> float:
 
 
 def _json_default(value: object) -> object:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
     return str(value)
+
+
+def _render(document: object) -> str:
+    """One STATUS line, as broker.server renders it."""
+    return json.dumps(document, separators=(",", ":"), default=_json_default)
 
 
 async def fill_through_pool(engine: Engine, leases: int) -> None:
@@ -161,7 +171,15 @@ class SizeBench:
     def __init__(self, leases: int, workers: int, fill: str) -> None:
         self.leases, self.workers, self.fill = leases, workers, fill
         self.result: dict[str, Any] = {"leases": leases, "workers": workers}
-        for name in ("get_worker", "ping", "release", "status", "new_lease"):
+        for name in (
+            "get_worker",
+            "ping",
+            "release",
+            "status",
+            "status_all_build",
+            "status_all_render",
+            "new_lease",
+        ):
             self.result[name] = []
         self.request = WorkerRequest()
 
@@ -225,12 +243,22 @@ class SizeBench:
         assert not self.cloud.terminated, "a timed RELEASE terminated a worker"
 
     async def time_status(self) -> None:
-        """STATUS as the server renders it: the document, then one JSON line."""
+        """STATUS as the server serves it: the document with the caller's own leases (a
+        holder's), rendered as one JSON line; and STATUS all, every lease: the document
+        (built on the event loop) and its rendering (in a thread past RENDER_IN_THREAD
+        leases), timed apart."""
         start = time.perf_counter()
-        document = await self.engine.report()
-        line = json.dumps(document, separators=(",", ":"), default=_json_default)
+        document = await self.engine.report(self.holders[0])
+        line = _render(document)
         self.result["status"].append(time.perf_counter() - start)
         self.result["status_bytes"] = len(line) + 1
+        start = time.perf_counter()
+        document = await self.engine.report(None)
+        built = time.perf_counter()
+        line = _render(document)
+        self.result["status_all_build"].append(built - start)
+        self.result["status_all_render"].append(time.perf_counter() - built)
+        self.result["status_all_bytes"] = len(line) + 1
 
     async def time_new_lease(self, i: int) -> None:
         """A new client's first GET_WORKER (adds a lease)."""
@@ -281,7 +309,8 @@ def summarize(raw: dict[str, Any]) -> dict[str, Any]:
     for name in ("get_worker", "ping", "release", "new_lease"):
         out[f"{name}_p50_us"] = round(statistics.median(raw[name]) * 1e6, 1)
         out[f"{name}_p99_us"] = round(p(raw[name], 0.99) * 1e6, 1)
-    out["status_ms"] = round(statistics.median(raw["status"]) * 1000, 2)
+    for name in ("status", "status_all_build", "status_all_render"):
+        out[f"{name}_ms"] = round(statistics.median(raw[name]) * 1000, 2)
     return out
 
 
@@ -310,8 +339,8 @@ def run(
 def table(rows: list[dict[str, Any]]) -> str:
     lines = [
         "| leases | workers | GET_WORKER p50 (p99) us | PING p50 (p99) us "
-        "| RELEASE p50 (p99) us | new lease p50 us | STATUS ms | STATUS bytes "
-        "| RSS per lease B |",
+        "| RELEASE p50 (p99) us | new lease p50 us | STATUS ms (bytes) "
+        "| STATUS all: build ms + render ms (bytes) | RSS per lease B |",
         "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in rows:
@@ -323,7 +352,9 @@ def table(rows: list[dict[str, Any]]) -> str:
             f"| {r['ping_p50_us']:.1f} ({r['ping_p99_us']:.0f}) "
             f"| {r['release_p50_us']:.1f} ({r['release_p99_us']:.0f}) "
             f"| {r['new_lease_p50_us']:.1f} "
-            f"| {r['status_ms']:,.2f} | {r['status_bytes']:,} | {per_lease} |"
+            f"| {r['status_ms']:,.2f} ({r['status_bytes']:,}) "
+            f"| {r['status_all_build_ms']:,.2f} + {r['status_all_render_ms']:,.2f} "
+            f"({r['status_all_bytes']:,}) | {per_lease} |"
         )
     by_leases = [r for r in rows if r["workers"] == rows[0]["workers"]]
     if len(by_leases) > 1:
