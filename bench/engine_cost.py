@@ -63,7 +63,7 @@ POOL = "bench"
 SPEC = LaunchSpec("c7i.8xlarge", Market.SPOT)
 POOL_TAG = "compute-broker:pool"
 STATUS_SECONDS = 2.0  # STATUS is timed 3 to 20 times per size, within about this long each
-NEW_LEASE_CALLS = 100  # new clients timed at the end of each size (each adds a lease)
+NEW_LEASE_CALLS = 300  # new clients timed at the end of each size (each adds a lease)
 CONTRAST_LEASES = 1000  # the lease count of the rows that vary the worker count
 HOLDERS = 100  # the clients whose warm GET_WORKERs and PINGs are timed, in turn
 
