@@ -1,8 +1,11 @@
-"""`compute-broker agent`: a lab machine registers itself as a local worker and heartbeats.
+"""`compute-broker agent`: a lab machine registers itself as a local worker, through a broker's
+own port, and heartbeats.
 
-The agent writes a local worker to the registry, then refreshes its expiry every `interval`
-seconds; the entry expires after three missed heartbeats (the hybrid guide's scheme), and the
-brokers drop the worker at their next reconciliation. On SIGTERM/SIGINT it deregisters.
+It sends `REGISTER <name> <ip>` (the broker writes the registry entry and answers the heartbeat
+interval), then `HEARTBEAT <name>` every interval, one short connection each (with `AUTH` first
+when it has a token: the `agent` role). The entry expires after three missed heartbeats and the
+brokers drop the worker; an expired one is registered again. On SIGTERM/SIGINT it sends
+`DEREGISTER <name>`. It needs no AWS credentials and no registry access.
 """
 
 from __future__ import annotations
@@ -13,80 +16,104 @@ import attrs
 import structlog
 import trio
 
-from broker.clock import Clock
-from broker.cloud import CloudError, Market
-from broker.model import LOCAL_TYPE, LocalWorker, WorkerState
-from broker.registry import Registry, WorkerRecord
+from broker.model import LocalWorker
 
-MISSED_BEATS: int = 3
+DEFAULT_INTERVAL = 30.0  # seconds, until REGISTER says otherwise
+RETRY = 5.0  # seconds between attempts while no broker answers
+TIMEOUT = 10.0  # seconds one request may take
 
 _log = structlog.get_logger("broker.agent")
 
 
+class BrokerSaid(Exception):
+    """The broker answered an ERROR line (its text, never a token)."""
+
+
 @attrs.frozen
 class AgentSettings:
-    """What the agent registers, and how often it heartbeats."""
+    """What the agent registers, where, and as whom."""
 
     worker: LocalWorker
-    interval: float = 30.0
+    broker: tuple[str, int]
+    token: str | None = attrs.field(default=None, repr=False)
 
 
-def local_record(worker: LocalWorker, now: float, interval: float) -> WorkerRecord:
-    """The registry entry of a local worker, expiring after MISSED_BEATS missed beats."""
-    return WorkerRecord(
-        instance_id=worker.instance_id,
-        provider="local",
-        ip=worker.ip,
-        instance_type=LOCAL_TYPE,
-        market=Market.ON_DEMAND,
-        state=WorkerState.READY,
-        launched_at=now,
-        last_activity=now,
-        price_per_hour=None,
-        launch_token=None,
-        expires_at=now + MISSED_BEATS * interval,
-    )
+async def ask(settings: AgentSettings, line: str) -> str:
+    """One request on its own connection: the reply line. Raises OSError (no broker),
+    trio.TooSlowError, or BrokerSaid."""
+    host, port = settings.broker
+    with trio.fail_after(TIMEOUT):
+        stream = await trio.open_tcp_stream(host, port)
+        async with stream:
+            lines = [f"AUTH {settings.token}", line] if settings.token else [line]
+            await stream.send_all("".join(f"{text}\n" for text in lines).encode())
+            replies: list[str] = []
+            buffer = b""
+            while len(replies) < len(lines):
+                chunk = await stream.receive_some(4096)
+                if not chunk:
+                    raise BrokerSaid("the broker closed the connection")
+                buffer += chunk
+                while b"\n" in buffer and len(replies) < len(lines):
+                    answer, _, buffer = buffer.partition(b"\n")
+                    replies.append(answer.decode("ascii", "replace"))
+    for reply in replies:
+        if not reply.startswith("OK"):
+            raise BrokerSaid(reply)
+    return replies[-1]
+
+
+async def register(settings: AgentSettings) -> float:
+    """REGISTER until a broker accepts it; the heartbeat interval it answers."""
+    worker = settings.worker
+    while True:
+        try:
+            reply = await ask(settings, f"REGISTER {worker.name} {worker.ip}")
+        except (OSError, trio.TooSlowError, BrokerSaid) as exc:
+            _log.warning("agent.register_failed", error=str(exc) or type(exc).__name__)
+            await trio.sleep(RETRY)
+            continue
+        _log.info("agent.registered", instance_id=worker.instance_id, ip=worker.ip)
+        _, _, value = reply.partition("heartbeat=")
+        try:
+            return float(value) if value else DEFAULT_INTERVAL
+        except ValueError:
+            return DEFAULT_INTERVAL
 
 
 async def run_agent(
-    registry: Registry,
-    settings: AgentSettings,
-    clock: Clock,
-    *,
-    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    settings: AgentSettings, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
 ) -> None:
     """Register, heartbeat until SIGTERM/SIGINT, deregister."""
     worker = settings.worker
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-        now = clock.now()
-        expires = now + MISSED_BEATS * settings.interval
-        # A restarted agent keeps its entry (and the count of clients holding it).
-        if not await registry.update_worker_activity(worker.instance_id, now, expires_at=expires):
-            await registry.put_worker(local_record(worker, now, settings.interval))
-        _log.info("agent.registered", instance_id=worker.instance_id, ip=worker.ip)
+        interval = await register(settings)
         task_status.started()
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(_heartbeat, registry, settings, clock)
+            nursery.start_soon(_heartbeat, settings, interval)
             async for signum in signals:
                 _log.info("agent.stopping", signal=signal.Signals(signum).name)
                 break
             nursery.cancel_scope.cancel()
-    await registry.delete_worker(worker.instance_id)
+    try:
+        await ask(settings, f"DEREGISTER {worker.name}")
+    except (OSError, trio.TooSlowError, BrokerSaid) as exc:
+        _log.warning("agent.deregister_failed", error=str(exc) or type(exc).__name__)
+        return  # the entry expires by itself
     _log.info("agent.deregistered", instance_id=worker.instance_id)
 
 
-async def _heartbeat(registry: Registry, settings: AgentSettings, clock: Clock) -> None:
+async def _heartbeat(settings: AgentSettings, interval: float) -> None:
     worker = settings.worker
     while True:
-        await trio.sleep(settings.interval)
-        now = clock.now()
-        expires = now + MISSED_BEATS * settings.interval
+        await trio.sleep(interval)
         try:
-            known = await registry.update_worker_activity(
-                worker.instance_id, now, expires_at=expires
-            )
-            if not known:  # expired and dropped meanwhile: register again
-                await registry.put_worker(local_record(worker, now, settings.interval))
+            await ask(settings, f"HEARTBEAT {worker.name}")
             _log.debug("agent.heartbeat", instance_id=worker.instance_id)
-        except CloudError as exc:
-            _log.warning("agent.heartbeat_failed", error=str(exc))  # retried next beat
+        except BrokerSaid as exc:
+            if str(exc).startswith("ERROR: Worker not found"):  # expired meanwhile
+                interval = await register(settings)
+            else:
+                _log.warning("agent.heartbeat_failed", error=str(exc))
+        except (OSError, trio.TooSlowError) as exc:
+            _log.warning("agent.heartbeat_failed", error=str(exc) or type(exc).__name__)

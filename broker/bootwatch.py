@@ -1,6 +1,11 @@
 """The boot room: one batched DescribeInstances for every launching worker, readiness probes,
 and launch timeouts.
 
+Describes are scheduled by `broker.boottimes`: tight around each type's learned boot time,
+sparse before it, so a worker is handed out within a fraction of a second of EC2's `running`
+without more calls than polling every describe_interval. An EC2 `running` state-change event
+(broker.ec2_events) wakes the watcher at once.
+
 A launched worker is handed out once EC2 reports it running with a public IP (and, with
 `probe: true`, once its `worker_port` accepts a connection). It is ready in the registry
 before it is ready here, since hand-outs claim leases there. A worker still launching after
@@ -9,9 +14,12 @@ before it is ready here, since hand-outs claim leases there. A worker still laun
 
 from __future__ import annotations
 
+from typing import Final
+
 import structlog
 import trio
 
+from broker.boottimes import BootTimes, next_check
 from broker.cloud import CloudError, Instance
 from broker.context import Context
 from broker.launcher import Launcher
@@ -19,6 +27,8 @@ from broker.model import Worker, WorkerState
 from broker.retire import Claim, Retire
 
 _log = structlog.get_logger("broker.bootwatch")
+
+MIN_PAUSE: Final = 0.05  # seconds at least between two describe passes
 
 
 class BootWatch:
@@ -29,40 +39,77 @@ class BootWatch:
         self.launcher = launcher
         self.retire = retire
         self._probing: set[str] = set()
+        self.boot_times = BootTimes(hint=ctx.settings.boot_time_hint)
+        self._pending_at: dict[str, float] = {}  # when each was last described not running
+        self._observed: set[str] = set()  # workers whose boot time was taken
 
     async def run(self) -> None:
-        """Describe launching workers every describe_interval; sleep while there are none."""
+        """Describe launching workers when their schedule says; sleep while there are none.
+        A new launch or an EC2 `running` event wakes it early."""
+        ctx = self.ctx
         while True:
             try:
-                if not await self.watch_once():
-                    await self.ctx.boot_wakeup.wait()
-                    continue
+                due = await self.watch_once()
             except Exception:
                 _log.exception("watcher.crashed")  # logged; the next pass starts afresh
-            await trio.sleep(self.ctx.settings.describe_interval)
+                due = ctx.clock.now() + ctx.settings.describe_interval
+            if due is None:
+                await ctx.boot_wakeup.wait()
+                continue
+            with trio.move_on_after(max(MIN_PAUSE, due - ctx.clock.now())):
+                await ctx.boot_wakeup.wait()
 
-    async def watch_once(self) -> bool:
-        """One pass over the launching workers; False when there are none."""
+    def next_due(self, now: float) -> float | None:
+        """When the next describe is due (Unix seconds); None with nothing launching."""
+        interval = self.ctx.settings.describe_interval
+        times = [
+            w.launched_at
+            + next_check(now - w.launched_at, self.boot_times.expected(w.instance_type), interval)
+            for w in self.ctx.pool.launching()
+        ]
+        return min(times, default=None)
+
+    async def watch_once(self) -> float | None:
+        """One pass over the launching workers; when the next is due (None: none left)."""
         ctx = self.ctx
         waiting = ctx.pool.launching()
         if not waiting:
-            return False
+            return None
         try:
             described = await ctx.cloud.describe([w.instance_id for w in waiting])
         except CloudError as exc:
             _log.warning("describe.failed", error=str(exc), pending=len(waiting))
             described = []
         by_id = {instance.instance_id: instance for instance in described}
+        seen_at = ctx.clock.now()
         running = []
+        pending_at = {}
         for worker in waiting:
-            ip = self._advance(worker, by_id.get(worker.instance_id))
+            instance = by_id.get(worker.instance_id)
+            if self._running(worker, instance):
+                if worker.instance_id not in self._observed:
+                    self._observed.add(worker.instance_id)
+                    # It became running between the last check that saw it pending and now.
+                    before = self._pending_at.get(worker.instance_id, worker.launched_at)
+                    boot = (before + seen_at) / 2 - worker.launched_at
+                    self.boot_times.observe(worker.instance_type, boot)
+            else:
+                pending_at[worker.instance_id] = seen_at
+            ip = self._advance(worker, instance)
             if ip is not None:
                 running.append((worker, ip))
+        self._pending_at = pending_at
+        self._observed &= {w.instance_id for w in waiting}
         for worker, ip in running:
             await self._ready(worker, ip)
         ctx.notify()
         await self._fail_overdue(ctx.clock.now())
-        return True
+        return self.next_due(ctx.clock.now())
+
+    @staticmethod
+    def _running(worker: Worker, instance: Instance | None) -> bool:
+        launching = worker.state is WorkerState.LAUNCHING
+        return launching and instance is not None and instance.state == "running"
 
     def _advance(self, worker: Worker, instance: Instance | None) -> str | None:
         """The IP to make the worker ready with now, if any (probes start in the background)."""
@@ -97,16 +144,23 @@ class BootWatch:
             self.ctx.notify()
 
     async def _ready(self, worker: Worker, ip: str) -> None:
-        """Ready in the registry first (hand-outs claim leases there), then here."""
+        """Ready in the registry first (hand-outs claim leases there), then here. If the
+        registry cannot be told, the worker stays launching here and the next pass tries
+        again: a worker ready here but launching there could be neither leased nor reaped."""
         ctx = self.ctx
-        await ctx.write(
-            "ready",
-            ctx.registry.set_worker_state,
-            worker.instance_id,
-            WorkerState.READY,
-            expect=WorkerState.LAUNCHING,
-            ip=ip,
-        )
+        try:
+            written = await ctx.registry.set_worker_state(
+                worker.instance_id, WorkerState.READY, expect=WorkerState.LAUNCHING, ip=ip
+            )
+            if not written:  # another replica made it ready first, or it is gone
+                record = await ctx.registry.get_worker(worker.instance_id)
+                written = record is not None and record.state is WorkerState.READY
+        except CloudError as exc:
+            _log.error("registry.write_failed", op="ready", error=str(exc))
+            ctx.metrics.registry_error("ready")
+            return
+        if not written:
+            return
         now = ctx.clock.now()
         if ctx.pool.mark_ready(worker.instance_id, ip, now) is None:
             return

@@ -75,9 +75,9 @@ def failures(checks: Sequence[Check]) -> list[Check]:
 # --- what to do about a failure: the fixes the checks name -----------------------------------
 
 NO_CREDENTIALS_FIX: Final = (
-    "give the broker credentials: an instance role (EC2), or a credentials file through "
-    "systemd (LoadCredential=aws:FILE and Environment=AWS_SHARED_CREDENTIALS_FILE=%d/aws), or "
-    "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY in /etc/compute-broker/aws.env"
+    "give the broker credentials: an instance role (EC2), or a key in "
+    "/etc/compute-broker/aws-credentials passed by systemd (LoadCredential=aws:FILE and "
+    "Environment=AWS_SHARED_CREDENTIALS_FILE=%d/aws; deploy/install.sh writes that drop-in)"
 )
 LAUNCH_SETTINGS = "ami_id, instance_type, instance_types, subnets, security_group_ids, key_name"
 LAUNCH_FIXES: Final[Mapping[str, str]] = {

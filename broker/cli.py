@@ -6,6 +6,7 @@ compute-broker check [--config FILE]
 compute-broker setup [--config FILE]
 compute-broker agent --name NAME --ip IP [--config FILE]
 compute-broker stop-all [--config FILE] [--dry-run]
+compute-broker iam-policy [--config FILE] [--account ID] [--setup] [--events-queue NAME]
 compute-broker config-reference | sample-config
 """
 
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import gc
 import os
 import sys
 from collections.abc import Sequence
@@ -32,6 +34,7 @@ from broker.config_validate import Config, ConfigError
 from broker.ec2 import BILLABLE_STATES, Ec2Cloud
 from broker.engine import Refusal
 from broker.log import configure_logging
+from broker.model import LocalWorker
 from broker.sqs import ensure_events_queue
 from broker.wiring import build_engine, build_registry, worker_user_data
 
@@ -89,12 +92,60 @@ def _parser() -> argparse.ArgumentParser:
     agent = sub.add_parser("agent", help="register this lab machine as a local worker")
     agent.add_argument("--name", required=True, help="the worker's name (1-64 of A-Za-z0-9_.-)")
     agent.add_argument("--ip", required=True, help="the IP clients connect to")
-    agent.add_argument("--config", help="YAML config file (registry, pool_name, heartbeat)")
+    agent.add_argument(
+        "--broker",
+        metavar="HOST:PORT",
+        help="a broker's address (default: $COMPUTE_BROKER_HOST:$COMPUTE_BROKER_PORT, else "
+        "localhost:9000); the token, for the agent role, comes from $COMPUTE_BROKER_TOKEN",
+    )
     stop_all = sub.add_parser(
         "stop-all", help="emergency stop: terminate every instance tagged with this pool"
     )
     stop_all.add_argument("--config", help="YAML config file (pool_name, region, registry)")
     stop_all.add_argument("--dry-run", action="store_true", help="list them, terminate nothing")
+    iam_policy = sub.add_parser(
+        "iam-policy", help="print the least-privilege IAM policy for a config (docs/iam.md)"
+    )
+    iam_policy.add_argument("--config", help="YAML config file (default: built-in defaults)")
+    iam_policy.add_argument(
+        "--account", default="*", help="the AWS account id in the ARNs (default: *, any)"
+    )
+    iam_policy.add_argument(
+        "--setup", action="store_true", help="also allow what `compute-broker setup` does"
+    )
+    iam_policy.add_argument(
+        "--events-queue", metavar="NAME", help="with --setup: the events queue setup creates"
+    )
+    simulate = sub.add_parser(
+        "simulate",
+        help="what a config costs: the broker's decisions on simulated time over a trace "
+        "(docs/simulator.md)",
+    )
+    configs = simulate.add_mutually_exclusive_group()
+    configs.add_argument("--config", help="YAML config file to simulate")
+    configs.add_argument("--compare", nargs="+", metavar="FILE", help="YAML configs to compare")
+    source = simulate.add_mutually_exclusive_group(required=True)
+    source.add_argument("--trace", metavar="FILE", help="a trace of sessions (JSON lines)")
+    source.add_argument("--generate", choices=["lab-day", "lab-week"], help="a generated trace")
+    source.add_argument("--trace-from-log", metavar="FILE", help="the broker's JSON log lines")
+    simulate.add_argument("--seed", type=int, default=0, help="for --generate and boot times")
+    simulate.add_argument("--start", help="--generate: first day, YYYY-MM-DD (2026-11-02)")
+    simulate.add_argument("--timezone", default="UTC", help="--generate: the lab's time zone")
+    simulate.add_argument(
+        "--log-idle-timeout",
+        type=float,
+        default=900.0,
+        metavar="SECONDS",
+        help="--trace-from-log: the logging broker's idle_timeout (900)",
+    )
+    simulate.add_argument(
+        "--boot-time",
+        action="append",
+        default=[],
+        metavar="[TYPE=]MEDIAN[:P95]",
+        help="seconds to a usable worker (default 20:45); repeat per type",
+    )
+    simulate.add_argument("--plot", metavar="PNG", help="with --compare: cost against wait")
     sub.add_parser("config-reference", help="print the config reference (Markdown)")
     sub.add_parser("sample-config", help="print a commented sample config")
     return parser
@@ -109,6 +160,7 @@ def _check_config(args: argparse.Namespace) -> int:
         config = _load(args.file)
         if args.aws:
             config.validate_for_aws()
+            worker_user_data(config, config.listen_port or 65535)  # what serve refuses too
     except ConfigError as exc:
         print(exc, file=sys.stderr)
         return EXIT_CONFIG
@@ -164,39 +216,41 @@ def _setup(args: argparse.Namespace) -> int:
 
 
 def _agent(args: argparse.Namespace) -> int:
+    """Register this machine as a local worker through a broker's port (no AWS access)."""
     from broker.agent import AgentSettings, run_agent
 
     try:
-        config = load_config(
-            args.config,
-            {
-                **os.environ,
-                "COMPUTE_BROKER_LOCAL_WORKERS": f"[{{name: {args.name}, ip: {args.ip}}}]",
-            },
-        )
-    except ConfigError as exc:
-        print(exc, file=sys.stderr)
-        return EXIT_CONFIG
-    if config.registry != "dynamodb":
-        print(
-            "agent: needs registry: dynamodb (the brokers read local workers from it)",
-            file=sys.stderr,
-        )
-        return EXIT_CONFIG
-    configure_logging(config.log_format, config.log_level)
-    (worker,) = config.local_workers  # validated name and ip
+        worker = _local_worker(args.name, args.ip)
+        broker = _broker_address(args.broker)
+    except ValueError as exc:
+        print(f"agent: {exc}", file=sys.stderr)
+        return 2
+    configure_logging("auto", "info")
+    token = os.environ.get("COMPUTE_BROKER_TOKEN") or None
+    trio.run(functools.partial(run_agent, AgentSettings(worker, broker, token)))
+    return 0
 
-    async def main() -> None:
-        registry = build_registry(config, trio.CapacityLimiter(2))
-        settings = AgentSettings(worker, config.agent_heartbeat)
-        await run_agent(registry, settings, Clock())
+
+def _local_worker(name: str, ip: str) -> LocalWorker:
+    from broker.config_kinds import Invalid, local_worker
 
     try:
-        trio.run(main)
-    except CloudError as exc:
-        print(f"agent: {exc}", file=sys.stderr)
-        return 1
-    return 0
+        worker: LocalWorker = local_worker().check({"name": name, "ip": ip})
+    except Invalid as exc:
+        raise ValueError(str(exc)) from None
+    return worker
+
+
+def _broker_address(value: str | None) -> tuple[str, int]:
+    """HOST:PORT from --broker, else the clients' environment, else localhost:9000."""
+    if value is None:
+        host = os.environ.get("COMPUTE_BROKER_HOST", "localhost")
+        port_text = os.environ.get("COMPUTE_BROKER_PORT", "9000")
+    else:
+        host, _, port_text = value.rpartition(":")
+    if not host or not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
+        raise ValueError(f"--broker must be HOST:PORT (got {value!r})")
+    return host.strip("[]"), int(port_text)
 
 
 def _stop_all(args: argparse.Namespace) -> int:
@@ -235,6 +289,25 @@ def _stop_all(args: argparse.Namespace) -> int:
         return 1
 
 
+def _iam_policy(args: argparse.Namespace) -> int:
+    """Print the IAM policy for the config as JSON; 78 for a config it cannot be made for."""
+    from broker.iam import policy, render
+
+    try:
+        config = _load(args.config)
+        document = policy(
+            config, account=args.account, setup=args.setup, events_queue=args.events_queue
+        )
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return EXIT_CONFIG
+    except ValueError as exc:
+        print(f"iam-policy: {exc}", file=sys.stderr)
+        return 2  # a usage error, as argparse's own
+    print(render(document))
+    return 0
+
+
 def _config_reference(args: argparse.Namespace) -> int:
     sys.stdout.write(reference_markdown())
     return 0
@@ -242,6 +315,51 @@ def _config_reference(args: argparse.Namespace) -> int:
 
 def _sample_config(args: argparse.Namespace) -> int:
     sys.stdout.write(sample_yaml())
+    return 0
+
+
+def _simulate(args: argparse.Namespace) -> int:
+    """Without a config, print the trace; with one (or --compare), simulate and print a table."""
+    import datetime as dt
+    from pathlib import Path
+
+    from broker import simulate, traces
+
+    try:
+        if args.generate:
+            start = dt.date.fromisoformat(args.start) if args.start else traces.DEFAULT_START
+            trace = traces.generate(args.generate, args.seed, start=start, timezone=args.timezone)
+        else:
+            with open(args.trace or args.trace_from_log, encoding="utf-8") as file:
+                if args.trace:
+                    trace = traces.read(file)
+                else:
+                    trace = traces.from_log(file, idle_timeout=args.log_idle_timeout)
+        paths = args.compare or ([args.config] if args.config else [])
+        configs = [(Path(path).stem, load_config(path, {})) for path in paths]
+        boot = simulate.BootModel.parse(args.boot_time)
+    except (ConfigError, OSError, ValueError) as exc:  # TraceError is a ValueError
+        print(f"simulate: {exc}", file=sys.stderr)
+        return 2
+    if not configs:
+        sys.stdout.writelines(line + "\n" for line in trace.lines())
+        return 0
+    configure_logging("auto", "warning")
+    results = [
+        simulate.simulate(config, trace, boot=boot, seed=args.seed, name=name)
+        for name, config in configs
+    ]
+    print(simulate.table(results))
+    for result in results:
+        print(simulate.summary(result), file=sys.stderr)
+    if args.plot:
+        try:
+            source = args.generate or Path(args.trace or args.trace_from_log).name
+            title = f"{len(trace.sessions)} sessions ({source}), cost against wait"
+            simulate.plot(results, args.plot, title=title)
+        except simulate.PlotUnavailable as exc:
+            print(f"simulate: {exc}", file=sys.stderr)
+            return 1
     return 0
 
 
@@ -265,7 +383,7 @@ def _serve(args: argparse.Namespace) -> int:
     configure_logging(config.log_format, config.log_level)
     if args.sandbox:
         config = _start_sandbox(config)
-    return trio.run(service.serve, config, args.config)
+    return trio.run(functools.partial(service.serve, config, args.config, sandbox=args.sandbox))
 
 
 def _start_sandbox(config: Config) -> Config:
@@ -281,6 +399,7 @@ def _start_sandbox(config: Config) -> Config:
     os.environ["AWS_CONFIG_FILE"] = os.environ["AWS_SHARED_CREDENTIALS_FILE"] = os.devnull
     sandbox.install_unique_ips()
     sandbox.install_boot_delay(config.sandbox_boot_time)
+    sandbox.install_worker_services(config.worker_port)  # workers echo on worker_port
     resources = sandbox.prepare_resources(config.region or "us-east-1")
     if config.registry == "dynamodb":
         from broker.dynamo import ensure_table
@@ -289,6 +408,10 @@ def _start_sandbox(config: Config) -> Config:
     structlog.get_logger("broker").info(
         "sandbox.started", endpoint=handle.endpoint_url, ami_id=resources.ami_id
     )
+    # The embedded moto holds a large heap (its AMI and instance-type data): move it out of
+    # the garbage collector's sight, or each full collection pauses requests for 100+ ms.
+    gc.collect()
+    gc.freeze()
     return attrs.evolve(
         config,
         region=config.region or "us-east-1",
@@ -306,6 +429,8 @@ _COMMANDS = {
     "setup": _setup,
     "agent": _agent,
     "stop-all": _stop_all,
+    "iam-policy": _iam_policy,
+    "simulate": _simulate,
     "config-reference": _config_reference,
     "sample-config": _sample_config,
 }

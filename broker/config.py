@@ -109,6 +109,23 @@ FIELDS: tuple[Field, ...] = (
         ["c6i.8xlarge", "m7i.8xlarge"],
     ),
     Field(
+        "allowed_instance_types",
+        kinds.list_of(
+            kinds.text(kinds.INSTANCE_TYPE.pattern, "look like an EC2 instance type (c7i.8xlarge)")
+        ),
+        [],
+        "The only types a GET_WORKER type= may ask for. []: instance_type and instance_types.",
+        ["c7i.8xlarge", "c7i.16xlarge"],
+    ),
+    Field(
+        "allow_on_demand",
+        kinds.optional(kinds.boolean()),
+        None,
+        "Whether a GET_WORKER may ask for market=on-demand. null: only when market is "
+        "on-demand or on_demand_fallback is on.",
+        True,
+    ),
+    Field(
         "on_demand_fallback",
         kinds.boolean(),
         False,
@@ -343,8 +360,8 @@ FIELDS: tuple[Field, ...] = (
         "max_hourly_cost",
         kinds.optional(kinds.number(0, inclusive=False)),
         None,
-        "Cap on the pool's run rate in $/hour; a launch that would exceed it is refused. "
-        "null: no cap. With a cap, a type with no known price cannot be launched.",
+        "Cap on the run rate in $/hour of every replica's workers; a launch that would exceed "
+        "it is refused. null: no cap.",
         12.5,
     ),
     Field(
@@ -412,6 +429,76 @@ FIELDS: tuple[Field, ...] = (
         "A connection that sends no complete line this long is closed (the clock restarts "
         "after every reply).",
         "2m",
+    ),
+    Field(
+        "allow_cidrs",
+        kinds.list_of(kinds.text(r"[0-9A-Fa-f:.]+(/[0-9]{1,3})?", "be an address or CIDR")),
+        [],
+        "Only connections from these addresses or networks are served; others are closed "
+        "before a line is read (a worker's watchdog excepted, for ALIVE). []: any address.",
+        ["10.1.2.0/24", "192.0.2.10"],
+    ),
+    Field(
+        "address_roles",
+        kinds.mapping_of(
+            kinds.text(r"[0-9A-Fa-f:.]+(/[0-9]{1,3})?", "be an address or CIDR"),
+            kinds.choice("use", "admin", "agent"),
+        ),
+        {},
+        "A role for requests without a token from these networks, for instruments that "
+        "cannot send one (docs/security.md). {}: none.",
+        {"10.1.2.0/24": "use"},
+    ),
+    Field(
+        "tokens_file",
+        kinds.optional(kinds.text()),
+        None,
+        "File of access tokens, one `name role token` per line (roles: use, admin, agent); "
+        "refused if group- or world-readable. null: none.",
+        "/etc/compute-broker/tokens",
+    ),
+    Field(
+        "insecure",
+        kinds.boolean(),
+        False,
+        "Listen on a network address even though anyone who reaches the port could use the "
+        "broker without a token (no tokens_file, address_roles or allow_cidrs).",
+        True,
+    ),
+    Field(
+        "max_connections_per_peer",
+        kinds.optional(kinds.integer(1)),
+        128,
+        "Open connections from one address at most (null: no limit).",
+        32,
+    ),
+    Field(
+        "max_requests_per_second",
+        kinds.optional(kinds.number(0, inclusive=False)),
+        None,
+        "Request lines per second per identity after request_burst (null: no limit).",
+        20,
+    ),
+    Field(
+        "request_burst",
+        kinds.integer(1),
+        200,
+        "Request lines an identity may send at once before max_requests_per_second applies.",
+        50,
+    ),
+    Field(
+        "max_leases_per_identity",
+        kinds.optional(kinds.integer(1)),
+        256,
+        "Leases one identity (a token, else an address) may hold at once (null: no limit).",
+        16,
+    ),
+    Field(
+        "max_launches_per_minute",
+        kinds.optional(kinds.integer(1)),
+        100,
+        "Workers launched per minute per identity, a BURST n counting n (null: no limit).",
+        20,
     ),
     Field(
         "max_connections",

@@ -176,6 +176,23 @@ def list_of(kind: Kind) -> Kind:
     return Kind(f"list of {kind.label}s", check)
 
 
+def mapping_of(key: Kind, value: Kind) -> Kind:
+    """A mapping whose keys are each `key` and values each `value`, as a dict."""
+
+    def check(data: Any) -> dict[Any, Any]:
+        if not isinstance(data, dict):
+            raise _must(f"be a mapping of {key.label} to {value.label}", data)
+        checked = {}
+        for item_key, item_value in data.items():
+            try:
+                checked[key.check(item_key)] = value.check(item_value)
+            except Invalid as exc:
+                raise exc.below(str(item_key)) from None
+        return checked
+
+    return Kind(f"mapping of {key.label} to {value.label}", check)
+
+
 def local_worker() -> Kind:
     """A mapping with exactly `name` and `ip`, as a `LocalWorker`."""
     name_kind = text(r"[A-Za-z0-9_.-]{1,64}", "1-64 of A-Z a-z 0-9 _ . -")

@@ -21,8 +21,15 @@ from broker.config_validate import Config, ConfigError, build, reject_unknown_ke
 
 # The client libraries' variables share the prefix; the broker ignores them rather than refuse
 # to start on a machine that also runs a client.
+# Read by the clients (and the agent), or by the broker outside the config: never config keys.
 CLIENT_VARIABLES = frozenset(
-    {"COMPUTE_BROKER_HOST", "COMPUTE_BROKER_PORT", "COMPUTE_BROKER_CLIENT_ID"}
+    {
+        "COMPUTE_BROKER_HOST",
+        "COMPUTE_BROKER_PORT",
+        "COMPUTE_BROKER_CLIENT_ID",
+        "COMPUTE_BROKER_TOKEN",
+        "COMPUTE_BROKER_ACCESS_TOKEN",
+    }
 )
 
 

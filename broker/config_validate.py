@@ -57,6 +57,10 @@ class Config:
     instance_types: tuple[str, ...] = attrs.field(
         default=_default("instance_types"), converter=_string_tuple
     )
+    allowed_instance_types: tuple[str, ...] = attrs.field(
+        default=_default("allowed_instance_types"), converter=_string_tuple
+    )
+    allow_on_demand: bool | None = _default("allow_on_demand")
     on_demand_fallback: bool = _default("on_demand_fallback")
     security_group_ids: tuple[str, ...] = attrs.field(
         default=_default("security_group_ids"), converter=_string_tuple
@@ -101,6 +105,17 @@ class Config:
     events_queue_url: str | None = _default("events_queue_url")
     prices: Mapping[str, Mapping[str, float]] = _default("prices")
     client_timeout: float = _default("client_timeout")
+    allow_cidrs: tuple[str, ...] = attrs.field(
+        default=_default("allow_cidrs"), converter=_string_tuple
+    )
+    address_roles: Mapping[str, str] = _default("address_roles")
+    tokens_file: str | None = _default("tokens_file")
+    insecure: bool = _default("insecure")
+    max_connections_per_peer: int | None = _default("max_connections_per_peer")
+    max_requests_per_second: float | None = _default("max_requests_per_second")
+    request_burst: int = _default("request_burst")
+    max_leases_per_identity: int | None = _default("max_leases_per_identity")
+    max_launches_per_minute: int | None = _default("max_launches_per_minute")
     max_connections: int = _default("max_connections")
     shutdown_grace: float = _default("shutdown_grace")
     aws_max_concurrency: int = _default("aws_max_concurrency")

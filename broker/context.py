@@ -49,6 +49,10 @@ class EngineSettings:
     burst: BurstPolicy = attrs.field(factory=BurstPolicy.default)
     budget: Budget = attrs.field(factory=Budget)
     subnets: tuple[str | None, ...] = ()
+    boot_time_hint: float | None = None  # seconds a launch is expected to take to boot
+    allowed_types: frozenset[str] = frozenset()  # what GET_WORKER type= may name (empty: any)
+    allow_on_demand: bool = True  # whether GET_WORKER market=on-demand may be asked for
+    agent_heartbeat: float = 30.0  # seconds between an agent's heartbeats (REGISTER tells it)
 
     @property
     def warm_pool_configured(self) -> bool:

@@ -174,9 +174,26 @@ class Ec2Cloud:
         )
 
     async def terminate(self, instance_ids: Sequence[str]) -> None:
-        """Terminate these instances; ids EC2 no longer knows are ignored."""
+        """Terminate these instances; ids EC2 no longer knows are ignored. An instance EC2
+        describes without this pool's tag is left alone and logged (`terminate.refused`): the
+        broker checks the tag itself, as its IAM policy does (docs/iam.md), so a record that
+        names another instance (an edited registry, another pool's) cannot end it."""
         for batch in _batches(list(dict.fromkeys(instance_ids))):
-            await self._terminate(batch)
+            strangers = {
+                instance.instance_id
+                for instance in await self.describe(batch)
+                if instance.tags.get(POOL_TAG) != self.settings.pool_name
+            }
+            if strangers:
+                _log.error(
+                    "terminate.refused",
+                    reason="not tagged with this pool",
+                    pool=self.settings.pool_name,
+                    instance_ids=sorted(strangers),
+                )
+            ours = [instance_id for instance_id in batch if instance_id not in strangers]
+            if ours:
+                await self._terminate(ours)
 
     async def spot_prices(self, instance_types: Sequence[str]) -> dict[str, float]:
         """The current Linux spot price ($/hour) of each type, from DescribeSpotPriceHistory.

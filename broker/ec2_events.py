@@ -42,8 +42,10 @@ def next_interruption(
     known = previous is not None and previous.reason != "budget"
     if known and previous is not None and (previous.deadline is not None or deadline is None):
         return None  # already known
-    if previous is not None and previous.deadline is not None and deadline is not None:
-        deadline = min(deadline, previous.deadline)  # a budget stop may come sooner
+    if previous is not None and previous.deadline is not None:
+        # A budget stop's deadline stands: a warning may come sooner, a recommendation (no
+        # deadline of its own) does not lift it.
+        deadline = previous.deadline if deadline is None else min(deadline, previous.deadline)
     return Interruption(reason, deadline, now)
 
 
@@ -99,6 +101,8 @@ class Ec2Events:
                 reason = f"worker {worker.instance_id} is {event.state} (EC2 event)"
                 self.retire.lose(worker, reason)
                 ctx.notify()
+            elif event.state == "running" and worker.state is WorkerState.LAUNCHING:
+                ctx.boot_wakeup.set()  # describe it now: it is handed out at once
             return
         if isinstance(event, InterruptionWarning):
             reason, deadline = "spot_interruption", event.deadline

@@ -18,7 +18,7 @@ answered: a launch intent before RunInstances, a lease before the IP is sent.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import structlog
@@ -27,13 +27,15 @@ import trio
 from broker.bootwatch import BootWatch
 from broker.burst import BurstDecision
 from broker.clock import Clock
-from broker.cloud import Cloud, EventQueue, Instance, JobQueue
+from broker.cloud import Cloud, CloudError, EventQueue, Instance, JobQueue
 from broker.context import Context, EngineSettings
+from broker.decisions import reap_plan
 from broker.ec2_events import Ec2Events
 from broker.errors import Refusal, WorkerInterrupted, WorkerNotFound
 from broker.handout import WAIT_SLACK, Handout, HandoutDesk
 from broker.health import Health
 from broker.launcher import Launcher
+from broker.local_workers import LocalWorkers
 from broker.memory_registry import MemoryRegistry
 from broker.metrics import Metrics
 from broker.model import Worker, WorkerRequest
@@ -47,6 +49,8 @@ from broker.spending import Spending
 from broker.status import status_document
 
 _log = structlog.get_logger("broker.engine")
+
+STATUS_LEDGER_AGE = 1.0  # seconds a STATUS may show the ledger as read before
 
 __all__ = [
     "WAIT_SLACK",
@@ -93,6 +97,7 @@ class Engine:
         self.scaling = Scaling(
             ctx, self.launcher, self.retire, self.spending, queue=queue, spot_prices=spot_prices
         )
+        self.local_workers = LocalWorkers(ctx, self.retire, settings.agent_heartbeat)
         self.ec2_events = (
             None if events is None else Ec2Events(ctx, self.launcher, self.retire, events)
         )
@@ -163,9 +168,16 @@ class Engine:
 
     # --- requests ----------------------------------------------------------------------------
 
-    async def get_worker(self, request: WorkerRequest, client: str) -> Handout:
-        """A ready worker for `client`: reuse one, join a launch in flight, or launch."""
-        return await self.handout.get_worker(request, client)
+    async def get_worker(
+        self,
+        request: WorkerRequest,
+        client: str,
+        *,
+        may_launch: Callable[[], str | None] | None = None,
+    ) -> Handout:
+        """A ready worker for `client`: reuse one, join a launch in flight, or launch (when
+        `may_launch`, asked first, answers no refusal)."""
+        return await self.handout.get_worker(request, client, may_launch=may_launch)
 
     async def ping(self, ip: str, client: str) -> Worker:
         """Restart the worker's idle clock and the caller's lease."""
@@ -180,6 +192,31 @@ class Engine:
         registry has a worker, a launch or an intent it could be (no write, no lease effect)."""
         return await self.reconciler.wanted(instance_id)
 
+    async def register_local(self, name: str, ip: str) -> float:
+        """An agent registers (or keeps registered) a local worker; the heartbeat interval it
+        must keep. May raise Refusal (the registry is unavailable)."""
+        try:
+            await self.local_workers.register(name, ip)
+        except CloudError as exc:
+            raise Refusal(f"registry unavailable: {exc}") from exc
+        return self.local_workers.interval
+
+    async def heartbeat_local(self, name: str) -> None:
+        """An agent's heartbeat; WorkerNotFound if its entry expired (it registers again)."""
+        try:
+            known = await self.local_workers.heartbeat(name)
+        except CloudError as exc:
+            raise Refusal(f"registry unavailable: {exc}") from exc
+        if not known:
+            raise WorkerNotFound(name)
+
+    async def deregister_local(self, name: str) -> None:
+        """An agent stops: its local worker leaves the pool."""
+        try:
+            await self.local_workers.deregister(name)
+        except CloudError as exc:
+            raise Refusal(f"registry unavailable: {exc}") from exc
+
     async def undeliverable(self, handout: Handout, client: str) -> None:
         """The GET_WORKER reply could not be sent: drop the lease it created, if it did."""
         await self.handout.undeliverable(handout, client)
@@ -192,15 +229,18 @@ class Engine:
             raise Refusal(attempt.error)
         return [instance.instance_id for instance in attempt.instances]
 
-    def status(self) -> dict[str, Any]:
-        """The STATUS document, as this replica knows it now."""
-        return status_document(self.ctx.pool, self.spending, self.launcher, self.ctx.clock.now())
+    def status(self, owner: str | None = None) -> dict[str, Any]:
+        """The STATUS document, as this replica knows it now: every lease, or only those of
+        the identity `owner` (a lease client's part before its `/`)."""
+        ctx = self.ctx
+        return status_document(ctx.pool, self.spending, self.launcher, ctx.clock.now(), owner)
 
-    async def report(self) -> dict[str, Any]:
-        """The STATUS document, with the ledger's totals and every replica's covers read
-        from the registry first (else as last seen)."""
-        await self.spending.read_ledger(self.ctx.clock.now())
-        return self.status()
+    async def report(self, owner: str | None = None) -> dict[str, Any]:
+        """The STATUS document, with the ledger's totals and every replica's covers as read
+        from the registry within the last second (else as last seen): a STATUS costs at most
+        three registry reads a second, however many clients ask."""
+        await self.spending.read_ledger(self.ctx.clock.now(), max_age=STATUS_LEDGER_AGE)
+        return self.status(owner)
 
     # --- one pass of each loop (the loops call these; so do tests) ---------------------------
 
@@ -212,7 +252,7 @@ class Engine:
         doomed = await self.spending.check_covers(ctx.clock.now())
         await self.retire.retire(doomed, reason="budget", claim=Claim.FORCE)
         now = ctx.clock.now()
-        plan = ctx.pool.reap_plan(now, warm=ctx.warm(now))
+        plan = reap_plan(ctx.pool, now, warm=ctx.warm(now))
         await self.handout.expire_leases(plan.expired_leases, now)
         await self.retire.reap(plan.idle_workers, now)
 

@@ -8,7 +8,7 @@ its activity is written at most every ACTIVITY_WRITE_EVERY seconds.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Final
 
 import attrs
@@ -19,7 +19,15 @@ from broker.cloud import CloudError
 from broker.context import Context, log_lease_end
 from broker.errors import Refusal, WorkerInterrupted, WorkerNotFound
 from broker.launcher import LaunchAttempt, Launcher
-from broker.model import LaunchSpec, Lease, Released, ReleaseOutcome, Worker, WorkerRequest
+from broker.model import (
+    LaunchSpec,
+    Lease,
+    Market,
+    Released,
+    ReleaseOutcome,
+    Worker,
+    WorkerRequest,
+)
 from broker.registry import LeaseRecord
 from broker.retire import Claim, Retire
 from broker.spending import Cover, Spending
@@ -53,10 +61,20 @@ class HandoutDesk:
     # --- GET_WORKER --------------------------------------------------------------------------
 
     def spec_for(self, request: WorkerRequest) -> LaunchSpec:
-        """What a request accepts: the default spec (with its fallbacks), or what it names."""
-        default = self.ctx.settings.default_spec
+        """What a request accepts: the default spec (with its fallbacks), or what it names.
+        Refusal when it names a type or market the config does not allow."""
+        settings = self.ctx.settings
+        default = settings.default_spec
         if request.instance_type is None and request.market is None:
             return default
+        allowed = settings.allowed_types
+        if request.instance_type is not None and allowed and request.instance_type not in allowed:
+            raise Refusal(
+                f"not allowed: type {request.instance_type} (allowed_instance_types: "
+                f"{', '.join(sorted(allowed))})"
+            )
+        if request.market is Market.ON_DEMAND and not settings.allow_on_demand:
+            raise Refusal("not allowed: market=on-demand (allow_on_demand is off)")
         return LaunchSpec(
             request.instance_type or default.instance_type,
             request.market or default.market,
@@ -64,8 +82,16 @@ class HandoutDesk:
             default.on_demand_fallback if request.market is None else False,
         )
 
-    async def get_worker(self, request: WorkerRequest, client: str) -> Handout:
-        """A ready worker for `client`: reuse one, join a launch in flight, or launch."""
+    async def get_worker(
+        self,
+        request: WorkerRequest,
+        client: str,
+        *,
+        may_launch: Callable[[], str | None] | None = None,
+    ) -> Handout:
+        """A ready worker for `client`: reuse one, join a launch in flight, or launch. A
+        launch this request would start is first put to `may_launch` (the caller's launch
+        limit): its refusal line (`ERROR: ...`) refuses the request."""
         ctx, launcher = self.ctx, self.launcher
         spec = self.spec_for(request)
         local_ok = request.instance_type is None and request.market is None
@@ -113,6 +139,10 @@ class HandoutDesk:
                         await ctx.changed()
                         continue
                     if demand[spec] > coming:
+                        if may_launch is not None:  # a request counts once, however long
+                            limit, may_launch = may_launch(), None  # it waits and retries
+                            if limit is not None:
+                                raise Refusal(limit.removeprefix("ERROR: "))
                         try:
                             joined = launcher.for_demand(spec, demand[spec] - coming)
                         except Refusal as exc:

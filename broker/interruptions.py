@@ -45,7 +45,8 @@ EVENT_PATTERN: Final[Mapping[str, Any]] = {
     "source": [SOURCE],
     "$or": [
         {"detail-type": [SPOT_INTERRUPTION, REBALANCE_RECOMMENDATION]},
-        {"detail-type": [STATE_CHANGE], "detail": {"state": list(GONE_STATES)}},
+        # `running`: a launching worker is handed out at once (broker.bootwatch).
+        {"detail-type": [STATE_CHANGE], "detail": {"state": [*GONE_STATES, "running"]}},
     ],
 }
 

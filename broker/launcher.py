@@ -1,10 +1,11 @@
 """The launch room: coalesced launch attempts, capacity fallback, charge before launch, intents.
 
 A launch attempt is one RunInstances call (or one per offering when EC2 has no capacity) that
-every request waiting for a worker of its spec can join. In order, an attempt: reserves slots
-on the pool-wide instance counter (max_workers across replicas), charges the ledger for the
-new workers' covers, writes a launch intent to the registry, then calls RunInstances; what
-fails is undone in reverse. The boot watcher (`broker.bootwatch`) takes it from there.
+every request waiting for a worker of its spec can join. In order, an attempt: charges the
+ledger for the new workers' covers (every dollar cap at once), reserves slots on the
+pool-wide instance counter (max_workers across replicas), writes a launch intent to the
+registry, then calls RunInstances; what fails is undone in reverse. The boot watcher
+(`broker.bootwatch`) takes it from there.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import trio
 
 from broker.cloud import CloudError, Instance
 from broker.context import Context
+from broker.decisions import admit, rate_check
 from broker.errors import Refusal
 from broker.model import LaunchSpec, Worker, WorkerState
 from broker.offerings import Offering, OfferingMemory, offerings
@@ -46,6 +48,7 @@ class LaunchAttempt:
     error: str | None = None
     retry_later: bool = False  # refused for now (counter or cap): room may come
     reserved: int = 0  # instances reserved on the pool-wide counter, not yet launched
+    intent: str | None = None  # the intent written for the offering being tried
 
 
 @attrs.frozen
@@ -139,7 +142,14 @@ class Launcher:
         admit none."""
         ctx = self.ctx
         price = ctx.prices.price(spec.instance_type, spec.market)
-        admission = ctx.pool.admit(spec, count, price)
+        if price is None:  # uncharged, uncounted: never, capped or not
+            reason = (
+                f"budget: no price known for {spec.instance_type} {spec.market}; "
+                "add it under prices in the config"
+            )
+            _log.warning("launch.refused", reason=reason, type=spec.instance_type)
+            raise Refusal(reason)
+        admission = admit(ctx.pool, spec, count, price)
         if admission.refusal is not None:
             _log.warning("launch.refused", reason=admission.refusal, type=spec.instance_type)
             raise Refusal(admission.refusal)
@@ -202,13 +212,13 @@ class Launcher:
         known = CloudError | trio.TooSlowError | AllReserved | OverBudget
         if not isinstance(exc, known):
             _log.exception("launch.crashed", client_token=attempt.token)
-        if isinstance(exc, trio.TooSlowError):
+        if isinstance(exc, trio.TooSlowError) and attempt.intent is not None:
             # RunInstances may still launch: the intent keeps the charge and the counter
             # its reservation; the reconciler adopts what came with the intent's cover and
             # refunds what did not when it settles the intent.
             self.spending.abandon_launch(attempt.token)
         else:
-            await self._undo_reservations(attempt)  # nothing was launched
+            await self._undo_reservations(attempt)  # nothing was launched (or no intent)
         spec = attempt.spec
         attempt.error = self.describe_error(exc)
         self.ctx.metrics.launch_failed(_failure_kind(exc))
@@ -250,7 +260,9 @@ class Launcher:
         refused_at = math.inf  # a cap refused this price: any dearer offering is refused too
         for index, offering in enumerate(tried):
             price = ctx.prices.price(offering.instance_type, offering.market)
-            over_rate = ctx.pool.rate_refusal(attempt.token, offering.spec, price)
+            over_rate = rate_check(ctx.pool, attempt.token, offering.spec, price)
+            if price is None:
+                over_rate = f"budget: no price known for {offering.describe()}"
             if over_rate is None and price is not None and price >= refused_at:
                 over_rate = "refused by the budget at a lower price"
             if over_rate is not None:  # a fallback dearer than the caps allow
@@ -276,13 +288,13 @@ class Launcher:
                 paid_until=None if charged is None else charged.paid_until,
             )
             await ctx.registry.put_intent(intent)  # written before it is acted on
+            attempt.intent = token  # from now on the intent holds the charge and the slots
             try:
                 instances = await ctx.cloud.launch(
                     offering.spec, attempt.reserved, token, subnet=offering.subnet
                 )
             except CloudError as exc:
-                await self.spending.settle_launch(attempt.token)
-                await ctx.write("delete_intent", ctx.registry.delete_intent, token)
+                await self._drop_intent(attempt, token)
                 if not exc.capacity:
                     raise
                 now, last = ctx.clock.now(), exc
@@ -310,6 +322,21 @@ class Launcher:
             "InsufficientInstanceCapacity", "no offering had capacity: " + "; ".join(failures)
         )
 
+    async def _drop_intent(self, attempt: LaunchAttempt, token: str) -> None:
+        """The offering failed: delete its intent, and refund its charge only if this delete
+        removed it. If the delete failed (or the reconciler settled the intent already), the
+        reconciler refunds it when it settles the intent: never both."""
+        attempt.intent = None
+        try:
+            deleted = await self.ctx.registry.delete_intent(token)
+        except CloudError as exc:
+            _log.error("registry.write_failed", op="delete_intent", error=str(exc))
+            deleted = None
+        if deleted is not None:
+            await self.spending.settle_launch(attempt.token)
+        else:
+            self.spending.abandon_launch(attempt.token)
+
     async def _charge(
         self, attempt: LaunchAttempt, offering: Offering, price: float | None, want: int
     ) -> LaunchCharge | None:
@@ -320,7 +347,11 @@ class Launcher:
             f"{offering.instance_type} {offering.market}",
             price,
             want,
-            reaches_cap=attempt.spec == self.ctx.settings.default_spec,
+            # Only the default type and market's own price reaching a cap pauses the warm pool
+            # (not a dearer one-off request, nor a dearer fallback offering).
+            reaches_cap=attempt.spec == self.ctx.settings.default_spec
+            and offering.instance_type == attempt.spec.instance_type
+            and offering.market == attempt.spec.market,
         )
         if charged is not None and 0 < charged.count < attempt.reserved:
             await self.unreserve(attempt.reserved - charged.count)

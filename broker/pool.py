@@ -27,11 +27,9 @@ from typing import Final
 
 import attrs
 
-from broker.ledger import rate_refusal
 from broker.model import (
     LOCAL_TYPE,
     NO_WARM_POOL,
-    Admission,
     InFlight,
     Instance,
     Interruption,
@@ -41,7 +39,6 @@ from broker.model import (
     LocalWorker,
     Market,
     MergePlan,
-    ReapPlan,
     Released,
     ReleaseOutcome,
     WarmPool,
@@ -50,6 +47,9 @@ from broker.model import (
 )
 
 GONE_MEMORY_SECONDS: Final = 24 * 3600  # how long RELEASE of a terminated IP stays `OK`
+# How long a worker this broker terminated is not taken back from a view of EC2 or the
+# registry read before the termination (a reconciliation that was already under way).
+RETIRED_MEMORY_SECONDS: Final = 600
 
 
 @attrs.define
@@ -61,8 +61,14 @@ class Pool:
     leases: dict[tuple[str, str], Lease] = attrs.field(factory=dict)
     in_flight: dict[str, InFlight] = attrs.field(factory=dict)
     gone_ips: dict[str, float] = attrs.field(factory=dict)
+    retired: dict[str, float] = attrs.field(factory=dict)  # instance id -> when terminated
     # instance id -> client -> lease: the same leases as `leases`, indexed by worker.
     _held: dict[str, dict[str, Lease]] = attrs.field(factory=dict, alias="_held")
+    # client -> how many leases it holds, and identity (the client up to its `/`) -> leases.
+    _by_client: dict[str, int] = attrs.field(factory=dict, alias="_by_client")
+    _by_identity: dict[str, dict[tuple[str, str], Lease]] = attrs.field(
+        factory=dict, alias="_by_identity"
+    )
 
     # --- queries -----------------------------------------------------------------------------
 
@@ -80,6 +86,18 @@ class Pool:
     def holder_count(self, instance_id: str) -> int:
         """How many clients hold the worker."""
         return len(self._held.get(instance_id, ()))
+
+    def holds_any(self, client: str) -> bool:
+        """True if `client` (a lease owner, `<identity>[/<client id>]`) holds a lease."""
+        return client in self._by_client
+
+    def leases_held(self, identity: str) -> int:
+        """How many leases the owners of `identity` (their part before `/`) hold in all."""
+        return len(self._by_identity.get(identity, ()))
+
+    def leases_of(self, identity: str) -> list[Lease]:
+        """The leases the owners of `identity` hold (STATUS shows a caller its own)."""
+        return list(self._by_identity.get(identity, {}).values())
 
     def is_held(self, instance_id: str) -> bool:
         """True if any client holds the worker."""
@@ -176,79 +194,6 @@ class Pool:
         rate += sum((f.price_per_hour or 0.0) * f.count for f in self.in_flight.values())
         return rate
 
-    def admit(self, spec: LaunchSpec, count: int, price_per_hour: float | None) -> Admission:
-        """How many of `count` new instances of `spec` the caps allow (all or some or none)."""
-        room = self.limits.max_workers - self.instance_count()
-        if room <= 0:
-            return Admission(0, f"max_workers reached ({self.limits.max_workers})")
-        allowed = min(count, room)
-        cap = self.limits.max_hourly_cost
-        if cap is None:
-            return Admission(allowed)
-        if price_per_hour is None:
-            return Admission(
-                0,
-                f"budget: no price known for {spec.instance_type} {spec.market}; "
-                "add it under prices in the config",
-            )
-        rate = self.run_rate()
-        by_budget = math.floor((cap - rate) / price_per_hour + 1e-9) if price_per_hour else count
-        if by_budget <= 0:
-            description = f"{spec.instance_type} {spec.market}"
-            return Admission(0, rate_refusal(description, price_per_hour, rate, cap))
-        return Admission(min(allowed, by_budget))
-
-    def rate_refusal(
-        self, token: str, spec: LaunchSpec, price_per_hour: float | None
-    ) -> str | None:
-        """Why the in-flight launch `token` may not go ahead as `spec` at `price_per_hour`
-        (a fallback offering) under max_hourly_cost; None if it may. The launch is re-priced
-        when it may, so later decisions count it at that price."""
-        flight = self.in_flight.get(token)
-        cap = self.limits.max_hourly_cost
-        if flight is None or cap is None:
-            return None
-        description = f"{spec.instance_type} {spec.market}"
-        if price_per_hour is None:
-            return f"budget: no price known for {description}; add it under prices in the config"
-        others = self.run_rate() - (flight.price_per_hour or 0.0) * flight.count
-        if others + price_per_hour * flight.count > cap + 1e-9:
-            return rate_refusal(description, price_per_hour, others, cap)
-        self.in_flight[token] = attrs.evolve(flight, price_per_hour=price_per_hour)
-        return None
-
-    def reap_plan(self, now: float, *, warm: WarmPool = NO_WARM_POOL) -> ReapPlan:
-        """Leases and ready workers idle for `idle_timeout` or longer (workers: no holders).
-
-        The `warm.count` most recently used idle workers the warm pool counts are kept."""
-        timeout = self.limits.idle_timeout
-        expired = tuple(
-            lease for lease in self.leases.values() if now - lease.last_activity >= timeout
-        )
-        expired_keys = {(lease.client, lease.instance_id) for lease in expired}
-        still_held = {
-            lease.instance_id for key, lease in self.leases.items() if key not in expired_keys
-        }
-        unheld = [
-            worker
-            for worker in self.workers.values()
-            if worker.state is WorkerState.READY
-            and worker.instance_id not in still_held
-            and not worker.local
-        ]
-        warm_idle = sorted(
-            (w for w in unheld if w.available and warm.wants(w)), key=lambda w: -w.last_activity
-        )
-        kept = {w.instance_id for w in warm_idle[: warm.count]}
-        # An interrupted worker nobody holds goes at once: it is handed out no more.
-        idle = tuple(
-            worker
-            for worker in unheld
-            if worker.instance_id not in kept
-            and (now - worker.last_activity >= timeout or worker.interruption is not None)
-        )
-        return ReapPlan(expired, idle)
-
     # --- transitions: launches ---------------------------------------------------------------
 
     def launch_started(
@@ -256,6 +201,12 @@ class Pool:
     ) -> None:
         """Record a RunInstances call before it is made, so caps see it at once."""
         self.in_flight[token] = InFlight(token, spec, count, now, price)
+
+    def reprice(self, token: str, price_per_hour: float) -> None:
+        """The in-flight launch `token` goes ahead at another offering's price."""
+        flight = self.in_flight.get(token)
+        if flight is not None:
+            self.in_flight[token] = attrs.evolve(flight, price_per_hour=price_per_hour)
 
     def launch_failed(self, token: str) -> None:
         """The RunInstances call failed: nothing was launched."""
@@ -346,8 +297,22 @@ class Pool:
         if worker.state is WorkerState.TERMINATING and worker.instance_id in self.workers:
             worker.state = WorkerState.READY
 
+    def retire(self, instance_id: str, now: float) -> tuple[Worker | None, list[Lease]]:
+        """The worker was terminated here: `remove` it (which takes it back from no stale
+        view for RETIRED_MEMORY_SECONDS)."""
+        return self.remove(instance_id, now)
+
+    def recently_retired(self, instance_id: str) -> bool:
+        """True if this broker terminated the instance a short while ago."""
+        return instance_id in self.retired
+
     def remove(self, instance_id: str, now: float) -> tuple[Worker | None, list[Lease]]:
-        """The worker is gone: drop it and its leases; remember its IP for RELEASE."""
+        """The worker is gone: drop it and its leases; remember its IP for RELEASE, and its id
+        for RETIRED_MEMORY_SECONDS, so that no view of EC2 or the registry read before now
+        (a reconciliation under way) brings it back."""
+        self.retired[instance_id] = now
+        for old in [i for i, t in self.retired.items() if now - t >= RETIRED_MEMORY_SECONDS]:
+            del self.retired[old]
         worker = self.workers.pop(instance_id, None)
         ended = self.holders(instance_id)
         for lease in ended:
@@ -398,6 +363,13 @@ class Pool:
         """Forget a lease (released, expired, or its worker is gone)."""
         if self.leases.pop((lease.client, lease.instance_id), None) is None:
             return
+        _count(self._by_client, lease.client, -1)
+        identity = lease.client.partition("/")[0]
+        owned = self._by_identity.get(identity)
+        if owned is not None:
+            owned.pop((lease.client, lease.instance_id), None)
+            if not owned:
+                del self._by_identity[identity]
         held = self._held.get(lease.instance_id)
         if held is not None:
             held.pop(lease.client, None)
@@ -487,6 +459,8 @@ class Pool:
         for instance_id, record in registry.items():
             if instance_id in self.workers or record.state is WorkerState.TERMINATING:
                 continue
+            if instance_id in self.retired and not record.local:
+                continue  # gone here since the registry was read (an agent may come back)
             if instance_id in alive or record.local:
                 self.workers[instance_id] = attrs.evolve(record)
                 joined.append(self.workers[instance_id])
@@ -527,10 +501,22 @@ class Pool:
     # --- internals ---------------------------------------------------------------------------
 
     def _add_lease(self, lease: Lease) -> None:
-        self.leases[(lease.client, lease.instance_id)] = lease
+        key = (lease.client, lease.instance_id)
+        if key not in self.leases:
+            _count(self._by_client, lease.client, 1)
+        self._by_identity.setdefault(lease.client.partition("/")[0], {})[key] = lease
+        self.leases[key] = lease
         self._held.setdefault(lease.instance_id, {})[lease.client] = lease
 
     def _forget_old_ips(self, now: float) -> None:
         stale = [ip for ip, t in self.gone_ips.items() if now - t >= GONE_MEMORY_SECONDS]
         for ip in stale:
             del self.gone_ips[ip]
+
+
+def _count(table: dict[str, int], key: str, change: int) -> None:
+    left = table.get(key, 0) + change
+    if left > 0:
+        table[key] = left
+    else:
+        table.pop(key, None)

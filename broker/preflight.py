@@ -280,8 +280,8 @@ def _credentials_failure(exc: CloudError, region: str) -> Check:
             "credentials",
             False,
             f"AWS refused the credentials ({exc})",
-            "replace the access key where it is set (aws.env, the credentials file) or use an "
-            f"instance role; a session token must be current; an opt-in region ({region}?) "
+            "replace the access key where it is set (/etc/compute-broker/aws-credentials) or use "
+            f"an instance role; a session token must be current; an opt-in region ({region}?) "
             "must be enabled for the account",
         )
     return _failure("credentials", exc)

@@ -32,7 +32,7 @@ _BLANKS = re.compile(r"[ \t]+")  # the only word separators: ASCII space and tab
 
 HELP_TEXT: Final = (
     "OK commands: GET_WORKER [type=T] [market=M] [wait=S] [client=ID] | PING <ip> [client=ID] | "
-    "RELEASE <ip> [client=ID] | STATUS | BURST <n> | HELP | QUIT"
+    "RELEASE <ip> [client=ID] | STATUS [all] | BURST <n> | AUTH <token> | HELP | QUIT"
 )
 
 
@@ -152,7 +152,10 @@ class Release:
 
 @attrs.frozen
 class Status:
-    """STATUS: the pool as one JSON line."""
+    """STATUS [all]: the pool as one JSON line; the caller's own leases, or (`all`, admin)
+    every lease."""
+
+    all: bool = False
 
 
 @attrs.frozen
@@ -179,7 +182,60 @@ class Alive:
     instance_id: str
 
 
-Command = GetWorker | Ping | Release | Status | Burst | Help | Quit | Alive
+@attrs.frozen
+class Auth:
+    """AUTH <token>: the connection runs as that token from now on (docs/security.md)."""
+
+    token: str = attrs.field(repr=False)
+
+
+@attrs.frozen
+class Register:
+    """REGISTER <name> <ip>: an agent registers (or keeps registered) a local worker."""
+
+    name: str
+    ip: str
+
+
+@attrs.frozen
+class Heartbeat:
+    """HEARTBEAT <name>: an agent's local worker is still there."""
+
+    name: str
+
+
+@attrs.frozen
+class Deregister:
+    """DEREGISTER <name>: an agent's local worker leaves the pool."""
+
+    name: str
+
+
+Command = (
+    GetWorker
+    | Ping
+    | Release
+    | Status
+    | Burst
+    | Help
+    | Quit
+    | Alive
+    | Auth
+    | Register
+    | Heartbeat
+    | Deregister
+)
+
+
+@attrs.frozen
+class WithToken:
+    """A request that carried `token=<token>`: it runs as that token, this request only."""
+
+    command: Command
+    token: str = attrs.field(repr=False)
+
+
+Request = Command | WithToken
 
 
 @attrs.frozen
@@ -195,26 +251,35 @@ _USAGE: Final = {
     "PING": "PING <ip> [client=ID]",
     "ALIVE": "ALIVE <instance-id>",
     "RELEASE": "RELEASE <ip> [client=ID]",
-    "STATUS": "STATUS",
+    "STATUS": "STATUS [all]",
     "BURST": f"BURST <n> (1-{MAX_BURST})",
     "HELP": "HELP",
     "QUIT": "QUIT",
+    "AUTH": "AUTH <token>",
+    "REGISTER": "REGISTER <name> <ip>",
+    "HEARTBEAT": "HEARTBEAT <name>",
+    "DEREGISTER": "DEREGISTER <name>",
 }
+# A local worker's name (as in the config's local_workers).
+_LOCAL_NAME: Final = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+# A token: printable ASCII without spaces (docs/security.md); never quoted back.
+_TOKEN_WORD: Final = re.compile(r"[!-~]{1,256}")
 
 
 class _Usage(Exception):
     """A known command with bad arguments; the message is the detail."""
 
 
-def parse(line: bytes) -> Command | BadRequest:
+def parse(line: bytes) -> Request | BadRequest:
     """Parse one request line (without its LF; one trailing CR is ignored)."""
     line = line.removesuffix(b"\r")
     if len(line) > MAX_LINE_BYTES:
         return BadRequest(LINE_TOO_LONG, "line too long")
-    return _parse(line)
+    return parse_line(line)
 
 
-def _parse(line: bytes) -> Command | BadRequest:
+def parse_line(line: bytes) -> Request | BadRequest:
+    """Parse one request line already framed (no LF, no CR, within the length limit)."""
     try:
         text = line.decode("utf-8")
     except UnicodeDecodeError:
@@ -231,10 +296,40 @@ def _parse(line: bytes) -> Command | BadRequest:
     if name not in _USAGE:
         return BadRequest(UNKNOWN_COMMAND, "unknown command")
     try:
-        return _PARSERS[name](args)
+        if name == "AUTH":
+            return _parse_auth(args)
+        args, token = _take_token(args) if "=" in stripped else (args, None)
+        command = _PARSERS[name](args)
+        return command if token is None else WithToken(command, token)
     except _Usage as exc:
         detail = f"{exc}; " if str(exc) else ""
         return BadRequest(Reply.error(f"usage: {detail}{_USAGE[name]}"), "bad arguments")
+
+
+def _parse_auth(args: list[str]) -> Command:
+    # Not _split: a token may contain `=`.
+    if len(args) != 1:
+        raise _Usage("")
+    if not _TOKEN_WORD.fullmatch(args[0]):
+        raise _Usage("the token must be printable ASCII")
+    return Auth(args[0])
+
+
+def _take_token(args: list[str]) -> tuple[list[str], str | None]:
+    """The arguments without a `token=<t>` one, and the token."""
+    rest: list[str] = []
+    token: str | None = None
+    for arg in args:
+        key, sep, value = arg.partition("=")
+        if sep and key.isascii() and key.lower() == "token":
+            if token is not None:
+                raise _Usage("token given twice")
+            if not _TOKEN_WORD.fullmatch(value):
+                raise _Usage("the token must be printable ASCII")
+            token = value
+        else:
+            rest.append(arg)
+    return rest, token
 
 
 def _split(
@@ -306,6 +401,35 @@ def _parse_alive(args: list[str]) -> Command:
     return Alive(instance_id)
 
 
+def _name(word: str) -> str:
+    if not _LOCAL_NAME.fullmatch(word):
+        raise _Usage("name must be 1-64 of A-Z a-z 0-9 _ . -")
+    return word
+
+
+def _parse_register(args: list[str]) -> Command:
+    (name, ip), _ = _split(args, 2, frozenset())
+    return Register(_name(name), _ip(ip))
+
+
+def _parse_heartbeat(args: list[str]) -> Command:
+    (name,), _ = _split(args, 1, frozenset())
+    return Heartbeat(_name(name))
+
+
+def _parse_deregister(args: list[str]) -> Command:
+    (name,), _ = _split(args, 1, frozenset())
+    return Deregister(_name(name))
+
+
+def _parse_status(args: list[str]) -> Command:
+    if not args:
+        return Status()
+    if len(args) == 1 and args[0].isascii() and args[0].lower() == "all":
+        return Status(all=True)
+    raise _Usage("")
+
+
 def _parse_ping(args: list[str]) -> Command:
     (ip,), options = _split(args, 1, frozenset({"client"}))
     return Ping(_ip(ip), _client(options))
@@ -337,110 +461,12 @@ _PARSERS: Final[dict[str, Callable[[list[str]], Command]]] = {
     "GET_WORKER": _parse_get_worker,
     "PING": _parse_ping,
     "ALIVE": _parse_alive,
+    "REGISTER": _parse_register,
+    "HEARTBEAT": _parse_heartbeat,
+    "DEREGISTER": _parse_deregister,
     "RELEASE": _parse_release,
     "BURST": _parse_burst,
-    "STATUS": _no_args(Status()),
+    "STATUS": _parse_status,
     "HELP": _no_args(Help()),
     "QUIT": _no_args(Quit()),
 }
-
-
-# --- framing ---------------------------------------------------------------------------------
-
-
-@attrs.frozen
-class NeedData:
-    """No complete line buffered: receive more bytes (or EOF) first."""
-
-
-@attrs.frozen
-class Closed:
-    """The peer has finished sending and every request it sent has been returned."""
-
-
-NEED_DATA: Final = NeedData()
-CLOSED: Final = Closed()
-
-
-# What other protocols' clients send first. A line that is not a request in any case; the only
-# difference their detection makes is that the connection is closed instead of kept.
-_TLS_RECORD_START: Final = b"\x16\x03"  # handshake record, TLS/SSL 3.x (a ClientHello)
-_HTTP_REQUEST_LINE: Final = re.compile(
-    rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+ [^ \t]+ HTTP/[0-9](?:\.[0-9])?[ \t]*"
-)
-_SSH_BANNER: Final = re.compile(rb"SSH-[0-9]+\.[0-9]+-")
-
-
-def probe(first_line: bytes) -> BadRequest | None:
-    """The refusal for a connection's first line (without LF or CR) if it is another
-    protocol's opening (an HTTP request line, an SSH banner, a TLS record); otherwise None."""
-    if first_line.startswith(_TLS_RECORD_START):
-        return BadRequest(NOT_A_CLIENT_TLS, "tls probe")
-    if _HTTP_REQUEST_LINE.fullmatch(first_line):
-        return BadRequest(NOT_A_CLIENT_HTTP, "http probe")
-    if _SSH_BANNER.match(first_line):
-        return BadRequest(NOT_A_CLIENT_SSH, "ssh probe")
-    return None
-
-
-class LineReader:
-    """Splits received bytes into request lines, with a hard limit on line length.
-
-    Feed bytes with `receive_data` (`b""` means the peer's EOF); call `next_request` until it
-    answers `NEED_DATA` or `CLOSED`. A line over the limit yields a `BadRequest` whose reply
-    closes the connection, and nothing more is read after it. So does a first line that is
-    another protocol's opening (`probe`); a TLS ClientHello is recognised from its first two
-    bytes, without waiting for a line (it has none).
-    """
-
-    def __init__(self, max_line_bytes: int = MAX_LINE_BYTES) -> None:
-        self._buffer = bytearray()
-        self._max = max_line_bytes
-        self._eof = False
-        self._poisoned = False
-        self._first = True
-        self._scanned = 0
-
-    def receive_data(self, data: bytes) -> None:
-        """Add received bytes; an empty `data` marks the end of the peer's stream."""
-        if data:
-            self._buffer += data
-        else:
-            self._eof = True
-
-    def next_request(self) -> Command | BadRequest | NeedData | Closed:
-        """The next request, `NEED_DATA`, or `CLOSED` once the peer's EOF has been consumed."""
-        if self._poisoned:
-            return CLOSED
-        if self._first and self._buffer[:1] == _TLS_RECORD_START[:1]:
-            if self._buffer.startswith(_TLS_RECORD_START):
-                return self._poison(BadRequest(NOT_A_CLIENT_TLS, "tls probe"))
-            if len(self._buffer) < len(_TLS_RECORD_START) and not self._eof:
-                return NEED_DATA  # one byte so far: wait for the second
-        end = self._buffer.find(b"\n", self._scanned)
-        if end < 0:
-            if len(self._buffer) > self._max + 1:  # +1: room for a CR before the LF
-                return self._poison(BadRequest(LINE_TOO_LONG, "line too long"))
-            if not self._eof:
-                self._scanned = len(self._buffer)
-                return NEED_DATA
-            if not self._buffer:
-                return CLOSED
-            end = len(self._buffer)  # an unterminated last line before EOF is a request
-        line = bytes(self._buffer[:end]).removesuffix(b"\r")
-        del self._buffer[: end + 1]
-        self._scanned = 0
-        if len(line) > self._max:
-            return self._poison(BadRequest(LINE_TOO_LONG, "line too long"))
-        if self._first:
-            self._first = False
-            refusal = probe(line)
-            if refusal is not None:
-                return self._poison(refusal)
-        return _parse(line)
-
-    def _poison(self, bad: BadRequest) -> BadRequest:
-        """Answer `bad` (which closes the connection) and read nothing more."""
-        self._poisoned = True
-        self._buffer.clear()
-        return bad

@@ -10,9 +10,11 @@ pool-wide instance counter is repaired if a crash leaked a reservation.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import structlog
+import trio
 
 from broker.cloud import CloudError, Instance
 from broker.context import Context
@@ -25,6 +27,8 @@ from broker.retire import Retire
 from broker.spending import Spending
 
 _log = structlog.get_logger("broker.reconcile")
+
+INTENTS_MAX_AGE = 1.0  # seconds ALIVE may rely on a read of the launch intents
 
 
 class Reconciler:
@@ -39,6 +43,8 @@ class Reconciler:
         self.spending = spending
         self._counter_suspect: tuple[int, int] | None = None
         self._rate_suspect: tuple[int, int] | None = None
+        self._intents_read_at = -math.inf
+        self._intents_seen = False
 
     async def restore(self) -> None:
         """Load workers and leases from the registry; workers caught mid-termination are
@@ -86,7 +92,12 @@ class Reconciler:
         try:
             if await ctx.registry.get_worker(instance_id) is not None:
                 return True
-            return bool(await ctx.registry.list_intents(now))
+            # Any launch under way anywhere: asked at most once a second, however many
+            # strangers send ALIVE.
+            if trio.current_time() - self._intents_read_at >= INTENTS_MAX_AGE:
+                self._intents_read_at = trio.current_time()
+                self._intents_seen = bool(await ctx.registry.list_intents(now))
+            return self._intents_seen
         except CloudError as exc:
             raise Refusal(f"registry unavailable: {exc}") from exc
 
@@ -115,6 +126,8 @@ class Reconciler:
         for instance in instances:
             if instance.instance_id in ctx.pool.workers:
                 continue
+            if ctx.pool.recently_retired(instance.instance_id):
+                continue  # terminated here after EC2 was asked: not a stranger
             ready = instance.state == "running" and bool(instance.public_ip)
             ready = ready and not ctx.settings.probe
             price = ctx.prices.price(instance.instance_type, instance.market)
@@ -182,7 +195,13 @@ class Reconciler:
         suspect = (seen, actual) if seen != actual and not ctx.pool.in_flight else None
         confirmed = suspect is not None and suspect == self._counter_suspect
         self._counter_suspect = None if confirmed else suspect
-        if confirmed and await registry.correct_reserved_instances(seen, actual):
+        if confirmed and await ctx.write(
+            "correct_reserved_instances",
+            registry.correct_reserved_instances,
+            seen,
+            actual,
+            default=False,
+        ):
             _log.info("registry.counter_repaired", was=seen, now=actual)
         await self._check_run_rate(records, intents, launched)
         return intents
@@ -217,10 +236,14 @@ class Reconciler:
         self._rate_suspect = None if confirmed else suspect
         if not confirmed:
             return
-        if actual > seen:
-            await ctx.registry.reserve_spend({RATE_KEY: actual - seen}, 1, {})
-        else:
-            await ctx.registry.refund_spend({RATE_KEY: seen - actual})
+        try:
+            if actual > seen:
+                await ctx.registry.reserve_spend({RATE_KEY: actual - seen}, 1, {})
+            else:
+                await ctx.registry.refund_spend({RATE_KEY: seen - actual})
+        except CloudError as exc:
+            _log.error("registry.write_failed", op="run_rate", error=str(exc))
+            return
         _log.info("registry.run_rate_repaired", was=seen / MICROS, now=actual / MICROS)
 
     async def _settle_intents(

@@ -122,7 +122,7 @@ class Retire:
         now = self.ctx.clock.now()
         for worker in workers:
             self.retry.discard(worker.instance_id)
-            _, leases = self.ctx.pool.remove(worker.instance_id, now)
+            _, leases = self.ctx.pool.retire(worker.instance_id, now)
             self.launcher.settle(worker.launch_token)  # it may have been booting
             for lease in leases:
                 log_lease_end(lease, "worker_terminated", now)

@@ -3,7 +3,9 @@
 The broker talks to it through its production boto3 path (`AWS_ENDPOINT_URL`, fake
 credentials). A few in-process patches make moto behave more like EC2 where the broker
 depends on it: launches honour MaxCount and ClientToken, instances take a configurable time
-to boot, every worker gets a distinct loopback address, and spot prices are the price table's.
+to boot, every worker gets a distinct loopback address and, once booted, answers on its
+`worker_port` until it is terminated (broker/sandbox_workers.py), and spot prices are the
+price table's.
 
 moto is an optional extra: `pip install 'compute-broker[sandbox]'`.
 """
@@ -37,6 +39,7 @@ except ImportError as exc:  # pragma: no cover - depends on the installed extras
 from broker.aws import make_client
 from broker.ec2 import Ec2Settings
 from broker.prices import PriceTable
+from broker.sandbox_workers import WorkerService, WorkerServices
 
 AMI_NAME = "compute-broker-sandbox-worker"
 SECURITY_GROUP_NAME = "compute-broker-workers"
@@ -51,6 +54,10 @@ _boot_delay = 0.0
 _ip_prefix = "127.77"
 _ip_numbers = itertools.count()
 _spot_prices = PriceTable.default()
+_worker_services: WorkerServices | None = None  # started once, lives as long as the process
+_worker_port: int | None = None  # None: new workers get no service
+# Addresses tried for one worker before it gets one whose port another socket holds anyway.
+_RESERVE_TRIES = 256
 # Host bytes 1..254 of each /24 under the prefix.
 _HOSTS_PER_BLOCK = 254
 _BLOCKS = 256
@@ -103,17 +110,24 @@ class _BootingState(_MotoInstanceState):
     """`pending` (0) until `ready_at` (time.monotonic), `running` (16) after.
 
     moto changes states by assigning `name` and `code` (stop, terminate, start); an assigned
-    value wins over the boot clock from then on.
+    value wins over the boot clock from then on. With a worker service, reading `running`
+    means the worker listens (reading the state boots it, if its own timer has not yet), and
+    assigning any state but `running` closes its port for good.
     """
 
-    def __init__(self, ready_at: float) -> None:
+    def __init__(self, ready_at: float, service: WorkerService | None = None) -> None:
         # No super().__init__(): it would assign name and code, which forces them.
         self._ready_at = ready_at
+        self._service = service
         self._forced_name: str | None = None
         self._forced_code: int | None = None
 
     def _booted(self) -> bool:
-        return time.monotonic() >= self._ready_at
+        if time.monotonic() < self._ready_at:
+            return False
+        if self._service is not None:
+            self._service.boot()
+        return True
 
     @property
     def name(self) -> str:
@@ -124,6 +138,8 @@ class _BootingState(_MotoInstanceState):
     @name.setter
     def name(self, value: str) -> None:
         self._forced_name = value
+        if value != "running" and self._service is not None:
+            self._service.close()
 
     @property
     def code(self) -> int:
@@ -152,7 +168,10 @@ def install_boot_delay(seconds: float) -> None:
         @functools.wraps(original_init)
         def init_with_boot_delay(instance: Any, *args: Any, **kwargs: Any) -> None:
             original_init(instance, *args, **kwargs)
-            instance._state = _BootingState(time.monotonic() + _boot_delay)
+            with _lock:
+                delay, services = _boot_delay, _worker_services
+            service = services.claim(instance.public_ip, delay) if services else None
+            instance._state = _BootingState(time.monotonic() + delay, service)
 
         _MotoInstance.__init__ = init_with_boot_delay  # type: ignore[method-assign,assignment]
         _installed.add("boot_delay")
@@ -178,11 +197,34 @@ def install_unique_ips(prefix: str = "127.77") -> None:
 
 
 def _next_loopback_ip() -> str:
+    """The next address; with worker services, the next whose port no other socket holds
+    (reserved for the worker about to get it)."""
     with _lock:
-        number = next(_ip_numbers) % (_BLOCKS * _HOSTS_PER_BLOCK)
-        prefix = _ip_prefix
-    block, host = divmod(number, _HOSTS_PER_BLOCK)
-    return f"{prefix}.{block}.{host + 1}"
+        services, port = _worker_services, _worker_port
+    for _ in range(_RESERVE_TRIES):
+        with _lock:
+            number = next(_ip_numbers) % (_BLOCKS * _HOSTS_PER_BLOCK)
+            prefix = _ip_prefix
+        block, host = divmod(number, _HOSTS_PER_BLOCK)
+        ip = f"{prefix}.{block}.{host + 1}"
+        if services is None or port is None or services.reserve(ip, port):
+            break
+    return ip
+
+
+def install_worker_services(port: int | None = WORKER_PORT) -> None:
+    """Make each sandbox worker created from now on answer on `port` of its address: an echo
+    service from boot until termination (broker/sandbox_workers.py). Workers get addresses
+    from `install_unique_ips`, which must be installed too. None: workers created from now
+    on do not answer (those that do go on)."""
+    global _worker_services, _worker_port
+    if "boot_delay" not in _installed:
+        install_boot_delay(_boot_delay)  # the patch that gives a new instance its service
+    with _lock:
+        if port is not None and _worker_services is None:
+            _worker_services = WorkerServices()
+            _worker_services.start()
+        _worker_port = port
 
 
 def install_atomic_dynamodb() -> None:

@@ -16,6 +16,7 @@ import trio
 from broker.burst import BurstDecision, WorkerView, decide
 from broker.cloud import CloudError, JobQueue
 from broker.context import Context
+from broker.decisions import admit
 from broker.errors import Refusal
 from broker.launcher import Launcher
 from broker.model import LaunchSpec, WorkerState
@@ -122,7 +123,7 @@ class Scaling:
         promised = (1 if waiting else 0) if per_worker is None else math.ceil(waiting / per_worker)
         unpromised = max(0, ctx.pool.coming_instances(spec) - promised)
         price = ctx.prices.price(spec.instance_type, spec.market)
-        room = ctx.pool.admit(spec, warm.count, price).count
+        room = admit(ctx.pool, spec, warm.count, price).count
         if refill_count(warm.count, idle, unpromised, room) == 0:
             return 0
         try:

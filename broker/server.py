@@ -18,24 +18,29 @@ import structlog
 import trio
 
 from broker import protocol
+from broker.access import Role, Session, public_error, redact_status
 from broker.engine import Engine, Handout, Refusal, WorkerInterrupted, WorkerNotFound
+from broker.framing import Closed, LineReader, NeedData
+from broker.gate import WIRE_NAMES, Admitted, Gate
 from broker.metrics import outcome_of
 from broker.model import WorkerRequest
 from broker.protocol import (
     Alive,
     BadRequest,
     Burst,
-    Closed,
     Command,
+    Deregister,
     GetWorker,
+    Heartbeat,
     Help,
-    LineReader,
-    NeedData,
     Ping,
     Quit,
+    Register,
     Release,
     Reply,
+    Request,
     Status,
+    WithToken,
 )
 
 _log = structlog.get_logger("broker.server")
@@ -44,6 +49,7 @@ RECEIVE_SIZE: Final = 4096
 ACCEPT_RETRY_SECONDS: Final = 0.1  # after EMFILE/ENFILE/ENOMEM/ENOBUFS on accept
 _ACCEPT_RESOURCE_ERRORS: Final = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
 INTERNAL_ERROR: Final = Reply.error("internal error (logged by the broker)")
+RENDER_IN_THREAD: Final = 1000  # leases above which STATUS all is rendered off the event loop
 
 
 @attrs.frozen
@@ -59,9 +65,10 @@ class ServerSettings:
 class Server:
     """Serves the line protocol for one `Engine` on one or more listeners."""
 
-    def __init__(self, engine: Engine, settings: ServerSettings) -> None:
+    def __init__(self, engine: Engine, settings: ServerSettings, gate: Gate | None = None) -> None:
         self.engine = engine
         self.settings = settings
+        self.gate = gate if gate is not None else Gate()
         self.open_connections = 0
         self._ids = itertools.count(1)
         self._draining = False
@@ -129,7 +136,16 @@ class Server:
                 metrics.connection_refused("too_many_connections")
                 await _send_quietly(stream, protocol.TOO_MANY_CONNECTIONS)
                 return
-            await self._serve_connection(stream, peer, log)
+            session = self.gate.open(peer, self.engine.pool)
+            if isinstance(session, str):
+                metrics.connection_refused("limit" if session else "not_allowed")
+                if session:
+                    await _send_quietly(stream, Reply(session, close=True))
+                return
+            try:
+                await self._serve_connection(stream, session, log)
+            finally:
+                self.gate.close(peer)
         except Exception:
             log.exception("connection.crashed")
             await _send_quietly(stream, INTERNAL_ERROR)
@@ -140,7 +156,10 @@ class Server:
             await stream.aclose()
 
     async def _serve_connection(
-        self, stream: trio.SocketStream, peer: str, log: structlog.typing.FilteringBoundLogger
+        self,
+        stream: trio.SocketStream,
+        session: Session,
+        log: structlog.typing.FilteringBoundLogger,
     ) -> None:
         reader = LineReader()
         # One cancel scope per connection, not one per read. Its deadline bounds each wait for
@@ -168,7 +187,7 @@ class Server:
                 if isinstance(event, Closed):
                     return
                 scope.deadline = math.inf
-                if not await self._answer(stream, event, peer, log, scope):
+                if not await self._answer(stream, event, session, log, scope):
                     return
         if scope.cancel_called and not self._draining:
             log.info("client.timeout", after_seconds=self.settings.client_timeout)
@@ -176,91 +195,109 @@ class Server:
     async def _answer(
         self,
         stream: trio.SocketStream,
-        event: Command | BadRequest,
-        peer: str,
+        event: Request | BadRequest,
+        session: Session,
         log: structlog.typing.FilteringBoundLogger,
         scope: trio.CancelScope,
     ) -> bool:
         """Serve one request and send its reply; False when the connection is to close."""
         started = trio.current_time()
         handout: Handout | None = None
+        admitted: Admitted | None = None
         if isinstance(event, BadRequest):
             reply = event.reply
+            self.gate.limiter.request(session.identity.key, started)
             log.warning("client.bad_line", reason=event.reason, reply=reply.text)
             self.engine.metrics.request("other", "bad_request", 0.0)
         else:
-            reply, handout = await self._dispatch(event, peer)
+            checked = self.gate.check(session, event, started, self.engine.pool)
+            if isinstance(checked, Reply):
+                reply, name = checked, WIRE_NAMES[type(_command(event))]
+            else:
+                admitted, name = checked, WIRE_NAMES[type(checked.command)]
+                reply, handout = await self._dispatch(checked, started)
             seconds = trio.current_time() - started
-            log.info(
-                "request",
-                command=type(event).__name__,
-                reply=reply.text[:80],
-                ms=round(seconds * 1000, 3),
-            )
-            self.engine.metrics.request(_WIRE_NAMES[type(event)], outcome_of(reply.text), seconds)
+            log.info("request", command=name, reply=reply.text[:80], ms=round(seconds * 1000, 3))
+            self.engine.metrics.request(name, outcome_of(reply.text), seconds)
         scope.deadline = trio.current_time() + self.settings.client_timeout
         try:
             await stream.send_all(reply.to_bytes())
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             log.info("client.gone", error=str(exc) or type(exc).__name__)
-            if isinstance(event, GetWorker) and handout is not None:
-                await self.engine.undeliverable(handout, _identity(peer, event.client))
+            if admitted is not None and handout is not None:
+                await self.engine.undeliverable(handout, admitted.owner)
             return False
         return not reply.close
 
-    async def _dispatch(self, command: Command, peer: str) -> tuple[Reply, Handout | None]:
-        """The reply to a command, and the hand-out when it was a successful GET_WORKER."""
+    async def _dispatch(self, admitted: Admitted, now: float) -> tuple[Reply, Handout | None]:
+        """The reply to an admitted command, and the hand-out when it was a GET_WORKER."""
+        command, owner = admitted.command, admitted.owner
         try:
             if isinstance(command, GetWorker):
                 request = WorkerRequest(command.instance_type, command.market, command.wait)
-                handout = await self.engine.get_worker(request, _identity(peer, command.client))
+                handout = await self.engine.get_worker(
+                    request, owner, may_launch=lambda: self.gate.launched(admitted.identity, now)
+                )
                 return Reply(handout.ip), handout
-            return await self._execute(command, peer), None
+            return await self._execute(admitted), None
         except Refusal as exc:
-            return Reply.error(str(exc)), None
+            detail = str(exc)
+            shown = public_error(detail)
+            if shown != detail:
+                _log.info("request.refused", detail=detail)  # AWS's full words: the log only
+            return Reply.error(shown), None
         except WorkerNotFound:
             return protocol.WORKER_NOT_FOUND, None
         except WorkerInterrupted as exc:
             return protocol.worker_interrupted(exc.interruption.deadline), None
 
-    async def _execute(self, command: Command, peer: str) -> Reply:
-        match command:
+    async def _execute(self, admitted: Admitted) -> Reply:
+        owner = admitted.owner
+        match admitted.command:
             case Alive(instance_id=instance_id):
                 wanted = await self.engine.alive(instance_id)
                 return Reply.ok() if wanted else protocol.WORKER_NOT_WANTED
-            case Ping(ip=ip, client=client):
-                await self.engine.ping(ip, _identity(peer, client))
+            case Ping(ip=ip):
+                await self.engine.ping(ip, owner)
                 return Reply.ok()
-            case Release(ip=ip, client=client):
-                await self.engine.release(ip, _identity(peer, client))
+            case Release(ip=ip):
+                await self.engine.release(ip, owner)
                 return Reply.ok()
-            case Status():
-                document = await self.engine.report()
-                return Reply(json.dumps(document, separators=(",", ":"), default=_json))
+            case Status(all=everything):
+                identity = admitted.identity
+                # The caller's own leases (a bounded line), or every lease: that line is
+                # built in a thread, off the event loop (20,000 leases are ~3 MB).
+                document = await self.engine.report(None if everything else identity.key)
+                if identity.role is not Role.ADMIN:
+                    document = redact_status(document, identity)
+                if everything and len(document.get("leases", ())) > RENDER_IN_THREAD:
+                    return Reply(await trio.to_thread.run_sync(_render, document))
+                return Reply(_render(document))
             case Burst(count=count):
                 ids = await self.engine.burst(count)
                 return Reply.ok(" ".join([str(len(ids)), *ids]))
+            case Register(name=name, ip=ip):
+                interval = await self.engine.register_local(name, ip)
+                return Reply.ok(f"heartbeat={interval:g}")
+            case Heartbeat(name=name):
+                await self.engine.heartbeat_local(name)
+                return Reply.ok()
+            case Deregister(name=name):
+                await self.engine.deregister_local(name)
+                return Reply.ok()
             case Help():
                 return Reply(protocol.HELP_TEXT)
             case Quit():
                 return protocol.BYE
-        raise AssertionError(f"unhandled command {command!r}")
+        raise AssertionError(f"unhandled command {admitted.command!r}")
 
 
-_WIRE_NAMES: Final = {
-    GetWorker: "GET_WORKER",
-    Ping: "PING",
-    Release: "RELEASE",
-    Status: "STATUS",
-    Burst: "BURST",
-    Help: "HELP",
-    Quit: "QUIT",
-    Alive: "ALIVE",
-}
+def _render(document: object) -> str:
+    return json.dumps(document, separators=(",", ":"), default=_json)
 
 
-def _identity(peer: str, client: str | None) -> str:
-    return f"{peer}/{client}" if client else peer
+def _command(request: Request) -> Command:
+    return request.command if isinstance(request, WithToken) else request
 
 
 def _peer_host(stream: trio.SocketStream) -> str:

@@ -20,12 +20,12 @@ import trio
 from broker.aws import observe_calls
 from broker.checks import EXIT_CONFIG, exit_status, failures
 from broker.clock import Clock
-from broker.config_validate import Config
+from broker.config_validate import Config, ConfigError
 from broker.engine import Engine
 from broker.health import Health
 from broker.sdnotify import notify
 from broker.server import Server, ServerSettings
-from broker.wiring import build_engine
+from broker.wiring import build_engine, build_gate
 
 if TYPE_CHECKING:
     from broker.monitor import Monitor
@@ -136,9 +136,21 @@ async def tell_systemd(engine: Engine, environ: Mapping[str, str]) -> None:
         await trio.sleep(every)
 
 
-async def serve(config: Config, config_path: str | None = None) -> int:
-    """Serve until SIGTERM or SIGINT; the exit status."""
+async def serve(config: Config, config_path: str | None = None, *, sandbox: bool = False) -> int:
+    """Serve until SIGTERM or SIGINT; the exit status. In the sandbox, launches are planned
+    to boot in sandbox_boot_time from the first one on."""
     log = structlog.get_logger("broker")
+    try:
+        gate = build_gate(config, os.environ)
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return EXIT_CONFIG
+    refusal = (
+        None if "LISTEN_FDS" in os.environ else gate.policy.refuse_to_start(config.listen_host)
+    )
+    if refusal is not None:  # before anything listens (with socket activation: see below)
+        print(refusal, file=sys.stderr)
+        return EXIT_CONFIG
     status = await _preflight(config, config_path)
     if status:
         log.error("broker.not_started", reason="preflight", exit_status=status)
@@ -147,7 +159,16 @@ async def serve(config: Config, config_path: str | None = None) -> int:
     if isinstance(listeners, int):
         log.error("broker.not_started", reason="listen", exit_status=listeners)
         return listeners
-    engine = build_engine(config, Clock(), listeners[0].socket.getsockname()[1])
+    for listener in listeners:  # the real socket: with socket activation, not listen_host
+        refusal = gate.policy.refuse_to_start(str(listener.socket.getsockname()[0]))
+        if refusal is not None:
+            print(refusal, file=sys.stderr)
+            log.error("broker.not_started", reason="insecure", exit_status=EXIT_CONFIG)
+            return EXIT_CONFIG
+    hint = config.sandbox_boot_time if sandbox else None
+    engine = build_engine(
+        config, Clock(), listeners[0].socket.getsockname()[1], boot_time_hint=hint
+    )
     monitor = None if config.http_listen is None else _monitor(config, engine, engine.health)
     if isinstance(monitor, int):
         return monitor
@@ -159,6 +180,7 @@ async def serve(config: Config, config_path: str | None = None) -> int:
             client_timeout=config.client_timeout,
             max_connections=config.max_connections,
         ),
+        gate,
     )
     stop_observing = [
         observe_calls(
@@ -186,6 +208,15 @@ async def serve(config: Config, config_path: str | None = None) -> int:
                 notify("READY=1")
                 nursery.start_soon(tell_systemd, engine, os.environ)
                 log.info("broker.started", host=host, port=port, pool=config.pool_name)
+                uncapped = config.max_hourly_cost is None and not (
+                    config.max_daily_cost or config.max_monthly_cost
+                )
+                if uncapped and not sandbox:
+                    log.warning(
+                        "budget.uncapped",
+                        advice="set max_daily_cost (and max_hourly_cost): nothing bounds "
+                        "what this pool may spend",
+                    )
                 async for signum in signals:
                     log.info("broker.stopping", signal=signal.Signals(signum).name)
                     break

@@ -17,11 +17,13 @@ way everywhere:
 from __future__ import annotations
 
 import enum
+import math
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import Any
 
 import attrs
 import structlog
+import trio
 
 from broker.cloud import CloudError
 from broker.context import Context
@@ -99,6 +101,7 @@ class Spending:
         # once per instance.
         self._others_launching: list[tuple[float, float]] = []
         self._launches: dict[str, LaunchCharge] = {}  # charged, RunInstances not answered
+        self._ledger_read_at = -math.inf
 
     # --- covers --------------------------------------------------------------------------------
 
@@ -379,10 +382,14 @@ class Spending:
         except CloudError as exc:
             _log.warning("registry.read_failed", op="spend", error=str(exc))
 
-    async def read_ledger(self, now: float) -> None:
+    async def read_ledger(self, now: float, *, max_age: float = 0.0) -> None:
         """Read the totals, then every replica's unanswered launches and covers (for STATUS
-        and refusals). Launches are read before workers: a launch answered in between is
-        then counted twice as unused (the safe side), never as spent."""
+        and refusals), unless they were read less than `max_age` seconds ago. Launches are
+        read before workers: a launch answered in between is then counted twice as unused
+        (the safe side), never as spent."""
+        if trio.current_time() - self._ledger_read_at < max_age:
+            return
+        self._ledger_read_at = trio.current_time()
         await self.refresh(now)
         try:
             intents = await self.ctx.registry.list_intents(now)
@@ -434,6 +441,8 @@ class Spending:
             "run_rate_per_hour": round(self.ctx.pool.run_rate(), 6),
             # Every replica's, as committed in the registry (only with max_hourly_cost).
             "pool_run_rate_per_hour": None if pool_rate is None else pool_rate / MICROS,
+            # No dollar cap at all: nothing bounds what the pool may spend (warned at start).
+            "uncapped": not self.budget.has_caps and self.hourly_cap is None,
             "max_hourly_cost": self.hourly_cap,
         }
 

@@ -13,8 +13,9 @@ from broker.pool import Pool
 from broker.spending import Spending
 
 
-def pool_status(pool: Pool, now: float) -> dict[str, Any]:
-    """The workers, the leases and the totals."""
+def pool_status(pool: Pool, now: float, owner: str | None = None) -> dict[str, Any]:
+    """The workers, the leases (all of them, or only those of the identity `owner`: the part
+    of a lease's client before its `/`) and the totals (with the count of every lease)."""
     workers = [
         {
             "instance_id": w.instance_id,
@@ -43,7 +44,10 @@ def pool_status(pool: Pool, now: float) -> dict[str, Any]:
             "idle_seconds": round(max(0.0, now - lease.last_activity), 3),
             "cost_usd": _round(lease.cost(now)),
         }
-        for lease in sorted(pool.leases.values(), key=lambda lease: lease.started_at)
+        for lease in sorted(
+            pool.leases.values() if owner is None else pool.leases_of(owner),
+            key=lambda lease: lease.started_at,
+        )
     ]
     by_state = {str(state): 0 for state in WorkerState}
     for w in pool.workers.values():
@@ -52,6 +56,7 @@ def pool_status(pool: Pool, now: float) -> dict[str, Any]:
         "workers": len(pool.workers),
         "by_state": by_state,
         "launches_in_flight": sum(f.count for f in pool.in_flight.values()),
+        "leases": len(pool.leases),
         "run_rate_per_hour": round(pool.run_rate(), 6),
         "max_hourly_cost": pool.limits.max_hourly_cost,
         "max_workers": pool.limits.max_workers,
@@ -61,10 +66,10 @@ def pool_status(pool: Pool, now: float) -> dict[str, Any]:
 
 
 def status_document(
-    pool: Pool, spending: Spending, launcher: Launcher, now: float
+    pool: Pool, spending: Spending, launcher: Launcher, now: float, owner: str | None = None
 ) -> dict[str, Any]:
-    """The whole STATUS document: the pool, `budget` and `capacity`."""
-    document = pool_status(pool, now)
+    """The STATUS document: the pool (every lease, or `owner`'s only), `budget`, `capacity`."""
+    document = pool_status(pool, now, owner)
     document["budget"] = spending.status(now)
     document["capacity"] = {
         "failed_offerings": [

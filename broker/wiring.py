@@ -4,14 +4,26 @@ commands; no argument parsing here."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import trio
 
+from broker.access import (
+    TOKEN_ENV,
+    AccessConfigError,
+    AccessPolicy,
+    parse_token_env,
+    read_token_file,
+)
 from broker.clock import Clock
 from broker.cloud import LaunchSpec, Market
 from broker.config_validate import Config, ConfigError
 from broker.ec2 import Ec2Cloud, Ec2Settings
 from broker.engine import Engine, EngineSettings
+from broker.gate import Gate
 from broker.ledger import Budget, OnCap
+from broker.limits import Limiter
+from broker.limits import Limits as IdentityLimits
 from broker.memory_registry import MemoryRegistry
 from broker.model import Limits
 from broker.prices import PriceTable
@@ -84,12 +96,9 @@ def budget(config: Config) -> Budget:
     )
 
 
-def build_engine(config: Config, clock: Clock, port: int | None = None) -> Engine:
-    """The engine for a config, talking to EC2 (and DynamoDB) through boto3; with the port
-    the broker listens on, its workers are launched with the watchdog's user data."""
-    limiter = trio.CapacityLimiter(config.aws_max_concurrency)
-    cloud = Ec2Cloud(ec2_settings(config, port), limiter)
-    settings = EngineSettings(
+def engine_settings(config: Config, *, boot_time_hint: float | None = None) -> EngineSettings:
+    """The engine's knobs for a config (serve and the simulator use the same)."""
+    return EngineSettings(
         default_spec=LaunchSpec(
             config.instance_type,
             Market(config.market),
@@ -114,7 +123,27 @@ def build_engine(config: Config, clock: Clock, port: int | None = None) -> Engin
         burst=config.burst_policy,
         budget=budget(config),
         subnets=config.subnets or (config.subnet_id,),
+        boot_time_hint=boot_time_hint,
+        agent_heartbeat=config.agent_heartbeat,
+        allowed_types=frozenset(
+            config.allowed_instance_types or (config.instance_type, *config.instance_types)
+        ),
+        allow_on_demand=(
+            config.allow_on_demand
+            if config.allow_on_demand is not None
+            else config.market == "on-demand" or config.on_demand_fallback
+        ),
     )
+
+
+def build_engine(
+    config: Config, clock: Clock, port: int | None = None, *, boot_time_hint: float | None = None
+) -> Engine:
+    """The engine for a config, talking to EC2 (and DynamoDB) through boto3; with the port
+    the broker listens on, its workers are launched with the watchdog's user data."""
+    limiter = trio.CapacityLimiter(config.aws_max_concurrency)
+    cloud = Ec2Cloud(ec2_settings(config, port), limiter)
+    settings = engine_settings(config, boot_time_hint=boot_time_hint)
     prices = PriceTable.default().with_overrides(config.prices)
     queue = events = None
     if config.burst_policy.mode == "auto" and config.burst_policy.queue_url:
@@ -134,3 +163,28 @@ def build_engine(config: Config, clock: Clock, port: int | None = None) -> Engin
         events=events,
         spot_prices=cloud if config.spot_price_history else None,
     )
+
+
+def build_gate(config: Config, environ: Mapping[str, str]) -> Gate:
+    """The access policy (allowlist, address roles, tokens from tokens_file and the
+    environment) and the per-identity limits. ConfigError names what is wrong."""
+    try:
+        tokens = read_token_file(config.tokens_file) if config.tokens_file else ()
+        if TOKEN_ENV in environ:
+            tokens = (*tokens, parse_token_env(environ[TOKEN_ENV]))
+        policy = AccessPolicy.build(
+            allow_cidrs=config.allow_cidrs,
+            address_roles=config.address_roles,
+            tokens=tokens,
+            insecure=config.insecure,
+        )
+    except AccessConfigError as exc:
+        raise ConfigError(str(exc)) from None
+    limits = IdentityLimits(
+        max_connections_per_peer=config.max_connections_per_peer,
+        max_requests_per_second=config.max_requests_per_second,
+        request_burst=config.request_burst,
+        max_leases_per_identity=config.max_leases_per_identity,
+        max_launches_per_minute=config.max_launches_per_minute,
+    )
+    return Gate(policy, Limiter(limits))

@@ -1,18 +1,53 @@
-"""Shared fixtures: the sandbox cloud (an embedded moto server) for tests that use AWS."""
+"""Shared fixtures: the engine on Trio's MockClock with an in-memory cloud (`clock`, `cloud`,
+`engine`), and the sandbox cloud (an embedded moto server) for tests that use AWS.
+
+Every test that uses the moto server is marked `slow` here, by its fixtures; tests that start
+a process (the broker, tclsh, nc, sh) carry the mark themselves. `pytest -m "not slow"` runs
+the rest: the unit suite.
+"""
 
 from __future__ import annotations
 
 import os
-from collections.abc import Awaitable, Callable, Iterator
-from typing import TYPE_CHECKING, TypeVar
+from collections.abc import AsyncIterator, Callable, Iterator
+from typing import TYPE_CHECKING
 
 import pytest
-import trio
+
+from broker.clock import Clock
+from broker.engine import Engine
+from tests.engines import T0, make_engine, running
+from tests.fakes import FakeCloud
 
 if TYPE_CHECKING:
     from broker.sandbox import MotoHandle, SandboxResources
 
-_T = TypeVar("_T")
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark `slow` every test that needs the moto server (directly or through a fixture)."""
+    for item in items:
+        if "moto_server" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.slow)
+
+
+@pytest.fixture
+async def clock() -> Clock:
+    """The broker's clock, starting at T0 (Unix seconds) and following Trio's clock."""
+    return Clock(epoch=T0)
+
+
+@pytest.fixture
+async def cloud(clock: Clock) -> FakeCloud:
+    """An in-memory cloud whose instances boot in 20 s."""
+    return FakeCloud(clock, boot_time=20.0)
+
+
+@pytest.fixture
+async def engine(cloud: FakeCloud, clock: Clock) -> AsyncIterator[Engine]:
+    """A running engine with the default settings (`tests.engines.make_settings`)."""
+    engine = make_engine(cloud, clock)
+    async with running(engine):
+        yield engine
 
 
 @pytest.fixture(scope="session")
@@ -88,18 +123,3 @@ def aws_env(moto_server: MotoHandle) -> dict[str, str]:
     from broker import sandbox
 
     return sandbox.sandbox_environment(moto_server.endpoint_url)
-
-
-async def wait_until(
-    check: Callable[[], Awaitable[_T | None]], *, timeout: float = 10.0, poll: float = 0.05
-) -> _T:
-    """Call `check` until it returns something other than None or False; return that.
-
-    Fails with `trio.TooSlowError` after `timeout` seconds.
-    """
-    with trio.fail_after(timeout):
-        while True:
-            result = await check()
-            if result is not None and result is not False:
-                return result
-            await trio.sleep(poll)

@@ -1,8 +1,9 @@
-"""An in-memory `Cloud` for engine tests on Trio's MockClock (no threads, no boto3).
+"""In-memory ports for engine tests on Trio's MockClock (no threads, no boto3): a `Cloud`, a
+`JobQueue` and an `EventQueue`.
 
-Instances boot after `boot_time` virtual seconds. Every call is recorded so tests can count
-RunInstances and DescribeInstances calls. Errors are injected per operation. IPs come from
-TEST-NET-2 (never contacted) unless a test that probes workers asks for loopback ones.
+`FakeCloud`'s instances boot after `boot_time` virtual seconds. Every call is recorded so tests
+can count RunInstances and DescribeInstances calls. Errors are injected per operation. IPs come
+from TEST-NET-2 (never contacted) unless a test that probes workers asks for loopback ones.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import attrs
 import trio
 
 from broker.clock import Clock
-from broker.cloud import CloudError, Instance, LaunchSpec, Market
+from broker.cloud import CloudError, Instance, LaunchSpec, Market, ReceivedEvent
 
 
 @attrs.define
@@ -133,3 +134,46 @@ class FakeCloud:
                 "compute-broker:launch-token": instance.token,
             },
         )
+
+
+class FakeQueue:
+    """A job queue (`broker.cloud.JobQueue`) whose depth is `messages`."""
+
+    def __init__(self, messages: int = 0) -> None:
+        self.messages = messages
+
+    async def depth(self) -> int:
+        await trio.lowlevel.checkpoint()
+        return self.messages
+
+
+class FakeEvents:
+    """An EC2 events queue (`broker.cloud.EventQueue`) in memory: what `put` adds, the next
+    `receive` returns once (a receive waiting on an empty queue returns as soon as something is
+    put, like SQS's long poll); deleted receipt handles are recorded."""
+
+    def __init__(self) -> None:
+        self.waiting: list[ReceivedEvent] = []
+        self.deleted: list[str] = []
+        self._put = 0
+        self._arrived = trio.Event()
+
+    def put(self, body: str) -> None:
+        self.waiting.append(ReceivedEvent(f"receipt-{self._put}", body))
+        self._put += 1
+        self._arrived.set()
+
+    async def receive(
+        self, *, wait_seconds: int = 0, max_messages: int = 10
+    ) -> list[ReceivedEvent]:
+        with trio.move_on_after(wait_seconds):
+            await self._arrived.wait()
+        await trio.lowlevel.checkpoint()
+        taken, self.waiting = self.waiting[:max_messages], self.waiting[max_messages:]
+        if not self.waiting:
+            self._arrived = trio.Event()
+        return taken
+
+    async def delete(self, receipt_handles: Sequence[str]) -> None:
+        await trio.lowlevel.checkpoint()
+        self.deleted += receipt_handles

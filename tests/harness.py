@@ -1,15 +1,22 @@
-"""Helpers for tests that run a broker in-process and talk to it over real TCP sockets."""
+"""Helpers for tests that run a broker in-process and talk to it over real TCP sockets, and the
+one way tests wait for a condition: `wait_for` (in Trio) and `wait_for_blocking` (in plain
+threads, e.g. against a subprocess)."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+import inspect
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from typing import TypeVar
 
 import attrs
 import trio
 
 from broker.engine import Engine
 from broker.server import Server, ServerSettings
+
+T = TypeVar("T")
 
 
 @attrs.frozen
@@ -80,9 +87,41 @@ async def ask_once(port: int, line: str) -> str:
 
 
 async def wait_for(
-    condition: Callable[[], bool], timeout: float = 10.0, poll: float = 0.01
-) -> None:
-    """Wait until `condition()` is true, failing after `timeout` seconds."""
-    with trio.fail_after(timeout):
-        while not condition():
+    condition: Callable[[], T | Awaitable[T]],
+    timeout: float = 10.0,
+    *,
+    poll: float = 0.01,
+    what: str = "the condition",
+) -> T:
+    """Call `condition` (plain or async) until it returns something truthy; return that.
+
+    Fails with AssertionError after `timeout` seconds of Trio's clock (virtual seconds under
+    MockClock)."""
+    with trio.move_on_after(timeout):
+        while True:
+            result = condition()
+            if inspect.isawaitable(result):
+                result = await result
+            if result:
+                return result  # type: ignore[return-value]
             await trio.sleep(poll)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def wait_for_blocking(
+    condition: Callable[[], T],
+    timeout: float = 15.0,
+    *,
+    poll: float = 0.05,
+    what: str = "the condition",
+) -> T:
+    """`wait_for` outside Trio: poll `condition` in this thread until it returns something
+    truthy; return that. Fails with AssertionError after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = condition()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(poll)

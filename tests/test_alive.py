@@ -21,15 +21,14 @@ from broker.clock import Clock
 from broker.cloud import LaunchSpec, Market
 from broker.config_validate import Config, ConfigError
 from broker.ec2 import Ec2Cloud
-from broker.engine import Engine, EngineSettings
 from broker.memory_registry import MemoryRegistry
-from broker.model import Limits, WorkerRequest
-from broker.prices import PriceTable
+from broker.model import WorkerRequest
 from broker.protocol import Alive, BadRequest, parse
 from broker.registry import LaunchIntent, WorkerRecord
 from broker.sandbox import SandboxResources
 from broker.userdata import WATCHDOG_FILENAME
 from broker.wiring import watchdog_brokers, worker_user_data
+from tests.engines import make_engine
 from tests.fakes import FakeCloud
 from tests.harness import ask_once, running_broker
 from tests.test_worker_watchdog import ORPHAN_TIMEOUT, SLACK, running_watchdog, settings
@@ -53,15 +52,10 @@ class CountingRegistry(MemoryRegistry):
         return attribute
 
 
-def make_engine(cloud: FakeCloud, clock: Clock, registry: MemoryRegistry) -> Engine:
-    settings = EngineSettings(default_spec=SPEC, limits=Limits(10, None, 900.0))
-    return Engine(cloud, settings, clock, PriceTable.default(), registry)
-
-
 def test_alive_takes_one_ec2_instance_id() -> None:
     """`ALIVE <instance-id>` parses; anything else is a usage error."""
-    assert Alive("i-0123456789abcdef0") == parse(b"ALIVE i-0123456789abcdef0")
-    assert Alive("i-0123456789abcdef0") == parse(b"alive i-0123456789abcdef0")
+    assert parse(b"ALIVE i-0123456789abcdef0") == Alive("i-0123456789abcdef0")
+    assert parse(b"alive i-0123456789abcdef0") == Alive("i-0123456789abcdef0")
     for bad in (b"ALIVE", b"ALIVE 10.0.0.1", b"ALIVE i-XYZ", b"ALIVE i-0123456789abcdef0 x"):
         reply = parse(bad)
         assert isinstance(reply, BadRequest), bad
@@ -109,6 +103,7 @@ async def test_alive_asks_the_registry_before_condemning_a_worker(
         await registry.put_worker(record)
         assert await engine.alive(other)
         await registry.put_intent(LaunchIntent.begin("t-1", SPEC, 1, clock.now(), 600.0))
+        await trio.sleep(1.1)  # the intents are read at most once a second
         assert await engine.alive(UNKNOWN)
         nursery.cancel_scope.cancel()
 
@@ -159,7 +154,7 @@ async def test_every_launch_carries_the_shutdown_behaviour_and_the_user_data(
         InstanceId=instance.instance_id, Attribute="userData"
     )
     sent = base64.b64decode(attribute["UserData"]["Value"]).decode()
-    assert user_data == sent
+    assert sent == user_data
     assert "echo operator was here" in sent
     assert WATCHDOG_FILENAME in sent
     behaviour = client.describe_instance_attribute(
@@ -168,6 +163,7 @@ async def test_every_launch_carries_the_shutdown_behaviour_and_the_user_data(
     assert behaviour["InstanceInitiatedShutdownBehavior"]["Value"] == "terminate"
 
 
+@pytest.mark.slow  # runs the watchdog script under sh
 @needs_sh
 async def test_the_watchdog_lives_while_a_broker_wants_it_and_dies_once_all_are_gone(
     tmp_path: Path,
@@ -177,13 +173,7 @@ async def test_the_watchdog_lives_while_a_broker_wants_it_and_dies_once_all_are_
     scheduling slack), reason `orphaned`; a stranger is told twice and powers off at once."""
     clock = Clock()
     cloud = FakeCloud(clock, boot_time=0.05)
-    engine = Engine(
-        cloud,
-        EngineSettings(default_spec=SPEC, limits=Limits(10, None, 900.0), describe_interval=0.05),
-        clock,
-        PriceTable.default(),
-        MemoryRegistry("test"),
-    )
+    engine = make_engine(cloud, clock, MemoryRegistry("test"), describe_interval=0.05)
     (tmp_path / "stranger").mkdir()
     (tmp_path / "worker").mkdir()
     with trio.fail_after(30):

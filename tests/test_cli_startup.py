@@ -21,6 +21,8 @@ from broker.sandbox import SandboxResources
 ROOT = Path(__file__).resolve().parent.parent
 TIMEOUT = 60
 
+pytestmark = pytest.mark.slow  # every test runs `compute-broker` as a process
+
 
 def config_file(tmp_path: Path, resources: SandboxResources, **overrides: Any) -> Path:
     config = {
@@ -118,3 +120,19 @@ def test_serve_on_a_taken_port_says_so_in_one_line(
     errors = [line for line in result.stderr.splitlines() if not line.startswith("{")]
     assert [f"cannot listen on 127.0.0.1:{port}: Address already in use"] == errors
     assert "Traceback" not in result.stderr
+
+
+def test_serve_refuses_a_network_address_without_access_control(
+    tmp_path: Path, resources: SandboxResources, env: dict[str, str]
+) -> None:
+    """listen_host 0.0.0.0 with no tokens, address roles or allowlist: one line saying how to
+    fix it, exit 78, nothing listens (insecure: true is the operator saying they mean it)."""
+    config = config_file(
+        tmp_path, resources, listen_host="0.0.0.0", listen_port=0, worker_watchdog=False
+    )
+    result = broker("serve", "--config", str(config), env=env)
+    assert result.returncode == EXIT_CONFIG
+    assert result.stdout == ""
+    errors = [line for line in result.stderr.splitlines() if not line.startswith("{")]
+    assert len(errors) == 1
+    assert errors[0].startswith("refusing to listen on 0.0.0.0 without access control")

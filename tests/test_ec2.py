@@ -15,6 +15,7 @@ from typing import Any
 
 import botocore.exceptions
 import pytest
+import structlog
 import trio
 
 from broker import sandbox
@@ -404,3 +405,35 @@ async def test_call_flattens_botocore_errors_to_one_line(limiter: trio.CapacityL
     )
     assert credentials_error.value.code == "NoCredentials"
     assert "\n" not in str(credentials_error.value)
+
+
+async def test_terminate_leaves_instances_without_the_pool_tag_alone(
+    cloud: Ec2Cloud, settings: Ec2Settings, limiter: trio.CapacityLimiter
+) -> None:
+    """Ids of an untagged and of another pool's instance are not terminated, and logged; the
+    pool's own instance in the same call is."""
+    with trio.fail_after(DEADLINE):
+        (ours,) = await cloud.launch(SPOT, 1, "token-strangers")
+        strangers = []
+        for tags in ([], [{"Key": "compute-broker:pool", "Value": "someone-else"}]):
+            launched = await call(
+                limiter,
+                cloud.client.run_instances,
+                ImageId=settings.ami_id,
+                MinCount=1,
+                MaxCount=1,
+                TagSpecifications=[{"ResourceType": "instance", "Tags": tags}] if tags else [],
+            )
+            strangers.append(launched["Instances"][0]["InstanceId"])
+        sent = record_params(cloud, "TerminateInstances")
+        with structlog.testing.capture_logs() as logs:
+            await cloud.terminate([*strangers, ours.instance_id, UNKNOWN_ID])
+        states = {
+            i.instance_id: i.state for i in await cloud.describe([*strangers, ours.instance_id])
+        }
+
+    assert sent[0]["InstanceIds"] == [ours.instance_id, UNKNOWN_ID]
+    assert states[ours.instance_id] in ("shutting-down", "terminated")
+    assert all(states[s] in ("pending", "running") for s in strangers)
+    refused = [e for e in logs if e["event"] == "terminate.refused"]
+    assert [e["instance_ids"] for e in refused] == [sorted(strangers)]

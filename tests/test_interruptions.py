@@ -225,7 +225,9 @@ def test_event_pattern_selects_the_three_kinds_and_only_ending_states() -> None:
             },
             {
                 "detail-type": ["EC2 Instance State-change Notification"],
-                "detail": {"state": ["stopping", "stopped", "shutting-down", "terminated"]},
+                "detail": {
+                    "state": ["stopping", "stopped", "shutting-down", "terminated", "running"]
+                },
             },
         ],
     }

@@ -241,6 +241,7 @@ def test_each_metrics_has_its_own_registry_with_process_metrics() -> None:
     assert CONTENT_TYPE.startswith("text/plain; version=0.0.4")
 
 
+@pytest.mark.slow  # runs a Python process
 def test_recording_works_without_the_monitoring_extra() -> None:
     """Without prometheus-client the broker still records; exposition names the extra."""
     script = textwrap.dedent(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from broker.cloud import Instance, LaunchSpec, Market
+from broker.decisions import admit, reap_plan
 from broker.model import Limits, ReleaseOutcome, WarmPool, WorkerState
 from broker.pool import GONE_MEMORY_SECONDS, Pool
 from broker.status import pool_status
@@ -26,9 +27,9 @@ def test_admission_counts_in_flight_launches_against_max_workers() -> None:
     """A launch not yet answered already uses its share of max_workers."""
     pool = pool_with(1, max_workers=3)
     pool.launch_started("tok", SPEC, 1, 0.5, T0)
-    assert pool.admit(SPEC, 5, 0.5).count == 1
+    assert admit(pool, SPEC, 5, 0.5).count == 1
     pool.launch_started("tok2", SPEC, 1, 0.5, T0)
-    refused = pool.admit(SPEC, 1, 0.5)
+    refused = admit(pool, SPEC, 1, 0.5)
     assert refused.count == 0
     assert refused.refusal == "max_workers reached (3)"
 
@@ -36,9 +37,9 @@ def test_admission_counts_in_flight_launches_against_max_workers() -> None:
 def test_admission_fits_the_budget_exactly() -> None:
     """With $2/h left and $0.5/h workers, four fit and the fifth does not."""
     pool = pool_with(1, cap=2.5)
-    assert pool.admit(SPEC, 10, 0.5).count == 4
+    assert admit(pool, SPEC, 10, 0.5).count == 4
     pool.launch_started("tok", SPEC, 4, 0.5, T0)
-    refused = pool.admit(SPEC, 1, 0.5)
+    refused = admit(pool, SPEC, 1, 0.5)
     assert refused.count == 0
     assert refused.refusal is not None
     assert refused.refusal.startswith("budget: launching one c7i.8xlarge spot ($0.5/h)")
@@ -47,8 +48,8 @@ def test_admission_fits_the_budget_exactly() -> None:
 
 def test_unknown_price_is_refused_only_when_a_budget_is_set() -> None:
     """No cap: unknown prices launch; with a cap they are refused with advice."""
-    assert pool_with().admit(SPEC, 1, None).count == 1
-    refused = pool_with(cap=5).admit(SPEC, 1, None)
+    assert admit(pool_with(), SPEC, 1, None).count == 1
+    refused = admit(pool_with(cap=5), SPEC, 1, None)
     assert refused.refusal is not None
     assert "no price known" in refused.refusal
 
@@ -94,10 +95,10 @@ def test_reap_plan_takes_idle_workers_and_expired_leases_only() -> None:
     pool.hand_out(pool.workers["i-1"], "a", T0)
     pool.hand_out(pool.workers["i-2"], "b", T0)
     pool.ping("192.0.2.2", "b", T0 + 600)
-    plan = pool.reap_plan(T0 + 899)
+    plan = reap_plan(pool, T0 + 899)
     assert plan.expired_leases == ()
     assert plan.idle_workers == ()
-    plan = pool.reap_plan(T0 + 900)
+    plan = reap_plan(pool, T0 + 900)
     assert [lease.client for lease in plan.expired_leases] == ["a"]
     assert [w.instance_id for w in plan.idle_workers] == ["i-1"]
 
@@ -166,5 +167,5 @@ def test_reaper_keeps_only_idle_workers_the_warm_pool_counts() -> None:
         pool.release(f"192.0.2.{n}", f"client-{n}", T0)  # no warm pool: marked terminating
         pool.revert_ready(pool.workers[f"i-{n}"])
     pool.ping("192.0.2.4", "nobody", T0 + 10)
-    plan = pool.reap_plan(T0 + 1000, warm=WarmPool(SPEC, 1))
+    plan = reap_plan(pool, T0 + 1000, warm=WarmPool(SPEC, 1))
     assert {"i-1", "i-2", "i-3"} == {w.instance_id for w in plan.idle_workers}

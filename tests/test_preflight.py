@@ -194,7 +194,7 @@ async def test_no_credentials_fails_in_one_line_and_asks_nothing_else(
     config: Config, moto_server: MotoHandle, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     """Without credentials anywhere in the chain, the credentials check fails at once naming
-    the ways to give some (instance role, LoadCredential, aws.env), no request is sent, no
+    the ways to give some (instance role, LoadCredential, the key file), no request is sent, no
     other check runs, and the exit status is EX_CONFIG."""
     for name in list(os.environ):
         if name.startswith("AWS_"):
@@ -213,7 +213,7 @@ async def test_no_credentials_fails_in_one_line_and_asks_nothing_else(
     assert outcomes(checks) == [("region", True), ("credentials", False)]
     line = checks[1].line()
     assert line.startswith("FAIL credentials: no AWS credentials found"), line
-    for way in ("instance role", "LoadCredential=", "/etc/compute-broker/aws.env"):
+    for way in ("instance role", "LoadCredential=", "/etc/compute-broker/aws-credentials"):
         assert way in line
     assert clients.sent == []
     assert exit_status(checks) == EXIT_CONFIG

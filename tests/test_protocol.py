@@ -11,13 +11,12 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from broker.cloud import Market
+from broker.framing import CLOSED, NEED_DATA, Closed, LineReader, NeedData, probe
 from broker.protocol import (
-    CLOSED,
     HELP_TEXT,
     LINE_TOO_LONG,
     MAX_ERROR_BYTES,
     MAX_LINE_BYTES,
-    NEED_DATA,
     NOT_A_CLIENT_HTTP,
     NOT_A_CLIENT_SSH,
     NOT_A_CLIENT_TLS,
@@ -25,19 +24,15 @@ from broker.protocol import (
     UNKNOWN_COMMAND,
     BadRequest,
     Burst,
-    Closed,
     Command,
     GetWorker,
     Help,
-    LineReader,
-    NeedData,
     Ping,
     Quit,
     Release,
     Reply,
     Status,
     parse,
-    probe,
 )
 
 

@@ -70,7 +70,7 @@ def dynamo_registry(table: str | None = None, pool: str | None = None) -> Dynamo
     return DynamoRegistry(table, pool or unique("pool"), trio.CapacityLimiter(THREADS), client)
 
 
-@pytest.fixture(params=["memory", "dynamo"])
+@pytest.fixture(params=["memory", pytest.param("dynamo", marks=pytest.mark.slow)])
 def registry(request: pytest.FixtureRequest) -> Registry:
     if request.param == "memory":
         return MemoryRegistry(unique("pool"))

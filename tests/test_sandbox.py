@@ -1,4 +1,5 @@
-"""The sandbox cloud: moto patched to boot slowly, hand out loopback IPs and launch like EC2."""
+"""The sandbox cloud: moto patched to boot slowly, hand out loopback IPs, launch like EC2, and
+serve each worker's port while it runs."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import importlib
 import ipaddress
 import sys
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -17,7 +18,8 @@ from broker.aws import call, make_client
 from broker.cloud import Instance, LaunchSpec, Market
 from broker.ec2 import Ec2Cloud
 from broker.sandbox import MotoHandle, SandboxResources
-from tests.conftest import wait_until
+from tests.harness import wait_for
+from tests.test_sandbox_workers import echo, refused
 
 SPEC = LaunchSpec("t3.micro", Market.SPOT)
 DEADLINE = 10
@@ -44,7 +46,7 @@ async def test_boot_delay_keeps_an_instance_pending_then_running(
             [instance] = await cloud.describe([launched.instance_id])
             return instance if instance.state == "running" else None
 
-        booted = await wait_until(running)
+        booted = await wait_for(running, poll=0.05, what="the instance to run")
         running_ids = await _ids_in_state(cloud, "running")
 
     assert (described.state, listed.state) == ("pending", "pending")
@@ -81,6 +83,43 @@ async def test_boot_delay_applies_to_instances_created_after_it_is_set(
 
     states = {i.instance_id: i.state for i in described}
     assert states == {slow[0].instance_id: "pending", fast[0].instance_id: "running"}
+
+
+@pytest.fixture
+def worker_port(moto_server: MotoHandle) -> Iterator[int]:
+    """Workers launched during the test answer on the default worker port."""
+    sandbox.install_worker_services(sandbox.WORKER_PORT)
+    try:
+        yield sandbox.WORKER_PORT
+    finally:
+        sandbox.install_worker_services(None)
+
+
+async def test_a_worker_answers_on_its_port_exactly_while_ec2_says_running(
+    cloud: Ec2Cloud, boot_delay: Callable[[float], None], worker_port: int
+) -> None:
+    """Pending: connections refused; running: each line echoed; terminated: refused again."""
+    boot_delay(2.0)  # long enough for three calls on a loaded machine
+    with trio.fail_after(DEADLINE):
+        [launched] = await cloud.launch(SPEC, 1, "token-worker-port")
+        [pending] = await cloud.describe([launched.instance_id])
+        assert pending.public_ip is not None
+        ip = pending.public_ip
+        refused_while_pending = await refused(ip, worker_port)
+
+        async def running() -> Instance | None:
+            [instance] = await cloud.describe([launched.instance_id])
+            return instance if instance.state == "running" else None
+
+        await wait_for(running, poll=0.05, what="the instance to run")
+        reply = await echo(ip, worker_port, b"hello\n")
+        await cloud.terminate([launched.instance_id])
+        refused_once_terminated = await refused(ip, worker_port)
+
+    assert pending.state == "pending"
+    assert refused_while_pending
+    assert reply == b"hello\n"
+    assert refused_once_terminated
 
 
 async def test_300_workers_get_300_distinct_loopback_ips(cloud: Ec2Cloud) -> None:
@@ -166,6 +205,7 @@ def test_sandbox_environment_has_fake_credentials_only() -> None:
     assert environment["AWS_DEFAULT_REGION"] == "us-east-1"
 
 
+@pytest.mark.slow  # starts a second moto server
 async def test_start_moto_listens_on_loopback_until_stopped() -> None:
     """A second sandbox server starts on a free loopback port and stops cleanly."""
     handle = await trio.to_thread.run_sync(sandbox.start_moto)

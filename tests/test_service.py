@@ -10,7 +10,6 @@ import shutil
 import socket
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 import uuid
@@ -27,6 +26,7 @@ from broker.dynamo import ensure_table
 from broker.health import Health
 from broker.sandbox import SandboxResources
 from broker.service import activated_sockets, status_line
+from tests.harness import wait_for_blocking
 
 ROOT = Path(__file__).resolve().parent.parent
 TIMEOUT = 30.0
@@ -37,17 +37,6 @@ def free_port() -> int:
         sock.bind(("127.0.0.1", 0))
         port: int = sock.getsockname()[1]
     return port
-
-
-def wait_until(condition: Any, timeout: float = TIMEOUT, what: str = "") -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what or condition}")
-        time.sleep(0.05)
 
 
 def ask(port: int, line: str) -> str:
@@ -215,7 +204,7 @@ def test_metrics_and_healthz_from_the_running_broker(
                 return f"{exc.code} {exc.read().decode()}"
             return None
 
-        reply = wait_until(unhealthy, what="/healthz to turn 503")
+        reply = wait_for_blocking(unhealthy, TIMEOUT, what="/healthz to turn 503")
         assert reply.startswith("503 registry: last call failed")
     finally:
         stop(proc)
@@ -243,6 +232,7 @@ def test_status_line_and_health_reasons() -> None:
     assert health.check(341.0) == (False, "reaper: no pass for 241s")
 
 
+@pytest.mark.slow  # runs systemd-analyze
 def test_the_units_exposure_is_the_one_the_readme_states() -> None:
     """`systemd-analyze security --offline=true` rates the shipped unit as README says
     (skipped where systemd-analyze is missing)."""

@@ -375,6 +375,7 @@ async def chromium(*args: str, profile: Path) -> bytes:
     return result.stdout
 
 
+@pytest.mark.slow  # starts Chromium
 @pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed")
 async def test_chromium_shows_the_workers_status_shows(tmp_path: Path) -> None:
     """Headless Chromium loads / from the listener and its DOM lists every worker IP."""

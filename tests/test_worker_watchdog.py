@@ -47,7 +47,12 @@ NOT_WANTED = b"ERROR: Worker not wanted\n"
 # Checks that span more than orphan_timeout: the sleeps between them alone take longer.
 CHECKS_PAST_ORPHAN_TIMEOUT = int(ORPHAN_TIMEOUT / INTERVAL) + 3
 
-needs_sh = pytest.mark.skipif(shutil.which("sh") is None, reason="the watchdog needs a POSIX sh")
+_SH = pytest.mark.skipif(shutil.which("sh") is None, reason="the watchdog needs a POSIX sh")
+
+
+def needs_sh(test: Callable[..., object]) -> Callable[..., object]:
+    """The test runs the script under sh: skipped without one, and `slow` (a process)."""
+    return pytest.mark.slow(_SH(test))
 
 
 def settings(*ports: int, **changes: float) -> WatchdogSettings:
@@ -422,6 +427,7 @@ async def test_instance_id_comes_from_imdsv2(tmp_path: Path, client: str) -> Non
     ]
 
 
+@pytest.mark.slow  # runs the script under busybox sh
 @pytest.mark.skipif(shutil.which("busybox") is None, reason="no busybox here")
 async def test_works_with_busybox_alone(tmp_path: Path) -> None:
     """With only busybox's applets (Alpine-like: ash, nc, a wget without PUT) it still reads

@@ -12,8 +12,16 @@
 #     - with -command cmd: returns a token at once; later, from the event loop, calls
 #       {*}cmd ok result   or   {*}cmd error message errorcode   (at global level).
 #
+#   With a token (-token, configure -token, or COMPUTE_BROKER_TOKEN), every connection sends
+#   "AUTH <token>" first and the request only after the broker's OK. The token never appears
+#   in an error message, an errorcode or configure's answer; a reply that echoes it reads
+#   <token>.
+#
 #   Errors are raised (or passed to -command) with -errorcode {COMPUTE_BROKER <TYPE> <detail>}:
 #     BROKER_ERROR  the broker answered a line beginning with ERROR (message = that line)
+#     AUTH          the broker did not accept the token, or wants one: {COMPUTE_BROKER AUTH
+#                   line}, line its ERROR reply (to AUTH, or "ERROR: auth required" to any
+#                   request)
 #     INTERRUPTED   PING found the worker interrupted: {COMPUTE_BROKER INTERRUPTED ip deadline},
 #                   deadline YYYY-MM-DDTHH:MM:SSZ (UTC) or "" when none was given
 #     TIMEOUT       no connection or no reply within the timeout
@@ -31,7 +39,7 @@ namespace eval ::compute_broker {
 
     # Settings given to configure; a key that is absent takes its default: -host/-port from
     # COMPUTE_BROKER_HOST / COMPUTE_BROKER_PORT, else localhost:9000; -client from
-    # COMPUTE_BROKER_CLIENT_ID, else randomClient.
+    # COMPUTE_BROKER_CLIENT_ID, else randomClient; -token from COMPUTE_BROKER_TOKEN, else none.
     variable config [dict create -timeout 10000]
 
     # This interpreter's random client id (set below, once NewClientId exists).
@@ -77,17 +85,19 @@ namespace eval ::compute_broker {
 # Public procs
 # ---------------------------------------------------------------------------------------
 
-# compute_broker::configure ?-host h? ?-port p? ?-timeout ms? ?-client id?
-#   With no arguments: the current effective settings as a dict. An empty -host or -port
-#   goes back to the environment/default; -client "" sends no client=ID (the broker then
-#   knows this program by its IP address alone, like the seed clients).
+# compute_broker::configure ?-host h? ?-port p? ?-timeout ms? ?-client id? ?-token t?
+#   With no arguments: the current effective settings as a dict, without the token (which
+#   is never shown). An empty -host or -port goes back
+#   to the environment/default; -client "" sends no client=ID (the broker then knows this
+#   program by its IP address alone, like the seed clients); -token "" sends no token, even
+#   when COMPUTE_BROKER_TOKEN is set.
 proc ::compute_broker::configure {args} {
     variable config
     if {[llength $args] == 0} {
         lassign [Endpoint {}] host port timeout
         return [dict create -host $host -port $port -timeout $timeout -client [ClientId {}]]
     }
-    set opts [ParseOptions configure $args {-host -port -timeout -client}]
+    set opts [ParseOptions configure $args {-host -port -timeout -client -token}]
     # ParseOptions has checked every value: nothing changes unless all are good.
     dict for {opt value} $opts {
         if {$opt in {-host -port} && $value eq ""} {
@@ -102,7 +112,8 @@ proc ::compute_broker::configure {args} {
 # Every request command also takes -command cmd (see the top of this file): it then returns
 # a token at once (for compute_broker::cancel) and the result or error goes to the callback.
 # Bad arguments are raised at once either way; the callback is never called before the
-# command has returned.
+# command has returned. Every request command also takes -token t: the access token for that
+# call ("" for none), instead of configure's or COMPUTE_BROKER_TOKEN.
 
 # compute_broker::get_worker ?-host h? ?-port p? ?-type t? ?-market m? ?-wait s?
 #                            ?-timeout ms? ?-client id? ?-command cmd?
@@ -113,7 +124,7 @@ proc ::compute_broker::get_worker {args} {
     variable launchTimeout
     variable maxTimeout
     set opts [ParseOptions get_worker $args \
-        {-host -port -type -market -wait -timeout -client -command}]
+        {-host -port -type -market -wait -timeout -client -token -command}]
     set line GET_WORKER
     foreach {opt key} {-type type -market market -wait wait} {
         if {[dict exists $opts $opt]} {
@@ -168,7 +179,7 @@ proc ::compute_broker::interrupted {ip {deadline_var ""}} {
 
 # compute_broker::status ?-host h? ?-port p? ?-timeout ms? ?-command cmd?  -> the JSON line
 proc ::compute_broker::status {args} {
-    set opts [ParseOptions status $args {-host -port -timeout -command}]
+    set opts [ParseOptions status $args {-host -port -timeout -token -command}]
     Call $opts STATUS STATUS [namespace current]::StatusReply
 }
 
@@ -176,7 +187,7 @@ proc ::compute_broker::status {args} {
 #   -> list of instance ids. n is 1-100 (the broker's limit).
 proc ::compute_broker::burst {n args} {
     variable maxBurst
-    set opts [ParseOptions burst $args {-host -port -timeout -command}]
+    set opts [ParseOptions burst $args {-host -port -timeout -token -command}]
     if {![regexp {^0*([0-9]{1,3})$} $n -> digits] || [scan $digits %d count] != 1
             || $count < 1 || $count > $maxBurst} {
         Usage "bad count \"$n\": must be a whole number from 1 to $maxBurst"
@@ -187,7 +198,7 @@ proc ::compute_broker::burst {n args} {
 # compute_broker::help ?-host h? ?-port p? ?-timeout ms? ?-command cmd?
 #   -> "commands: ..." (OK stripped)
 proc ::compute_broker::help {args} {
-    set opts [ParseOptions help $args {-host -port -timeout -command}]
+    set opts [ParseOptions help $args {-host -port -timeout -token -command}]
     Call $opts HELP HELP [namespace current]::HelpReply
 }
 
@@ -254,13 +265,13 @@ proc ::compute_broker::HelpReply {reply} {
 }
 
 # compute_broker::keepalive_start ip ?-interval ms? ?-command cmd? ?-host h? ?-port p?
-#                                 ?-timeout ms? ?-client id?
+#                                 ?-timeout ms? ?-client id? ?-token t?
 #   PINGs ip every -interval ms (default 60000) from the event loop until keepalive_stop.
 #   -command is called after each PING as: {*}cmd ip ok|error|interrupted result, where
 #   result is the reply, the error message, or the interruption's deadline ("" if none)
 proc ::compute_broker::keepalive_start {ip args} {
     set opts [ParseOptions keepalive_start $args \
-        {-interval -command -host -port -timeout -client}]
+        {-interval -command -host -port -timeout -client -token}]
     CheckWord ip $ip
     KeepaliveStart ip:$ip $ip $opts
     return
@@ -273,7 +284,7 @@ proc ::compute_broker::keepalive_stop {ip} {
 }
 
 # compute_broker::with_worker ip_var body ?-type t? ?-market m? ?-wait s? ?-timeout ms?
-#     ?-host h? ?-port p? ?-client id? ?-keepalive ms? ?-keepalivecommand cmd?
+#     ?-host h? ?-port p? ?-client id? ?-token t? ?-keepalive ms? ?-keepalivecommand cmd?
 #     ?-oninterrupt cmd?
 #   Gets a worker, sets ip_var in the caller, runs body in the caller's scope while PINGing
 #   the worker every -keepalive ms (0: no keep-alive), then RELEASEs the worker however the
@@ -284,7 +295,7 @@ proc ::compute_broker::with_worker {ip_var body args} {
     variable seq
     variable blocks
     set opts [ParseOptions with_worker $args {-host -port -type -market -wait -timeout
-        -client -keepalive -keepalivecommand -oninterrupt}]
+        -client -token -keepalive -keepalivecommand -oninterrupt}]
     set interval 60000
     if {[dict exists $opts -keepalive]} {
         set interval [dict get $opts -keepalive]
@@ -295,12 +306,13 @@ proc ::compute_broker::with_worker {ip_var body args} {
     if {$interval == 0 && [dict exists $opts -oninterrupt]} {
         Usage "-oninterrupt needs the keep-alive: -keepalive must not be 0"
     }
-    set conn [dict filter $opts key -host -port -client]
+    set conn [dict filter $opts key -host -port -client -token]
     # Resolve and check the connection settings before a worker is launched.
     Endpoint $conn
     ClientId $conn
+    Token $conn
 
-    set get [dict filter $opts key -host -port -client -type -market -wait -timeout]
+    set get [dict filter $opts key -host -port -client -token -type -market -wait -timeout]
     set kopts {}
     if {$interval > 0} {
         set kopts [dict merge $conn [list -interval $interval]]
@@ -313,7 +325,8 @@ proc ::compute_broker::with_worker {ip_var body args} {
     set ip [get_worker {*}$get]
 
     set key with[incr seq]
-    set who [list {*}[lrange [Endpoint $conn] 0 1] [ClientId $conn]]
+    # A lease belongs to the token's name too: blocks with other tokens share no lease.
+    set who [list {*}[lrange [Endpoint $conn] 0 1] [ClientId $conn] [Token $conn]]
     set blocks($key) [dict create ip $ip get $get conn $conn who $who kopts $kopts]
     set code [catch {
         if {$kopts ne ""} {
@@ -445,15 +458,18 @@ proc ::compute_broker::Protocol {command reply} {
 
 proc ::compute_broker::ParseOptions {cmd arglist allowed} {
     if {[llength $arglist] % 2} {
-        Usage "$cmd: option \"[lindex $arglist end]\" has no value\
+        Usage "$cmd: [Quoted option [lindex $arglist end]] has no value\
             (options: [join $allowed {, }])"
     }
     set opts [dict create]
     foreach {opt value} $arglist {
         if {$opt ni $allowed} {
-            Usage "$cmd: bad option \"$opt\": must be [join $allowed {, }]"
+            Usage "$cmd: bad [Quoted option $opt]: must be [join $allowed {, }]"
         }
         dict set opts $opt $value
+    }
+    if {[dict exists $opts -token]} {
+        CheckToken -token [dict get $opts -token]
     }
     # An empty -host or -port means the default (configure, environment, localhost:9000).
     if {[dict exists $opts -host] && [dict get $opts -host] ne ""} {
@@ -478,6 +494,25 @@ proc ::compute_broker::ParseOptions {cmd arglist allowed} {
         }
     }
     return $opts
+}
+
+# 'option "-x"' for a word that looks like an option's name, else 'option (not shown)': a
+# misplaced word may be a token, and an error message must never carry one.
+proc ::compute_broker::Quoted {what word} {
+    if {[regexp {^-[A-Za-z]{1,30}$} $word]} {
+        return "$what \"$word\""
+    }
+    return "$what (a word that is not an option's name; not shown)"
+}
+
+# A token: 16-256 printable ASCII characters without blanks, or "" for none. The message
+# says what is wrong with it, never what it is.
+proc ::compute_broker::CheckToken {what value} {
+    set length [string length $value]
+    if {$value ne "" && ($length < 16 || $length > 256 || ![regexp {^[\x21-\x7e]+$} $value])} {
+        Usage "bad $what: must be 16-256 printable ASCII characters without blanks\
+            (the value is not shown)"
+    }
 }
 
 # A value sent inside a request line: non-empty, no blanks, no control characters (so a
@@ -559,6 +594,21 @@ proc ::compute_broker::ClientId {opts} {
     return $randomClient
 }
 
+# The access token for a call: its -token, else configure's, else COMPUTE_BROKER_TOKEN (blanks
+# around it dropped). "" means none.
+proc ::compute_broker::Token {opts} {
+    variable config
+    global env
+    if {[dict exists $opts -token]} {return [dict get $opts -token]}
+    if {[dict exists $config -token]} {return [dict get $config -token]}
+    if {[info exists env(COMPUTE_BROKER_TOKEN)]} {
+        set token [string trim $env(COMPUTE_BROKER_TOKEN)]
+        CheckToken COMPUTE_BROKER_TOKEN $token
+        return $token
+    }
+    return ""
+}
+
 # " client=ID" for a request line, or "" when the id is empty.
 proc ::compute_broker::ClientArg {opts} {
     set id [ClientId $opts]
@@ -596,15 +646,16 @@ set ::compute_broker::randomClient [::compute_broker::NewClientId]
 # or raises its error. timeout defaults to the quick one (configure -timeout).
 proc ::compute_broker::Call {opts line command finish {timeout ""}} {
     lassign [Endpoint $opts] host port quick
+    set auth [Token $opts]
     if {$timeout eq ""} {set timeout $quick}
     if {[dict exists $opts -command]} {
-        set token [Start $host $port $line $timeout $command \
+        set token [Start $host $port $auth $line $timeout $command \
             [list [namespace current]::Deliver $line $finish [dict get $opts -command]]]
         # Only these may be cancelled: other requests have a waiter (or a keep-alive).
         set ${token}(cancellable) 1
         return $token
     }
-    lassign [Wait $host $port $line $timeout $command] code result errorcode
+    lassign [Wait $host $port $auth $line $timeout $command] code result errorcode
     lassign [Outcome $line $finish $code $result $errorcode] code result errorcode
     if {$code ne "ok"} {
         return -code error -errorcode $errorcode $result
@@ -615,7 +666,7 @@ proc ::compute_broker::Call {opts line command finish {timeout ""}} {
 # PING or RELEASE: "COMMAND ip ?client=ID?", whose success reply is OK.
 proc ::compute_broker::IpCommand {command ip arglist} {
     set opts [ParseOptions [string tolower $command] $arglist \
-        {-host -port -timeout -client -command}]
+        {-host -port -timeout -client -token -command}]
     CheckWord ip $ip
     Call $opts "$command $ip[ClientArg $opts]" $command \
         [list [namespace current]::OkReply $command]
@@ -658,6 +709,11 @@ proc ::compute_broker::CheckReply {line reply} {
             unset -nocomplain interruptions($ip)
         }
         return
+    }
+    if {[regexp -nocase {^ERROR:?[ \t]*auth required} $reply]} {
+        return -code error -level 2 -errorcode [list COMPUTE_BROKER AUTH $reply] \
+            "$reply (the broker wants a token: -token, configure -token or\
+            COMPUTE_BROKER_TOKEN)"
     }
     if {$command eq "PING" && [regexp -nocase \
             {^ERROR:?[ \t]*Worker interrupted(?:[ \t]+(\S+).*)?$} $reply -> text]} {
@@ -707,12 +763,12 @@ proc ::compute_broker::IsoUtc {text} {
 # cannot yield (an event handler run by a vwait or update inside one), it waits in a vwait of
 # its own, so calls may nest (e.g. from event handlers). If the coroutine is deleted while it
 # waits, the request is abandoned.
-proc ::compute_broker::Wait {host port line timeout command} {
+proc ::compute_broker::Wait {host port auth line timeout command} {
     variable seq
     set var [namespace current]::wait[incr seq]
     upvar #0 $var W
     set W(coro) [info coroutine]
-    set W(token) [Start $host $port $line $timeout $command \
+    set W(token) [Start $host $port $auth $line $timeout $command \
         [list [namespace current]::Wake $var]]
     if {$W(coro) ne ""} {
         set trace [list [namespace current]::CoroutineTrace $var]
@@ -759,12 +815,14 @@ proc ::compute_broker::CoroutineTrace {var old new op} {
 
 # Asynchronous request. Returns a token; later, from the event loop, calls
 #   {*}$callback ok <reply line> {}    or    {*}$callback error <message> <errorcode>
-# exactly once, unless Cancel is called first.
-proc ::compute_broker::Start {host port line timeout command callback} {
+# exactly once, unless Cancel is called first. With an access token auth (not ""), the
+# connection sends "AUTH $auth" first and the line only after the broker's OK (phases:
+# connect, auth, reply); an ERROR reply to AUTH is an AUTH error. The timeout covers it all.
+proc ::compute_broker::Start {host port auth line timeout command callback} {
     variable seq
     set token [namespace current]::call[incr seq]
     upvar #0 $token S
-    array set S [list host $host port $port line $line timeout $timeout \
+    array set S [list host $host port $port auth $auth line $line timeout $timeout \
         command $command callback $callback chan "" phase connect timer "" idle ""]
     set S(timer) [after $timeout [list [namespace current]::Timeout $token]]
     if {[catch {socket -async $host $port} chan]} {
@@ -796,13 +854,44 @@ proc ::compute_broker::Connected {token} {
         return
     }
     fileevent $chan writable {}
-    if {[catch {puts -nonewline $chan "$S(line)\n"; flush $chan} err]} {
+    if {$S(auth) ne ""} {
+        set S(phase) auth
+        Send $token "AUTH $S(auth)"
+    } else {
+        set S(phase) reply
+        Send $token $S(line)
+    }
+    if {[info exists S(chan)]} {
+        fileevent $chan readable [list [namespace current]::Readable $token]
+    }
+}
+
+# Sends one line on the request's connection; a failure finishes the request (UNAVAILABLE).
+proc ::compute_broker::Send {token line} {
+    upvar #0 $token S
+    if {[catch {puts -nonewline $S(chan) "$line\n"; flush $S(chan)} err]} {
         Finish $token error "compute_broker: cannot send to $S(host):$S(port): $err" \
             [list COMPUTE_BROKER UNAVAILABLE "send to $S(host):$S(port): $err"]
-        return
     }
-    set S(phase) reply
-    fileevent $chan readable [list [namespace current]::Readable $token]
+}
+
+# The broker's reply to AUTH: OK sends the request; anything else finishes it.
+proc ::compute_broker::Authenticated {token reply} {
+    upvar #0 $token S
+    set where "$S(host):$S(port)"
+    if {[regexp {^OK(\s|$)} $reply]} {
+        set S(phase) reply
+        Send $token $S(line)
+    } elseif {[regexp -nocase {^ERROR:?[ \t]*Unknown command} $reply]} {
+        Finish $token error "compute_broker: the broker at $where does not know AUTH (it\
+            predates tokens): send no token ($reply)" [list COMPUTE_BROKER AUTH $reply]
+    } elseif {[string match ERROR* $reply]} {
+        Finish $token error "compute_broker: the broker at $where did not accept the token\
+            ($reply)" [list COMPUTE_BROKER AUTH $reply]
+    } else {
+        Finish $token error "compute_broker: unexpected reply to AUTH from $where: \"$reply\"" \
+            [list COMPUTE_BROKER PROTOCOL $reply]
+    }
 }
 
 proc ::compute_broker::Readable {token} {
@@ -819,9 +908,18 @@ proc ::compute_broker::Readable {token} {
         if {[string index $reply end] eq "\r"} {
             set reply [string range $reply 0 end-1]
         }
+        if {$S(auth) ne ""} {
+            # Should a broker ever echo the token, it goes no further than here.
+            set reply [string map [list $S(auth) <token>] $reply]
+        }
+        if {$S(phase) eq "auth"} {
+            Authenticated $token $reply
+            return
+        }
         Finish $token ok $reply {}
     } elseif {[eof $chan]} {
-        set what "$S(host):$S(port) closed the connection without replying to $S(command)"
+        set asked [expr {$S(phase) eq "auth" ? "AUTH" : $S(command)}]
+        set what "$S(host):$S(port) closed the connection without replying to $asked"
         Finish $token error "compute_broker: $what" [list COMPUTE_BROKER UNAVAILABLE $what]
     } elseif {[chan pending input $chan] > $maxReply} {
         Finish $token error \
@@ -836,6 +934,8 @@ proc ::compute_broker::Timeout {token} {
     set S(timer) ""
     if {$S(phase) eq "connect"} {
         set what "connect to $S(host):$S(port)"
+    } elseif {$S(phase) eq "auth"} {
+        set what "reply to AUTH from $S(host):$S(port)"
     } else {
         set what "reply to $S(command) from $S(host):$S(port)"
     }
@@ -884,7 +984,7 @@ proc ::compute_broker::KeepaliveStart {key ip opts} {
     set oninterrupt ""
     if {[dict exists $opts -oninterrupt]} {set oninterrupt [dict get $opts -oninterrupt]}
     set keepalives($key) [dict create ip $ip interval $interval host $host port $port \
-        timeout $timeout client [ClientArg $opts] command $command \
+        auth [Token $opts] timeout $timeout client [ClientArg $opts] command $command \
         oninterrupt $oninterrupt notified 0 request "" \
         after [after $interval [list [namespace current]::KeepaliveTick $key]]]
 }
@@ -904,8 +1004,9 @@ proc ::compute_broker::KeepaliveTick {key} {
     set k $keepalives($key)
     set line "PING [dict get $k ip][dict get $k client]"
     dict set keepalives($key) after ""
-    dict set keepalives($key) request [Start [dict get $k host] [dict get $k port] $line \
-        [dict get $k timeout] PING [list [namespace current]::KeepaliveDone $key]]
+    dict set keepalives($key) request [Start [dict get $k host] [dict get $k port] \
+        [dict get $k auth] $line [dict get $k timeout] PING \
+        [list [namespace current]::KeepaliveDone $key]]
 }
 
 # A PING's outcome: code ok (result: the OK line), error (the ERROR line or the failure's

@@ -16,6 +16,9 @@
 Every call opens one TCP connection, sends one request line, reads one reply line and closes
 the connection: nothing to keep alive between calls, nothing stale after a broker restart, and
 the broker's 30 s idle-connection limit never applies. Every wait is bounded.
+
+With a token (`BrokerClient(token=...)` or `COMPUTE_BROKER_TOKEN`), each connection first sends
+`AUTH <token>` and waits for `OK`. The token never appears in an exception, a repr or a log line.
 """
 
 from __future__ import annotations
@@ -42,12 +45,14 @@ __all__ = [
     "DEFAULT_LAUNCH_TIMEOUT",
     "DEFAULT_PORT",
     "MAX_BURST",
+    "AuthError",
     "BrokerClient",
     "BrokerError",
     "BrokerProtocolError",
     "BrokerTimeout",
     "BrokerUnavailable",
     "ClientError",
+    "LimitError",
     "Worker",
     "WorkerInterrupted",
     "default_client_id",
@@ -72,6 +77,9 @@ _MAX_BACKOFF = 30.0
 _MAX_DOUBLINGS = 32  # 2**32 * any sane retry_backoff is far past _MAX_BACKOFF
 _CLIENT_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}\Z")
 _WORD = re.compile(r"[\x21-\x7e]+\Z")  # printable ASCII, no blanks: one protocol word
+_TOKEN = re.compile(r"[\x21-\x7e]{16,256}\Z")  # protocol.md: 16-256 printable ASCII, no blanks
+TOKEN_RULE = "16-256 printable ASCII characters without blanks"
+"""What a token must be (the broker refuses anything else); error messages quote this rule."""
 
 _log = logging.getLogger(__name__)
 
@@ -130,6 +138,40 @@ class WorkerInterrupted(BrokerError):
         return (type(self), (self.ip, self.deadline, self.message, self.line))
 
 
+class AuthError(BrokerError):
+    """The broker wants a token, or did not accept the one sent (`ERROR: auth required...`).
+
+    Raised for any ERROR reply to the `AUTH` line a client with a token sends first on each
+    connection, and for `ERROR: auth required` replies to any request. `message` and `line`
+    are the broker's (a token the reply may echo is replaced by `<token>`); `str(exc)` adds
+    what to do. `token_sent` says whether this client sent a token.
+    """
+
+    def __init__(self, message: str, line: str | None = None, token_sent: bool = False) -> None:
+        super().__init__(message, line)
+        self.token_sent = token_sent
+
+    def __str__(self) -> str:
+        if not self.token_sent:
+            hint = "the broker wants a token: pass token= or set COMPUTE_BROKER_TOKEN"
+        elif self.message.lower().startswith("unknown command"):
+            hint = "this broker does not know AUTH (it predates tokens): send no token"
+        else:
+            hint = "the broker did not accept the token"
+        return f"{self.message} ({hint})"
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.message, self.line, self.token_sent))
+
+
+class LimitError(BrokerError):
+    """The broker refused the request under a per-identity limit (`ERROR: limit: <key> ...`).
+
+    `message` names the config key and its value, e.g. `limit: max_requests_per_second (20)
+    exceeded; slow down`. Nothing was done; the same request may succeed a little later.
+    """
+
+
 class BrokerTimeout(ClientError):
     """Connecting to the broker, or waiting for its reply, took longer than allowed."""
 
@@ -173,6 +215,12 @@ class BrokerClient:
     host hold separate leases. It defaults to `COMPUTE_BROKER_CLIENT_ID`, else a random id per
     process; `""` sends none, so the broker identifies the caller by its IP address alone (as
     it does for netcat and the seed clients).
+
+    `token` is the access token the broker's operator gave you (16-256 printable ASCII
+    characters, no blanks). It defaults to `COMPUTE_BROKER_TOKEN`; `""` (or an empty variable)
+    sends none. With a token, every connection sends `AUTH <token>` first and goes on only
+    after `OK`; an ERROR reply raises `AuthError`. The token is kept out of every exception,
+    repr and log line this client makes.
     """
 
     def __init__(
@@ -186,6 +234,7 @@ class BrokerClient:
         *,
         launch_timeout: float = DEFAULT_LAUNCH_TIMEOUT,
         rng: random.Random | None = None,
+        token: str | None = None,
     ) -> None:
         self.host = host or os.environ.get("COMPUTE_BROKER_HOST") or DEFAULT_HOST
         self.port = _port(port)
@@ -208,11 +257,21 @@ class BrokerClient:
                 f"not {client_id!r}"
             )
         self.client_id = client_id
+        self._token = _Secret.checked(token)
         self._leases = itertools.count(1)
         self._leases_lock = threading.Lock()
 
     def __repr__(self) -> str:
-        return f"BrokerClient(host={self.host!r}, port={self.port}, client_id={self.client_id!r})"
+        token = ", token=<hidden>" if self._token is not None else ""
+        return (
+            f"BrokerClient(host={self.host!r}, port={self.port}, "
+            f"client_id={self.client_id!r}{token})"
+        )
+
+    @property
+    def has_token(self) -> bool:
+        """Whether this client sends `AUTH <token>` on each connection (the token stays hidden)."""
+        return self._token is not None
 
     # -- the commands -------------------------------------------------------------------------
 
@@ -359,8 +418,10 @@ class BrokerClient:
         where = f"{self.host}:{self.port}"
         try:
             sock.settimeout(self.timeout)
+            if self._token is not None:
+                self._authenticate(sock, where)
             sock.sendall(line.encode("utf-8") + b"\n")
-            reply = _read_line(sock, read_timeout, where)
+            reply = self._hide_token(_read_line(sock, read_timeout, where))
         except socket.timeout as exc:
             raise BrokerTimeout(
                 f"broker at {where} did not answer within {read_timeout:g}s"
@@ -370,8 +431,41 @@ class BrokerClient:
         finally:
             sock.close()
         if reply.startswith("ERROR"):
-            raise BrokerError(reply[len("ERROR") :].lstrip(":").strip() or reply, reply)
+            raise self._error(reply)
         return reply
+
+    def _authenticate(self, sock: socket.socket, where: str) -> None:
+        """Send `AUTH <token>` and return once the broker answers `OK`; `AuthError` otherwise.
+
+        The request goes out only after the OK: sent at once, it would run without the
+        token (or under the address's role) when the broker refuses the AUTH.
+        """
+        assert self._token is not None
+        sock.sendall(b"AUTH " + self._token.reveal().encode("ascii") + b"\n")
+        try:
+            reply = self._hide_token(_read_line(sock, self.timeout, where))
+        except socket.timeout as exc:
+            raise BrokerTimeout(
+                f"broker at {where} did not answer AUTH within {self.timeout:g}s"
+            ) from exc
+        if reply == "OK" or reply.startswith("OK "):
+            return
+        if reply.startswith("ERROR"):
+            raise AuthError(_reason(reply), reply, token_sent=True)
+        raise BrokerProtocolError(f"unexpected AUTH reply: {_clip(reply)}")
+
+    def _hide_token(self, text: str) -> str:
+        """`text` with this client's token, should a broker ever echo it, as `<token>`."""
+        return text if self._token is None else self._token.hide_in(text)
+
+    def _error(self, reply: str) -> BrokerError:
+        """The exception an `ERROR...` reply line stands for."""
+        reason = _reason(reply)
+        if reason.lower().startswith("auth required"):
+            return AuthError(reason, reply, token_sent=self._token is not None)
+        if reason.lower().startswith("limit:"):
+            return LimitError(reason, reply)
+        return BrokerError(reason, reply)
 
     def _connect(self, retries: int) -> socket.socket:
         where = f"{self.host}:{self.port}"
@@ -540,6 +634,9 @@ class Worker:
             except WorkerInterrupted as exc:
                 if not self._stop.is_set():
                     self._interruption(exc, lease_id)
+            except LimitError as exc:
+                if not self._stop.is_set():
+                    _log.warning("keepalive: PING %s refused (%s); trying again later", ip, exc)
             except BrokerError as exc:
                 if not self._stop.is_set():
                     _log.error("keepalive: broker refused PING %s (%s); stopping pings", ip, exc)
@@ -616,6 +713,58 @@ def _read_line(sock: socket.socket, timeout: float, where: str) -> str:
         size += len(chunk)
         if size > MAX_REPLY_BYTES:
             raise BrokerProtocolError(f"reply from {where} is longer than {MAX_REPLY_BYTES} bytes")
+
+
+class _Secret:
+    """A token: `repr` and `str` hide it, `reveal()` gives it for the AUTH line alone."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str) -> None:
+        self._value = value
+
+    def __repr__(self) -> str:
+        return "<token hidden>"
+
+    __str__ = __repr__
+
+    def __reduce__(self) -> Any:
+        raise TypeError("a token is not pickled")
+
+    def reveal(self) -> str:
+        return self._value
+
+    def hide_in(self, text: str) -> str:
+        return text.replace(self._value, "<token>")
+
+    @classmethod
+    def checked(cls, token: str | None) -> _Secret | None:
+        """The token to send: `token`, else `COMPUTE_BROKER_TOKEN`; None when empty.
+
+        Blanks around it (a newline read from a file) are dropped. A bad token raises
+        ValueError saying what is wrong with it, never what it is.
+        """
+        source = "token"
+        if token is None:
+            source = "COMPUTE_BROKER_TOKEN"
+            token = os.environ.get(source, "")
+        if not isinstance(token, str):
+            raise TypeError(f"{source} must be a str, not {type(token).__name__}")
+        token = token.strip()
+        if not token:
+            return None
+        if not _TOKEN.match(token):
+            if _WORD.match(token):
+                what = f"it has {len(token)} characters"
+            else:
+                what = "it has a blank, a control or a non-ASCII character"
+            raise ValueError(f"{source} must be {TOKEN_RULE}; {what}")
+        return cls(token)
+
+
+def _reason(reply: str) -> str:
+    """The reason of an `ERROR: reason` reply line (the whole line if it gives none)."""
+    return reply[len("ERROR") :].lstrip(":").strip() or reply
 
 
 def _decode(raw: bytes) -> str:

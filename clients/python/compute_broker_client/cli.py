@@ -2,7 +2,11 @@
 
 Exit codes: 0 success, 1 the broker answered ERROR (or an unexpected reply), 2 usage error,
 3 the broker timed out or could not be reached, 4 `ping` found the worker interrupted (being
-taken away, e.g. a spot interruption: get another one).
+taken away, e.g. a spot interruption: get another one), 5 the broker wants a token or did not
+accept the one given.
+
+The token comes from --token, --token-file or $COMPUTE_BROKER_TOKEN. It is never printed: usage
+errors about it say what is wrong with it, not what it is.
 
 Every argument is checked here against what the broker accepts (protocol.md) before anything
 is sent, so a bad value is always a usage error (exit 2, argparse's `error: argument X: ...`),
@@ -17,6 +21,7 @@ import json
 import math
 import os
 import re
+import stat
 import sys
 from typing import Callable, Sequence, TypeVar
 
@@ -24,6 +29,8 @@ from compute_broker_client import (
     DEFAULT_HOST,
     DEFAULT_PORT,
     MAX_BURST,
+    TOKEN_RULE,
+    AuthError,
     BrokerClient,
     BrokerError,
     BrokerProtocolError,
@@ -38,6 +45,9 @@ EXIT_BROKER_ERROR = 1
 EXIT_USAGE = 2
 EXIT_UNAVAILABLE = 3
 EXIT_INTERRUPTED = 4
+EXIT_AUTH = 5
+
+MAX_TOKEN_FILE_BYTES = 4096
 
 PROG = "compute-broker-client"
 
@@ -57,6 +67,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     client_id = args.client_id
     if client_id is None:
         client_id = _from_environment(parser, "COMPUTE_BROKER_CLIENT_ID", _client_id, "")
+    token = args.token
+    if token is None and args.token_file is not None:
+        token = _read_token_file(parser, args.token_file)
+    if token is None:
+        token = _from_environment(parser, "COMPUTE_BROKER_TOKEN", _token, "")
     try:
         client = BrokerClient(
             host=args.host,
@@ -64,6 +79,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             timeout=args.timeout,
             connect_retries=args.retries,
             client_id=client_id,
+            token=token,
         )
         output = _run(client, args)
     except ValueError as exc:  # the library's own checks; the parser's should come first
@@ -71,6 +87,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except WorkerInterrupted as exc:
         print(f"{PROG}: {exc}; get another worker", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except AuthError as exc:
+        print(exc.line, file=sys.stderr)
+        print(f"{PROG}: {exc}", file=sys.stderr)
+        return EXIT_AUTH
     except BrokerError as exc:
         print(exc.line, file=sys.stderr)
         return EXIT_BROKER_ERROR
@@ -109,6 +129,7 @@ def _run(client: BrokerClient, args: argparse.Namespace) -> str:
 
 _DIGITS = re.compile(r"[0-9]+\Z")
 _CLIENT_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}\Z")  # protocol.md, "Client identity"
+_TOKEN = re.compile(r"[\x21-\x7e]{16,256}\Z")  # protocol.md, "Access control"
 _INSTANCE_TYPE = re.compile(r"[a-z][a-z0-9-]*\.[a-z0-9-]+\Z")  # as the broker checks it
 _MARKETS = ("spot", "on-demand")
 
@@ -147,6 +168,33 @@ def _client_id(text: str) -> str:
             f"must be 1-64 characters of A-Z a-z 0-9 . _ : - (or empty: none), not {text!r}"
         )
     return text
+
+
+def _token(text: str) -> str:
+    # Never quote the value: it is a secret, and the message may reach a terminal or a log.
+    token = text.strip()
+    if not _TOKEN.match(token):
+        raise argparse.ArgumentTypeError(f"must be {TOKEN_RULE} (the value is not shown)")
+    return token
+
+
+def _read_token_file(parser: argparse.ArgumentParser, path: str) -> str:
+    """The token in file `path` (its only word; blanks around it are dropped)."""
+    try:
+        with open(path, "rb") as file:
+            mode = os.fstat(file.fileno()).st_mode
+            data = file.read(MAX_TOKEN_FILE_BYTES + 1)
+    except OSError as exc:
+        parser.error(f"argument --token-file: cannot read {path}: {exc.strerror or exc}")
+    if stat.S_IMODE(mode) & 0o077:
+        print(
+            f"{PROG}: warning: {path} can be read by group or others; run: chmod 600 {path}",
+            file=sys.stderr,
+        )
+    try:
+        return _token(data.decode("ascii"))
+    except (UnicodeDecodeError, argparse.ArgumentTypeError):
+        parser.error(f"argument --token-file: {path} must hold one token: {TOKEN_RULE}")
 
 
 def _instance_type(text: str) -> str:
@@ -188,7 +236,7 @@ def _parser() -> argparse.ArgumentParser:
         prog=PROG,
         description="Ask a compute-broker for EC2 workers.",
         epilog="exit codes: 0 ok, 1 broker error, 2 usage error, 3 timeout or unreachable, "
-        "4 the worker is interrupted (ping)",
+        "4 the worker is interrupted (ping), 5 the broker wants a token or refused it",
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     parser.add_argument(
@@ -218,6 +266,19 @@ def _parser() -> argparse.ArgumentParser:
         type=_client_id,
         help="lease identity sent as client=ID (default: $COMPUTE_BROKER_CLIENT_ID, else none: "
         "the broker knows this host by its IP, so `get` and a later `release` match)",
+    )
+    tokens = parser.add_mutually_exclusive_group()
+    tokens.add_argument(
+        "--token",
+        type=_token,
+        help="access token, sent as AUTH on each connection (default: $COMPUTE_BROKER_TOKEN). "
+        "WARNING: other users of this machine can see a command line (ps, /proc): prefer "
+        "$COMPUTE_BROKER_TOKEN or --token-file",
+    )
+    tokens.add_argument(
+        "--token-file",
+        metavar="FILE",
+        help="read the access token from FILE (keep it mode 600)",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     get = sub.add_parser("get", help="get a worker; prints its IP")

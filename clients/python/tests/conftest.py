@@ -14,7 +14,15 @@ from pathlib import Path
 from typing import Iterator
 
 import pytest
-from pyclient_support import REPO_ROOT, LiveBroker, StubBroker, closed_port, silent_listener
+from pyclient_support import (
+    LIVE_TOKENS,
+    REPO_ROOT,
+    AuthBroker,
+    LiveBroker,
+    StubBroker,
+    closed_port,
+    silent_listener,
+)
 
 from compute_broker_client import BrokerClient
 
@@ -25,7 +33,24 @@ idle_timeout: 900
 launch_timeout: 30
 max_workers: 10
 describe_interval: 0.2
+# The live tests' type=: allowed, and priced (the broker refuses a type with no known price).
+allowed_instance_types: [c7i.8xlarge, c7i.large]
+prices: {c7i.large: {spot: 0.03}}
 """
+
+
+@pytest.fixture(autouse=True)
+def _no_token_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A developer's own COMPUTE_BROKER_TOKEN must not change what the tests send."""
+    monkeypatch.delenv("COMPUTE_BROKER_TOKEN", raising=False)
+
+
+@pytest.fixture
+def auth_stub() -> Iterator[AuthBroker]:
+    """A stand-in broker that serves a connection only after `AUTH pyclient_support.TOKEN`."""
+    server = AuthBroker()
+    yield server
+    server.close()
 
 
 @pytest.fixture
@@ -59,11 +84,25 @@ def refused_port() -> int:
 @pytest.fixture(scope="session")
 def live_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveBroker]:
     """The real broker in sandbox mode on a free loopback port, for the whole session."""
+    yield from _serve(tmp_path_factory.mktemp("live-broker"), BROKER_CONFIG)
+
+
+@pytest.fixture(scope="session")
+def live_token_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveBroker]:
+    """A sandbox broker with access control: the tokens in LIVE_TOKENS (name role token)."""
+    workdir = tmp_path_factory.mktemp("live-token-broker")
+    tokens = workdir / "tokens"
+    tokens.write_text("".join(f"{name} {role} {token}\n" for name, role, token in LIVE_TOKENS))
+    tokens.chmod(0o600)  # the broker refuses a tokens file that others may read
+    yield from _serve(workdir, BROKER_CONFIG + f"tokens_file: {tokens}\n")
+
+
+def _serve(workdir: Path, config_text: str) -> Iterator[LiveBroker]:
+    """Run `python -m broker serve --sandbox` with `config_text` until the generator closes."""
     if not (REPO_ROOT / "broker" / "__init__.py").is_file():
         pytest.skip("the broker's source is not beside this client")
-    workdir = tmp_path_factory.mktemp("live-broker")
     config = workdir / "broker.yaml"
-    config.write_text(BROKER_CONFIG)
+    config.write_text(config_text)
     log_path = workdir / "broker.log"
     env = {k: v for k, v in os.environ.items() if not k.startswith("COMPUTE_BROKER_")}
     with open(log_path, "wb") as log:

@@ -1,4 +1,4 @@
-"""Test helpers for the Python client: a stub line server, odd sockets, a CLI runner."""
+"""Test helpers for the Python client: stub line servers, odd sockets, a CLI runner."""
 
 from __future__ import annotations
 
@@ -29,6 +29,16 @@ STUB_STATUS = {
     "totals": {"workers": 1},
 }
 STUB_HELP = "OK commands: GET_WORKER | PING <ip> | RELEASE <ip> | STATUS | BURST <n> | HELP | QUIT"
+
+TOKEN = "Tk-stand-in-" + "s3cr3t" * 4
+"""The token AuthBroker accepts: distinctive, so a leak of it is easy to find in any text."""
+LIVE_TOKENS = (
+    ("alice", "use", "Tk-live-alice-" + "a1" * 10),
+    ("ops", "admin", "Tk-live-ops-" + "0p" * 10),
+)
+"""The tokens file of conftest.live_token_broker: (name, role, token)."""
+AUTH_REQUIRED = "ERROR: auth required"
+TOKEN_NOT_ACCEPTED = "ERROR: auth required (token not accepted)"
 
 T = TypeVar("T")
 
@@ -75,10 +85,11 @@ class StubBroker:
 
         class Handler(socketserver.StreamRequestHandler):
             def handle(self) -> None:
+                respond = stub.connection()
                 for raw in self.rfile:
                     line = raw.decode("utf-8", "replace").rstrip("\r\n")
                     stub._record(line)
-                    reply = stub.respond(line)
+                    reply = respond(line)
                     if reply is None:
                         return
                     if reply == HANG:
@@ -100,6 +111,10 @@ class StubBroker:
         )
         self._thread.start()
 
+    def connection(self) -> Responder:
+        """The responder for a new connection (by default `respond`, however it is set then)."""
+        return lambda line: self.respond(line)
+
     def _record(self, line: str) -> None:
         with self._changed:
             self.lines.append(line)
@@ -117,6 +132,40 @@ class StubBroker:
         self._server.shutdown()
         self._server.server_close()
         self._thread.join(5)
+
+
+class AuthBroker(StubBroker):
+    """A stand-in for a broker with access control: a connection is served after `AUTH TOKEN`.
+
+    Per connection, as protocol.md has it: `AUTH <token>` answers OK (the right token) or
+    `ERROR: auth required (token not accepted)` and leaves the connection as it was; any other
+    request before a good AUTH is answered `ERROR: auth required`; after it, `respond(line)`.
+    `auth_reply`, when set, answers every AUTH instead (to play odd brokers).
+    """
+
+    def __init__(self, respond: Responder = default_respond, token: str = TOKEN) -> None:
+        self.token = token
+        self.auth_reply: str | None = None
+        super().__init__(respond)
+
+    def connection(self) -> Responder:
+        authenticated = False
+
+        def respond(line: str) -> str | bytes | None:
+            nonlocal authenticated
+            words = line.split(" ")
+            if words[0] == "AUTH":
+                if self.auth_reply is not None:
+                    return self.auth_reply
+                if len(words) == 2 and words[1] == self.token:
+                    authenticated = True
+                    return "OK"
+                return TOKEN_NOT_ACCEPTED
+            if not authenticated:
+                return AUTH_REQUIRED
+            return self.respond(line)
+
+        return respond
 
 
 def silent_listener() -> socket.socket:

@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 from pyclient_support import HANG, STUB_HELP, STUB_IP, STUB_STATUS, StubBroker, cli_env, run_cli
 
+pytestmark = pytest.mark.slow  # every test runs the CLI as a process
+
 
 def _at(stub: StubBroker) -> list[str]:
     return ["--host", stub.host, "--port", str(stub.port)]

@@ -350,6 +350,7 @@ def test_failing_callback_is_logged_and_the_worker_kept(
 # -- the command line -------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # runs the CLI as a process
 @pytest.mark.parametrize(
     ("notice", "expected"),
     [

@@ -2,16 +2,26 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 import uuid
 from typing import Any
 
 import pytest
-from pyclient_support import LiveBroker, cli_env, iter_status_leases, run_cli, wait_until
+from pyclient_support import (
+    LIVE_TOKENS,
+    LiveBroker,
+    cli_env,
+    iter_status_leases,
+    run_cli,
+    wait_until,
+)
 
-from compute_broker_client import BrokerClient, BrokerError
+from compute_broker_client import AuthError, BrokerClient, BrokerError
 
 SANDBOX_PREFIX = "127.77."
+
+pytestmark = pytest.mark.slow  # the broker runs as a process (conftest.live_broker)
 
 
 @pytest.fixture
@@ -212,3 +222,37 @@ def test_cli_status_exits_0(live_broker: LiveBroker) -> None:
     result = run_cli("--host", live_broker.host, "--port", str(live_broker.port), "status")
     assert result.returncode == 0
     assert '"totals"' in result.stdout
+
+
+def test_tokens_against_a_broker_with_access_control(
+    live_token_broker: LiveBroker, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Tokens on: none or a wrong one is an AuthError; `use` holds leases as its own, no BURST."""
+    (_, _, alice), (_, _, admin) = LIVE_TOKENS
+    at = (live_token_broker.host, live_token_broker.port)
+    client_id = f"t-{uuid.uuid4().hex[:12]}"
+
+    with pytest.raises(AuthError) as anonymous:
+        BrokerClient(*at, token="", client_id=client_id).get_worker()
+    assert (anonymous.value.line, anonymous.value.token_sent) == ("ERROR: auth required", False)
+    wrong = "Tk-live-wrong-" + "w" * 20
+    with pytest.raises(AuthError) as refused:
+        BrokerClient(*at, token=wrong, client_id=client_id).status()
+    assert refused.value.line == "ERROR: auth required (token not accepted)"
+
+    client = BrokerClient(*at, timeout=10, token=alice, client_id=client_id)
+    with caplog.at_level(logging.DEBUG, "compute_broker_client"):
+        ip = client.get_worker()
+        client.ping(ip)
+        status = client.status()
+        assert status["view"] == "own"
+        owners = [lease["client"] for lease in iter_status_leases(status, ip)]
+        assert owners == [f"token:alice/{client_id}"]
+        with pytest.raises(BrokerError) as not_allowed:
+            client.burst(1)
+        assert not_allowed.value.message == "not allowed: BURST needs the admin role"
+        client.release(ip)
+    assert list(iter_status_leases(client.status(), ip)) == []
+    assert "view" not in BrokerClient(*at, token=admin).status()
+    shown = caplog.text + repr(client) + str(anonymous.value) + str(refused.value)
+    assert alice not in shown and wrong not in shown

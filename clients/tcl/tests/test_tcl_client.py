@@ -4,6 +4,8 @@ Starts `python -m broker serve --sandbox` on a free loopback port, then
 - runs the tcltest suite (`tclsh clients/tcl/tests/all.tcl`) with COMPUTE_BROKER_HOST/PORT
   pointing at it, and fails with tcltest's output when any Tcl test fails;
 - runs the seed guide's Tcl snippet (request a worker, release it) verbatim against it.
+A second sandbox broker, with a tokens file, checks the client's AUTH against the real
+access control.
 
 Each test runs once per Tcl: `tclsh` (Tcl 8.6 on Debian 12) and a Tcl 9 shell (`tclsh9.0`,
 Debian 13's package tcl9.0) when one is installed. Without tclsh the tests are skipped, except
@@ -41,10 +43,21 @@ TCLSH9 = next((path for path in map(shutil.which, TCLSH9_NAMES) if path), None)
 TCL9_PACKAGE = "tcl9.0"
 IN_CI = bool(os.environ.get("CI"))
 
+pytestmark = pytest.mark.slow  # every test runs tclsh (and most a broker process)
+
 BROKER_CONFIG = """\
 sandbox_boot_time: 0.5
 launch_timeout: 30
 describe_interval: 0.1
+# The default type and compute_broker.test's freshType candidates: allowed, and priced (the
+# broker refuses a type with no known price).
+allowed_instance_types: [c7i.8xlarge, t3.small, t3.medium, t3.large, m5.large, m5.xlarge,
+  c5.large, c5.xlarge, r5.large]
+prices:
+  t3.medium: {spot: 0.0125}
+  m5.large: {spot: 0.035}
+  m5.xlarge: {spot: 0.07}
+  r5.large: {spot: 0.04}
 """
 STARTUP_TIMEOUT = 60.0
 SUITE_TIMEOUT = 120.0
@@ -73,6 +86,28 @@ gets $sock response  ;# Should get "OK"
 close $sock
 """
 SEED_WORKER_PORT = 2560
+
+LIVE_TOKEN = "Tk-live-tcl-" + "7c" * 12
+WRONG_TOKEN = "Tk-live-wrong-" + "w" * 20
+# Against token_broker, COMPUTE_BROKER_TOKEN set to LIVE_TOKEN: one result per line.
+TOKEN_SCRIPT = """\
+package require compute_broker
+proc ec {script} {
+    catch {uplevel 1 $script} msg opts
+    return [list [dict get $opts -errorcode] $msg]
+}
+puts [ec {compute_broker::status -token ""}]
+puts [ec {compute_broker::status -token %(wrong)s}]
+set ip [compute_broker::get_worker -client rig]
+puts [list ip $ip]
+puts [list ping [compute_broker::ping $ip -client rig]]
+puts [list status [compute_broker::status]]
+set ::done {}
+compute_broker::release $ip -client rig -command {lappend ::done}
+vwait ::done
+puts [list release {*}$::done]
+puts [ec {compute_broker::burst 1}]
+"""
 
 TOTALS = re.compile(
     r"^all\.tcl:\s+Total\s+(\d+)\s+Passed\s+(\d+)\s+Skipped\s+(\d+)\s+Failed\s+(\d+)", re.M
@@ -136,8 +171,23 @@ def _tcl_version(tclsh: str) -> str:
 @pytest.fixture(scope="module")
 def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveBroker]:
     """A sandbox broker on a free loopback port, for this module's tests."""
-    config = tmp_path_factory.mktemp("tcl-client-broker") / "broker.yaml"
-    config.write_text(BROKER_CONFIG)
+    yield from _serve(tmp_path_factory.mktemp("tcl-client-broker"), BROKER_CONFIG)
+
+
+@pytest.fixture(scope="module")
+def token_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveBroker]:
+    """A sandbox broker with access control: one `use` token, LIVE_TOKEN, named tcl."""
+    workdir = tmp_path_factory.mktemp("tcl-client-token-broker")
+    tokens = workdir / "tokens"
+    tokens.write_text(f"tcl use {LIVE_TOKEN}\n")
+    tokens.chmod(0o600)  # the broker refuses a tokens file that others may read
+    yield from _serve(workdir, BROKER_CONFIG + f"tokens_file: {tokens}\n")
+
+
+def _serve(workdir: Path, config_text: str) -> Iterator[LiveBroker]:
+    """Run a sandbox broker with `config_text` until the generator is closed."""
+    config = workdir / "broker.yaml"
+    config.write_text(config_text)
     command = [sys.executable, "-m", "broker", "serve", "--sandbox"]
     command += ["--host", "127.0.0.1", "--port", "0", "--config", str(config)]
     env = {k: v for k, v in os.environ.items() if not k.startswith("COMPUTE_BROKER_")}
@@ -219,6 +269,38 @@ def test_tcltest_suite(tclsh: str, broker: LiveBroker) -> None:
     assert "Test files exiting with errors" not in result.stdout, report
     assert total > 0 and passed + skipped == total, report
     assert "liveBroker" not in result.stdout, f"live-broker tests were skipped\n{report}"
+
+
+def test_tokens_against_a_broker_with_access_control(tclsh: str, token_broker: LiveBroker) -> None:
+    """With tokens on: none or a wrong one is an AUTH error; COMPUTE_BROKER_TOKEN serves all."""
+    env = _tcl_env(token_broker)
+    env["COMPUTE_BROKER_TOKEN"] = LIVE_TOKEN
+    env["TCLLIBPATH"] = str(TCL_DIR)
+    result = subprocess.run(
+        [tclsh],
+        input=TOKEN_SCRIPT % {"wrong": WRONG_TOKEN},
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=SUITE_TIMEOUT,
+    )
+    report = f"stdout:\n{result.stdout}\nstderr:\n{result.stderr}\nlog:\n{token_broker.log()}"
+    assert result.returncode == 0, report
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith("{COMPUTE_BROKER AUTH {ERROR: auth required}} "), report
+    assert lines[1].startswith(
+        "{COMPUTE_BROKER AUTH {ERROR: auth required (token not accepted)}} "
+    ), report
+    ip = re.fullmatch(r"ip (127\.77\.\d+\.\d+)", lines[2])
+    assert ip, report
+    assert lines[3] == "ping OK", report
+    assert '"view":"own"' in lines[4].replace(" ", "") and '"token:tcl/rig"' in lines[4], report
+    assert lines[5] == "release ok OK", report
+    assert lines[6].startswith(
+        "{COMPUTE_BROKER BROKER_ERROR {ERROR: not allowed: BURST needs the admin role}} "
+    ), report
+    assert LIVE_TOKEN not in result.stdout + result.stderr, report
 
 
 def test_seed_snippet_verbatim(tclsh: str, broker: LiveBroker) -> None:

@@ -1,6 +1,7 @@
-"""Spot interruptions end to end: EventBridge-shaped EC2 events on a (moto) SQS queue reach the
-engine, which stops handing the worker out, launches a replacement for its holders, answers
-their PING with the deadline, and drops workers EC2 stopped outside the broker."""
+"""The EC2 events room (broker/ec2_events.py) end to end: EventBridge-shaped EC2 events on a
+(moto) SQS queue reach the engine, which stops handing the worker out, launches a replacement
+for its holders, answers their PING with the deadline, and drops workers EC2 stopped outside
+the broker; and what the Python and Tcl clients make of it. Requests over TCP, real time."""
 
 from __future__ import annotations
 
@@ -21,18 +22,14 @@ import trio
 
 from broker.aws import make_client
 from broker.clock import Clock
-from broker.cloud import LaunchSpec, Market
-from broker.engine import Engine, EngineSettings
+from broker.engine import Engine
 from broker.interruptions import format_deadline
-from broker.model import Limits
-from broker.prices import PriceTable
 from broker.sandbox import MotoHandle
 from broker.sqs import SqsEventQueue, ensure_events_queue
 from compute_broker_client import BrokerClient, WorkerInterrupted
+from tests.engines import make_engine
 from tests.fakes import FakeCloud
 from tests.harness import LineClient, ask_once, running_broker, wait_for
-
-SPEC = LaunchSpec("c7i.8xlarge", Market.SPOT)
 
 
 @pytest.fixture
@@ -62,14 +59,15 @@ def send(url: str, body: str) -> None:
     make_client("sqs", region="us-east-1").send_message(QueueUrl=url, MessageBody=body)
 
 
-def events_engine(cloud: FakeCloud, clock: Clock, url: str) -> Engine:
-    settings = EngineSettings(
-        default_spec=SPEC,
-        limits=Limits(10, None, 600.0, 1),  # exclusive: a worker per client
-        describe_interval=0.05,
-    )
+def events_engine(url: str) -> tuple[Engine, FakeCloud]:
+    """An engine reading EC2 events from the queue at `url`, a worker per client, on an
+    in-memory cloud whose workers boot in 0.05 s."""
+    cloud = FakeCloud(Clock(), boot_time=0.05)
     events = SqsEventQueue(url, trio.CapacityLimiter(1), region="us-east-1")
-    return Engine(cloud, settings, clock, PriceTable.default(), events=events)
+    engine = make_engine(
+        cloud, events=events, idle_timeout=600.0, clients_per_worker=1, describe_interval=0.05
+    )
+    return engine, cloud
 
 
 async def test_an_interruption_warning_stops_hand_out_replaces_and_answers_ping(
@@ -88,9 +86,9 @@ async def test_an_interruption_warning_stops_hand_out_replaces_and_answers_ping(
             await wait_for(lambda: len(cloud.launch_calls) == 2)
             status = json.loads(await client.ask("STATUS"))
             marked = [w for w in status["workers"] if w["interrupted"]]
-            assert [(ip, "spot_interruption", deadline)] == [
+            assert [
                 (w["ip"], w["interrupted"]["reason"], w["interrupted"]["deadline"]) for w in marked
-            ]
+            ] == [(ip, "spot_interruption", deadline)]
             replacement = await client.ask("GET_WORKER client=job-1")
             assert replacement != ip
             assert replacement.count(".") == 3
@@ -107,9 +105,7 @@ async def test_an_interrupted_idle_worker_is_terminated_and_not_replaced(
 ) -> None:
     """A rebalance recommendation for a worker nobody holds: terminated at once, no
     replacement (nobody needs one); events about other instances are ignored."""
-    clock = Clock()
-    cloud = FakeCloud(clock, boot_time=0.05)
-    engine = events_engine(cloud, clock, events_url)
+    engine, cloud = events_engine(events_url)
     with trio.fail_after(30):
         async with running_broker(engine) as broker:
             assert len(await engine.burst(1)) == 1
@@ -140,9 +136,7 @@ async def test_a_state_change_to_terminated_drops_the_worker_and_its_leases(
 ) -> None:
     """EC2 terminated a worker outside the broker: it and its lease go at once, without
     waiting for the reaper's next poll; PING of it is then `ERROR: Worker not found`."""
-    clock = Clock()
-    cloud = FakeCloud(clock, boot_time=0.05)
-    engine = events_engine(cloud, clock, events_url)
+    engine, cloud = events_engine(events_url)
     with trio.fail_after(30):
         async with running_broker(engine) as broker:
             client = await LineClient.connect(broker.port)
@@ -185,9 +179,7 @@ class Interrupted:
 async def interrupted_worker(events_url: str) -> AsyncIterator[Interrupted]:
     """Run a broker, get a worker for `job-1`, send a spot interruption warning for it and
     wait until the engine has handled it."""
-    clock = Clock()
-    cloud = FakeCloud(clock, boot_time=0.05)
-    engine = events_engine(cloud, clock, events_url)
+    engine, cloud = events_engine(events_url)
     async with running_broker(engine) as broker:
         ip = await ask_once(broker.port, "GET_WORKER client=job-1")
         worker = engine.pool.by_ip(ip)
@@ -218,6 +210,7 @@ async def test_the_python_client_raises_worker_interrupted_with_the_deadline(
     assert caught.value.deadline == datetime.fromtimestamp(interrupted.deadline, UTC)
 
 
+@pytest.mark.slow  # starts tclsh
 @pytest.mark.skipif(
     TCLSH is None and not os.environ.get("CI"),
     reason="tclsh not found (install Tcl 8.6, e.g. apt-get install tcl); in CI it is required",

@@ -1,11 +1,14 @@
-"""Capacity fallback and throttling against real parts: `Engine` with `Ec2Cloud` on the
-session's moto server, RunInstances faults injected as AWS returns them over HTTP (botocore
-`before-send` hooks), requests over TCP. (`tests/test_budget.py` has the MockClock versions.)"""
+"""The launch room (broker/launcher.py) against real parts: the engine with `Ec2Cloud` on the
+session's moto server, faults injected as AWS returns them over HTTP (botocore `before-send`
+hooks), requests over TCP. Launch errors, throttling, an unreachable or hanging endpoint, and
+capacity fallback each become a worker or one `ERROR:` line, in bounded time.
+(tests/test_launcher.py has the MockClock versions.)"""
 
 from __future__ import annotations
 
 import json
 import random
+import threading
 import uuid
 from collections.abc import Sequence
 from typing import Any
@@ -17,14 +20,13 @@ import trio
 from botocore.awsrequest import AWSResponse
 
 from broker.aws import make_client
-from broker.clock import Clock
 from broker.cloud import LaunchSpec, Market
 from broker.ec2 import LAUNCH_RETRY, POOL_TAG, Ec2Cloud
-from broker.engine import Engine, EngineSettings
-from broker.model import Limits
+from broker.engine import Engine
 from broker.prices import PriceTable
 from broker.sandbox import SandboxResources
-from tests.aws_support import client_for, ec2_error, inject
+from tests.aws_support import client_for, closed_loopback_port, ec2_error, inject
+from tests.engines import SPEC, make_engine
 from tests.harness import LineClient, ask_once, running_broker
 
 PRICES = PriceTable(
@@ -81,25 +83,32 @@ def two_subnets(resources: SandboxResources) -> tuple[str, str]:
     return subnets[0], subnets[1]
 
 
-def make_engine(
+def aws_engine(
     resources: SandboxResources,
-    spec: LaunchSpec,
+    spec: LaunchSpec = SPEC,
     *,
+    attempts: int | None = None,
     subnets: tuple[str | None, ...] = (),
     launch_timeout: float = 20.0,
 ) -> Engine:
-    """An engine on moto EC2 with its own pool, the prices above (run with RunInstances retries
-    that do not wait)."""
-    settings = resources.ec2_settings(f"fallback-{uuid.uuid4().hex[:10]}")
-    cloud = Ec2Cloud(settings, trio.CapacityLimiter(4))
-    engine_settings = EngineSettings(
+    """An engine on moto EC2 with its own pool and the prices above. RunInstances is retried
+    by the adapter (instantly here); other calls by botocore, or, with `attempts`, by a client
+    making that many attempts with a 1 s connect timeout."""
+    settings = resources.ec2_settings(f"launcher-{uuid.uuid4().hex[:10]}")
+    client = (
+        None
+        if attempts is None
+        else make_client("ec2", region="us-east-1", max_attempts=attempts, connect_timeout=1)
+    )
+    cloud = Ec2Cloud(settings, trio.CapacityLimiter(4), client=client)
+    return make_engine(
+        cloud,
+        prices=PRICES,
         default_spec=spec,
-        limits=Limits(10, None, 900.0),
         launch_timeout=launch_timeout,
         describe_interval=0.05,
         subnets=subnets,
     )
-    return Engine(cloud, engine_settings, Clock(), PRICES)
 
 
 def cloud_of(engine: Engine) -> Ec2Cloud:
@@ -152,7 +161,7 @@ async def test_no_capacity_for_the_first_type_gives_a_worker_of_the_second(
 ) -> None:
     """No capacity for the first type: a worker of the second, both listed in STATUS."""
     spec = LaunchSpec("c7i.8xlarge", Market.SPOT, fallback_types=("c6i.8xlarge",))
-    engine = make_engine(resources, spec)
+    engine = aws_engine(resources, spec)
     attempts = inject(cloud_of(engine), "RunInstances", [no_capacity()])
     with trio.fail_after(20):
         async with running_broker(engine) as broker:
@@ -186,7 +195,7 @@ async def test_no_spot_capacity_anywhere_falls_back_to_on_demand(
     spec = LaunchSpec(
         "c7i.8xlarge", Market.SPOT, fallback_types=("c6i.8xlarge",), on_demand_fallback=True
     )
-    engine = make_engine(resources, spec)
+    engine = aws_engine(resources, spec)
     attempts = refuse_spot(cloud_of(engine))
     with trio.fail_after(20):
         async with running_broker(engine) as broker:
@@ -209,7 +218,7 @@ async def test_no_spot_capacity_without_on_demand_fallback_is_one_clear_error(
 ) -> None:
     """No spot capacity anywhere, no on-demand fallback: one ERROR naming every offering."""
     spec = LaunchSpec("c7i.8xlarge", Market.SPOT, fallback_types=("c6i.8xlarge",))
-    engine = make_engine(resources, spec)
+    engine = aws_engine(resources, spec)
     attempts = refuse_spot(cloud_of(engine))
     with trio.fail_after(20):
         async with running_broker(engine) as broker:
@@ -228,7 +237,7 @@ async def test_no_capacity_in_one_subnet_falls_to_the_next(
 ) -> None:
     """No capacity in subnet A: the instance is launched in subnet B."""
     first, second = two_subnets
-    engine = make_engine(resources, LaunchSpec("c7i.8xlarge", Market.SPOT), subnets=two_subnets)
+    engine = aws_engine(resources, subnets=two_subnets)
     attempts = inject(cloud_of(engine), "RunInstances", [no_capacity()])
     with trio.fail_after(20):
         async with running_broker(engine) as broker:
@@ -246,7 +255,7 @@ async def test_throttled_twice_then_the_request_succeeds_in_bounded_time(
     resources: SandboxResources,
 ) -> None:
     """Throttled twice: retried with the same ClientToken, the worker comes within seconds."""
-    engine = make_engine(resources, LaunchSpec("c7i.8xlarge", Market.SPOT))
+    engine = aws_engine(resources)
     attempts = inject(cloud_of(engine), "RunInstances", [throttled(), throttled()])
     async with running_broker(engine) as broker:
         started = trio.current_time()
@@ -264,7 +273,7 @@ async def test_throttled_forever_is_an_error_line_not_a_hang(
     resources: SandboxResources,
 ) -> None:
     """Throttled on every request: one ERROR line after the retries, never a hang."""
-    engine = make_engine(resources, LaunchSpec("c7i.8xlarge", Market.SPOT), launch_timeout=30)
+    engine = aws_engine(resources, launch_timeout=30)
     attempts = inject(cloud_of(engine), "RunInstances", [throttled() for _ in range(50)])
     async with running_broker(engine) as broker:
         started = trio.current_time()
@@ -283,7 +292,7 @@ async def test_a_fallback_launch_leaves_no_launch_intent_behind(
 ) -> None:
     """A launch that fell back to another offering leaves no launch intent in the registry."""
     spec = LaunchSpec("c7i.8xlarge", Market.SPOT, fallback_types=("c6i.8xlarge",))
-    engine = make_engine(resources, spec)
+    engine = aws_engine(resources, spec)
     inject(cloud_of(engine), "RunInstances", [no_capacity()])
     with trio.fail_after(20):
         async with running_broker(engine) as broker:
@@ -291,3 +300,85 @@ async def test_a_fallback_launch_leaves_no_launch_intent_behind(
             intents = await engine.registry.list_intents(engine.clock.now())
     assert ip.startswith("127.77.")
     assert [i.token for i in intents] == []
+
+
+# --- launch errors, throttling, unreachable and hanging endpoints ----------------------------
+
+
+@pytest.mark.parametrize(
+    ("status", "code", "message"),
+    [
+        (500, "InsufficientInstanceCapacity", "We currently do not have sufficient capacity."),
+        (400, "SpotMaxPriceTooLow", "Your Spot request price is lower than the minimum."),
+        (400, "MaxSpotInstanceCountExceeded", "Max spot instance count exceeded"),
+        (403, "UnauthorizedOperation", "You are not authorized to perform this operation."),
+    ],
+)
+async def test_ec2_launch_errors_become_one_error_line(
+    resources: SandboxResources, status: int, code: str, message: str
+) -> None:
+    """A launch EC2 refuses answers `ERROR: launch failed: <code>: <message>`; the broker
+    stays up and nothing is left counted in flight."""
+    engine = aws_engine(resources, attempts=1)
+    attempts = inject(cloud_of(engine), "RunInstances", [ec2_error(status, code, message)] * 2)
+    async with running_broker(engine) as broker:
+        with trio.fail_after(20):
+            reply = await ask_once(broker.port, "GET_WORKER")
+            assert reply == f"ERROR: launch failed: {code}: {message}"
+            assert await ask_once(broker.port, "HELP") != ""
+        assert engine.pool.in_flight == {}
+        assert 1 <= len(attempts) <= 2
+
+
+async def test_throttling_is_retried_and_the_request_then_succeeds(
+    resources: SandboxResources,
+) -> None:
+    """RequestLimitExceeded once: the adapter retries, the client just gets its worker."""
+    engine = aws_engine(resources, attempts=3)
+    attempts = inject(
+        cloud_of(engine), "RunInstances", [ec2_error(503, "RequestLimitExceeded", "Slow down")]
+    )
+    async with running_broker(engine) as broker:
+        with trio.fail_after(30):
+            reply = await ask_once(broker.port, "GET_WORKER")
+    assert reply.startswith("127.77.")
+    assert len(attempts) == 2
+
+
+async def test_unreachable_endpoint_is_an_error_not_a_hang(
+    resources: SandboxResources, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """AWS endpoint down: `ERROR: cloud unreachable: ...` well within launch_timeout."""
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{closed_loopback_port()}")
+    engine = aws_engine(resources, attempts=1, launch_timeout=15)
+    async with running_broker(engine) as broker:
+        with trio.fail_after(15):
+            reply = await ask_once(broker.port, "GET_WORKER")
+    assert reply.startswith("ERROR: cloud unreachable: ")
+    assert engine.pool.in_flight == {}
+
+
+async def test_a_hanging_aws_call_is_cut_at_launch_timeout(resources: SandboxResources) -> None:
+    """RunInstances that never answers: the waiter gets `ERROR: launch timed out` at
+    launch_timeout, and other clients are served meanwhile."""
+    engine = aws_engine(resources, attempts=1, launch_timeout=1.5)
+    release = threading.Event()
+
+    def hang(**_: Any) -> None:
+        release.wait(10)
+
+    client_for(cloud_of(engine), "RunInstances").meta.events.register(
+        "before-send.ec2.RunInstances", hang
+    )
+    try:
+        async with running_broker(engine) as broker:
+            waiting = await LineClient.connect(broker.port)
+            await waiting.send(b"GET_WORKER\n")
+            with trio.fail_after(1):
+                assert (await ask_once(broker.port, "HELP")).startswith("OK commands:")
+            with trio.fail_after(5):
+                reply = (await waiting.readline()).decode()
+            assert reply == "ERROR: launch timed out after 1.5s"
+            assert engine.pool.in_flight == {}
+    finally:
+        release.set()

@@ -1,5 +1,6 @@
-"""The EC2 event queue against the sandbox's SQS (and EventBridge): setup creates it once with
-EventBridge's permission; messages are received, parsed and deleted in batches."""
+"""The SQS adapters (broker/sqs.py) against the sandbox's SQS (and EventBridge): the job
+queue's depth; the EC2 event queue, which setup creates once with EventBridge's permission,
+and whose messages are received, parsed and deleted in batches."""
 
 from __future__ import annotations
 
@@ -59,6 +60,17 @@ def statements(sqs: Any, url: str) -> list[dict[str, Any]]:
 async def depth(url: str) -> int:
     """Visible plus in-flight messages."""
     return await SqsQueue(url, trio.CapacityLimiter(1), region="us-east-1").depth()
+
+
+async def test_job_queue_depth_counts_visible_and_in_flight_messages(sqs: Any) -> None:
+    """Depth is visible plus in-flight (received, not deleted) messages."""
+    name = f"compute-broker-jobs-{uuid.uuid4().hex[:8]}"
+    url: str = sqs.create_queue(QueueName=name)["QueueUrl"]
+    for n in range(7):
+        sqs.send_message(QueueUrl=url, MessageBody=f"job {n}")
+    sqs.receive_message(QueueUrl=url, MaxNumberOfMessages=2, VisibilityTimeout=60)
+    with trio.fail_after(10):
+        assert await depth(url) == 7
 
 
 def test_setup_creates_the_queue_once_with_eventbridge_allowed(sqs: Any) -> None:
@@ -185,8 +197,8 @@ async def test_receive_rejects_limits_sqs_would_refuse() -> None:
 
 
 async def test_eventbridge_rule_with_the_pattern_feeds_the_queue(sqs: Any) -> None:
-    """Through (moto's) EventBridge with EVENT_PATTERN: the warning, the recommendation and the
-    terminated state arrive; a state change to running is filtered out by the rule."""
+    """Through (moto's) EventBridge with EVENT_PATTERN: the warning, the recommendation, the
+    running and the terminated states arrive; a state change to pending is filtered out."""
     url = ensure_events_queue(sqs, queue_name())
     events = make_client("events", region="us-east-1")
     rule = f"compute-broker-ec2-{uuid.uuid4().hex[:8]}"
@@ -195,6 +207,7 @@ async def test_eventbridge_rule_with_the_pattern_feeds_the_queue(sqs: Any) -> No
     events.put_targets(Rule=rule, Targets=[{"Id": "broker", "Arn": arn}])
     for detail_type, detail in [
         ("EC2 Spot Instance Interruption Warning", {"instance-action": "terminate"}),
+        ("EC2 Instance State-change Notification", {"state": "pending"}),
         ("EC2 Instance State-change Notification", {"state": "running"}),
         ("EC2 Instance Rebalance Recommendation", {}),
         ("EC2 Instance State-change Notification", {"state": "terminated"}),
@@ -208,13 +221,13 @@ async def test_eventbridge_rule_with_the_pattern_feeds_the_queue(sqs: Any) -> No
     queue = SqsEventQueue(url, trio.CapacityLimiter(1), region="us-east-1")
     parsed = []
     with trio.fail_after(10):
-        while len(parsed) < 3:
+        while len(parsed) < 4:
             received = await queue.receive(wait_seconds=1)
             parsed.extend(parse_event(message.body) for message in received)
             await queue.delete([message.receipt_handle for message in received])
         assert await queue.receive() == []
     kinds = sorted(type(event).__name__ for event in parsed)
-    assert kinds == ["InterruptionWarning", "RebalanceRecommendation", "StateChange"]
+    assert kinds == ["InterruptionWarning", "RebalanceRecommendation", "StateChange", "StateChange"]
     assert {INSTANCE} == {getattr(event, "instance_id", None) for event in parsed}
-    (state,) = [event for event in parsed if isinstance(event, StateChange)]
-    assert state.state == "terminated"
+    states = sorted(event.state for event in parsed if isinstance(event, StateChange))
+    assert states == ["running", "terminated"]

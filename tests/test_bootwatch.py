@@ -1,0 +1,186 @@
+"""The boot room (broker/bootwatch.py): one batched DescribeInstances for every launching
+worker, scheduled around each type's learned boot time (broker/boottimes.py; its schedule is
+in tests/test_boottimes.py) or woken by EC2's `running` event, readiness probes, launch
+timeouts. On Trio's MockClock with an in-memory cloud; the probe tests on real loopback
+sockets and real (short) time."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+import trio
+from trio.testing import MockClock
+
+from broker.clock import Clock
+from broker.cloud import CloudError
+from broker.engine import WAIT_SLACK, Engine, Refusal
+from broker.memory_registry import MemoryRegistry
+from broker.model import WorkerRequest, WorkerState
+from tests.engines import get_ip, make_engine, running
+from tests.fakes import FakeCloud, FakeEvents
+from tests.harness import LineClient, ask_once, running_broker, wait_for
+
+
+async def test_pending_launches_are_polled_in_one_batched_describe(
+    autojump_clock: MockClock, engine: Engine, cloud: FakeCloud
+) -> None:
+    """Five launching workers cost one DescribeInstances per poll, not five."""
+    ids = await engine.burst(5)
+    assert len(ids) == 5
+    assert len(cloud.launch_calls) == 1
+    assert cloud.launch_calls[0][1] == 5
+    await wait_for(lambda: not engine.pool.launching(), timeout=60, poll=1)
+    assert all(sorted(call) == sorted(ids) for call in cloud.describe_calls)
+    assert len(cloud.describe_calls) <= 20 / 2.0 + 2
+
+
+async def test_instance_that_never_boots_is_terminated_at_launch_timeout(
+    autojump_clock: MockClock, cloud: FakeCloud, clock: Clock
+) -> None:
+    """No worker past launch_timeout: the waiter gets an error and the instance is terminated."""
+    cloud.never_boot = True
+    engine = make_engine(cloud, clock, launch_timeout=120)
+    async with running(engine):
+        start = trio.current_time()
+        with pytest.raises(Refusal, match=r"^launch timed out after 120s$"):
+            await get_ip(engine, WorkerRequest(), "a")
+        assert trio.current_time() - start <= 120 + 2.0 + WAIT_SLACK
+        await wait_for(lambda: not cloud.alive(), timeout=10, poll=1)
+        assert engine.pool.workers == {}
+
+
+# --- hand-out at the speed of EC2 -----------------------------------------------------------
+
+BOOT = 15.0  # seconds from launch to running, as on EC2
+
+
+async def test_a_learned_boot_is_handed_out_within_a_third_of_a_second_of_running(
+    autojump_clock: MockClock, clock: Clock
+) -> None:
+    """First launch: learned. Then, for each next cold GET_WORKER, the answer comes at most
+    0.3 s after the instance is running, with no more describes than polling every 2 s."""
+    cloud = FakeCloud(clock, boot_time=BOOT)
+    engine = make_engine(cloud, clock, clients_per_worker=1)
+    delays, calls = [], []
+    async with running(engine):
+        await engine.get_worker(WorkerRequest(), "first")
+        for n in range(4):
+            before = len(cloud.describe_calls)
+            started = trio.current_time()
+            await engine.get_worker(WorkerRequest(), f"client-{n}")
+            delays.append(trio.current_time() - started - BOOT)
+            calls.append(len(cloud.describe_calls) - before)
+    assert all(0 <= delay <= 0.3 for delay in delays), delays
+    assert all(n <= BOOT / 2.0 + 1 for n in calls), calls
+
+
+async def test_an_ec2_running_event_hands_the_worker_out_at_once(
+    autojump_clock: MockClock, clock: Clock
+) -> None:
+    """With the events queue, EC2's `running` state-change wakes the watcher: the first
+    launch of a type (nothing learned, describe every 2 s) is handed out when the event comes,
+    not at the next poll."""
+    boot = BOOT + 1.5  # midway between two polls (every 2 s from the launch): 1.5 s late
+    cloud = FakeCloud(clock, boot_time=boot)
+    events = FakeEvents()
+    engine = make_engine(cloud, clock, events=events)
+
+    async def announce() -> None:
+        await wait_for(lambda: cloud.instances)
+        (instance,) = cloud.instances.values()
+        await trio.sleep(instance.running_at - clock.now())
+        events.put(
+            json.dumps(
+                {
+                    "source": "aws.ec2",
+                    "detail-type": "EC2 Instance State-change Notification",
+                    "time": "2026-11-29T12:00:00Z",
+                    "detail": {"instance-id": instance.instance_id, "state": "running"},
+                }
+            )
+        )
+
+    async with running(engine), trio.open_nursery() as nursery:
+        nursery.start_soon(announce)
+        started = trio.current_time()
+        await engine.get_worker(WorkerRequest(), "a")
+        delay = trio.current_time() - started - boot
+    assert 0 <= delay <= 0.3, delay
+
+
+# --- readiness probes, over loopback ---------------------------------------------------------
+
+
+async def probing_engine(*, launch_timeout: float) -> tuple[Engine, FakeCloud, int]:
+    """An engine with the readiness probe on, loopback workers, and a worker port on which
+    nobody listens yet (tests may open it)."""
+    cloud = FakeCloud(Clock(), boot_time=0.05, ip_prefix="127.0.0.")  # loopback workers only
+    with trio.socket.socket() as reserve:
+        await reserve.bind(("127.0.0.1", 0))
+        worker_port: int = reserve.getsockname()[1]
+    engine = make_engine(
+        cloud,
+        launch_timeout=launch_timeout,
+        describe_interval=0.02,
+        worker_port=worker_port,
+        probe=True,
+        probe_timeout=0.2,
+    )
+    return engine, cloud, worker_port
+
+
+async def test_probe_hands_out_a_worker_only_once_its_port_accepts() -> None:
+    """With probe on, a running worker stays launching until worker_port accepts TCP."""
+    engine, cloud, worker_port = await probing_engine(launch_timeout=20.0)
+    with trio.fail_after(20):
+        async with running_broker(engine) as broker:
+            client = await LineClient.connect(broker.port)
+            await client.send(b"GET_WORKER\n")
+            await wait_for(lambda: len(cloud.describe_calls) >= 10)
+            assert [w.state for w in engine.pool.workers.values()] == ["launching"]
+            listener = (await trio.open_tcp_listeners(worker_port, host="127.0.0.1"))[0]
+            async with listener:
+                assert await client.readline() == b"127.0.0.1"
+
+
+async def test_probe_that_never_succeeds_ends_in_a_timeout_and_a_termination() -> None:
+    """A worker whose port never opens is terminated at launch_timeout; the type is not
+    blocked: the next request launches again."""
+    engine, cloud, _ = await probing_engine(launch_timeout=1.0)
+    with trio.fail_after(20):
+        async with running_broker(engine) as broker:
+            assert await ask_once(broker.port, "GET_WORKER") == "ERROR: launch timed out after 1s"
+            await wait_for(lambda: cloud.alive() == [])
+            assert await ask_once(broker.port, "GET_WORKER wait=0.3") == (
+                "ERROR: no worker ready after 0.3s"
+            )
+            assert len(cloud.launch_calls) == 2
+
+
+class ReadyWriteFailsOnce(MemoryRegistry):
+    """The registry refuses the first `ready` write (a DynamoDB throttle, say)."""
+
+    failed = False
+
+    async def set_worker_state(self, instance_id: str, state: WorkerState, **kwargs: Any) -> bool:
+        if state is WorkerState.READY and not self.failed:
+            self.failed = True
+            raise CloudError("ProvisionedThroughputExceededException", "slow down")
+        return await super().set_worker_state(instance_id, state, **kwargs)
+
+
+async def test_a_worker_the_registry_was_not_told_is_ready_stays_launching_and_is_retried(
+    autojump_clock: MockClock, clock: Clock, cloud: FakeCloud
+) -> None:
+    """The ready write fails once: the worker is not ready here either (it could be neither
+    leased nor reaped), and the next describe pass makes it ready in both; it is handed out."""
+    registry = ReadyWriteFailsOnce("test")
+    engine = make_engine(cloud, clock, registry)
+    async with running(engine):
+        ip = await get_ip(engine, WorkerRequest(), "a")
+        (record,) = await registry.list_workers(clock.now())
+    assert registry.failed
+    assert record.state is WorkerState.READY
+    assert record.ip == ip

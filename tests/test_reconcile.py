@@ -1,0 +1,125 @@
+"""The reconcile room (broker/reconcile.py): restore from the registry at start, agree with
+EC2 (adopt tagged strangers, drop what vanished, settle crash-left intents), learn what other
+replicas did. On Trio's MockClock with an in-memory cloud; `Pool.merge` itself is unit-tested
+in tests/test_pool_merge.py."""
+
+from __future__ import annotations
+
+import pytest
+import trio
+from trio.testing import MockClock
+
+from broker.clock import Clock
+from broker.engine import Engine, WorkerNotFound
+from broker.memory_registry import MemoryRegistry
+from broker.model import WorkerRequest
+from broker.registry import LaunchIntent
+from tests.engines import SPEC, get_ip, make_engine, running
+from tests.fakes import FakeCloud
+
+
+async def test_existing_pool_instances_are_adopted_at_start(
+    autojump_clock: MockClock, cloud: FakeCloud, clock: Clock
+) -> None:
+    """After a restart the running tagged instance is handed out, not relaunched."""
+    mine = cloud.add_running(SPEC)
+    cloud.add_running(SPEC, pool="someone-else")
+    engine = make_engine(cloud, clock)
+    async with running(engine):
+        assert list(engine.pool.workers) == [mine.instance_id]
+        assert await get_ip(engine, WorkerRequest(), "a") == mine.ip
+        assert cloud.launch_calls == []
+
+
+async def test_a_ready_worker_that_dies_is_dropped_at_the_next_reaper_pass(
+    autojump_clock: MockClock, engine: Engine, cloud: FakeCloud
+) -> None:
+    """Spot interruption or a manual terminate: the worker is no longer handed out or pinged."""
+    ip = await get_ip(engine, WorkerRequest(), "a")
+    (instance,) = cloud.instances.values()
+    instance.state = "terminated"
+    await trio.sleep(61)
+    assert engine.pool.workers == {}
+    assert engine.pool.leases == {}
+    with pytest.raises(WorkerNotFound):
+        await engine.ping(ip, "a")
+    assert await get_ip(engine, WorkerRequest(), "a") != ip
+
+
+async def test_an_unknown_tagged_instance_is_adopted_then_reaped_when_idle(
+    autojump_clock: MockClock, engine: Engine, cloud: FakeCloud
+) -> None:
+    """An instance of this pool the broker does not know (a launch cut off at launch_timeout)
+    is adopted by the reconciler and terminated after idle_timeout, not left billing."""
+    stray = cloud.add_running(SPEC)
+    await trio.sleep(61)
+    assert list(engine.pool.workers) == [stray.instance_id]
+    await trio.sleep(900)
+    assert cloud.alive() == []
+
+
+async def test_a_restarted_engine_has_the_same_workers_leases_and_idle_clocks(
+    autojump_clock: MockClock, cloud: FakeCloud, clock: Clock
+) -> None:
+    """Everything that matters is in the registry: a new engine on it continues seamlessly."""
+    registry = MemoryRegistry("test")
+    first = make_engine(cloud, clock, registry)
+    async with running(first):
+        ip = await get_ip(first, WorkerRequest(), "a")
+        await get_ip(first, WorkerRequest(), "b")
+        await trio.sleep(100)
+        await first.ping(ip, "b")
+        await first.release(ip, "a")
+        before = first.status()
+    # The broker died; the registry and EC2 remain.
+    await trio.sleep(50)
+    second = make_engine(cloud, clock, registry)
+    async with running(second):
+        after = second.status()
+        assert [w["instance_id"] for w in after["workers"]] == [
+            w["instance_id"] for w in before["workers"]
+        ]
+        assert [(le["client"], le["started_at"]) for le in after["leases"]] == [
+            (le["client"], le["started_at"]) for le in before["leases"]
+        ]
+        assert after["workers"][0]["idle_seconds"] == pytest.approx(50)
+        assert len(cloud.launch_calls) == 1
+        assert await get_ip(second, WorkerRequest(), "b") == ip
+
+
+async def test_a_launch_interrupted_before_its_registry_write_is_adopted_after_restart(
+    autojump_clock: MockClock, cloud: FakeCloud, clock: Clock
+) -> None:
+    """Crash between RunInstances and the registry write: the intent and the instance's
+    launch-token tag let the next engine adopt the instance and settle the intent."""
+    registry = MemoryRegistry("test")
+    token = "crashed-launch"
+    await registry.put_intent(LaunchIntent.begin(token, SPEC, 1, clock.now(), ttl=600))
+    await cloud.launch(SPEC, 1, token)  # EC2 launched; the broker died before writing it
+    engine = make_engine(cloud, clock, registry)
+    async with running(engine):
+        (worker,) = engine.pool.workers.values()
+        assert worker.launch_token == token
+        assert [r.instance_id for r in await registry.list_workers(clock.now())] == [
+            worker.instance_id
+        ]
+        assert await registry.list_intents(clock.now()) == []
+        await get_ip(engine, WorkerRequest(), "a")
+        assert len(cloud.launch_calls) == 1
+
+
+async def test_replicas_a_lease_kept_alive_through_the_other_replica_is_not_reaped(
+    autojump_clock: MockClock, cloud: FakeCloud, clock: Clock
+) -> None:
+    """Alice gets a worker from A and pings only through B: A must not expire her lease or
+    reap the worker, however idle it looks from A."""
+    registry = MemoryRegistry("test")
+    a, b = make_engine(cloud, clock, registry), make_engine(cloud, clock, registry)
+    async with running(a, b):
+        ip = await get_ip(a, WorkerRequest(), "alice")
+        await trio.sleep(61)  # B learns the worker and the lease at its reconciliation
+        for _ in range(30):
+            await b.ping(ip, "alice")
+            await trio.sleep(60)
+        assert len(cloud.alive()) == 1
+        assert [lease.client for lease in await registry.list_leases(clock.now())] == ["alice"]
