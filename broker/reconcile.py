@@ -161,6 +161,7 @@ class Reconciler:
         counter if a crash leaked a reservation. The registry's launch intents."""
         ctx = self.ctx
         registry = ctx.registry
+        known = set(ctx.pool.workers)  # a worker that joins during the reads is not in them
         try:
             records = await registry.list_workers(now)
             leases = await registry.list_leases(now)
@@ -177,6 +178,7 @@ class Reconciler:
             alive=alive,
             declared_local={local.instance_id for local in ctx.settings.local_workers},
             now=now,
+            known=known,
         )
         for worker in plan.joined:
             if worker.local:
