@@ -176,6 +176,12 @@ class DynamoRegistry:
     async def put_worker(self, worker: WorkerRecord) -> None:
         await self._put(_worker_sk(worker.instance_id), worker.to_item())
 
+    async def add_worker(self, worker: WorkerRecord) -> bool:
+        request = self._put_request(
+            _worker_sk(worker.instance_id), worker.to_item(), "attribute_not_exists(#sk)"
+        )
+        return (await self._write(self.client.put_item, **request)).ok
+
     async def get_worker(self, instance_id: str) -> WorkerRecord | None:
         item = await self._get(_worker_sk(instance_id))
         return None if item is None else WorkerRecord.from_item(item)

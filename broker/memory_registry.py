@@ -45,6 +45,13 @@ class MemoryRegistry:
         await trio.lowlevel.checkpoint()
         self._workers[worker.instance_id] = worker
 
+    async def add_worker(self, worker: WorkerRecord) -> bool:
+        await trio.lowlevel.checkpoint()
+        if worker.instance_id in self._workers:
+            return False
+        self._workers[worker.instance_id] = worker
+        return True
+
     async def get_worker(self, instance_id: str) -> WorkerRecord | None:
         await trio.lowlevel.checkpoint()
         return self._workers.get(instance_id)

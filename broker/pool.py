@@ -444,6 +444,7 @@ class Pool:
         alive: Collection[str],
         declared_local: Collection[str],
         now: float,
+        known: Collection[str] | None = None,
     ) -> MergePlan:
         """Learn what other replicas did, from the registry's workers (as `Worker` values,
         by id) and leases, and the instance ids EC2 runs (`alive`):
@@ -451,7 +452,9 @@ class Pool:
         - a worker the registry has and EC2 runs (or a local one) joins, unless terminating;
         - covers only grow (another replica extended one); interruptions are learned;
         - a ready worker the registry no longer has, or has as terminating, is removed
-          (only with no launch of ours in flight: its record may not be written yet);
+          (only with no launch of ours in flight: its record may not be written yet; and
+          only if it is in `known`, the ids the pool had before the registry was read, when
+          given: a worker launched since is missing from that read, not gone);
         - a local worker neither the registry nor the config has is lost (agent gone);
         - leases join, and activity seen through another replica refreshes ours.
         """
@@ -486,7 +489,8 @@ class Pool:
                 theirs.state is WorkerState.TERMINATING
                 and worker.state is not WorkerState.TERMINATING
             )
-            if elsewhere and worker.state is WorkerState.READY and not self.in_flight:
+            stale = known is not None and worker.instance_id not in known
+            if elsewhere and worker.state is WorkerState.READY and not self.in_flight and not stale:
                 self.remove(worker.instance_id, now)
                 gone.append(worker)
         for lease in leases:

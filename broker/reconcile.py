@@ -142,7 +142,12 @@ class Reconciler:
                 token=instance.launch_token,
                 paid_until=None if intent is None else intent.paid_until,
             )
-            await ctx.write("put_worker", ctx.registry.put_worker, WorkerRecord.from_worker(worker))
+            record = WorkerRecord.from_worker(worker)
+            if not await ctx.write("add_worker", ctx.registry.add_worker, record, default=True):
+                # Another replica wrote it since the registry was read: its record (and its
+                # holders) stand, its launch was charged; the next pass learns its cover.
+                _log.info("worker.adopted_known", instance_id=instance.instance_id)
+                continue
             if intent is None:  # no launch of ours charged it: it runs, so it counts now
                 await self.spending.add_to_run_rate(price)
             _log.info(
@@ -161,6 +166,7 @@ class Reconciler:
         counter if a crash leaked a reservation. The registry's launch intents."""
         ctx = self.ctx
         registry = ctx.registry
+        known = set(ctx.pool.workers)  # a worker that joins during the reads is not in them
         try:
             records = await registry.list_workers(now)
             leases = await registry.list_leases(now)
@@ -177,6 +183,7 @@ class Reconciler:
             alive=alive,
             declared_local={local.instance_id for local in ctx.settings.local_workers},
             now=now,
+            known=known,
         )
         for worker in plan.joined:
             if worker.local:

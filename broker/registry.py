@@ -336,6 +336,11 @@ class Registry(Protocol):
         adopted workers, and `set_worker_state` / `update_worker_activity` for changes."""
         ...
 
+    async def add_worker(self, worker: WorkerRecord) -> bool:
+        """Create a worker unless the registry has it already (another replica wrote it
+        since it was read: its `holders` stand); False then, and nothing changes."""
+        ...
+
     async def get_worker(self, instance_id: str) -> WorkerRecord | None:
         """The worker, expired or not; None if there is none."""
         ...

@@ -158,3 +158,16 @@ def test_a_worker_terminated_here_is_not_taken_back_from_a_stale_view() -> None:
     assert [w.instance_id for w in plan.joined] == ["i-2"]
     assert "i-1" not in pool.workers
     assert pool.recently_retired("i-1")
+
+
+def test_merge_keeps_a_worker_that_joined_after_the_registry_was_read() -> None:
+    """A worker launched here while the registry was being read is missing from that read:
+    it is not gone elsewhere, and its lease stays. One the pool had before the read is."""
+    pool = pool_with(1)
+    known = set(pool.workers)  # the registry is read now...
+    pool.adopt(instance(2), T0, price=0.5, ready=True)  # ...while a launch completes
+    pool.hand_out(pool.workers["i-2"], "a", NOW)
+    plan = pool.merge({}, [], alive={"i-1", "i-2"}, declared_local=(), now=NOW, known=known)
+    assert [w.instance_id for w in plan.gone] == ["i-1"]
+    assert list(pool.workers) == ["i-2"]
+    assert [lease.client for lease in pool.holders("i-2")] == ["a"]

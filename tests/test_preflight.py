@@ -34,7 +34,8 @@ from tests.aws_support import closed_loopback_port, ec2_error, ec2_reply
 
 DEADLINE = 30
 CONFIG_PATH = "/etc/compute-broker/config.yaml"
-ACCOUNT_ID = re.compile(r"(?<!\d)\d{12}(?!\d)")
+# Twelve digits standing alone (not inside an id such as subnet-f874459532587fa51).
+ACCOUNT_ID = re.compile(r"(?<![0-9A-Za-z])\d{12}(?![0-9A-Za-z])")
 ENCODED = "AbCd0123456789EfGhEncodedBlobThatOnlyTheLogMayHold"
 DENIAL_MESSAGE = (
     "You are not authorized to perform this operation. User: "

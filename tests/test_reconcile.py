@@ -13,7 +13,7 @@ from broker.clock import Clock
 from broker.engine import Engine, WorkerNotFound
 from broker.memory_registry import MemoryRegistry
 from broker.model import WorkerRequest
-from broker.registry import LaunchIntent
+from broker.registry import LaunchIntent, LeaseRecord, WorkerRecord
 from tests.engines import SPEC, get_ip, make_engine, running
 from tests.fakes import FakeCloud
 
@@ -123,3 +123,79 @@ async def test_replicas_a_lease_kept_alive_through_the_other_replica_is_not_reap
             await trio.sleep(60)
         assert len(cloud.alive()) == 1
         assert [lease.client for lease in await registry.list_leases(clock.now())] == ["alice"]
+
+
+class LeaseReadWaits(MemoryRegistry):
+    """Once armed, `list_leases` waits for `go`: a reconciliation stays between its read of
+    the workers and the rest of its registry reads."""
+
+    def __init__(self) -> None:
+        super().__init__("test")
+        self.armed = False
+        self.reading = trio.Event()
+        self.go = trio.Event()
+
+    async def list_leases(self, now: float) -> list[LeaseRecord]:
+        if self.armed:
+            self.armed = False
+            self.reading.set()
+            await self.go.wait()
+        return await super().list_leases(now)
+
+
+async def test_a_worker_launched_during_a_reconciliation_is_not_dropped_as_gone(
+    autojump_clock: MockClock, cloud: FakeCloud, clock: Clock
+) -> None:
+    """The workers the reconciliation read do not have a worker launched and leased since:
+    it stays, and its holder's PING answers (it was dropped as "gone elsewhere", its lease
+    with it, until the next pass brought it back)."""
+    registry = LeaseReadWaits()
+    engine = make_engine(cloud, clock, registry)
+    async with running(engine):
+        registry.armed = True
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(engine.reconciler.reconcile)
+            await registry.reading.wait()
+            ip = await get_ip(engine, WorkerRequest(), "a")
+            registry.go.set()
+        await engine.ping(ip, "a")
+        (worker,) = engine.pool.workers.values()
+        assert [lease.client for lease in engine.pool.holders(worker.instance_id)] == ["a"]
+
+
+class WorkerWrittenAfterRead(MemoryRegistry):
+    """Once `other` is set, the next `list_workers` answers without it, then it is written
+    and leased to alice: another replica's launch, seen by EC2 but not by that read."""
+
+    def __init__(self) -> None:
+        super().__init__("test")
+        self.other: WorkerRecord | None = None
+
+    async def list_workers(self, now: float) -> list[WorkerRecord]:
+        read = await super().list_workers(now)
+        if self.other is not None:
+            other, self.other = self.other, None
+            await self.put_worker(other)
+            lease = LeaseRecord.start("alice", other.instance_id, other.ip or "", now, 900.0)
+            assert await self.claim_lease(lease, 1)
+        return read
+
+
+async def test_an_instance_another_replica_wrote_meanwhile_is_not_overwritten_by_adoption(
+    autojump_clock: MockClock, cloud: FakeCloud, clock: Clock
+) -> None:
+    """Adoption writes a worker only if the registry still has none: the other replica's
+    record stands with alice's lease, so bob (exclusive workers) is not handed the same one."""
+    registry = WorkerWrittenAfterRead()
+    engine = make_engine(cloud, clock, registry, clients_per_worker=1)
+    async with running(engine):
+        theirs = cloud.add_running(SPEC)
+        (instance,) = [i for i in await cloud.list_pool() if i.instance_id == theirs.instance_id]
+        registry.other = WorkerRecord.from_instance(
+            instance, clock.now(), price_per_hour=0.5, ready=True
+        )
+        await engine.reconciler.reconcile()
+        record = await registry.get_worker(theirs.instance_id)
+        assert record is not None
+        assert (record.holders, record.price_per_hour) == (1, 0.5)
+        assert await get_ip(engine, WorkerRequest(), "bob") != theirs.ip

@@ -190,6 +190,16 @@ async def test_workers_round_trip_and_list_by_instance_id(registry: Registry) ->
     assert [launching, ec2, local] == await registry.list_workers(NOW)
 
 
+async def test_add_worker_never_overwrites_a_worker_the_registry_has(registry: Registry) -> None:
+    """An adoption racing another replica's launch: the first record stands, holders too."""
+    assert await registry.add_worker(worker("i-0a"))
+    assert await registry.claim_lease(lease("a:1"), 1)
+    assert not await registry.add_worker(worker("i-0a", price=2.0))
+    found = await registry.get_worker("i-0a")
+    assert found is not None
+    assert (found.holders, found.price_per_hour) == (1, worker("i-0a").price_per_hour)
+
+
 async def test_expired_workers_are_not_listed_but_still_readable(registry: Registry) -> None:
     """A worker past expires_at leaves list_workers (TTL deletes late); a heartbeat revives it."""
     await registry.put_worker(worker("lab-01", provider=Provider.LOCAL, expires_at=NOW + 30))
