@@ -10,6 +10,7 @@ from typing import Any
 from bench import fault_checks as checks
 from bench.fault_bench import (
     LAUNCH_TIMEOUT,
+    TYPE,
     Bench,
     Result,
     latency_figures,
@@ -30,8 +31,8 @@ def ec2_faults(bench: Bench) -> list[Result]:
     for five minutes)."""
     cloud = bench.cloud
     pool = bench.pool("ec2")
-    # Reconciliations every 3 s, not every second: the RELEASE below must not race one (that
-    # race is a known bug, shown deterministically by `reconcile_races_release`).
+    # Reconciliations every 3 s, not every second: the RELEASE below does not race one (that
+    # race, a bug fixed on main, is `reconcile_races_release`'s), so this row is EC2's faults.
     config = bench.config(
         pool, sharing="exclusive", instance_types=[FALLBACK_TYPE], reap_interval=3.0
     )
@@ -300,7 +301,9 @@ def endpoint_down(bench: Bench) -> list[Result]:
     cloud = bench.cloud
     down_for = 30.0 if bench.full else 10.0
     pool = bench.pool("down")
-    config = bench.config(pool)
+    # The requests below name the fallback type, which is not in this config's instance
+    # types: allowed_instance_types lets a request ask for it (else `ERROR: not allowed`).
+    config = bench.config(pool, allowed_instance_types=[TYPE, FALLBACK_TYPE])
     cloud.boot_delay(0.2)
     began = time.monotonic()
     with bench.brokers() as start:

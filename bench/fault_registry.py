@@ -34,8 +34,9 @@ def dynamodb_faults(bench: Bench) -> list[Result]:
     cap = 10
     pool = bench.pool("ddb")
     # No reconciliation while DynamoDB is throttled (reap_interval 60 s): a reconciliation
-    # whose registry reads are slow drops fresh workers, a known bug that
-    # `reconcile_races_launch` shows deterministically. So each client stays on its replica.
+    # whose registry reads were slow dropped fresh workers (a bug fixed on main, which
+    # `reconcile_races_launch` guards); this row stays on throttling alone, and each client
+    # stays on its replica.
     config = bench.config(pool, sharing="exclusive", max_workers=cap, reap_interval=60.0)
     cloud.boot_delay(0.2)
     rows: list[Result] = []

@@ -206,6 +206,11 @@ def config_for(clients: int, log_level: str) -> dict[str, Any]:
         "registry": "dynamodb",
         "describe_interval": 0.5,
         "max_connections": clients + 256,
+        # Every client connects from 127.0.0.1, one identity: the per-address and
+        # per-identity caps (128 connections, 256 leases, 100 launches a minute) are off.
+        "max_connections_per_peer": None,
+        "max_leases_per_identity": None,
+        "max_launches_per_minute": None,
         "log_format": "json",
         "log_level": log_level,
     }
