@@ -2,7 +2,7 @@
 default run, runs broker processes against the session's moto server, injects its fault and
 must hold every invariant.
 
-Slow (about three and a half minutes in all on two cores): marked `slow`. Every wait inside
+Slow (about two minutes in all on two cores): marked `slow`. Every wait inside
 a scenario is bounded (socket timeouts, process and thread joins, polls with deadlines).
 """
 
