@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import re
 import signal
 import socket
 import subprocess
@@ -31,6 +30,7 @@ import botocore.config
 import yaml
 
 from bench.fault_inject import BENCH_AGENT, HOST, Injector, TcpProxy
+from tests.harness import listening_port
 
 if TYPE_CHECKING:
     from broker.sandbox import MotoHandle
@@ -234,23 +234,11 @@ class Broker:
         return self.proc.pid
 
     def _wait_listening(self) -> int:
-        found: list[int] = []
-
-        def read() -> None:
-            assert self.proc.stdout is not None
-            for line in self.proc.stdout:
-                match = re.fullmatch(r"listening on 127\.0\.0\.1:(\d+)\n", line)
-                if match:
-                    found.append(int(match.group(1)))
-                    return
-
-        reader = threading.Thread(target=read, daemon=True)
-        reader.start()
-        reader.join(START_TIMEOUT)
-        if not found:
+        port = listening_port(self.proc, START_TIMEOUT)
+        if port is None:
             self.proc.kill()
             raise RuntimeError(f"broker did not start:\n{self.log_path.read_text()[-3000:]}")
-        return found[0]
+        return port
 
     def ask(self, line: str, timeout: float = 60.0) -> Outcome:
         return ask(self.port, line, timeout)

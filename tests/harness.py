@@ -5,6 +5,9 @@ threads, e.g. against a subprocess)."""
 from __future__ import annotations
 
 import inspect
+import re
+import subprocess
+import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -17,6 +20,28 @@ from broker.engine import Engine
 from broker.server import Server, ServerSettings
 
 T = TypeVar("T")
+
+_LISTENING = re.compile(r"listening on 127\.0\.0\.1:(\d+)\n")
+
+
+def listening_port(proc: subprocess.Popen[str], timeout: float) -> int | None:
+    """The port a `compute-broker serve --port 0` subprocess prints on stdout once it
+    listens; None if it does not within `timeout` (read on a thread, so a broker that never
+    prints cannot hang the caller)."""
+    found: list[int] = []
+
+    def read() -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            match = _LISTENING.fullmatch(line)
+            if match:
+                found.append(int(match.group(1)))
+                return
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    reader.join(timeout)
+    return found[0] if found else None
 
 
 @attrs.frozen

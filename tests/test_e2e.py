@@ -31,7 +31,7 @@ from broker.aws import make_client
 from broker.checks import EXIT_CONFIG
 from broker.dynamo import DynamoRegistry, ensure_table
 from broker.sandbox import MotoHandle, SandboxResources, prepare_resources
-from tests.harness import wait_for_blocking
+from tests.harness import listening_port, wait_for_blocking
 
 ROOT = Path(__file__).resolve().parent.parent
 START_TIMEOUT = 60.0
@@ -61,24 +61,11 @@ class BrokerProcess:
         self.port = self._wait_listening()
 
     def _wait_listening(self) -> int:
-        assert self.proc.stdout is not None
-        found: list[int] = []
-
-        def read() -> None:
-            assert self.proc.stdout is not None
-            for line in self.proc.stdout:
-                match = re.fullmatch(r"listening on 127\.0\.0\.1:(\d+)\n", line)
-                if match:
-                    found.append(int(match.group(1)))
-                    return
-
-        reader = threading.Thread(target=read, daemon=True)
-        reader.start()
-        reader.join(START_TIMEOUT)
-        if not found:
+        port = listening_port(self.proc, START_TIMEOUT)
+        if port is None:
             self.proc.kill()
             raise AssertionError(f"broker did not start:\n{self.log_path.read_text()[-3000:]}")
-        return found[0]
+        return port
 
     def ask(self, line: str, timeout: float = 30.0) -> str:
         """One request on its own connection, as the seed clients do."""

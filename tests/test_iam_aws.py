@@ -47,6 +47,7 @@ from broker.dynamo import ensure_table
 from broker.iam import IAM_ACTIONS, actions, policy
 from broker.sandbox import SANDBOX_REGION, SandboxResources, prepare_resources
 from broker.sqs import ensure_events_queue
+from tests.harness import listening_port
 
 pytestmark = pytest.mark.slow
 
@@ -249,21 +250,7 @@ class Broker:
             cwd=ROOT, env={**os.environ, **credentials},
             stdout=subprocess.PIPE, stderr=self._log, text=True,
         )  # fmt: skip
-        self.port: int | None = None
-        found: list[int] = []
-
-        def read() -> None:
-            assert self.proc.stdout is not None
-            for line in self.proc.stdout:
-                match = re.fullmatch(r"listening on 127\.0\.0\.1:(\d+)\n", line)
-                if match:
-                    found.append(int(match.group(1)))
-                    return
-
-        reader = threading.Thread(target=read, daemon=True)
-        reader.start()
-        reader.join(START_TIMEOUT)
-        self.port = found[0] if found else None
+        self.port = listening_port(self.proc, START_TIMEOUT)
 
     def ask(self, line: str) -> str:
         assert self.port is not None

@@ -13,7 +13,6 @@ import signal
 import subprocess
 import sys
 import textwrap
-import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -23,7 +22,7 @@ import trio
 import yaml
 
 from broker.sandbox_workers import Phase, WorkerServices
-from tests.harness import wait_for
+from tests.harness import listening_port, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 DEADLINE = 10
@@ -196,23 +195,11 @@ class SandboxBroker:
         self.port = self._wait_listening()
 
     def _wait_listening(self) -> int:
-        found: list[int] = []
-
-        def read() -> None:
-            assert self.proc.stdout is not None
-            for line in self.proc.stdout:
-                match = re.fullmatch(r"listening on 127\.0\.0\.1:(\d+)\n", line)
-                if match:
-                    found.append(int(match.group(1)))
-                    return
-
-        reader = threading.Thread(target=read, daemon=True)
-        reader.start()
-        reader.join(START_TIMEOUT)
-        if not found:
+        port = listening_port(self.proc, START_TIMEOUT)
+        if port is None:
             self.stop()
             raise AssertionError(f"broker did not start:\n{self.log_path.read_text()[-3000:]}")
-        return found[0]
+        return port
 
     async def ask(self, line: str) -> str:
         """One request on its own connection; the reply line."""
