@@ -20,9 +20,20 @@ from bench.fault_bench import (
     wait_consistent,
 )
 from bench.fault_harness import Outcome, wait_until
-from bench.fault_inject import Rule, ec2_error, not_dry_run
+from bench.fault_inject import Reply, Rule, ec2_error, not_dry_run
 
 FALLBACK_TYPE = "c6i.8xlarge"
+
+
+THROTTLED = ec2_error("RequestLimitExceeded", "Request limit exceeded.", 503)
+INTERNAL = ec2_error("InternalError", "An internal error.", 500)
+UNAVAILABLE = ec2_error("Unavailable", "Service unavailable.", 503)
+
+
+def _fails(operation: str, times: int, reply: Reply) -> Rule:
+    """EC2's `operation` answers `reply` `times` times (a RunInstances DryRun never)."""
+    match = not_dry_run if operation == "RunInstances" else None
+    return Rule("ec2", operation, match, times=times, reply=reply)
 
 
 def ec2_faults(bench: Bench) -> list[Result]:
@@ -44,23 +55,8 @@ def ec2_faults(bench: Bench) -> list[Result]:
         # Throttling: RunInstances twice, DescribeInstances three times.
         began = time.monotonic()
         rules = [
-            cloud.injector.add(
-                Rule(
-                    "ec2",
-                    "RunInstances",
-                    not_dry_run,
-                    times=2,
-                    reply=ec2_error("RequestLimitExceeded", "Request limit exceeded.", 503),
-                )
-            ),
-            cloud.injector.add(
-                Rule(
-                    "ec2",
-                    "DescribeInstances",
-                    times=3,
-                    reply=ec2_error("RequestLimitExceeded", "Request limit exceeded.", 503),
-                )
-            ),
+            cloud.injector.add(_fails("RunInstances", 2, THROTTLED)),
+            cloud.injector.add(_fails("DescribeInstances", 3, THROTTLED)),
         ]
         throttled = broker.ask("GET_WORKER client=throttled", timeout=60)
         rows.append(
@@ -80,40 +76,10 @@ def ec2_faults(bench: Bench) -> list[Result]:
         began = time.monotonic()
         cloud.injector.clear()
         rules = [
-            cloud.injector.add(
-                Rule(
-                    "ec2",
-                    "RunInstances",
-                    not_dry_run,
-                    times=1,
-                    reply=ec2_error("InternalError", "An internal error.", 500),
-                )
-            ),
-            cloud.injector.add(
-                Rule(
-                    "ec2",
-                    "RunInstances",
-                    not_dry_run,
-                    times=1,
-                    reply=ec2_error("Unavailable", "Service unavailable.", 503),
-                )
-            ),
-            cloud.injector.add(
-                Rule(
-                    "ec2",
-                    "DescribeInstances",
-                    times=2,
-                    reply=ec2_error("InternalError", "An internal error.", 500),
-                )
-            ),
-            cloud.injector.add(
-                Rule(
-                    "ec2",
-                    "TerminateInstances",
-                    times=2,
-                    reply=ec2_error("Unavailable", "Service unavailable.", 503),
-                )
-            ),
+            cloud.injector.add(_fails("RunInstances", 1, INTERNAL)),
+            cloud.injector.add(_fails("RunInstances", 1, UNAVAILABLE)),
+            cloud.injector.add(_fails("DescribeInstances", 2, INTERNAL)),
+            cloud.injector.add(_fails("TerminateInstances", 2, UNAVAILABLE)),
         ]
         served = broker.ask("GET_WORKER client=errors", timeout=60)
         released = broker.ask(f"RELEASE {throttled.reply} client=throttled", timeout=60)
