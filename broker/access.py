@@ -492,21 +492,3 @@ def _dicts(value: object) -> list[Mapping[str, Any]]:
     if not isinstance(value, list):
         return []
     return [item for item in value if isinstance(item, Mapping)]
-
-
-_ARN: Final = re.compile(r"\barn:aws[a-z-]*:[A-Za-z0-9_+=,.@:/*-]*")
-_ACCOUNT_ID: Final = re.compile(r"(?<![0-9A-Za-z])[0-9]{12}(?![0-9A-Za-z])")  # as checks.redact
-_ACCESS_KEY_ID: Final = re.compile(r"\b(?:AKIA|ASIA|AIDA|AROA|AIPA|ANPA|ANVA|AGPA)[A-Z0-9]{12,}\b")
-_ENCODED_MESSAGE: Final = re.compile(
-    r"(Encoded authorization failure message:)\s*[A-Za-z0-9_+/=-]+", re.IGNORECASE
-)
-
-
-def public_error(text: str) -> str:
-    """An error reply as a client may see it: AWS account ids, ARNs (which carry account ids
-    and IAM principal names), AWS key ids and encoded authorization messages replaced by
-    placeholders. The server logs the full text."""
-    text = _ENCODED_MESSAGE.sub(r"\1 <redacted>", text)
-    text = _ARN.sub("<arn>", text)
-    text = _ACCESS_KEY_ID.sub("<key-id>", text)
-    return _ACCOUNT_ID.sub("<account>", text)

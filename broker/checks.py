@@ -3,11 +3,12 @@ status a set of checks means. Pure; `broker.preflight` runs the checks against A
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping, Sequence
 from typing import Final
 
 import attrs
+
+from broker.redact import for_operator
 
 # EX_CONFIG from sysexits.h: the configuration is wrong and starting again will not help. The
 # unit names it in `RestartPreventExitStatus=78`, which systemd applies to the main process
@@ -19,18 +20,10 @@ EXIT_TEMPFAIL: Final = 75
 
 # A detail longer than this is cut (AWS's messages are capped at 300 characters already).
 MAX_DETAIL: Final = 400
-_ACCOUNT_ID = re.compile(r"(?<![0-9A-Za-z])\d{12}(?![0-9A-Za-z])")
-_ENCODED_MESSAGE = re.compile(r"(Encoded authorization failure message:)\s*\S+")
-
-
-def redact(text: str) -> str:
-    """`text` on one line, with AWS account ids and encoded authorization messages left out."""
-    text = _ENCODED_MESSAGE.sub(r"\1 (in the log)", text)
-    return " ".join(_ACCOUNT_ID.sub("<account>", text).split())
 
 
 def _detail(text: str) -> str:
-    flat = redact(text)
+    flat = for_operator(text)
     return flat if len(flat) <= MAX_DETAIL else flat[: MAX_DETAIL - 3] + "..."
 
 
@@ -46,7 +39,7 @@ class Check:
     name: str
     ok: bool
     detail: str = attrs.field(converter=_detail)
-    fix: str = attrs.field(default="", converter=redact)
+    fix: str = attrs.field(default="", converter=for_operator)
     transient: bool = False
 
     def line(self) -> str:

@@ -18,7 +18,7 @@ import structlog
 import trio
 
 from broker import protocol
-from broker.access import Role, Session, public_error, redact_status
+from broker.access import Role, Session, redact_status
 from broker.engine import Engine, Handout, Refusal, WorkerInterrupted, WorkerNotFound
 from broker.framing import Closed, LineReader, NeedData
 from broker.gate import WIRE_NAMES, Admitted, Gate
@@ -42,6 +42,7 @@ from broker.protocol import (
     Status,
     WithToken,
 )
+from broker.redact import public_error
 
 _log = structlog.get_logger("broker.server")
 

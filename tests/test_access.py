@@ -31,7 +31,6 @@ from broker.access import (
     owns,
     parse_token_env,
     parse_tokens,
-    public_error,
     read_token_file,
     redact_status,
 )
@@ -628,36 +627,6 @@ def test_a_status_of_an_unexpected_shape_is_redacted_without_crashing() -> None:
         "leases": [],
         "capacity": {"failed_offerings_count": 0, "fallbacks_count": 0},
     }
-
-
-# --- what errors reveal --------------------------------------------------------------------------
-
-
-def test_public_error_strips_account_ids_arns_and_key_ids() -> None:
-    """AWS's AccessDenied text keeps its meaning without the account or the principal."""
-    text = (
-        "launch failed: UnauthorizedOperation: You are not authorized to perform this "
-        "operation. User: arn:aws:sts::123456789012:assumed-role/broker/i-0abc is not "
-        "authorized to perform: ec2:RunInstances on resource: "
-        "arn:aws:ec2:us-east-1:123456789012:instance/*. Encoded authorization failure "
-        "message: AbCd-EfGh_1234+/== (account 210987654321, key AKIA"
-        "IOSFODNN7EXAMPLE)"
-    )  # AWS's documented example key id, split so that a scan for committed keys passes
-    assert public_error(text) == (
-        "launch failed: UnauthorizedOperation: You are not authorized to perform this "
-        "operation. User: <arn> is not authorized to perform: ec2:RunInstances on resource: "
-        "<arn> Encoded authorization failure message: <redacted> (account <account>, "
-        "key <key-id>)"
-    )
-
-
-def test_public_error_leaves_ordinary_errors_alone() -> None:
-    """Instance ids, prices, codes and short numbers pass unchanged."""
-    text = (
-        "launch failed: InsufficientInstanceCapacity for c7i.8xlarge spot in "
-        "subnet-0123456789abcdef0 (i-0123456789abcdef0, 1234567890123 ms, $0.45)"
-    )
-    assert public_error(text) == text
 
 
 # --- the docs quote the code -------------------------------------------------------------------
