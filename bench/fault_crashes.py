@@ -31,25 +31,25 @@ Match = Callable[[Request], bool] | None
 # (where the broker dies, the request that kills it, killed after AWS carried it out?)
 LAUNCH_POINTS: list[tuple[str, str, str, Match, bool]] = [
     (
-        "after the charge, before the counter",
+        "after the charge and its intent (one write), before the counter",
         "dynamodb",
         "UpdateItem",
         lambda r: r.has("counter#instances") and r.has("ADD"),
         False,
     ),
-    (
-        "after the counter, before the intent",
-        "dynamodb",
-        "PutItem",
-        lambda r: r.has("intent#"),
-        False,
-    ),
-    ("after the intent, before RunInstances", "ec2", "RunInstances", not_dry_run, False),
+    ("after the counter, before RunInstances", "ec2", "RunInstances", not_dry_run, False),
     (
         "after RunInstances, before the worker write",
         "dynamodb",
         "PutItem",
         lambda r: r.has("worker#"),
+        False,
+    ),
+    (
+        "after the worker write, before the intent settles",
+        "dynamodb",
+        "TransactWriteItems",
+        lambda r: r.has("intent#") and r.has('"Delete"'),
         False,
     ),
     (

@@ -40,20 +40,11 @@ DOC = ROOT / "docs" / "faults.md"
 
 # Scenarios that show a broker bug not fixed yet: what goes wrong. tests/test_faults.py
 # expects them to fail (strictly: a fix makes that test fail until the entry is removed).
-# race-reconcile-release and race-reconcile-launch were here until main fixed them (d0ad98e:
-# a worker this broker terminated is not adopted back from a stale snapshot; 719dacc: a
-# worker that joins during the registry reads is not dropped as gone elsewhere); both
-# scenarios now guard those fixes.
-_LEAKED_CHARGE = (
-    "a broker killed after the launch's ledger charge and before its launch intent is "
-    "written leaves the charge (the new worker's cover) committed in the day's and month's "
-    "ledger: no intent records it, so no reconciliation refunds it, and the restarted broker "
-    "charges the retried launch again"
-)
-KNOWN_BUGS = {
-    "kill-launch-1": _LEAKED_CHARGE,
-    "kill-launch-2": _LEAKED_CHARGE,
-}
+# Fixed and now guarded: race-reconcile-release (d0ad98e: a worker this broker terminated is
+# not adopted back from a stale snapshot), race-reconcile-launch (719dacc: a worker that joins
+# during the registry reads is not dropped as gone elsewhere), and the charge a kill between
+# the ledger charge and the launch intent leaked (the charge and its intent are one write).
+KNOWN_BUGS: dict[str, str] = {}
 
 
 @attrs.frozen

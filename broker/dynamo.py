@@ -364,7 +364,12 @@ class DynamoRegistry:
     # --- the dollar ledger ---------------------------------------------------------------------
 
     async def reserve_spend(
-        self, per_instance: Mapping[str, int], count: int, limits: Mapping[str, int]
+        self,
+        per_instance: Mapping[str, int],
+        count: int,
+        limits: Mapping[str, int],
+        *,
+        intent: LaunchIntent | None = None,
     ) -> SpendGrant:
         committed: dict[str, int] = {}
         for _ in range(MAX_ROUNDS):
@@ -373,10 +378,15 @@ class DynamoRegistry:
             if granted == 0:
                 return SpendGrant(0, committed)
             parts = [
-                self._charge(key, granted * amount, limits.get(key))
+                {"Update": self._charge(key, granted * amount, limits.get(key))}
                 for key, amount in per_instance.items()
             ]
-            if (await self._transact(*({"Update": part} for part in parts))).ok:
+            if intent is not None:
+                recorded = attrs.evolve(intent, count=granted)
+                parts.append(
+                    {"Put": self._put_request(_intent_sk(intent.token), recorded.to_item())}
+                )
+            if (await self._transact(*parts)).ok:
                 after = {key: committed[key] + granted * per_instance[key] for key in committed}
                 return SpendGrant(granted, after)
         return SpendGrant(0, committed)
@@ -413,6 +423,23 @@ class DynamoRegistry:
         if outcome.reason(0) != "None":
             return CoverOutcome.STALE
         return CoverOutcome.CAPPED
+
+    async def settle_intent(
+        self, intent: LaunchIntent, refund: Mapping[str, int], *, keep: int = 0
+    ) -> bool:
+        change: dict[str, Any] = self._request(
+            _intent_sk(intent.token),
+            update="SET #count = :keep" if keep > 0 else None,
+            condition="attribute_exists(#sk) AND #count = :count",
+            names=("sk", "count"),
+            values={"count": intent.count, **({"keep": keep} if keep > 0 else {})},
+        )
+        parts = [{"Update" if keep > 0 else "Delete": change}] + [
+            {"Update": self._charge(key, -amount, None)}
+            for key, amount in refund.items()
+            if amount > 0
+        ]
+        return (await self._transact(*parts)).ok
 
     async def refund_spend(self, amounts: Mapping[str, int]) -> None:
         for key, amount in amounts.items():

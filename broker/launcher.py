@@ -2,9 +2,12 @@
 
 A launch attempt is one RunInstances call (or one per offering when EC2 has no capacity) that
 every request waiting for a worker of its spec can join. In order, an attempt: charges the
-ledger for the new workers' covers (every dollar cap at once), reserves slots on the
-pool-wide instance counter (max_workers across replicas), writes a launch intent to the
-registry, then calls RunInstances; what fails is undone in reverse. The boot watcher
+ledger for the new workers' covers (every dollar cap at once) and writes its launch intent in
+the same registry transaction, reserves slots on the pool-wide instance counter (max_workers
+across replicas), then calls RunInstances; once it answers, the workers are recorded and the
+intent is deleted with a refund for any worker that did not come, again in one write. What
+fails is undone in reverse. A crash at any point leaves a charge only where an intent holds
+it, and the reconciler settles intents (`broker.reconcile`). The boot watcher
 (`broker.bootwatch`) takes it from there.
 """
 
@@ -49,6 +52,7 @@ class LaunchAttempt:
     retry_later: bool = False  # refused for now (counter or cap): room may come
     reserved: int = 0  # instances reserved on the pool-wide counter, not yet launched
     intent: str | None = None  # the intent written for the offering being tried
+    charged: bool = False  # the offering being tried was charged (its intent holds the charge)
 
 
 @attrs.frozen
@@ -181,12 +185,11 @@ class Launcher:
         attempt.instances = instances
         self.paused.pop(spec, None)
         attempt.reserved -= len(instances)
-        await self.spending.settle_launch(attempt.token, launched=len(instances))
-        await self._undo_reservations(attempt)  # for what was not launched
         workers = ctx.pool.launch_answered(
             attempt.token, instances, now, price=launched.price, paid_until=launched.paid_until
         )
-        await self._persist_launched(launched.token, workers)
+        await self._persist_launched(attempt, workers)
+        await self._undo_reservations(attempt)  # the counter's slots for what was not launched
         for worker in workers:
             _log.info(
                 "worker.launched",
@@ -269,26 +272,21 @@ class Launcher:
                 refused = refused or over_rate
                 failures.append(f"{offering.describe()}: {over_rate}")
                 continue
+            token = attempt.token if index == 0 else f"{attempt.token}-{index}"
             try:
-                charged = await self._charge(attempt, offering, price, attempt.reserved or count)
+                charged = await self._charge(attempt, offering, price, token, count)
             except OverBudget as exc:
                 refused = refused or str(exc)
                 refused_at = min(refused_at, math.inf if price is None else price)
                 failures.append(f"{offering.describe()}: {exc}")
                 continue
             await self._reserve(attempt, charged, count)
-            token = attempt.token if index == 0 else f"{attempt.token}-{index}"
-            intent = LaunchIntent.begin(
-                token,
-                offering.spec,
-                attempt.reserved,
-                now if charged is None else charged.start,
-                2 * ctx.settings.launch_timeout,
-                price_per_hour=None if charged is None else price,
-                paid_until=None if charged is None else charged.paid_until,
-            )
-            await ctx.registry.put_intent(intent)  # written before it is acted on
-            attempt.intent = token  # from now on the intent holds the charge and the slots
+            if charged is None:  # nothing charged: the intent is written on its own
+                intent = LaunchIntent.begin(
+                    token, offering.spec, attempt.reserved, now, 2 * ctx.settings.launch_timeout
+                )
+                await ctx.registry.put_intent(intent)  # written before it is acted on
+                attempt.intent = token
             try:
                 instances = await ctx.cloud.launch(
                     offering.spec, attempt.reserved, token, subnet=offering.subnet
@@ -323,36 +321,46 @@ class Launcher:
         )
 
     async def _drop_intent(self, attempt: LaunchAttempt, token: str) -> None:
-        """The offering failed: delete its intent, and refund its charge only if this delete
-        removed it. If the delete failed (or the reconciler settled the intent already), the
-        reconciler refunds it when it settles the intent: never both."""
+        """The offering failed: delete its intent and refund its whole charge, in one write
+        (`Spending.settle_launch`). If that write fails, or the reconciler settled the intent
+        already, whoever settles the intent refunds: never both."""
         attempt.intent = None
-        try:
-            deleted = await self.ctx.registry.delete_intent(token)
-        except CloudError as exc:
-            _log.error("registry.write_failed", op="delete_intent", error=str(exc))
-            deleted = None
-        if deleted is not None:
-            await self.spending.settle_launch(attempt.token)
+        await self._settle_intent(attempt, token, launched=0)
+
+    async def _settle_intent(self, attempt: LaunchAttempt, token: str, *, launched: int) -> None:
+        if attempt.charged:  # the charge and its intent settle together
+            attempt.charged = False
+            await self.spending.settle_launch(attempt.token, launched=launched)
         else:
-            self.spending.abandon_launch(attempt.token)
+            await self.ctx.write("delete_intent", self.ctx.registry.delete_intent, token)
 
     async def _charge(
-        self, attempt: LaunchAttempt, offering: Offering, price: float | None, want: int
+        self,
+        attempt: LaunchAttempt,
+        offering: Offering,
+        price: float | None,
+        token: str,
+        count: int,
     ) -> LaunchCharge | None:
-        """Charge `want` workers at the offering's price; fewer if only fewer fit under the
-        caps (slots already reserved for the rest are given back). Raises OverBudget."""
+        """Charge the offering's workers at its price, and record its launch intent `token`
+        in the same write: `count` workers, or as many as already hold slots; fewer if only
+        fewer fit under the caps (slots reserved for the rest are given back). Raises
+        OverBudget."""
         charged = await self.spending.charge_launch(
             attempt.token,
-            f"{offering.instance_type} {offering.market}",
+            token,
+            offering.spec,
             price,
-            want,
+            attempt.reserved or count,
             # Only the default type and market's own price reaching a cap pauses the warm pool
             # (not a dearer one-off request, nor a dearer fallback offering).
             reaches_cap=attempt.spec == self.ctx.settings.default_spec
             and offering.instance_type == attempt.spec.instance_type
             and offering.market == attempt.spec.market,
         )
+        attempt.charged = charged is not None
+        if charged is not None:  # before any await: from now on the intent holds the charge
+            attempt.intent = token
         if charged is not None and 0 < charged.count < attempt.reserved:
             await self.unreserve(attempt.reserved - charged.count)
             attempt.reserved = charged.count
@@ -369,13 +377,17 @@ class Launcher:
         max_workers = self.ctx.settings.limits.max_workers
         attempt.reserved = await self.ctx.registry.reserve_instances(wanted, max_workers)
         if attempt.reserved == 0:
-            await self.spending.settle_launch(attempt.token)
+            if attempt.intent is not None:
+                await self._drop_intent(attempt, attempt.intent)
             raise AllReserved(f"max_workers reached ({max_workers}) across replicas")
         if attempt.reserved < wanted:
             await self.spending.shrink_launch(attempt.token, attempt.reserved)
 
     async def _undo_reservations(self, attempt: LaunchAttempt) -> None:
-        await self.spending.settle_launch(attempt.token)
+        """Nothing more will be launched: settle the intent (if one is left) with its charge,
+        and give back the counter's slots."""
+        if attempt.intent is not None:
+            await self._drop_intent(attempt, attempt.intent)
         if attempt.reserved > 0:
             await self.unreserve(attempt.reserved)
             attempt.reserved = 0
@@ -384,14 +396,17 @@ class Launcher:
         """Give back slots on the pool-wide instance counter."""
         await self.ctx.write("release_instances", self.ctx.registry.release_instances, count)
 
-    async def _persist_launched(self, token: str, workers: Sequence[Worker]) -> None:
-        """RunInstances answered: record its workers, then drop the intent they fulfil."""
+    async def _persist_launched(self, attempt: LaunchAttempt, workers: Sequence[Worker]) -> None:
+        """RunInstances answered: record its workers (each holds its own cover from now on),
+        then settle the intent they fulfil, refunding any charged worker EC2 did not launch."""
         registry = self.ctx.registry
         for worker in workers:
             await self.ctx.write(
                 "put_worker", registry.put_worker, WorkerRecord.from_worker(worker)
             )
-        await self.ctx.write("delete_intent", registry.delete_intent, token)
+        if attempt.intent is not None:
+            token, attempt.intent = attempt.intent, None
+            await self._settle_intent(attempt, token, launched=len(workers))
 
     def _note_fallback(
         self, spec: LaunchSpec, offering: Offering, failures: Sequence[str], now: float

@@ -200,13 +200,34 @@ class MemoryRegistry:
     # --- the dollar ledger ---------------------------------------------------------------------
 
     async def reserve_spend(
-        self, per_instance: Mapping[str, int], count: int, limits: Mapping[str, int]
+        self,
+        per_instance: Mapping[str, int],
+        count: int,
+        limits: Mapping[str, int],
+        *,
+        intent: LaunchIntent | None = None,
     ) -> SpendGrant:
         await trio.lowlevel.checkpoint()
         granted = admit_count(per_instance, self._spend, limits, count)
         for key, amount in per_instance.items():
             self._spend[key] = self._spend.get(key, 0) + granted * amount
+        if intent is not None and granted > 0:
+            self._intents[intent.token] = attrs.evolve(intent, count=granted)
         return SpendGrant(granted, {key: self._spend.get(key, 0) for key in per_instance})
+
+    async def settle_intent(
+        self, intent: LaunchIntent, refund: Mapping[str, int], *, keep: int = 0
+    ) -> bool:
+        await trio.lowlevel.checkpoint()
+        held = self._intents.get(intent.token)
+        if held is None or held.count != intent.count:
+            return False
+        if keep > 0:
+            self._intents[intent.token] = attrs.evolve(held, count=keep)
+        else:
+            del self._intents[intent.token]
+        self._give_back(refund)
+        return True
 
     async def extend_cover(
         self,
@@ -229,6 +250,9 @@ class MemoryRegistry:
 
     async def refund_spend(self, amounts: Mapping[str, int]) -> None:
         await trio.lowlevel.checkpoint()
+        self._give_back(amounts)
+
+    def _give_back(self, amounts: Mapping[str, int]) -> None:
         for key, amount in amounts.items():
             self._spend[key] = max(0, self._spend.get(key, 0) - amount)
 

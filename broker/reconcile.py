@@ -268,10 +268,7 @@ class Reconciler:
                 continue  # a launch of ours still under way
             if intent.token in launched or now - intent.created_at > timeout:
                 _log.info("launch.intent_settled", client_token=intent.token)
-                try:
-                    settled = await self.ctx.registry.delete_intent(intent.token)
+                try:  # only the replica whose delete takes the intent refunds
+                    await self.spending.settle_intent(intent, launched.get(intent.token, 0))
                 except CloudError as exc:
-                    _log.error("registry.write_failed", op="delete_intent", error=str(exc))
-                    continue
-                if settled is not None:  # only the replica that deleted it refunds
-                    await self.spending.refund_unlaunched(settled, launched.get(settled.token, 0))
+                    _log.error("registry.write_failed", op="settle_intent", error=str(exc))

@@ -456,10 +456,25 @@ class Registry(Protocol):
     # --- the dollar ledger (micro-dollars per period key, see broker.ledger) -------------------
 
     async def reserve_spend(
-        self, per_instance: Mapping[str, int], count: int, limits: Mapping[str, int]
+        self,
+        per_instance: Mapping[str, int],
+        count: int,
+        limits: Mapping[str, int],
+        *,
+        intent: LaunchIntent | None = None,
     ) -> SpendGrant:
         """Atomically commit `per_instance` for as many of `count` instances (0..count) as
-        keep every key's committed total within `limits` (keys without a limit: no cap)."""
+        keep every key's committed total within `limits` (keys without a limit: no cap).
+        With `intent`, the same write records it with its count set to the instances granted
+        (nothing when none is): no crash can leave a charge that no intent holds."""
+        ...
+
+    async def settle_intent(
+        self, intent: LaunchIntent, refund: Mapping[str, int], *, keep: int = 0
+    ) -> bool:
+        """Atomically give back `refund` micro-dollars and delete the intent (or, with `keep`,
+        lower its count to `keep`), only if the intent is still there with `intent.count`.
+        False (nothing refunded) when it is not: someone else settled it."""
         ...
 
     async def extend_cover(

@@ -40,7 +40,7 @@ from broker.ledger import (
     refusal,
     to_micros,
 )
-from broker.model import Interruption, Worker, WorkerState
+from broker.model import Interruption, LaunchSpec, Worker, WorkerState
 from broker.registry import CoverOutcome, LaunchIntent, Provider, WorkerRecord
 
 _log = structlog.get_logger("broker.spending")
@@ -69,6 +69,7 @@ class LaunchCharge:
     count: int
     paid_until: float
     start: float  # when the cover begins (the charge's time)
+    intent: LaunchIntent  # recorded with the charge, in the same write; holds it after a crash
 
     def total(self, count: int | None = None) -> dict[str, int]:
         """Micro-dollars by key for `count` of the workers (default: all)."""
@@ -227,18 +228,21 @@ class Spending:
     async def charge_launch(
         self,
         token: str,
-        description: str,
+        intent_token: str,
+        spec: LaunchSpec,
         price: float | None,
         count: int,
         *,
         reaches_cap: bool,
     ) -> LaunchCharge | None:
-        """Commit the cost of up to `count` new workers at `price` until they could first be
-        reaped (fewer if only fewer fit under the caps), for the launch `token` of
-        `description` ("c7i.8xlarge spot"). None when the price is unknown and no cap is set
-        (nothing is charged). Raises OverBudget when a cap refuses even one; a refusal of
-        a launch that `reaches_cap` (not a dearer one-off request) means the cap is
-        reached. May raise CloudError."""
+        """Commit the cost of up to `count` new workers of `spec` at `price` until they could
+        first be reaped (fewer if only fewer fit under the caps), for the launch `token`, and
+        in the same registry write its launch intent `intent_token` for the workers granted.
+        None when the price is unknown and no cap is set (nothing is charged, no intent is
+        written). Raises OverBudget when a cap refuses even one; a refusal of a launch that
+        `reaches_cap` (not a dearer one-off request) means the cap is reached. May raise
+        CloudError."""
+        description = f"{spec.instance_type} {spec.market}"
         if price is None:
             if self.budget.has_caps or self.hourly_cap is not None:
                 raise OverBudget(
@@ -252,10 +256,15 @@ class Spending:
         if self.hourly_cap is not None:
             per_instance[RATE_KEY] = to_micros(price)
             limits[RATE_KEY] = to_micros(self.hourly_cap)
-        grant = await self.ctx.registry.reserve_spend(per_instance, count, limits)
+        ttl = 2 * self.ctx.settings.launch_timeout
+        intent = LaunchIntent.begin(
+            intent_token, spec, count, now, ttl, price_per_hour=price, paid_until=paid_until
+        )
+        grant = await self.ctx.registry.reserve_spend(per_instance, count, limits, intent=intent)
         self.committed.update(grant.committed)
         if grant.count > 0:
-            charged = LaunchCharge(per_instance, grant.count, paid_until, now)
+            intent = attrs.evolve(intent, count=grant.count)
+            charged = LaunchCharge(per_instance, grant.count, paid_until, now, intent)
             self._launches[token] = charged
             return charged
         binding = next(
@@ -279,23 +288,44 @@ class Spending:
         await self.read_ledger(now)
         raise OverBudget(refusal(self.period_spend(binding, now), per_instance[binding]))
 
+    def charged(self, token: str) -> LaunchCharge | None:
+        """The launch's charge, while it is held here (not settled, shrunk or abandoned)."""
+        return self._launches.get(token)
+
     async def settle_launch(self, token: str, launched: int = 0) -> None:
-        """The launch answered (or failed): give back the charge for workers not launched."""
+        """The launch answered (or failed): delete its intent and give back the charge for
+        the workers not launched, in one registry write. If the write fails, or another
+        replica's reconciliation settled the intent first, the intent's settler refunds."""
         charged = self._launches.pop(token, None)
         if charged is not None:
-            await self.refund(charged.total(charged.count - launched))
+            await self._settle(charged, charged.count - launched, keep=0)
 
     async def shrink_launch(self, token: str, count: int) -> None:
-        """Only `count` of the launch's charged workers will be launched: refund the rest."""
+        """Only `count` of the launch's charged workers will be launched: lower its intent's
+        count and refund the rest, in one write."""
         charged = self._launches.get(token)
         if charged is None or count >= charged.count:
             return
-        self._launches[token] = attrs.evolve(charged, count=count)
-        await self.refund(charged.total(charged.count - count))
+        if await self._settle(charged, charged.count - count, keep=count):
+            intent = attrs.evolve(charged.intent, count=count)
+            self._launches[token] = attrs.evolve(charged, count=count, intent=intent)
+        else:
+            self._launches.pop(token, None)  # the intent's settler has the charge now
 
     def abandon_launch(self, token: str) -> None:
         """The launch was cut off (it may still launch): its intent keeps the charge."""
         self._launches.pop(token, None)
+
+    async def _settle(self, charged: LaunchCharge, unlaunched: int, *, keep: int) -> bool:
+        amounts = charged.total(max(0, unlaunched))
+        try:
+            settled = await self.ctx.registry.settle_intent(charged.intent, amounts, keep=keep)
+        except CloudError as exc:
+            _log.error("registry.write_failed", op="settle_intent", error=str(exc))
+            return False
+        if settled:
+            self._add({key: -amount for key, amount in amounts.items()})
+        return settled
 
     async def refund(self, amounts: Mapping[str, int]) -> None:
         """Give back committed micro-dollars (logged, not raised, if the registry fails)."""
@@ -335,17 +365,22 @@ class Spending:
             return
         self.committed.update(grant.committed)
 
-    async def refund_unlaunched(self, intent: LaunchIntent, launched: int) -> None:
-        """A settled intent's charge for the instances that never came (a launch cut off at
-        launch_timeout, or a broker that crashed before RunInstances answered)."""
+    async def settle_intent(self, intent: LaunchIntent, launched: int) -> bool:
+        """Delete an intent left unanswered (a launch cut off at launch_timeout, or a broker
+        that crashed before RunInstances answered) and, in the same write, refund its charge
+        for the instances that never came. False if someone else settled it first."""
         price, paid_until = intent.price_per_hour, intent.paid_until
         missing = intent.count - launched
-        if price is None or paid_until is None or missing <= 0:
-            return
-        per_instance = refund(price, intent.created_at, paid_until, self.budget.zone)
-        if self.hourly_cap is not None:
-            per_instance[RATE_KEY] = to_micros(price)
-        await self.refund({key: amount * missing for key, amount in per_instance.items()})
+        amounts: dict[str, int] = {}
+        if price is not None and paid_until is not None and missing > 0:
+            per_instance = refund(price, intent.created_at, paid_until, self.budget.zone)
+            if self.hourly_cap is not None:
+                per_instance[RATE_KEY] = to_micros(price)
+            amounts = {key: amount * missing for key, amount in per_instance.items()}
+        settled = await self.ctx.registry.settle_intent(intent, amounts)
+        if settled:
+            self._add({key: -amount for key, amount in amounts.items()})
+        return settled
 
     # --- caps reached ----------------------------------------------------------------------
 

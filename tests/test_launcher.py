@@ -4,6 +4,8 @@ tests/test_launcher_aws.py has the same against moto's EC2 through the boto3 ada
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import pytest
 import trio
 from trio.testing import MockClock
@@ -239,16 +241,18 @@ async def test_a_fallback_the_hourly_cap_forbids_is_a_budget_refusal(
     assert [spec.market for spec, _, _ in cloud.launch_calls] == [Market.SPOT]
 
 
-class DeleteIntentFailsOnce(MemoryRegistry):
-    """The registry refuses the first intent deletion."""
+class SettleIntentFailsOnce(MemoryRegistry):
+    """The registry refuses the first intent settlement (its delete with the refund)."""
 
     failed = False
 
-    async def delete_intent(self, token: str) -> LaunchIntent | None:
+    async def settle_intent(
+        self, intent: LaunchIntent, refund: Mapping[str, int], *, keep: int = 0
+    ) -> bool:
         if not self.failed:
             self.failed = True
             raise CloudError("ProvisionedThroughputExceededException", "slow down")
-        return await super().delete_intent(token)
+        return await super().settle_intent(intent, refund, keep=keep)
 
 
 async def test_a_failed_offerings_charge_is_refunded_once_even_if_its_intent_lingers(
@@ -275,7 +279,7 @@ async def test_a_failed_offerings_charge_is_refunded_once_even_if_its_intent_lin
             keys = engine.settings.budget.current_keys(clock.now())
             return (await registry.spend(keys))[keys[0]]
 
-    failing = DeleteIntentFailsOnce("test")
+    failing = SettleIntentFailsOnce("test")
     lingered, clean = await committed(failing), await committed(MemoryRegistry("test"))
     assert clean <= lingered <= clean + 2
     assert failing.failed

@@ -438,6 +438,37 @@ async def test_intents_round_trip_expire_and_delete(registry: Registry) -> None:
     assert [second] == await registry.list_intents(NOW)
 
 
+async def test_a_charge_and_its_intent_are_one_write(registry: Registry) -> None:
+    """reserve_spend records the intent with the count it granted, and none when it granted
+    nothing; so a crash never leaves a charge without the intent that refunds it."""
+    intent = LaunchIntent.begin("t-charged", SPEC, 5, NOW, 600.0, price_per_hour=1.0)
+    grant = await registry.reserve_spend({DAY: 300}, 5, {DAY: 1000}, intent=intent)
+    assert grant.count == 3
+    assert [attrs.evolve(intent, count=3)] == await registry.list_intents(NOW)
+
+    refused = LaunchIntent.begin("t-refused", SPEC, 1, NOW, 600.0, price_per_hour=1.0)
+    assert (await registry.reserve_spend({DAY: 300}, 1, {DAY: 1000}, intent=refused)).count == 0
+    assert [i.token for i in await registry.list_intents(NOW)] == ["t-charged"]
+
+
+async def test_settling_an_intent_refunds_once(registry: Registry) -> None:
+    """settle_intent shrinks or deletes the intent and refunds in one write, only while the
+    intent is there with the count the caller saw: of two settlers, one refunds."""
+    intent = LaunchIntent.begin("t-1", SPEC, 3, NOW, 600.0, price_per_hour=1.0)
+    await registry.reserve_spend({DAY: 100}, 3, {}, intent=intent)
+
+    assert await registry.settle_intent(intent, {DAY: 100}, keep=2)
+    assert not await registry.settle_intent(intent, {DAY: 100}, keep=1)  # it holds 2 now
+    shrunk = attrs.evolve(intent, count=2)
+    assert [shrunk] == await registry.list_intents(NOW)
+    assert await registry.spend([DAY]) == {DAY: 200}
+
+    assert await registry.settle_intent(shrunk, {DAY: 200})
+    assert not await registry.settle_intent(shrunk, {DAY: 200})
+    assert await registry.list_intents(NOW) == []
+    assert await registry.spend([DAY]) == {DAY: 0}
+
+
 # --- the instance counter ----------------------------------------------------------------------
 
 

@@ -256,6 +256,28 @@ async def test_a_launch_cut_off_at_launch_timeout_gives_its_charge_back_when_set
         assert await registry.list_intents(clock.now()) == []
 
 
+async def test_a_launch_the_counter_cuts_shrinks_its_intent_and_refunds_the_rest(
+    autojump_clock: MockClock, cloud: FakeCloud, clock: Clock
+) -> None:
+    """The budget charged five workers but the pool-wide counter has room for two: the
+    launch intent is lowered to two and three covers are refunded in the same write, so the
+    ledger holds exactly what runs, during the launch and after."""
+    registry = MemoryRegistry("test")
+    await registry.reserve_instances(98, 100)  # other replicas' workers
+    engine = budget_engine(cloud, clock, registry, max_daily_cost=10.0)
+    cloud.launch_delay = 5.0
+    day = "day:2026-11-23"
+    async with running(engine), trio.open_nursery() as nursery:
+        nursery.start_soon(engine.burst, 5)
+        await wait_for(lambda: bool(cloud.launch_calls))
+        [intent] = await registry.list_intents(clock.now())
+        assert intent.count == 2
+        assert cloud.launch_calls[0][1] == 2
+        assert pytest.approx((await registry.spend([day]))[day] / 1e6, abs=1e-5) == 2 * PER_LAUNCH
+    assert await registry.list_intents(clock.now()) == []
+    assert pytest.approx((await registry.spend([day]))[day] / 1e6, abs=1e-5) == 2 * PER_LAUNCH
+
+
 async def test_a_refused_dearer_request_does_not_count_as_reaching_the_cap(
     autojump_clock: MockClock, cloud: FakeCloud, clock: Clock
 ) -> None:
