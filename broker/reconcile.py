@@ -123,11 +123,16 @@ class Reconciler:
         if ctx.pool.in_flight:
             return  # an unanswered launch's instances may be listed already: not strangers
         by_token = {i.token: i for i in intents}
-        for instance in instances:
+        strangers = [
+            instance
+            for instance in instances
+            if instance.instance_id not in ctx.pool.workers
+            # terminated here after EC2 was asked: not a stranger
+            and not ctx.pool.recently_retired(instance.instance_id)
+        ]
+        for instance in await self._still_live(strangers):
             if instance.instance_id in ctx.pool.workers:
                 continue
-            if ctx.pool.recently_retired(instance.instance_id):
-                continue  # terminated here after EC2 was asked: not a stranger
             ready = instance.state == "running" and bool(instance.public_ip)
             ready = ready and not ctx.settings.probe
             price = ctx.prices.price(instance.instance_type, instance.market)
@@ -160,6 +165,20 @@ class Reconciler:
         await self._settle_intents(instances, intents, now)
         ctx.boot_wakeup.set()
         ctx.notify()
+
+    async def _still_live(self, strangers: Sequence[Instance]) -> list[Instance]:
+        """The strangers as EC2 describes them now, those still pending or running. The
+        snapshot predates the registry reads: another replica may have terminated one and
+        deleted its record in between, and adopting it from the snapshot would put a dying
+        instance back in the pool. None on an EC2 error (the next pass tries again)."""
+        if not strangers:
+            return []
+        try:
+            fresh = await self.ctx.cloud.describe([i.instance_id for i in strangers])
+        except CloudError as exc:
+            _log.error("reconcile.failed", error=str(exc))
+            return []
+        return [i for i in fresh if i.state in ("pending", "running")]
 
     async def _sync(self, instances: Sequence[Instance], now: float) -> list[LaunchIntent]:
         """Learn what other replicas did (`Pool.merge`), and repair the pool-wide instance

@@ -10,6 +10,7 @@ import trio
 from trio.testing import MockClock
 
 from broker.clock import Clock
+from broker.cloud import Instance
 from broker.engine import Engine, WorkerNotFound
 from broker.memory_registry import MemoryRegistry
 from broker.model import WorkerRequest
@@ -199,3 +200,35 @@ async def test_an_instance_another_replica_wrote_meanwhile_is_not_overwritten_by
         assert record is not None
         assert (record.holders, record.price_per_hour) == (1, 0.5)
         assert await get_ip(engine, WorkerRequest(), "bob") != theirs.ip
+
+
+class StaleSnapshot(FakeCloud):
+    """`list_pool` answers the view it had when `freeze` was called."""
+
+    frozen: list[Instance] | None = None
+
+    async def freeze(self) -> None:
+        self.frozen = await super().list_pool()
+
+    async def list_pool(self) -> list[Instance]:
+        if self.frozen is not None:
+            await trio.lowlevel.checkpoint()
+            return self.frozen
+        return await super().list_pool()
+
+
+async def test_an_instance_another_replica_terminated_meanwhile_is_not_adopted(
+    autojump_clock: MockClock, clock: Clock
+) -> None:
+    """EC2's snapshot still lists a worker that another replica terminated (and removed from
+    the registry) before this reconciliation read the registry: it is not adopted back."""
+    cloud = StaleSnapshot(clock, boot_time=5.0)
+    registry = MemoryRegistry("test")
+    engine = make_engine(cloud, clock, registry)
+    async with running(engine):
+        theirs = cloud.add_running(SPEC)
+        await cloud.freeze()  # the snapshot, taken before the other replica's reap
+        await cloud.terminate([theirs.instance_id])
+        await engine.reconciler.reconcile()
+        assert theirs.instance_id not in engine.pool.workers
+        assert await registry.get_worker(theirs.instance_id) is None
