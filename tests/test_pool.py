@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from broker.adaptive import ArrivalHistory, IdlePolicy, IdleRule
 from broker.cloud import Instance, LaunchSpec, Market
-from broker.decisions import admit, reap_plan
-from broker.model import Limits, ReleaseOutcome, WarmPool, Worker, WorkerState
+from broker.decisions import admit, first_lease_starts, reap_plan
+from broker.model import Limits, LocalWorker, ReleaseOutcome, WarmPool, Worker, WorkerState
 from broker.pool import GONE_MEMORY_SECONDS, Pool
 from broker.status import pool_status
 
@@ -205,3 +205,15 @@ def test_reap_plan_gives_the_idle_rule_each_workers_rank_most_recent_first() -> 
     )
     plan = reap_plan(pool, T0 + 100, idle=rule)
     assert [w.instance_id for w in plan.idle_workers] == ["i-2"]
+
+
+def test_first_lease_starts_are_one_per_cloud_worker_the_earliest() -> None:
+    """What start-up seeds the arrival history with: each held cloud worker's first lease."""
+    pool = pool_with(1, 2, 3)
+    pool.hand_out(pool.workers["i-1"], "a", T0 + 50)
+    pool.hand_out(pool.workers["i-1"], "b", T0 + 10)
+    pool.hand_out(pool.workers["i-2"], "c", T0 + 30)
+    local = pool.add_local(LocalWorker("bench", "10.0.0.9"), Market.SPOT, T0)
+    assert local is not None
+    pool.hand_out(local, "d", T0 + 40)
+    assert sorted(first_lease_starts(pool)) == [T0 + 10, T0 + 30]
