@@ -19,6 +19,7 @@ so concurrent launches share them.
 
 from __future__ import annotations
 
+import statistics
 from collections import deque
 from typing import Final
 
@@ -54,6 +55,10 @@ class BootTimes:
             return self.hint
         ordered = sorted(seen)
         return ordered[int(QUANTILE * (len(ordered) - 1))]
+
+    def typical(self) -> dict[str, float]:
+        """The median boot time of each type seen booting: the wait a ready worker saves."""
+        return {kind: statistics.median(seen) for kind, seen in self._seen.items() if seen}
 
 
 def next_check(elapsed: float, expected: float | None, describe_interval: float) -> float:

@@ -19,7 +19,7 @@ from typing import Final
 import structlog
 import trio
 
-from broker.boottimes import BootTimes, next_check
+from broker.boottimes import next_check
 from broker.cloud import CloudError, Instance
 from broker.context import Context
 from broker.launcher import Launcher
@@ -39,7 +39,7 @@ class BootWatch:
         self.launcher = launcher
         self.retire = retire
         self._probing: set[str] = set()
-        self.boot_times = BootTimes(hint=ctx.settings.boot_time_hint)
+        self.boot_times = ctx.boot_times
         self._pending_at: dict[str, float] = {}  # when each was last described not running
         self._observed: set[str] = set()  # workers whose boot time was taken
 

@@ -126,7 +126,9 @@ def _parser() -> argparse.ArgumentParser:
     configs.add_argument("--compare", nargs="+", metavar="FILE", help="YAML configs to compare")
     source = simulate.add_mutually_exclusive_group(required=True)
     source.add_argument("--trace", metavar="FILE", help="a trace of sessions (JSON lines)")
-    source.add_argument("--generate", choices=["lab-day", "lab-week"], help="a generated trace")
+    source.add_argument(
+        "--generate", choices=["lab-day", "lab-week", "quick-week"], help="a generated trace"
+    )
     source.add_argument("--trace-from-log", metavar="FILE", help="the broker's JSON log lines")
     simulate.add_argument("--seed", type=int, default=0, help="for --generate and boot times")
     simulate.add_argument("--start", help="--generate: first day, YYYY-MM-DD (2026-11-02)")

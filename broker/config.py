@@ -257,6 +257,24 @@ FIELDS: tuple[Field, ...] = (
         "30m",
     ),
     Field(
+        "idle_policy",
+        kinds.choice("fixed", "linger", "adaptive"),
+        "fixed",
+        "How long a worker nobody holds is kept. fixed: RELEASE terminates it (the warm pool "
+        "aside), any other goes after idle_timeout. linger: a released one stays idle_timeout "
+        "too. adaptive: kept while the recent GET_WORKERs make it likely to save a boot wait "
+        "worth more than its idling (docs/adaptive-idle.md), never past idle_timeout.",
+        "adaptive",
+    ),
+    Field(
+        "wait_cost_per_hour",
+        kinds.number(0, inclusive=False),
+        50,
+        "idle_policy: adaptive: what an hour of someone waiting for a worker costs, in $ (a "
+        "researcher's hour, salary and overheads). Higher keeps idle workers longer.",
+        20,
+    ),
+    Field(
         "reap_interval",
         kinds.duration(maximum=MAX_REAP_INTERVAL),
         60,

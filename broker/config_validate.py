@@ -83,6 +83,8 @@ class Config:
     probe: bool = _default("probe")
     probe_timeout: float = _default("probe_timeout")
     idle_timeout: float = _default("idle_timeout")
+    idle_policy: Literal["fixed", "linger", "adaptive"] = _default("idle_policy")
+    wait_cost_per_hour: float = _default("wait_cost_per_hour")
     reap_interval: float = _default("reap_interval")
     launch_timeout: float = _default("launch_timeout")
     describe_interval: float = _default("describe_interval")

@@ -8,13 +8,15 @@ Every room (`broker.handout`, `broker.launcher`, `broker.bootwatch`, `broker.ret
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any, TypeVar
 
 import attrs
 import structlog
 import trio
 
+from broker.adaptive import DEFAULT_BOOT_SECONDS, ArrivalHistory, IdlePolicy, IdleRule
+from broker.boottimes import BootTimes
 from broker.burst import BurstPolicy
 from broker.clock import Clock
 from broker.cloud import Cloud, CloudError
@@ -53,6 +55,8 @@ class EngineSettings:
     allowed_types: frozenset[str] = frozenset()  # what GET_WORKER type= may name (empty: any)
     allow_on_demand: bool = True  # whether GET_WORKER market=on-demand may be asked for
     agent_heartbeat: float = 30.0  # seconds between an agent's heartbeats (REGISTER tells it)
+    idle_policy: IdlePolicy = IdlePolicy.FIXED  # how long idle workers are kept
+    wait_cost_per_hour: float = 50.0  # $ an hour of waiting for a worker costs (adaptive)
 
     @property
     def warm_pool_configured(self) -> bool:
@@ -91,6 +95,11 @@ class Context:
     metrics: Metrics = attrs.field(factory=Metrics)  # counters for /metrics (broker.monitor)
     boot_wakeup: Wakeup = attrs.field(factory=Wakeup)  # a launch answered: describe it
     warm_wakeup: Wakeup = attrs.field(factory=Wakeup)  # a worker was taken: refill
+    # GET_WORKERs that needed an idle or a new cloud worker (idle_policy: adaptive).
+    arrivals: ArrivalHistory = attrs.field(factory=ArrivalHistory)
+    boot_times: BootTimes = attrs.field(  # learned by the boot watcher
+        default=attrs.Factory(lambda ctx: BootTimes(hint=ctx.settings.boot_time_hint), True)
+    )
     _changed: trio.Event = attrs.field(factory=trio.Event, alias="_changed")
 
     def notify(self) -> None:
@@ -112,6 +121,29 @@ class Context:
         if not self.settings.warm_pool_configured:
             return NO_WARM_POOL
         return WarmPool(self.settings.default_spec, self.settings.warm_pool.min_idle_at(now))
+
+    def note_arrival(self, now: float) -> None:
+        """A GET_WORKER took an idle or a new cloud worker at `now`."""
+        self.arrivals = self.arrivals.add(now)
+
+    def seed_arrivals(self, arrivals: Iterable[float]) -> None:
+        """Start the arrival history from what the registry remembers (at start-up)."""
+        self.arrivals = ArrivalHistory.seeded(arrivals)
+
+    def idle_rule(self) -> IdleRule:
+        """How long idle workers are kept, as of the arrivals and boot times seen so far."""
+        settings = self.settings
+        if settings.idle_policy is IdlePolicy.FIXED:
+            return IdleRule.fixed(settings.limits.idle_timeout)
+        return IdleRule(
+            settings.idle_policy,
+            settings.limits.idle_timeout,
+            minimum=settings.reap_interval,
+            wait_cost_per_hour=settings.wait_cost_per_hour,
+            history=self.arrivals,
+            boot_seconds=self.boot_times.typical(),
+            default_boot=self.boot_times.hint or DEFAULT_BOOT_SECONDS,
+        )
 
     async def write(
         self,

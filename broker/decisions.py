@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 
+from broker.adaptive import IdleRule
 from broker.ledger import rate_refusal
 from broker.model import NO_WARM_POOL, Admission, LaunchSpec, ReapPlan, WarmPool, WorkerState
 from broker.pool import Pool
@@ -55,11 +56,17 @@ def rate_check(
     return None
 
 
-def reap_plan(pool: Pool, now: float, *, warm: WarmPool = NO_WARM_POOL) -> ReapPlan:
-    """Leases and ready workers idle for `idle_timeout` or longer (workers: no holders).
+def reap_plan(
+    pool: Pool, now: float, *, warm: WarmPool = NO_WARM_POOL, idle: IdleRule | None = None
+) -> ReapPlan:
+    """Leases idle for `idle_timeout` or longer, and the ready workers (no holders) the idle
+    rule takes now (default: idle for `idle_timeout` or longer).
 
-    The `warm.count` most recently used idle workers the warm pool counts are kept."""
+    The `warm.count` most recently used idle workers the warm pool counts are kept. The rule
+    sees each other idle worker's rank among the idle ones of its type and market, most
+    recently used first (the order hand-out takes them in), warm ones included."""
     timeout = pool.limits.idle_timeout
+    rule = idle if idle is not None else IdleRule.fixed(timeout)
     expired = tuple(lease for lease in pool.leases.values() if now - lease.last_activity >= timeout)
     expired_keys = {(lease.client, lease.instance_id) for lease in expired}
     still_held = {
@@ -76,11 +83,33 @@ def reap_plan(pool: Pool, now: float, *, warm: WarmPool = NO_WARM_POOL) -> ReapP
         (w for w in unheld if w.available and warm.wants(w)), key=lambda w: -w.last_activity
     )
     kept = {w.instance_id for w in warm_idle[: warm.count]}
+    ranks: dict[str, int] = {}
+    seen: dict[tuple[str, str], int] = {}
+    for worker in sorted(unheld, key=lambda w: -w.last_activity):
+        if worker.available:
+            kind = (worker.instance_type, str(worker.market))
+            seen[kind] = ranks[worker.instance_id] = seen.get(kind, 0) + 1
     # An interrupted worker nobody holds goes at once: it is handed out no more.
-    idle = tuple(
+    reaped = tuple(
         worker
         for worker in unheld
         if worker.instance_id not in kept
-        and (now - worker.last_activity >= timeout or worker.interruption is not None)
+        and (
+            worker.interruption is not None
+            or rule.reaps(worker, ranks.get(worker.instance_id, 1), now)
+        )
     )
-    return ReapPlan(expired, idle)
+    return ReapPlan(expired, reaped)
+
+
+def first_lease_starts(pool: Pool) -> list[float]:
+    """When each cloud worker's earliest open lease began: the arrivals that needed an idle or
+    a new worker, as far as the leases the pool holds (restored from the registry) tell."""
+    first: dict[str, float] = {}
+    for lease in pool.leases.values():
+        worker = pool.workers.get(lease.instance_id)
+        if worker is not None and not worker.local:
+            first[lease.instance_id] = min(
+                first.get(lease.instance_id, lease.started_at), lease.started_at
+            )
+    return list(first.values())

@@ -29,7 +29,7 @@ from broker.burst import BurstDecision
 from broker.clock import Clock
 from broker.cloud import Cloud, CloudError, EventQueue, Instance, JobQueue
 from broker.context import Context, EngineSettings
-from broker.decisions import reap_plan
+from broker.decisions import first_lease_starts, reap_plan
 from broker.ec2_events import Ec2Events
 from broker.errors import Refusal, WorkerInterrupted, WorkerNotFound
 from broker.handout import WAIT_SLACK, Handout, HandoutDesk
@@ -147,6 +147,7 @@ class Engine:
         async with trio.open_nursery() as nursery:
             ctx.nursery = nursery
             await self.reconciler.restore()  # the pool as the registry has it (after a restart)
+            ctx.seed_arrivals(first_lease_starts(ctx.pool))  # idle_policy: adaptive learns
             await self.reconciler.add_declared_local_workers()
             await self.reconciler.reconcile()  # then as EC2 has it
             nursery.start_soon(self.bootwatch.run)
@@ -252,7 +253,7 @@ class Engine:
         doomed = await self.spending.check_covers(ctx.clock.now())
         await self.retire.retire(doomed, reason="budget", claim=Claim.FORCE)
         now = ctx.clock.now()
-        plan = reap_plan(ctx.pool, now, warm=ctx.warm(now))
+        plan = reap_plan(ctx.pool, now, warm=ctx.warm(now), idle=ctx.idle_rule())
         await self.handout.expire_leases(plan.expired_leases, now)
         await self.retire.reap(plan.idle_workers, now)
 

@@ -165,6 +165,7 @@ class HandoutDesk:
         refused the claim (the worker is full: another replica got there first)."""
         ctx = self.ctx
         now = ctx.clock.now()
+        needed_worker = not worker.local and not ctx.pool.is_held(worker.instance_id)
         lease, new = ctx.pool.hand_out(worker, client, now)
         timeout = ctx.settings.limits.idle_timeout
         try:
@@ -196,6 +197,8 @@ class HandoutDesk:
         if not claimed:
             ctx.pool.end_lease(lease)
             return None
+        if new and needed_worker:
+            ctx.note_arrival(now)  # what idle_policy: adaptive learns from
         if ctx.settings.warm_pool_configured:
             ctx.warm_wakeup.set()  # a warm worker may just have been taken: refill
         if new:
@@ -264,7 +267,7 @@ class HandoutDesk:
         """End the caller's lease; terminate the worker if nobody else holds it."""
         ctx = self.ctx
         now = ctx.clock.now()
-        released = ctx.pool.release(ip, client, now, warm=ctx.warm(now))
+        released = ctx.pool.release(ip, client, now, warm=ctx.warm(now), keep=self._keep(now))
         if released.lease is not None:
             log_lease_end(released.lease, "released", now)
             await self._forget_lease(released.lease)
@@ -277,6 +280,9 @@ class HandoutDesk:
             return
         if released.outcome is ReleaseOutcome.KEPT_WARM:
             _log.info("worker.release", ip=ip, client=client, terminated=False, kept_warm=True)
+            return
+        if released.outcome is ReleaseOutcome.KEPT_IDLE:
+            _log.info("worker.release", ip=ip, client=client, terminated=False, kept_idle=True)
             return
         worker = released.worker
         assert worker is not None
@@ -306,7 +312,13 @@ class HandoutDesk:
             return None
         for stale in self.ctx.pool.holders(worker.instance_id):
             self.ctx.pool.end_lease(stale)
-        return self.ctx.pool.release(ip, client, now, warm=self.ctx.warm(now))
+        ctx = self.ctx
+        return ctx.pool.release(ip, client, now, warm=ctx.warm(now), keep=self._keep(now))
+
+    def _keep(self, now: float) -> Callable[[Worker, int], bool]:
+        """Whether the idle policy keeps a worker RELEASE leaves unheld (and its rank)."""
+        rule = self.ctx.idle_rule()
+        return lambda worker, rank: rule.keeps_released(worker, rank, now)
 
     # --- ending leases -----------------------------------------------------------------------
 

@@ -225,6 +225,7 @@ class ReleaseOutcome(enum.Enum):
     ALREADY_GONE = "already_gone"  # a worker terminated earlier: OK, idempotent
     KEPT = "kept"  # other clients still hold it
     KEPT_WARM = "kept_warm"  # nobody holds it, but the warm pool wants it: back to the pool
+    KEPT_IDLE = "kept_idle"  # nobody holds it, but the idle policy keeps it for a while
     TERMINATE = "terminate"  # nobody holds it: it is marked terminating, to be terminated
 
 

@@ -22,7 +22,7 @@ Besides the state, a worker's cover (`set_cover`, `extend_cover`) and its interr
 from __future__ import annotations
 
 import math
-from collections.abc import Collection, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from typing import Final
 
 import attrs
@@ -388,13 +388,20 @@ class Pool:
         return worker
 
     def release(
-        self, ip: str, client: str, now: float, *, warm: WarmPool = NO_WARM_POOL
+        self,
+        ip: str,
+        client: str,
+        now: float,
+        *,
+        warm: WarmPool = NO_WARM_POOL,
+        keep: Callable[[Worker, int], bool] | None = None,
     ) -> Released:
         """End the caller's lease; decide whether the worker is to be terminated.
 
-        A worker nobody holds any more goes back to the pool instead only when it is of the
-        warm pool's type and market and fewer than `warm.count` such idle workers would be
-        left; every other unheld cloud worker is marked terminating."""
+        A worker nobody holds any more goes back to the pool instead when it is of the warm
+        pool's type and market and fewer than `warm.count` such idle workers would be left,
+        or when `keep(worker, rank)` says so (the idle policy; rank: 1 + the idle workers of
+        its type and market); every other unheld cloud worker is marked terminating."""
         worker = self.by_ip(ip)
         if worker is None:
             if any(w.ip == ip for w in self.workers.values()):
@@ -415,6 +422,10 @@ class Pool:
             idle_others = [w for w in self.warm_idle(warm) if w is not worker]
             if len(idle_others) < warm.count:
                 return Released(ReleaseOutcome.KEPT_WARM, worker, lease)
+        if keep is not None and worker.available:
+            rank = 1 + sum(1 for w in self.unheld_ready() if w is not worker and _alike(w, worker))
+            if keep(worker, rank):
+                return Released(ReleaseOutcome.KEPT_IDLE, worker, lease)
         self.mark_terminating(worker)
         return Released(ReleaseOutcome.TERMINATE, worker, lease)
 
@@ -516,6 +527,11 @@ class Pool:
         stale = [ip for ip, t in self.gone_ips.items() if now - t >= GONE_MEMORY_SECONDS]
         for ip in stale:
             del self.gone_ips[ip]
+
+
+def _alike(a: Worker, b: Worker) -> bool:
+    """True if a request that takes one would take the other: same type and market."""
+    return a.available and a.instance_type == b.instance_type and a.market == b.market
 
 
 def _count(table: dict[str, int], key: str, change: int) -> None:

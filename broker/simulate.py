@@ -360,10 +360,12 @@ def plot(results: Sequence[Result], path: str, *, title: str = "") -> None:
         axes.annotate(
             result.name,
             (median, result.spent),
-            xytext=(8, 6 - 14 * near),
+            xytext=(8 + 36 * near, 6 + 12 * near),
             textcoords="offset points",
             fontsize=9,
             color=color,
+            # A name moved away from its point is tied to it by a thin line.
+            arrowprops={"arrowstyle": "-", "color": color, "lw": 0.6} if near else None,
         )
     axes.set_xlim(-0.02 * right, right)  # a marker at 0 s shows whole
     axes.set_ylim(0, top)

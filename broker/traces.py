@@ -34,7 +34,7 @@ import attrs
 
 from broker.model import Market
 
-GENERATED: Final = ("lab-day", "lab-week")
+GENERATED: Final = ("lab-day", "lab-week", "quick-week")
 DEFAULT_START: Final = dt.date(2026, 11, 2)  # a Monday
 DEFAULT_PING: Final = 60.0  # the client libraries' PING cadence
 
@@ -301,6 +301,14 @@ WEEKDAY: Final = (
 WEEKEND: Final = (Burst((2, 5), "10:00", 45, until="17:00"),)
 BATCH: Final = Burst((2, 4), "19:00", 300, until="22:00", sigma=0.3)  # overnight jobs, ~5 h
 WEEKEND_BATCH: Final = Burst((0, 2), "19:00", 300, until="22:00", sigma=0.3)
+# The same lab running short analyses through the working day (quick-week): a session every
+# few minutes, each a few minutes long, so a released worker is often asked for again soon.
+QUICK_WEEKDAY: Final = (
+    Burst((25, 40), "09:00", 8, until="12:00", sigma=0.5),
+    Burst((2, 6), "12:00", 8, until="13:00", sigma=0.5),
+    Burst((30, 45), "13:00", 8, until="18:00", sigma=0.5),
+)
+QUICK_WEEKEND: Final = (Burst((3, 8), "10:00", 8, until="17:00", sigma=0.5),)
 ABANDONED: Final = 0.10  # scripts killed without cleanup: PINGs stop, no RELEASE
 NETCAT: Final = 0.05  # people with netcat: no PING, no RELEASE, short sessions
 SHORTEST: Final = 120.0
@@ -311,7 +319,8 @@ def generate(
     kind: str, seed: int, *, start: dt.date = DEFAULT_START, timezone: str = "UTC"
 ) -> Trace:
     """A lab day (`lab-day`, on `start`) or a lab week (`lab-week`, seven days from `start`,
-    quieter at the weekend), the same for the same seed. Times are wall times in `timezone`."""
+    quieter at the weekend), or a week of short analyses (`quick-week`), the same for the same
+    seed. Times are wall times in `timezone`."""
     if kind not in GENERATED:
         raise ValueError(f"unknown trace kind {kind!r} (one of {', '.join(GENERATED)})")
     rng = random.Random(seed)
@@ -324,7 +333,10 @@ def generate(
     for offset in range(days):
         day = start + dt.timedelta(days=offset)
         weekend = day.weekday() >= 5
-        parts = [(part, False) for part in (WEEKEND if weekend else WEEKDAY)]
+        if kind == "quick-week":
+            parts = [(part, False) for part in (QUICK_WEEKEND if weekend else QUICK_WEEKDAY)]
+        else:
+            parts = [(part, False) for part in (WEEKEND if weekend else WEEKDAY)]
         parts.append((WEEKEND_BATCH if weekend else BATCH, True))
         for part, batch in parts:
             for _ in range(rng.randint(*part.count)):

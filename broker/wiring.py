@@ -15,6 +15,7 @@ from broker.access import (
     parse_token_env,
     read_token_file,
 )
+from broker.adaptive import IdlePolicy
 from broker.clock import Clock
 from broker.cloud import LaunchSpec, Market
 from broker.config_validate import Config, ConfigError
@@ -125,6 +126,8 @@ def engine_settings(config: Config, *, boot_time_hint: float | None = None) -> E
         subnets=config.subnets or (config.subnet_id,),
         boot_time_hint=boot_time_hint,
         agent_heartbeat=config.agent_heartbeat,
+        idle_policy=IdlePolicy(config.idle_policy),
+        wait_cost_per_hour=config.wait_cost_per_hour,
         allowed_types=frozenset(
             config.allowed_instance_types or (config.instance_type, *config.instance_types)
         ),

@@ -19,7 +19,8 @@ STATE_FIELDS = frozenset(f.name for cls in (Worker, Lease) for f in attrs.fields
 MUTATORS = frozenset({"pop", "popitem", "clear", "update", "setdefault", "__setitem__"})
 AWS_ADAPTERS = frozenset({"aws.py", "ec2.py", "dynamo.py", "sqs.py", "preflight.py"})
 # Modules allowed past the ~500-line guideline, each still one concern.
-LONG_MODULES = {"dynamo.py": 760}
+# config.py is the schema table, one Field per key: it grows by a key's few lines at a time.
+LONG_MODULES = {"dynamo.py": 760, "config.py": 620}
 
 
 def modules() -> dict[str, ast.Module]:

@@ -5,7 +5,9 @@ from __future__ import annotations
 import attrs
 import pytest
 
+from broker.adaptive import IdlePolicy
 from broker.config_validate import Config, ConfigError
+from broker.wiring import engine_settings
 
 
 def test_config_is_frozen() -> None:
@@ -41,3 +43,26 @@ def test_validate_for_aws_requires_an_ami() -> None:
     ):
         Config().validate_for_aws()
     Config(ami_id="ami-0123456789abcdef0").validate_for_aws()
+
+
+def test_idle_policy_is_fixed_by_default_and_reaches_the_engine() -> None:
+    """The default keeps the old broker; adaptive and its wait cost reach the engine's knobs."""
+    assert engine_settings(Config()).idle_policy is IdlePolicy.FIXED
+    config = Config.from_dict({"idle_policy": "adaptive", "wait_cost_per_hour": 20})
+    settings = engine_settings(config)
+    assert (settings.idle_policy, settings.wait_cost_per_hour) == (IdlePolicy.ADAPTIVE, 20.0)
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        ({"idle_policy": "smart"}, "config: idle_policy: must be one of fixed, linger, adaptive"),
+        ({"wait_cost_per_hour": 0}, "config: wait_cost_per_hour: must be a number > 0"),
+        ({"wait_cost_per_hour": "50$"}, "config: wait_cost_per_hour: must be a number > 0"),
+    ],
+)
+def test_idle_policy_and_wait_cost_are_checked(data: dict[str, object], message: str) -> None:
+    """An unknown policy or a wait cost that is not a positive number is refused by name."""
+    with pytest.raises(ConfigError) as caught:
+        Config.from_dict(data)
+    assert str(caught.value).startswith(message)

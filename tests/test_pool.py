@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+from broker.adaptive import ArrivalHistory, IdlePolicy, IdleRule
 from broker.cloud import Instance, LaunchSpec, Market
-from broker.decisions import admit, reap_plan
-from broker.model import Limits, ReleaseOutcome, WarmPool, WorkerState
+from broker.decisions import admit, first_lease_starts, reap_plan
+from broker.model import Limits, LocalWorker, ReleaseOutcome, WarmPool, Worker, WorkerState
 from broker.pool import GONE_MEMORY_SECONDS, Pool
 from broker.status import pool_status
 
@@ -169,3 +170,50 @@ def test_reaper_keeps_only_idle_workers_the_warm_pool_counts() -> None:
     pool.ping("192.0.2.4", "nobody", T0 + 10)
     plan = reap_plan(pool, T0 + 1000, warm=WarmPool(SPEC, 1))
     assert {"i-1", "i-2", "i-3"} == {w.instance_id for w in plan.idle_workers}
+
+
+def test_release_asks_the_idle_policy_with_the_workers_rank() -> None:
+    """A worker RELEASE leaves unheld is kept when the policy says so; it is asked as the
+    marginal one: 1 + the idle workers of its type and market."""
+    pool = pool_with(1, 2, 3)
+    pool.hand_out(pool.workers["i-1"], "a", T0)
+    asked: list[tuple[str, int]] = []
+
+    def keep(worker: Worker, rank: int) -> bool:
+        asked.append((worker.instance_id, rank))
+        return rank <= 3
+
+    released = pool.release("192.0.2.1", "a", T0, keep=keep)
+    assert released.outcome is ReleaseOutcome.KEPT_IDLE
+    assert asked == [("i-1", 3)]
+    assert pool.workers["i-1"].state is WorkerState.READY
+    pool.hand_out(pool.workers["i-1"], "a", T0)
+    assert pool.release("192.0.2.1", "a", T0, keep=lambda w, rank: False).outcome is (
+        ReleaseOutcome.TERMINATE
+    )
+
+
+def test_reap_plan_gives_the_idle_rule_each_workers_rank_most_recent_first() -> None:
+    """Under adaptive with six arrivals an hour, of three idle workers the two most recently
+    used stay and the third goes (tests/test_adaptive.py has the arithmetic)."""
+    pool = pool_with(1, 2, 3)
+    for n, used in ((1, T0 + 20), (2, T0 + 10), (3, T0 + 30)):
+        pool.ping(f"192.0.2.{n}", "x", used)
+    history = ArrivalHistory.seeded(T0 + 30 - i * 600 for i in range(30))
+    rule = IdleRule(
+        IdlePolicy.ADAPTIVE, 900.0, 60.0, 50.0, history, boot_seconds={"c7i.8xlarge": 30.0}
+    )
+    plan = reap_plan(pool, T0 + 100, idle=rule)
+    assert [w.instance_id for w in plan.idle_workers] == ["i-2"]
+
+
+def test_first_lease_starts_are_one_per_cloud_worker_the_earliest() -> None:
+    """What start-up seeds the arrival history with: each held cloud worker's first lease."""
+    pool = pool_with(1, 2, 3)
+    pool.hand_out(pool.workers["i-1"], "a", T0 + 50)
+    pool.hand_out(pool.workers["i-1"], "b", T0 + 10)
+    pool.hand_out(pool.workers["i-2"], "c", T0 + 30)
+    local = pool.add_local(LocalWorker("bench", "10.0.0.9"), Market.SPOT, T0)
+    assert local is not None
+    pool.hand_out(local, "d", T0 + 40)
+    assert sorted(first_lease_starts(pool)) == [T0 + 10, T0 + 30]

@@ -112,6 +112,21 @@ def test_bursting_launches_on_the_traces_queue_depth_and_scales_down() -> None:
     assert result.spent < PER_SECOND * result.launches * (1800 + 300 + 3 * 60 + 60)
 
 
+def test_adaptive_keeps_released_workers_for_a_steady_stream_and_fixed_does_not() -> None:
+    """A 5-minute session every 10 minutes for two hours, 60 s boots, $50/h of waiting
+    against $0.36/h (break-even: 8333 s idle): once a few have come, each session finds the
+    last one's worker (no wait); under the default policy every session boots one."""
+    stream = traces.trace(
+        Session(T + 600 * n, 300, f"lab/u{n}", ping=60, release=True) for n in range(12)
+    )
+    fixed = simulate.simulate(lab_config(), stream, boot=BOOT)
+    adaptive = simulate.simulate(lab_config(idle_policy="adaptive"), stream, boot=BOOT)
+    assert fixed.launches == 12
+    assert adaptive.launches < 6
+    assert adaptive.waits.count(0.0) >= 7
+    assert fixed.idle < adaptive.idle < fixed.idle + PER_SECOND * 900 * 12
+
+
 def test_a_generated_week_simulates_within_a_minute() -> None:
     """The generated lab week under the documented idle-15m config: every session served
     (one worker each), in well under a minute of wall time (about 5 s on a 2-core machine)."""
@@ -174,6 +189,21 @@ def test_a_generated_week_has_bursts_a_lunch_gap_a_batch_and_a_quiet_weekend() -
         assert any(h >= 19 and s.duration >= 2 * 3600 for h, s in by_day[day])
     busiest_weekend = max(len(by_day.get(5, [])), len(by_day.get(6, [])))
     assert busiest_weekend < min(len(by_day[day]) for day in range(5))
+
+
+def test_a_quick_week_has_many_short_sessions_in_working_hours() -> None:
+    """quick-week: on weekdays 57 to 91 sessions of minutes between 09:00 and 18:00, besides
+    the overnight batch; the same for a seed."""
+    week = traces.generate("quick-week", 1)
+    assert list(week.lines()) == list(traces.generate("quick-week", 1).lines())
+    monday = [
+        s
+        for s in week.sessions
+        if dt.datetime.fromtimestamp(s.at, dt.UTC).weekday() == 0 and "batch" not in s.client
+    ]
+    assert 57 <= len(monday) <= 91
+    assert all(9 <= dt.datetime.fromtimestamp(s.at, dt.UTC).hour < 18 for s in monday)
+    assert sorted(s.duration for s in monday)[len(monday) // 2] < 15 * 60
 
 
 def test_a_bad_trace_line_is_named_by_its_number() -> None:

@@ -1,0 +1,105 @@
+"""The idle policy at work in the engine (broker/adaptive.py through RELEASE and the reaper):
+exclusive workers, 20 s boots, $0.50/h, $50/h of waiting (break-even: 2000 s idle). On Trio's
+MockClock with an in-memory cloud."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import trio
+from trio.testing import MockClock
+
+from broker.adaptive import IdlePolicy
+from broker.clock import Clock
+from broker.engine import Engine
+from broker.memory_registry import MemoryRegistry
+from broker.model import WorkerRequest
+from tests.engines import get_ip, make_engine, running
+from tests.fakes import FakeCloud
+
+ADAPTIVE: dict[str, Any] = {"idle_policy": IdlePolicy.ADAPTIVE, "clients_per_worker": 1}
+
+
+async def steady_clients(engine: Engine, count: int, every: float, use: float) -> list[str]:
+    """`count` clients, one every `every` s, each using its worker `use` s then releasing it;
+    the IPs they got."""
+    ips = []
+    for n in range(count):
+        ip = await get_ip(engine, WorkerRequest(), f"c{n}")
+        ips.append(ip)
+        await trio.sleep(use)
+        await engine.release(ip, f"c{n}")
+        await trio.sleep(every - use)
+    return ips
+
+
+async def test_adaptive_keeps_a_released_worker_under_steady_arrivals(
+    autojump_clock: MockClock, cloud: FakeCloud, clock: Clock
+) -> None:
+    """A client every 10 minutes: once a few have come, each finds the last one's worker."""
+    engine = make_engine(cloud, clock, **ADAPTIVE)
+    async with running(engine):
+        ips = await steady_clients(engine, 8, every=600, use=120)
+    assert len(set(ips)) < 8
+    assert len(set(ips[3:])) == 1  # from the fourth on, one worker serves them all
+    assert len(cloud.launch_calls) == 3
+
+
+async def test_fixed_terminates_every_released_worker(
+    autojump_clock: MockClock, cloud: FakeCloud, clock: Clock
+) -> None:
+    """The same clients under the default policy: a launch each, as the broker always did."""
+    engine = make_engine(cloud, clock, clients_per_worker=1)
+    async with running(engine):
+        await steady_clients(engine, 8, every=600, use=120)
+        assert cloud.alive() == []
+    assert len(cloud.launch_calls) == 8
+
+
+async def test_adaptive_reaps_a_worker_nobody_asked_for_after_one_reap_interval(
+    autojump_clock: MockClock, cloud: FakeCloud, clock: Clock
+) -> None:
+    """No arrivals at all: a worker launched by BURST goes at the first pass after 60 s idle,
+    not after the 900 s idle timeout."""
+    engine = make_engine(cloud, clock, **ADAPTIVE)
+    async with running(engine):
+        await engine.burst(1)
+        await trio.sleep(30)  # booted (20 s); idle from then
+        assert len(cloud.alive()) == 1
+        await trio.sleep(100)  # two reaper passes: the second sees it idle for 60 s or more
+        assert cloud.alive() == []
+
+
+async def test_adaptive_keeps_until_the_idle_timeout_at_most_then_reaps(
+    autojump_clock: MockClock, cloud: FakeCloud, clock: Clock
+) -> None:
+    """After a busy spell the last released worker stays, but never beyond idle_timeout."""
+    engine = make_engine(cloud, clock, **ADAPTIVE)
+    async with running(engine):
+        await steady_clients(engine, 6, every=300, use=60)
+        assert len(cloud.alive()) == 1  # kept after its release 240 s ago
+        await trio.sleep(900 - 240 - 60)
+        assert len(cloud.alive()) == 1
+        await trio.sleep(120)
+        assert cloud.alive() == []
+
+
+async def test_a_restarted_engine_learns_from_the_leases_in_the_registry(
+    autojump_clock: MockClock, cloud: FakeCloud, clock: Clock
+) -> None:
+    """The arrival history is seeded at start-up from the registry's leases: after a restart,
+    a worker released while three others are held is kept, as before the restart."""
+    registry = MemoryRegistry("test")
+    first = make_engine(cloud, clock, registry, **ADAPTIVE)
+    async with running(first):
+        ips = []
+        for n in range(4):
+            ips.append(await get_ip(first, WorkerRequest(), f"c{n}"))
+            await trio.sleep(120)
+    second = make_engine(cloud, clock, registry, **ADAPTIVE)
+    async with running(second):
+        assert second.ctx.arrivals.rate(clock.now()) > 0
+        await second.release(ips[-1], "c3")
+        assert len(cloud.alive()) == 4
+    fresh = make_engine(cloud, clock, MemoryRegistry("other"), **ADAPTIVE)
+    assert fresh.ctx.arrivals.rate(clock.now()) == 0
