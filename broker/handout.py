@@ -225,7 +225,9 @@ class HandoutDesk:
     # --- PING --------------------------------------------------------------------------------
 
     async def ping(self, ip: str, client: str) -> Worker:
-        """Restart the worker's idle clock and the caller's lease (one registry write)."""
+        """Restart the worker's idle clock and the caller's lease. A holder's PING writes its
+        lease's activity at most every ACTIVITY_WRITE_EVERY (a registry read of a worker
+        lifts its activity to its leases'); a PING from a non-holder writes the worker's."""
         ctx = self.ctx
         now = ctx.clock.now()
         worker = ctx.pool.ping(ip, client, now)
@@ -235,10 +237,10 @@ class HandoutDesk:
             raise WorkerInterrupted(worker.interruption)
         try:
             lease = ctx.pool.leases.get((client, worker.instance_id))
-            if lease is not None and not await self._persist_activity(lease, now):
-                ctx.pool.end_lease(lease)  # ended or expired in the registry
-            else:
+            if lease is None:
                 await ctx.registry.update_worker_activity(worker.instance_id, now)
+            elif not await self._persist_activity(lease, now):
+                ctx.pool.end_lease(lease)  # ended or expired in the registry
             cover = await self.spending.ensure_cover(worker, now)
         except CloudError as exc:
             raise Refusal(f"registry unavailable: {exc}") from exc

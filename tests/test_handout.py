@@ -97,9 +97,15 @@ async def test_lease_expires_after_idle_timeout_while_others_keep_the_worker(
 
 
 class CountingRegistry(MemoryRegistry):
-    """A MemoryRegistry that counts lease writes."""
+    """A MemoryRegistry that counts lease and activity writes."""
 
     writes = 0
+
+    async def update_worker_activity(
+        self, instance_id: str, now: float, *, expires_at: float | None = None
+    ) -> bool:
+        self.writes += 1
+        return await super().update_worker_activity(instance_id, now, expires_at=expires_at)
 
     async def claim_lease(self, lease: LeaseRecord, capacity: int | None) -> bool:
         self.writes += 1
