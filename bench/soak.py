@@ -7,7 +7,8 @@ broker process on the DynamoDB registry (moto), with figures per minute.
 Each client holds one connection for the whole run and loops: GET_WORKER (with its own
 `client=`), then PINGs (80 %), GET_WORKER again (10 %) or RELEASE (10 %, then GET_WORKER),
 pausing about `--think` seconds between requests (0.5x to 1.5x, at random; 1,000 clients
-at 10 s: about 100 requests/s, each PING a registry write). Clients connect over 5 s.
+at 10 s: about 100 requests/s; a holder's lease is written at most every 30 s). Clients
+connect over 5 s.
 Workers are shared (the default), so RELEASE terminates a worker only when its last holder
 lets go.
 
