@@ -223,7 +223,7 @@ class Engine:
 
     async def burst(self, count: int) -> list[str]:
         """Launch up to `count` workers of the default spec now; their instance ids."""
-        attempt = self.launcher.start(self.ctx.settings.default_spec, count)
+        attempt = self.launcher.start(self.ctx.settings.default_spec, count, requested_by="burst")
         await attempt.answered.wait()
         if attempt.error is not None:
             raise Refusal(attempt.error)

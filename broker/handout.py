@@ -144,7 +144,7 @@ class HandoutDesk:
                             if limit is not None:
                                 raise Refusal(limit.removeprefix("ERROR: "))
                         try:
-                            joined = launcher.for_demand(spec, demand[spec] - coming)
+                            joined = launcher.for_demand(spec, demand[spec] - coming, client)
                         except Refusal as exc:
                             if not launcher.may_free_up(spec):
                                 raise

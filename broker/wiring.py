@@ -50,6 +50,7 @@ def ec2_settings(config: Config, port: int | None = None) -> Ec2Settings:
         pool_name=config.pool_name,
         region=config.region,
         user_data=None if port is None else worker_user_data(config, port),
+        tags=tuple(config.instance_tags.items()),
     )
 
 
