@@ -433,6 +433,14 @@ FIELDS: tuple[Field, ...] = (
         {"project": "lab-a", "cost-center": "4711"},
     ),
     Field(
+        "lease_history_days",
+        kinds.integer(0),
+        90,
+        "Days the registry keeps a record of each ended lease (who, which instance, how long, "
+        "what it cost) for `compute-broker report`; 0: keep none.",
+        365,
+    ),
+    Field(
         "client_timeout",
         _DURATION_KIND,
         30,

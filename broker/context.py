@@ -53,6 +53,7 @@ class EngineSettings:
     allowed_types: frozenset[str] = frozenset()  # what GET_WORKER type= may name (empty: any)
     allow_on_demand: bool = True  # whether GET_WORKER market=on-demand may be asked for
     agent_heartbeat: float = 30.0  # seconds between an agent's heartbeats (REGISTER tells it)
+    lease_history_days: int = 90  # how long ended leases are kept in the registry (0: not)
 
     @property
     def warm_pool_configured(self) -> bool:

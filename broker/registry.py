@@ -1,6 +1,7 @@
 """The registry port: the pool's durable state as records, and the interface that stores it.
 
-Workers, leases, launch intents, the pool-wide instance counter and the dollar ledger. Two
+Workers, leases, launch intents, the pool-wide instance counter, the dollar ledger and the
+history of ended leases. Two
 implementations behave the same (tests/test_registry.py runs one contract suite against both):
 `broker.memory_registry.MemoryRegistry`, for a single broker without DynamoDB and for unit
 tests, and `broker.dynamo.DynamoRegistry`,
@@ -235,6 +236,59 @@ class LeaseRecord:
 
 
 @attrs.frozen
+class LeaseHistoryRecord:
+    """A lease that ended: who held which worker, from when to when, and what it cost (the
+    worker's price times the lease's duration; None when the price is unknown). Kept until
+    `expires_at` (None: until deleted), for `compute-broker report`."""
+
+    client: str  # the lease owner: `<identity>[/<client id>]` (broker.access.lease_owner)
+    instance_id: str
+    instance_type: str
+    market: str  # spot, on-demand, or local for a lab machine
+    started_at: float = attrs.field(converter=_float)
+    ended_at: float = attrs.field(converter=_float)
+    price_per_hour: float | None = attrs.field(converter=_optional_float)
+    reason: str  # released, expired, worker_terminated, worker_lost, reply_undeliverable
+    expires_at: float | None = attrs.field(default=None, converter=_optional_float)
+
+    @property
+    def identity(self) -> str:
+        """Whom the lease counted under: a token (`token:<name>`) or the client's address."""
+        return self.client.partition("/")[0]
+
+    @property
+    def hours(self) -> float:
+        """How long the lease was held, in hours."""
+        return max(0.0, self.ended_at - self.started_at) / 3600.0
+
+    @property
+    def cost(self) -> float | None:
+        """Dollars: the worker's price per hour times the lease's hours."""
+        return None if self.price_per_hour is None else self.price_per_hour * self.hours
+
+    @classmethod
+    def from_item(cls, item: Mapping[str, Any]) -> LeaseHistoryRecord:
+        """The record `to_item` wrote."""
+        return cls(**_fields(cls, item))
+
+    def to_item(self) -> Item:
+        """The record as a plain dict (with `identity` and `cost`, for a reader of the table)."""
+        return {
+            "client": self.client,
+            "identity": self.identity,
+            "instance_id": self.instance_id,
+            "instance_type": self.instance_type,
+            "market": self.market,
+            "started_at": self.started_at,
+            "ended_at": self.ended_at,
+            "price_per_hour": self.price_per_hour,
+            "cost": self.cost,
+            "reason": self.reason,
+            "expires_at": self.expires_at,
+        }
+
+
+@attrs.frozen
 class LaunchIntent:
     """A RunInstances call about to be made with `token` as its ClientToken; deleted once it
     answers and its workers are recorded. After a crash, the intent tells what may be running
@@ -416,6 +470,17 @@ class Registry(Protocol):
     async def expired_leases(self, now: float) -> list[LeaseRecord]:
         """The leases expired at `now` that storage still holds: end them (`end_lease`) to
         uncount them; storage deleting them by TTL would not."""
+        ...
+
+    # --- lease history -------------------------------------------------------------------------
+
+    async def put_lease_history(self, record: LeaseHistoryRecord) -> None:
+        """Keep the record of a lease that ended (storage deletes it after `expires_at`)."""
+        ...
+
+    async def lease_history(self, ended_since: float) -> list[LeaseHistoryRecord]:
+        """Every kept record of a lease that ended at or after `ended_since`, by end time.
+        Records past `expires_at` may still be listed until storage deletes them."""
         ...
 
     # --- launch intents ------------------------------------------------------------------------

@@ -126,6 +126,7 @@ def engine_settings(config: Config, *, boot_time_hint: float | None = None) -> E
         subnets=config.subnets or (config.subnet_id,),
         boot_time_hint=boot_time_hint,
         agent_heartbeat=config.agent_heartbeat,
+        lease_history_days=config.lease_history_days,
         allowed_types=frozenset(
             config.allowed_instance_types or (config.instance_type, *config.instance_types)
         ),
