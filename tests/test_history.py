@@ -16,6 +16,7 @@ from broker.model import WorkerRequest
 from broker.registry import LeaseHistoryRecord
 from tests.engines import get_ip, make_engine, running
 from tests.fakes import FakeCloud
+from tests.harness import wait_for
 
 PRICE = 0.5  # $/h of the default spec (c7i.8xlarge spot) in the built-in table
 DAY = 86400.0
@@ -31,7 +32,7 @@ async def test_release_keeps_who_held_which_worker_how_long_and_the_cost(
     await trio.sleep(600)
     await engine.release(ip, "token:alice/job-1")
 
-    [record] = await engine.registry.lease_history(0.0)
+    [record] = await wait_for(lambda: engine.registry.lease_history(0.0))
     assert record.client == "token:alice/job-1"
     assert record.identity == "token:alice"
     assert (record.instance_id, record.instance_type, record.market) == (
@@ -52,7 +53,8 @@ async def test_an_idle_lease_that_expires_is_kept_as_expired(
     """A lease nobody releases ends at the reaper pass after idle_timeout: one record."""
     await get_ip(engine, WorkerRequest(), "quiet")
     await trio.sleep(900 + 61)
-    assert [r.reason for r in await engine.registry.lease_history(0.0)] == ["expired"]
+    [record] = await wait_for(lambda: engine.registry.lease_history(0.0))
+    assert record.reason == "expired"
 
 
 async def test_a_lease_on_a_worker_that_vanished_is_kept_as_lost(
@@ -64,7 +66,7 @@ async def test_a_lease_on_a_worker_that_vanished_is_kept_as_lost(
     (instance,) = cloud.instances.values()
     instance.state = "terminated"
     await trio.sleep(61)
-    [record] = await engine.registry.lease_history(0.0)
+    [record] = await wait_for(lambda: engine.registry.lease_history(0.0))
     assert (record.reason, record.instance_type, record.price_per_hour) == (
         "worker_lost",
         "c7i.8xlarge",
@@ -75,7 +77,7 @@ async def test_a_lease_on_a_worker_that_vanished_is_kept_as_lost(
 async def test_lease_history_days_0_keeps_nothing(
     autojump_clock: MockClock, cloud: FakeCloud, clock: Clock
 ) -> None:
-    """lease_history_days: 0 writes no history."""
+    """lease_history_days: 0 writes no history (decided before any is written)."""
     engine = make_engine(cloud, clock, lease_history_days=0)
     async with running(engine):
         ip = await get_ip(engine, WorkerRequest(), "a")
@@ -99,10 +101,12 @@ async def test_a_failed_history_write_is_logged_and_the_release_still_succeeds(
         ip = await get_ip(engine, WorkerRequest(), "a")
         with structlog.testing.capture_logs() as logs:
             await engine.release(ip, "a")
-        assert engine.pool.leases == {}
-        assert await engine.registry.list_leases(clock.now()) == []
-    failed = [e for e in logs if e["event"] == "registry.write_failed"]
-    assert [e["op"] for e in failed] == ["put_lease_history"]
+            assert engine.pool.leases == {}
+            assert await engine.registry.list_leases(clock.now()) == []
+            failed = await wait_for(
+                lambda: [e["op"] for e in logs if e["event"] == "registry.write_failed"]
+            )
+    assert failed == ["put_lease_history"]
 
 
 async def test_two_replicas_keep_one_record_of_a_lease_both_see_expire(
@@ -116,4 +120,10 @@ async def test_two_replicas_keep_one_record_of_a_lease_both_see_expire(
     async with running(first, second):
         await get_ip(first, WorkerRequest(), "a")
         await trio.sleep(900 + 61)
-        assert [r.client for r in await registry.lease_history(0.0)] == ["a"]
+        kept = await wait_for(lambda: registry.lease_history(0.0))
+        await trio.sleep(120)  # two more reaper passes of each replica: no second record
+        assert (
+            [r.client for r in kept]
+            == ["a"]
+            == [r.client for r in await registry.lease_history(0.0)]
+        )
