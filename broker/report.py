@@ -162,20 +162,21 @@ def build(
 
 def table(report: Report) -> str:
     """The report as an aligned text table, with the total, the part no lease paid for and
-    the ledger's spend."""
+    the ledger's spend; hours to 2 places, dollars to 4 (a short spot lease costs less than a
+    cent)."""
     window = report.window
     by_day = report.by is By.DAY
     header = [str(report.by), "leases", "hours", "dollars"] + (["ledger"] if by_day else [])
     lines = [header]
     for row in (*report.rows, report.total):
-        line = [row.key, str(row.leases), f"{row.hours:.2f}", f"{row.dollars:.2f}"]
+        line = [row.key, str(row.leases), f"{row.hours:.2f}", f"{row.dollars:.4f}"]
         if by_day:
-            line.append(f"{row.ledger or 0.0:.2f}")
+            line.append(f"{row.ledger or 0.0:.4f}")
         lines.append(line)
     difference = report.not_leased
     label = NOT_LEASED if difference >= 0 else OVERLAPPING
-    lines.append([label, "", "", f"{difference:.2f}"] + ([""] if by_day else []))
-    lines.append([LEDGER, "", "", f"{report.ledger:.2f}"] + ([""] if by_day else []))
+    lines.append([label, "", "", f"{difference:.4f}"] + ([""] if by_day else []))
+    lines.append([LEDGER, "", "", f"{report.ledger:.4f}"] + ([""] if by_day else []))
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
     title = (
         f"Cost by {report.by}, {window.since} to {window.until} (not included), "

@@ -147,11 +147,11 @@ def test_the_table_is_aligned_with_total_difference_and_ledger_rows() -> None:
             "Cost by client, 2026-11-01 to 2026-12-01 (not included), UTC days, US dollars",
             "",
             "client                      leases  hours  dollars",
-            "token:alice/a                    1   1.50     0.75",
-            "10.1.2.7                         1   0.25     0.25",
-            "total                            2   1.75     1.00",
-            "idle and warm (not leased)                    0.10",
-            "ledger (committed spend)                      1.10",
+            "token:alice/a                    1   1.50   0.7500",
+            "10.1.2.7                         1   0.25   0.2500",
+            "total                            2   1.75   1.0000",
+            "idle and warm (not leased)                  0.1000",
+            "ledger (committed spend)                    1.1000",
         ]
     )
 

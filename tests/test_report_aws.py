@@ -106,4 +106,4 @@ def test_report_reads_what_two_leases_cost_from_dynamodb(
 
     assert main(command) == 0  # the table says the same
     table = capsys.readouterr().out
-    assert f"{ledger:.2f}" in table.splitlines()[-1]
+    assert f"{ledger:.4f}" in table.splitlines()[-1]
