@@ -131,6 +131,11 @@ def _parser() -> argparse.ArgumentParser:
     source.add_argument("--trace", metavar="FILE", help="a trace of sessions (JSON lines)")
     source.add_argument("--generate", choices=["lab-day", "lab-week"], help="a generated trace")
     source.add_argument("--trace-from-log", metavar="FILE", help="the broker's JSON log lines")
+    source.add_argument(
+        "--trace-from-registry",
+        metavar="CONFIG",
+        help="the lease history in the registry of this broker config (its idle_timeout too)",
+    )
     simulate.add_argument("--seed", type=int, default=0, help="for --generate and boot times")
     simulate.add_argument("--start", help="--generate: first day, YYYY-MM-DD (2026-11-02)")
     simulate.add_argument("--timezone", default="UTC", help="--generate: the lab's time zone")
@@ -387,6 +392,11 @@ def _simulate(args: argparse.Namespace) -> int:
         if args.generate:
             start = dt.date.fromisoformat(args.start) if args.start else traces.DEFAULT_START
             trace = traces.generate(args.generate, args.seed, start=start, timezone=args.timezone)
+        elif args.trace_from_registry:
+            recorded = _load(args.trace_from_registry)
+            registry = build_registry(recorded, trio.CapacityLimiter(recorded.aws_max_concurrency))
+            history = trio.run(registry.lease_history, 0.0)
+            trace = traces.from_history(history, idle_timeout=recorded.idle_timeout)
         else:
             with open(args.trace or args.trace_from_log, encoding="utf-8") as file:
                 if args.trace:
@@ -399,6 +409,9 @@ def _simulate(args: argparse.Namespace) -> int:
     except (ConfigError, OSError, ValueError) as exc:  # TraceError is a ValueError
         print(f"simulate: {exc}", file=sys.stderr)
         return 2
+    except CloudError as exc:
+        print(f"simulate: the registry could not be read: {exc}", file=sys.stderr)
+        return 1
     if not configs:
         sys.stdout.writelines(line + "\n" for line in trace.lines())
         return 0
