@@ -7,6 +7,8 @@ compute-broker setup [--config FILE]
 compute-broker agent --name NAME --ip IP [--config FILE]
 compute-broker stop-all [--config FILE] [--dry-run]
 compute-broker iam-policy [--config FILE] [--account ID] [--setup] [--events-queue NAME]
+compute-broker report --since DAY [--until DAY] [--by client|identity|type|day]
+                      [--format table|csv] [--config FILE]
 compute-broker config-reference | sample-config
 """
 
@@ -26,7 +28,7 @@ import trio
 from broker import __version__, service
 from broker.aws import make_client
 from broker.checks import EXIT_CONFIG, EXIT_TEMPFAIL, exit_status
-from broker.clock import Clock
+from broker.clock import Clock, wall_time
 from broker.cloud import CloudError
 from broker.config_docs import reference_markdown, sample_yaml
 from broker.config_load import load_config
@@ -35,6 +37,7 @@ from broker.ec2 import BILLABLE_STATES, Ec2Cloud
 from broker.engine import Refusal
 from broker.log import configure_logging
 from broker.model import LocalWorker
+from broker.registry import LeaseHistoryRecord
 from broker.sqs import ensure_events_queue
 from broker.wiring import build_engine, build_registry, worker_user_data
 
@@ -130,6 +133,11 @@ def _parser() -> argparse.ArgumentParser:
         "--generate", choices=["lab-day", "lab-week", "quick-week"], help="a generated trace"
     )
     source.add_argument("--trace-from-log", metavar="FILE", help="the broker's JSON log lines")
+    source.add_argument(
+        "--trace-from-registry",
+        metavar="CONFIG",
+        help="the lease history in the registry of this broker config (its idle_timeout too)",
+    )
     simulate.add_argument("--seed", type=int, default=0, help="for --generate and boot times")
     simulate.add_argument("--start", help="--generate: first day, YYYY-MM-DD (2026-11-02)")
     simulate.add_argument("--timezone", default="UTC", help="--generate: the lab's time zone")
@@ -148,6 +156,19 @@ def _parser() -> argparse.ArgumentParser:
         help="seconds to a usable worker (default 20:45); repeat per type",
     )
     simulate.add_argument("--plot", metavar="PNG", help="with --compare: cost against wait")
+    report = sub.add_parser(
+        "report",
+        help="what the pool cost, and who: ended leases against the ledger (docs/cost-report.md)",
+    )
+    report.add_argument("--config", help="YAML config file (registry, pool_name, region)")
+    report.add_argument("--since", required=True, metavar="DAY", help="first day, YYYY-MM-DD")
+    report.add_argument(
+        "--until", metavar="DAY", help="first day not included, YYYY-MM-DD (default: tomorrow)"
+    )
+    report.add_argument(
+        "--by", choices=["client", "identity", "type", "day"], default="client", help="rows"
+    )
+    report.add_argument("--format", choices=["table", "csv"], default="table")
     sub.add_parser("config-reference", help="print the config reference (Markdown)")
     sub.add_parser("sample-config", help="print a commented sample config")
     return parser
@@ -310,6 +331,48 @@ def _iam_policy(args: argparse.Namespace) -> int:
     return 0
 
 
+def _report(args: argparse.Namespace) -> int:
+    """Read the lease history and the ledger for whole days in budget_timezone; print them."""
+    import datetime as dt
+    from zoneinfo import ZoneInfo
+
+    from broker import report
+
+    try:
+        config = _load(args.config)
+        zone = ZoneInfo(config.budget_timezone)
+        since = dt.date.fromisoformat(args.since)
+        today = dt.datetime.fromtimestamp(wall_time(), zone).date()
+        until = dt.date.fromisoformat(args.until) if args.until else today + dt.timedelta(1)
+        window = report.Window(since, until, config.budget_timezone)
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return EXIT_CONFIG
+    except ValueError as exc:
+        print(f"report: {exc}", file=sys.stderr)
+        return 2  # a usage error, as argparse's own
+    configure_logging(config.log_format, "warning")
+    if config.registry == "memory":
+        print("report: registry is memory: the history lived in the broker", file=sys.stderr)
+    registry = build_registry(config, trio.CapacityLimiter(config.aws_max_concurrency))
+
+    async def read() -> tuple[list[LeaseHistoryRecord], dict[str, int]]:
+        records = await registry.lease_history(window.start)
+        return records, await registry.spend(window.day_keys())
+
+    try:
+        records, ledger = trio.run(read)
+    except CloudError as exc:
+        print(f"report: the registry could not be read: {exc}", file=sys.stderr)
+        return 1
+    built = report.build(records, ledger, window, report.By(args.by))
+    if args.format == "csv":
+        sys.stdout.write(report.csv_text(built))
+    else:
+        print(report.table(built))
+    return 0
+
+
 def _config_reference(args: argparse.Namespace) -> int:
     sys.stdout.write(reference_markdown())
     return 0
@@ -331,6 +394,11 @@ def _simulate(args: argparse.Namespace) -> int:
         if args.generate:
             start = dt.date.fromisoformat(args.start) if args.start else traces.DEFAULT_START
             trace = traces.generate(args.generate, args.seed, start=start, timezone=args.timezone)
+        elif args.trace_from_registry:
+            recorded = _load(args.trace_from_registry)
+            registry = build_registry(recorded, trio.CapacityLimiter(recorded.aws_max_concurrency))
+            history = trio.run(registry.lease_history, 0.0)
+            trace = traces.from_history(history, idle_timeout=recorded.idle_timeout)
         else:
             with open(args.trace or args.trace_from_log, encoding="utf-8") as file:
                 if args.trace:
@@ -343,6 +411,9 @@ def _simulate(args: argparse.Namespace) -> int:
     except (ConfigError, OSError, ValueError) as exc:  # TraceError is a ValueError
         print(f"simulate: {exc}", file=sys.stderr)
         return 2
+    except CloudError as exc:
+        print(f"simulate: the registry could not be read: {exc}", file=sys.stderr)
+        return 1
     if not configs:
         sys.stdout.writelines(line + "\n" for line in trace.lines())
         return 0
@@ -433,6 +504,7 @@ _COMMANDS = {
     "stop-all": _stop_all,
     "iam-policy": _iam_policy,
     "simulate": _simulate,
+    "report": _report,
     "config-reference": _config_reference,
     "sample-config": _sample_config,
 }

@@ -104,14 +104,22 @@ class Cloud(Protocol):
     """
 
     async def launch(
-        self, spec: LaunchSpec, count: int, client_token: str, *, subnet: str | None = None
+        self,
+        spec: LaunchSpec,
+        count: int,
+        client_token: str,
+        *,
+        subnet: str | None = None,
+        requested_by: str | None = None,
     ) -> list[Instance]:
         """Launch up to `count` (at least 1) tagged instances in one RunInstances call.
 
         The same `client_token` must be passed when a launch is retried, so EC2 launches once.
         `subnet` picks the subnet (and so the Availability Zone); None means the adapter's
-        configured default. A `CloudError` whose `capacity` is True means this offering
-        cannot be had now: another type, zone or market may be.
+        configured default. `requested_by` names who caused the launch (a lease owner,
+        `warm-pool`, `burst`, ...), tagged on the instances for cost allocation. A `CloudError`
+        whose `capacity` is True means this offering cannot be had now: another type, zone or
+        market may be.
         """
         ...
 

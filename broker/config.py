@@ -441,6 +441,24 @@ FIELDS: tuple[Field, ...] = (
         {"c7i.8xlarge": {"spot": 0.45}},
     ),
     Field(
+        "instance_tags",
+        kinds.instance_tags(),
+        {},
+        "Tags put on every instance the broker launches, for AWS cost allocation (activate "
+        "them in the Billing console). The broker adds its own: compute-broker:pool, "
+        "compute-broker:client (who caused the launch: the lease owner, warm-pool, burst or "
+        "replacement) and others; keys starting aws: or compute-broker: are refused.",
+        {"project": "lab-a", "cost-center": "4711"},
+    ),
+    Field(
+        "lease_history_days",
+        kinds.integer(0),
+        90,
+        "Days the registry keeps a record of each ended lease (who, which instance, how long, "
+        "what it cost) for `compute-broker report`; 0: keep none.",
+        365,
+    ),
+    Field(
         "client_timeout",
         _DURATION_KIND,
         30,

@@ -287,6 +287,45 @@ def timezone() -> Kind:
     return Kind("time zone", check, text=True)
 
 
+# EC2 tag rules (docs: "Tag your Amazon EC2 resources"): keys 1-128 and values 0-256 of letters,
+# digits, spaces and _ . : / = + - @; `aws:` is AWS's own. The broker's own tags (its `Name` and
+# the `compute-broker:` ones, broker/ec2.py) cannot be set from the config, and a resource holds
+# at most 50 tags, 5 of them the broker's.
+TAG_CHARACTERS = re.compile(r"[\w .:/=+\-@]*")
+TAG_KEY_MAX, TAG_VALUE_MAX = 128, 256
+RESERVED_TAG_PREFIXES = ("aws:", "compute-broker:")
+RESERVED_TAG_KEYS = frozenset({"Name"})
+MAX_CONFIG_TAGS = 45
+
+
+def instance_tags() -> Kind:
+    """Tag key to tag value, both strings, by EC2's rules; the broker's own keys refused."""
+
+    def check(value: Any) -> dict[str, str]:
+        if not isinstance(value, Mapping):
+            raise _must("be a mapping of tag key to tag value", value)
+        if len(value) > MAX_CONFIG_TAGS:
+            raise _must(f"have at most {MAX_CONFIG_TAGS} tags", f"{len(value)} tags")
+        tags: dict[str, str] = {}
+        for key, tag in value.items():
+            if not isinstance(key, str) or not 0 < len(key) <= TAG_KEY_MAX:
+                raise _must(f"have keys of 1-{TAG_KEY_MAX} characters", key)
+            if not TAG_CHARACTERS.fullmatch(key):
+                problem = "a tag key may hold letters, digits, spaces and _ . : / = + - @"
+                raise Invalid(problem, (key,))
+            if key.lower().startswith(RESERVED_TAG_PREFIXES) or key in RESERVED_TAG_KEYS:
+                raise Invalid("the broker sets this tag itself (or AWS does)", (key,))
+            if not isinstance(tag, str):
+                raise _must('be a string (quote numbers: "4711")', tag).below(key)
+            if len(tag) > TAG_VALUE_MAX or not TAG_CHARACTERS.fullmatch(tag):
+                rule = f"be up to {TAG_VALUE_MAX} letters, digits, spaces and _ . : / = + - @"
+                raise _must(rule, tag).below(key)
+            tags[key] = tag
+        return tags
+
+    return Kind("mapping of tag key to tag value", check)
+
+
 def suggestion(name: str, known: Iterable[str], fallback: str = "") -> str:
     """` (did you mean X?)` for the closest of `known`, else ` (fallback)`, else nothing."""
     close = difflib.get_close_matches(name, list(known), n=1)

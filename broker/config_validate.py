@@ -106,6 +106,8 @@ class Config:
     spot_price_history: bool = _default("spot_price_history")
     events_queue_url: str | None = _default("events_queue_url")
     prices: Mapping[str, Mapping[str, float]] = _default("prices")
+    instance_tags: Mapping[str, str] = _default("instance_tags")
+    lease_history_days: int = _default("lease_history_days")
     client_timeout: float = _default("client_timeout")
     allow_cidrs: tuple[str, ...] = attrs.field(
         default=_default("allow_cidrs"), converter=_string_tuple

@@ -57,6 +57,7 @@ class EngineSettings:
     agent_heartbeat: float = 30.0  # seconds between an agent's heartbeats (REGISTER tells it)
     idle_policy: IdlePolicy = IdlePolicy.FIXED  # how long idle workers are kept
     wait_cost_per_hour: float = 50.0  # $ an hour of waiting for a worker costs (adaptive)
+    lease_history_days: int = 90  # how long ended leases are kept in the registry (0: not)
 
     @property
     def warm_pool_configured(self) -> bool:

@@ -27,6 +27,7 @@ from broker.registry import (
     CoverOutcome,
     ItemValue,
     LaunchIntent,
+    LeaseHistoryRecord,
     LeaseRecord,
     Registry,
     SpendGrant,
@@ -44,6 +45,7 @@ COUNTER_SK: Final = "counter#instances"
 COUNTER_ATTRIBUTE: Final = "reserved"
 SPEND_PREFIX: Final = "spend#"  # one item per ledger period key, e.g. spend#day:2026-11-23
 SPEND_ATTRIBUTE: Final = "committed"  # micro-dollars
+HISTORY_PREFIX: Final = "history#"  # history#<end, ms, 15 digits>#<instance id>#<client>
 
 # Conditional-update loops (claim, end, reserve, release) give up after this many rounds; each
 # failed round means another writer changed the item, i.e. made progress.
@@ -302,6 +304,16 @@ class DynamoRegistry:
     async def expired_leases(self, now: float) -> list[LeaseRecord]:
         leases = [LeaseRecord.from_item(i) for i in await self._query(LEASE_PREFIX)]
         return [lease for lease in leases if lease.is_expired(now)]
+
+    # --- lease history -------------------------------------------------------------------------
+
+    async def put_lease_history(self, record: LeaseHistoryRecord) -> None:
+        sk = f"{_history_key(record.ended_at)}#{record.instance_id}#{record.client}"
+        await self._put(sk, record.to_item())
+
+    async def lease_history(self, ended_since: float) -> list[LeaseHistoryRecord]:
+        items = await self._query(HISTORY_PREFIX, after=_history_key(ended_since))
+        return [LeaseHistoryRecord.from_item(item) for item in items]
 
     # --- launch intents ------------------------------------------------------------------------
 
@@ -574,17 +586,23 @@ class DynamoRegistry:
         item = response.get("Item")
         return None if item is None else decode_item(item)
 
-    async def _query(self, prefix: str) -> list[dict[str, Any]]:
-        items = await call(self.limiter, self._query_all_pages, prefix)
+    async def _query(self, prefix: str, *, after: str | None = None) -> list[dict[str, Any]]:
+        items = await call(self.limiter, self._query_all_pages, prefix, after)
         return [decode_item(item) for item in items]
 
-    def _query_all_pages(self, prefix: str) -> list[dict[str, Any]]:
-        """Blocking: every item of the pool's partition whose sort key starts with `prefix`."""
+    def _query_all_pages(self, prefix: str, after: str | None) -> list[dict[str, Any]]:
+        """Blocking: every item of the pool's partition whose sort key starts with `prefix`
+        (and, with `after`, sorts at or after it), in sort key order."""
+        condition = "#pk = :pk AND begins_with(#sk, :prefix)"
+        values = {":pk": {"S": self._pk}, ":prefix": {"S": prefix}}
+        if after is not None:  # from `after` to the prefix's last key ("~" sorts after them)
+            condition = "#pk = :pk AND #sk BETWEEN :first AND :last"
+            values = {":pk": {"S": self._pk}, ":first": {"S": after}, ":last": {"S": prefix + "~"}}
         pages = self.client.get_paginator("query").paginate(
             TableName=self.table_name,
-            KeyConditionExpression="#pk = :pk AND begins_with(#sk, :prefix)",
+            KeyConditionExpression=condition,
             ExpressionAttributeNames={"#pk": PARTITION_KEY, "#sk": SORT_KEY},
-            ExpressionAttributeValues={":pk": {"S": self._pk}, ":prefix": {"S": prefix}},
+            ExpressionAttributeValues=values,
             ConsistentRead=True,
         )
         return [item for page in pages for item in page["Items"]]
@@ -699,6 +717,12 @@ def _intent_sk(token: str) -> str:
 
 def _spend_sk(key: str) -> str:
     return f"{SPEND_PREFIX}{key}"
+
+
+def _history_key(ended_at: float) -> str:
+    """The sort key's start for leases that ended at `ended_at`: in milliseconds, padded so
+    keys sort as times do."""
+    return f"{HISTORY_PREFIX}{max(0, round(ended_at * 1000)):015d}"
 
 
 # --- attribute values ---------------------------------------------------------------------------

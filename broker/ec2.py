@@ -28,6 +28,10 @@ MANAGED_TAG = "compute-broker:managed"
 # The launch's ClientToken: after a crash between RunInstances and the registry write, the
 # reconciler matches instances to the launch intent the registry kept.
 LAUNCH_TOKEN_TAG = "compute-broker:launch-token"
+# Who caused the launch (`Cloud.launch`'s `requested_by`), for cost allocation.
+CLIENT_TAG = "compute-broker:client"
+TAG_VALUE_MAX = 256  # EC2's limit on a tag value
+_NOT_IN_A_TAG = re.compile(r"[^\w .:/=+\-@]")  # what EC2 refuses in a tag value
 
 LIVE_STATES = ("pending", "running")
 # Everything that may still bill: what `compute-broker stop-all` terminates.
@@ -80,6 +84,8 @@ class Ec2Settings:
     region: str | None
     # The user data every worker gets (the operator's plus the watchdog: broker.userdata).
     user_data: str | None = None
+    # The config's instance_tags (cost allocation), as (key, value) pairs.
+    tags: tuple[tuple[str, str], ...] = ()
 
 
 class Ec2Cloud:
@@ -119,11 +125,18 @@ class Ec2Cloud:
         )
 
     async def launch(
-        self, spec: LaunchSpec, count: int, client_token: str, *, subnet: str | None = None
+        self,
+        spec: LaunchSpec,
+        count: int,
+        client_token: str,
+        *,
+        subnet: str | None = None,
+        requested_by: str | None = None,
     ) -> list[Instance]:
         """One RunInstances for 1..count tagged instances, idempotent on `client_token`, in
         `subnet` (default: the configured one). Throttling and transient failures are retried
-        with the same token; any other error, capacity errors first of all, is raised at once."""
+        with the same token; any other error, capacity errors first of all, is raised at once.
+        The instances carry the broker's tags, the config's `instance_tags` and `requested_by`."""
         params: dict[str, Any] = {
             "ImageId": self.settings.ami_id,
             "InstanceType": spec.instance_type,
@@ -131,7 +144,9 @@ class Ec2Cloud:
             "MaxCount": count,
             "ClientToken": client_token,
             "SecurityGroupIds": list(self.settings.security_group_ids),
-            "TagSpecifications": [{"ResourceType": "instance", "Tags": self._tags(client_token)}],
+            "TagSpecifications": [
+                {"ResourceType": "instance", "Tags": self._tags(client_token, requested_by)}
+            ],
             # A worker that powers itself off (its watchdog, docs/worker-watchdog.md) is
             # terminated, not stopped: a stopped instance still bills for its volumes.
             "InstanceInitiatedShutdownBehavior": "terminate",
@@ -223,13 +238,20 @@ class Ec2Cloud:
         )
         return [entry for page in pages for entry in page["SpotPriceHistory"]]
 
-    def _tags(self, client_token: str) -> list[dict[str, str]]:
-        return [
+    def _tags(self, client_token: str, requested_by: str | None) -> list[dict[str, str]]:
+        """The config's tags first, then the broker's (config validation refuses the broker's
+        keys, so none is overridden)."""
+        tags = [{"Key": key, "Value": value} for key, value in self.settings.tags]
+        tags += [
             {"Key": NAME_TAG, "Value": WORKER_NAME},
             {"Key": POOL_TAG, "Value": self.settings.pool_name},
             {"Key": MANAGED_TAG, "Value": "true"},
             {"Key": LAUNCH_TOKEN_TAG, "Value": client_token},
         ]
+        if requested_by:
+            value = _NOT_IN_A_TAG.sub("_", requested_by)[:TAG_VALUE_MAX]
+            tags.append({"Key": CLIENT_TAG, "Value": value})
+        return tags
 
     async def _run_instances(self, params: dict[str, Any]) -> Any:
         """RunInstances retried by `LAUNCH_RETRY`; `params` (its ClientToken) is the same each

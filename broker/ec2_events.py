@@ -139,7 +139,7 @@ class Ec2Events:
             default if worker.matches(default) else LaunchSpec(worker.instance_type, worker.market)
         )
         try:
-            self.launcher.start(spec, 1)
+            self.launcher.start(spec, 1, requested_by="replacement")
         except Refusal as exc:
             _log.warning(
                 "worker.replacement_refused", instance_id=worker.instance_id, reason=str(exc)

@@ -19,11 +19,12 @@ answered: a launch intent before RunInstances, a lease before the IP is sent.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, Final
 
 import structlog
 import trio
 
+from broker.adaptive import IdlePolicy
 from broker.bootwatch import BootWatch
 from broker.burst import BurstDecision
 from broker.clock import Clock
@@ -49,6 +50,8 @@ from broker.spending import Spending
 from broker.status import status_document
 
 _log = structlog.get_logger("broker.engine")
+
+ARRIVALS_READ: Final = 7 * 24 * 3600.0  # seconds of ended leases the arrival history reads
 
 STATUS_LEDGER_AGE = 1.0  # seconds a STATUS may show the ledger as read before
 
@@ -141,13 +144,24 @@ class Engine:
 
     # --- lifecycle ---------------------------------------------------------------------------
 
+    async def _seed_arrivals(self) -> None:
+        """Start the arrival history from the registry: the open leases, and with
+        `idle_policy: adaptive` the leases that ended in the last ARRIVALS_READ seconds."""
+        ctx = self.ctx
+        arrivals = first_lease_starts(ctx.pool)
+        if ctx.settings.idle_policy is IdlePolicy.ADAPTIVE and ctx.settings.lease_history_days:
+            since = ctx.clock.now() - ARRIVALS_READ
+            ended = await ctx.read("lease_history", ctx.registry.lease_history, since)
+            arrivals += [record.started_at for record in ended or ()]
+        ctx.seed_arrivals(arrivals)
+
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Adopt the pool's existing instances, then run the background loops forever."""
         ctx, scaling = self.ctx, self.scaling
         async with trio.open_nursery() as nursery:
             ctx.nursery = nursery
             await self.reconciler.restore()  # the pool as the registry has it (after a restart)
-            ctx.seed_arrivals(first_lease_starts(ctx.pool))  # idle_policy: adaptive learns
+            await self._seed_arrivals()  # idle_policy: adaptive learns from them
             await self.reconciler.add_declared_local_workers()
             await self.reconciler.reconcile()  # then as EC2 has it
             nursery.start_soon(self.bootwatch.run)
@@ -224,7 +238,7 @@ class Engine:
 
     async def burst(self, count: int) -> list[str]:
         """Launch up to `count` workers of the default spec now; their instance ids."""
-        attempt = self.launcher.start(self.ctx.settings.default_spec, count)
+        attempt = self.launcher.start(self.ctx.settings.default_spec, count, requested_by="burst")
         await attempt.answered.wait()
         if attempt.error is not None:
             raise Refusal(attempt.error)

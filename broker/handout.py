@@ -18,6 +18,7 @@ import trio
 from broker.cloud import CloudError
 from broker.context import Context, log_lease_end
 from broker.errors import Refusal, WorkerInterrupted, WorkerNotFound
+from broker.history import end_lease
 from broker.launcher import LaunchAttempt, Launcher
 from broker.model import (
     LaunchSpec,
@@ -144,7 +145,7 @@ class HandoutDesk:
                             if limit is not None:
                                 raise Refusal(limit.removeprefix("ERROR: "))
                         try:
-                            joined = launcher.for_demand(spec, demand[spec] - coming)
+                            joined = launcher.for_demand(spec, demand[spec] - coming, client)
                         except Refusal as exc:
                             if not launcher.may_free_up(spec):
                                 raise
@@ -220,7 +221,7 @@ class HandoutDesk:
         if lease is not None:
             self.ctx.pool.end_lease(lease)
             log_lease_end(lease, "reply_undeliverable", self.ctx.clock.now())
-            await self._forget_lease(lease)
+            await self._forget_lease(lease, "reply_undeliverable")
 
     # --- PING --------------------------------------------------------------------------------
 
@@ -272,7 +273,7 @@ class HandoutDesk:
         released = ctx.pool.release(ip, client, now, warm=ctx.warm(now), keep=self._keep(now))
         if released.lease is not None:
             log_lease_end(released.lease, "released", now)
-            await self._forget_lease(released.lease)
+            await self._forget_lease(released.lease, "released")
         if released.outcome is ReleaseOutcome.KEPT and released.worker is not None:
             released = await self._recheck_holders(released.worker, ip, client, now) or released
         if released.outcome is ReleaseOutcome.NOT_FOUND:
@@ -333,9 +334,7 @@ class HandoutDesk:
         if expired is None:
             return
         for record in expired:
-            ended = await ctx.write(
-                "end_lease", ctx.registry.end_lease, record.client, record.instance_id
-            )
+            ended = await end_lease(ctx, record.client, record.instance_id, reason="expired")
             lease = ctx.pool.leases.get((record.client, record.instance_id))
             if lease is not None:
                 ctx.pool.end_lease(lease)
@@ -349,6 +348,6 @@ class HandoutDesk:
             if (lease.client, lease.instance_id) not in live:
                 ctx.pool.end_lease(lease)  # ended or expired in the registry meanwhile
 
-    async def _forget_lease(self, lease: Lease) -> None:
-        registry = self.ctx.registry
-        await self.ctx.write("end_lease", registry.end_lease, lease.client, lease.instance_id)
+    async def _forget_lease(self, lease: Lease, reason: str) -> None:
+        """End the lease in the registry, keeping its history (`broker.history`)."""
+        await end_lease(self.ctx, lease.client, lease.instance_id, reason=reason)

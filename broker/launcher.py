@@ -46,6 +46,7 @@ class LaunchAttempt:
 
     token: str
     spec: LaunchSpec
+    requested_by: str  # who caused it (a lease owner, warm-pool, burst): tagged on instances
     answered: trio.Event = attrs.field(factory=trio.Event)
     instances: list[Instance] = attrs.field(factory=list)
     error: str | None = None
@@ -109,16 +110,17 @@ class Launcher:
 
     # --- what the hand-out asks ------------------------------------------------------------
 
-    def for_demand(self, spec: LaunchSpec, unserved: float) -> LaunchAttempt:
-        """Launch enough workers for `unserved` waiting clients (one in shared mode); a
-        paused spec is refused until its pause ends."""
+    def for_demand(self, spec: LaunchSpec, unserved: float, client: str) -> LaunchAttempt:
+        """Launch enough workers for `unserved` waiting clients (one in shared mode), on behalf
+        of `client`, the request that found too few; a paused spec is refused until its pause
+        ends."""
         pause = self.paused.get(spec)
         if pause is not None and trio.current_time() < pause.until:
             raise Refusal(pause.reason)
         self.paused.pop(spec, None)  # past its pause: this launch decides afresh
         capacity = self.ctx.settings.limits.clients_per_worker
         count = 1 if capacity is None else max(1, math.ceil(unserved / capacity))
-        return self.start(spec, count)
+        return self.start(spec, count, requested_by=client)
 
     def joinable(self, spec: LaunchSpec) -> LaunchAttempt | None:
         """An attempt under way for `spec` that has not failed."""
@@ -141,9 +143,9 @@ class Launcher:
 
     # --- starting a launch -----------------------------------------------------------------
 
-    def start(self, spec: LaunchSpec, count: int) -> LaunchAttempt:
-        """Admit and start a launch of up to `count` workers of `spec`; Refusal if the caps
-        admit none."""
+    def start(self, spec: LaunchSpec, count: int, *, requested_by: str) -> LaunchAttempt:
+        """Admit and start a launch of up to `count` workers of `spec` for `requested_by` (a
+        lease owner, `warm-pool`, `burst`, `replacement`); Refusal if the caps admit none."""
         ctx = self.ctx
         price = ctx.prices.price(spec.instance_type, spec.market)
         if price is None:  # uncharged, uncounted: never, capped or not
@@ -159,7 +161,7 @@ class Launcher:
             raise Refusal(admission.refusal)
         token = uuid.uuid4().hex
         ctx.pool.launch_started(token, spec, admission.count, price, ctx.clock.now())
-        attempt = LaunchAttempt(token, spec)
+        attempt = LaunchAttempt(token, spec, requested_by)
         self.attempts[token] = attempt
         ctx.spawn(self._run, attempt, admission.count)
         return attempt
@@ -289,7 +291,11 @@ class Launcher:
                 attempt.intent = token
             try:
                 instances = await ctx.cloud.launch(
-                    offering.spec, attempt.reserved, token, subnet=offering.subnet
+                    offering.spec,
+                    attempt.reserved,
+                    token,
+                    subnet=offering.subnet,
+                    requested_by=attempt.requested_by,
                 )
             except CloudError as exc:
                 await self._drop_intent(attempt, token)

@@ -17,6 +17,7 @@ from broker.model import WorkerState
 from broker.registry import (
     CoverOutcome,
     LaunchIntent,
+    LeaseHistoryRecord,
     LeaseRecord,
     Registry,
     SpendGrant,
@@ -38,6 +39,7 @@ class MemoryRegistry:
     _intents: dict[str, LaunchIntent] = attrs.field(factory=dict, init=False)
     _reserved: int = attrs.field(default=0, init=False)
     _spend: dict[str, int] = attrs.field(factory=dict, init=False)
+    _history: list[LeaseHistoryRecord] = attrs.field(factory=list, init=False)
 
     # --- workers -------------------------------------------------------------------------------
 
@@ -161,6 +163,15 @@ class MemoryRegistry:
         return [lease for _, lease in sorted(self._leases.items()) if lease.is_expired(now)]
 
     # --- launch intents ------------------------------------------------------------------------
+
+    async def put_lease_history(self, record: LeaseHistoryRecord) -> None:
+        await trio.lowlevel.checkpoint()
+        self._history.append(record)
+
+    async def lease_history(self, ended_since: float) -> list[LeaseHistoryRecord]:
+        await trio.lowlevel.checkpoint()
+        kept = [r for r in self._history if r.ended_at >= ended_since]
+        return sorted(kept, key=lambda r: (r.ended_at, r.instance_id, r.client))
 
     async def put_intent(self, intent: LaunchIntent) -> None:
         await trio.lowlevel.checkpoint()

@@ -18,6 +18,7 @@ import structlog
 from broker.cloud import CloudError
 from broker.context import Context, log_lease_end
 from broker.errors import Refusal
+from broker.history import end_lease
 from broker.launcher import Launcher
 from broker.model import Lease, Worker, WorkerState
 from broker.spending import Spending
@@ -126,7 +127,7 @@ class Retire:
             self.launcher.settle(worker.launch_token)  # it may have been booting
             for lease in leases:
                 log_lease_end(lease, "worker_terminated", now)
-            await self.forget(worker.instance_id, leases)
+            await self.forget(worker, leases, reason="worker_terminated")
             _log.info(
                 "worker.terminated",
                 instance_id=worker.instance_id,
@@ -172,20 +173,24 @@ class Retire:
         _, leases = self.ctx.pool.remove(worker.instance_id, now)
         for lease in leases:
             log_lease_end(lease, "worker_lost", now)
-        self.ctx.spawn(self.forget, worker.instance_id, leases, not worker.local)
+        self.ctx.spawn(self.forget, worker, leases, not worker.local, "worker_lost")
         _log.error("worker.lost", instance_id=worker.instance_id, reason=reason)
         self.launcher.fail(worker.launch_token, reason)
         self.launcher.settle(worker.launch_token)
 
     async def forget(
-        self, instance_id: str, leases: Sequence[Lease], reserved: bool = True
+        self,
+        worker: Worker,
+        leases: Sequence[Lease],
+        reserved: bool = True,
+        reason: str = "worker_terminated",
     ) -> None:
-        """Drop a worker and its leases from the registry; give back its slot on the
-        pool-wide counter and its unused cover."""
-        ctx = self.ctx
+        """Drop a worker and its leases (ended for `reason`, their history kept) from the
+        registry; give back its slot on the pool-wide counter and its unused cover."""
+        ctx, instance_id = self.ctx, worker.instance_id
         self.spending.forget(instance_id)
         for lease in leases:
-            await ctx.write("end_lease", ctx.registry.end_lease, lease.client, lease.instance_id)
+            await end_lease(ctx, lease.client, instance_id, reason=reason, worker=worker)
         try:
             # Only the broker whose delete finds the record releases its reservation and
             # refunds its unused cover (two replicas may both see a spot worker vanish).

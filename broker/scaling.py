@@ -142,7 +142,7 @@ class Scaling:
                 launching=unpromised,
                 count=count,
             )
-            self.launcher.start(spec, count)
+            self.launcher.start(spec, count, requested_by="warm-pool")
         return count
 
     # --- bursting ----------------------------------------------------------------------------
@@ -196,7 +196,7 @@ class Scaling:
             )
         if decision.launch:
             try:
-                self.launcher.start(spec, decision.launch)
+                self.launcher.start(spec, decision.launch, requested_by="burst")
             except Refusal as exc:
                 _log.warning("burst.launch_refused", reason=str(exc))
         doomed = [

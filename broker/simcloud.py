@@ -125,7 +125,13 @@ class SimCloud:
         self._numbers = itertools.count(1)
 
     async def launch(
-        self, spec: LaunchSpec, count: int, client_token: str, *, subnet: str | None = None
+        self,
+        spec: LaunchSpec,
+        count: int,
+        client_token: str,
+        *,
+        subnet: str | None = None,
+        requested_by: str | None = None,
     ) -> list[Instance]:
         await trio.lowlevel.checkpoint()
         self.run_instances_calls += 1

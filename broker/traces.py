@@ -15,8 +15,9 @@ One line per session, sorted by arrival:
 A line `{"at": ..., "queue_depth": N}` sets the job queue's depth from then on (for
 `burst_policy: {mode: auto}`). Blank lines and lines starting with `#` are skipped.
 
-Traces come from three places: a file, `generate` (a lab day or a lab week, from a seed), and
-`from_log` (the broker's own `lease.started` / `lease.ended` events, as journald keeps them).
+Traces come from four places: a file, `generate` (a lab day or a lab week, from a seed),
+`from_log` (the broker's own `lease.started` / `lease.ended` events, as journald keeps them),
+and `from_history` (the registry's lease history, `broker.history`).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 import attrs
 
 from broker.model import Market
+from broker.registry import LeaseHistoryRecord
 
 GENERATED: Final = ("lab-day", "lab-week", "quick-week")
 DEFAULT_START: Final = dt.date(2026, 11, 2)  # a Monday
@@ -253,6 +255,37 @@ def from_log(
                 release=not expired,
             )
         )
+    return trace(sessions)
+
+
+def from_history(
+    records: Iterable[LeaseHistoryRecord],
+    *,
+    idle_timeout: float = 900.0,
+    ping: float | None = DEFAULT_PING,
+) -> Trace:
+    """A trace from the registry's lease history (`compute-broker report`'s records): one
+    session per lease, as `from_log` makes them, except that the history does not keep how long
+    a client waited, so each session arrives when its lease started. A lease that `expired` was
+    abandoned (its client active until `idle_timeout` before the end); one whose reply was
+    undeliverable is left out (nobody used it); the others were released (a worker terminated
+    or lost under its lease ended the session early: the history cannot say how long the client
+    would have gone on)."""
+    sessions = [
+        Session(
+            at=record.started_at,
+            duration=(
+                max(0.0, record.hours * 3600.0 - idle_timeout)
+                if record.reason == "expired"
+                else record.hours * 3600.0
+            ),
+            client=record.client,
+            ping=ping,
+            release=record.reason != "expired",
+        )
+        for record in records
+        if record.reason != "reply_undeliverable"
+    ]
     return trace(sessions)
 
 

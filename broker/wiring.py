@@ -51,6 +51,7 @@ def ec2_settings(config: Config, port: int | None = None) -> Ec2Settings:
         pool_name=config.pool_name,
         region=config.region,
         user_data=None if port is None else worker_user_data(config, port),
+        tags=tuple(config.instance_tags.items()),
     )
 
 
@@ -128,6 +129,7 @@ def engine_settings(config: Config, *, boot_time_hint: float | None = None) -> E
         agent_heartbeat=config.agent_heartbeat,
         idle_policy=IdlePolicy(config.idle_policy),
         wait_cost_per_hour=config.wait_cost_per_hour,
+        lease_history_days=config.lease_history_days,
         allowed_types=frozenset(
             config.allowed_instance_types or (config.instance_type, *config.instance_types)
         ),

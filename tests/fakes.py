@@ -48,6 +48,7 @@ class FakeCloud:
         self.instances: dict[str, FakeInstance] = {}
         self.launch_calls: list[tuple[LaunchSpec, int, str]] = []
         self.subnets: list[str | None] = []  # the `subnet` of each launch call
+        self.requested_by: list[str | None] = []  # the `requested_by` of each launch call
         self.describe_calls: list[list[str]] = []
         self.terminate_calls: list[list[str]] = []
         self.launch_errors: list[Exception] = []
@@ -67,10 +68,17 @@ class FakeCloud:
         return instance
 
     async def launch(
-        self, spec: LaunchSpec, count: int, client_token: str, *, subnet: str | None = None
+        self,
+        spec: LaunchSpec,
+        count: int,
+        client_token: str,
+        *,
+        subnet: str | None = None,
+        requested_by: str | None = None,
     ) -> list[Instance]:
         self.launch_calls.append((spec, count, client_token))
         self.subnets.append(subnet)
+        self.requested_by.append(requested_by)
         if self.launch_delay:
             await trio.sleep(self.launch_delay)
         else:

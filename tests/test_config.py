@@ -10,6 +10,7 @@ import pytest
 from broker.config import FIELDS
 from broker.config_load import load_config
 from broker.config_validate import Config
+from broker.wiring import ec2_settings, engine_settings
 
 
 def test_defaults_without_a_file_are_the_documented_ones() -> None:
@@ -53,3 +54,14 @@ def test_every_example_in_the_schema_is_valid(field: Any) -> None:
     """The documented example of each key passes that key's validation."""
     config = Config.from_dict({field.name: field.example})
     assert getattr(config, field.name) == field.kind.check(field.example)
+
+
+def test_instance_tags_and_lease_history_reach_the_ec2_adapter_and_the_engine() -> None:
+    """instance_tags go to the EC2 settings in order; lease_history_days to the engine (none
+    and 90 by default)."""
+    assert (Config().instance_tags, Config().lease_history_days) == ({}, 90)
+    config = Config.from_dict(
+        {"instance_tags": {"project": "lab-a", "cost-center": "4711"}, "lease_history_days": 0}
+    )
+    assert ec2_settings(config).tags == (("project", "lab-a"), ("cost-center", "4711"))
+    assert engine_settings(config).lease_history_days == 0

@@ -51,6 +51,36 @@ def test_bad_value_names_the_key_and_what_is_wrong(key: str, value: Any, problem
     assert str(caught.value) == f"config: {key}: {problem}"
 
 
+def test_instance_tags_are_taken_as_written() -> None:
+    """instance_tags: string keys and values by EC2's rules, kept in order."""
+    tags = {"project": "lab-a", "cost-center": "4711", "team/owner": "Ana Müller", "empty": ""}
+    assert Config.from_dict({"instance_tags": tags}).instance_tags == tags
+
+
+@pytest.mark.parametrize(
+    ("tags", "problem"),
+    [
+        ({"aws:createdBy": "x"}, "instance_tags.aws:createdBy: the broker sets this tag itself"),
+        ({"AWS:x": "x"}, "instance_tags.AWS:x: the broker sets this tag itself"),
+        ({"compute-broker:pool": "x"}, "instance_tags.compute-broker:pool: the broker sets"),
+        ({"Name": "mine"}, "instance_tags.Name: the broker sets this tag itself"),
+        ({"k" * 129: "x"}, "instance_tags: must have keys of 1-128 characters"),
+        ({"cost-center": 4711}, "instance_tags.cost-center: must be a string (quote numbers"),
+        ({"p": "v" * 257}, "instance_tags.p: must be up to 256 letters"),
+        ({"p": "a;b"}, "instance_tags.p: must be up to 256 letters"),
+        ({"a!": "b"}, "instance_tags.a!: a tag key may hold letters, digits"),
+        ({f"k{n}": "v" for n in range(46)}, "instance_tags: must have at most 45 tags"),
+    ],
+)
+def test_instance_tags_refuse_what_ec2_or_the_broker_would(
+    tags: dict[Any, Any], problem: str
+) -> None:
+    """A tag EC2 would refuse, or one of the broker's own, is a config error naming it."""
+    with pytest.raises(ConfigError) as caught:
+        Config.from_dict({"instance_tags": tags})
+    assert str(caught.value).startswith(f"config: {problem}")
+
+
 def test_bad_list_item_names_its_index() -> None:
     """An item of a list is located as key[index]."""
     with pytest.raises(ConfigError) as caught:

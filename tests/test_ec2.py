@@ -13,6 +13,7 @@ import uuid
 from collections.abc import Callable
 from typing import Any
 
+import attrs
 import botocore.exceptions
 import pytest
 import structlog
@@ -21,6 +22,7 @@ import trio
 from broker import sandbox
 from broker.aws import call, make_client
 from broker.cloud import CloudError, LaunchSpec, Market
+from broker.config_validate import Config, ConfigError
 from broker.ec2 import Ec2Cloud, Ec2Settings
 from broker.prices import PriceTable
 from broker.ratelimit import TokenBucket
@@ -117,6 +119,43 @@ async def test_launch_sets_tags_spot_options_and_client_token(
         assert instance.tags == worker_tags(settings.pool_name, "token-launch-1")
         assert instance.launched_at == raw[instance.instance_id]["LaunchTime"].timestamp()
         assert raw[instance.instance_id]["InstanceLifecycle"] == "spot"
+
+
+async def test_launch_tags_instances_with_the_config_tags_and_the_client(
+    settings: Ec2Settings, limiter: trio.CapacityLimiter
+) -> None:
+    """The config's instance_tags and who caused the launch land on the instance in EC2 (a
+    character EC2 refuses in a tag, such as an IPv6 zone's %, becomes _)."""
+    tagged = attrs.evolve(settings, tags=(("project", "lab-a"), ("cost-center", "4711")))
+    cloud = Ec2Cloud(tagged, limiter)
+    with trio.fail_after(DEADLINE):
+        [launched] = await cloud.launch(SPOT, 1, "token-tags", requested_by="token:alice/job-1")
+        [relaunched] = await cloud.launch(SPOT, 1, "token-tags-2", requested_by="fe80::1%eth0")
+        described = await call(
+            limiter,
+            cloud.client.describe_instances,
+            InstanceIds=[launched.instance_id, relaunched.instance_id],
+        )
+    tags = {
+        i["InstanceId"]: {t["Key"]: t["Value"] for t in i["Tags"]}
+        for r in described["Reservations"]
+        for i in r["Instances"]
+    }
+    assert tags[launched.instance_id] == {
+        **worker_tags(settings.pool_name, "token-tags"),
+        "project": "lab-a",
+        "cost-center": "4711",
+        "compute-broker:client": "token:alice/job-1",
+    }
+    assert tags[relaunched.instance_id]["compute-broker:client"] == "fe80::1_eth0"
+
+
+def test_the_broker_s_own_tags_are_the_ones_the_config_refuses() -> None:
+    """No tag the EC2 adapter sets itself can come from instance_tags."""
+    own = [*worker_tags("p", "t"), "compute-broker:client"]
+    for key in own:
+        with pytest.raises(ConfigError):
+            Config.from_dict({"instance_tags": {key: "x"}})
 
 
 async def test_on_demand_launch_has_no_market_options_nor_unset_key_and_subnet(

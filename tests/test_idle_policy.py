@@ -103,3 +103,20 @@ async def test_a_restarted_engine_learns_from_the_leases_in_the_registry(
         assert len(cloud.alive()) == 4
     fresh = make_engine(cloud, clock, MemoryRegistry("other"), **ADAPTIVE)
     assert fresh.ctx.arrivals.rate(clock.now()) == 0
+
+
+async def test_a_restarted_engine_learns_from_the_ended_leases_in_the_registry(
+    autojump_clock: MockClock, cloud: FakeCloud, clock: Clock
+) -> None:
+    """With no lease open, the arrival history still starts from the lease history: the
+    leases that ended in the last week count as arrivals at their starts."""
+    registry = MemoryRegistry("test")
+    first = make_engine(cloud, clock, registry, **ADAPTIVE)
+    async with running(first):
+        for n in range(3):
+            ip = await get_ip(first, WorkerRequest(), f"c{n}")
+            await first.release(ip, f"c{n}")
+    assert await registry.lease_history(0.0)  # three ended leases, no open one
+    second = make_engine(cloud, clock, registry, **ADAPTIVE)
+    async with running(second):
+        assert second.ctx.arrivals.rate(clock.now()) > 0

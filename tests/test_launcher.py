@@ -66,6 +66,18 @@ async def test_exclusive_mode_launches_enough_for_everyone_waiting(
     assert sorted(got.count(ip) for ip in set(got)) == [2, 2, 3]
 
 
+async def test_a_launch_names_the_client_that_caused_it_or_burst(
+    autojump_clock: MockClock, cloud: FakeCloud, clock: Clock
+) -> None:
+    """The cloud learns who caused each launch (tagged for cost allocation): the owner of the
+    GET_WORKER that found no worker, or `burst` for BURST."""
+    engine = make_engine(cloud, clock)
+    async with running(engine):
+        await get_ip(engine, WorkerRequest(), "token:alice/job-1")
+        await engine.burst(1)
+    assert cloud.requested_by == ["token:alice/job-1", "burst"]
+
+
 # --- caps on launching -----------------------------------------------------------------------
 
 

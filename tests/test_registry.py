@@ -24,6 +24,7 @@ from broker.model import WorkerState
 from broker.registry import (
     CoverOutcome,
     LaunchIntent,
+    LeaseHistoryRecord,
     LeaseRecord,
     Provider,
     Registry,
@@ -142,13 +143,15 @@ def test_records_round_trip_through_items_and_dynamodb_values(value: float) -> N
         LeaseRecord("10.0.0.1:5000", "i-0a", "198.51.100.7", value, NOW + value, NOW + IDLE),
         LaunchIntent("t-1", "c7i.large", Market.ON_DEMAND, 3, value, NOW),
         LaunchIntent.begin("t-2", SPEC, 1, value, IDLE),
+        ended("token:a/job", NOW - value, NOW, price=value),
+        ended("10.0.0.1", NOW, NOW + value, price=None, expires_at=None),
     ]
     for record in records:
         item = record.to_item()
         from_dynamodb = decode_item(encode_item(item))
         assert record == type(record).from_item(item)
         assert record == type(record).from_item(from_dynamodb)
-        assert item == type(record).from_item(from_dynamodb).to_item()
+        assert _plain(item) == _plain(type(record).from_item(from_dynamodb).to_item())
         assert any(isinstance(v, Decimal) for v in from_dynamodb.values())
 
 
@@ -420,6 +423,53 @@ async def test_expired_leases_are_not_listed_until_touched(registry: Registry) -
     assert await holders(registry) == 1
 
 
+# --- lease history -----------------------------------------------------------------------------
+
+
+def ended(
+    client: str,
+    started_at: float,
+    ended_at: float,
+    *,
+    instance_id: str = "i-0a",
+    price: float | None = 0.5,
+    expires_at: float | None = NOW + 90 * 86400,
+) -> LeaseHistoryRecord:
+    return LeaseHistoryRecord(
+        client, instance_id, "c7i.large", "spot", started_at, ended_at, price, "released",
+        expires_at,
+    )  # fmt: skip
+
+
+def _plain(item: dict[str, Any]) -> dict[str, Any]:
+    """An item with its numbers as floats (a derived `cost` may come back as an exact Decimal
+    whose float is the same)."""
+    return {k: float(v) if isinstance(v, Decimal) else v for k, v in item.items()}
+
+
+def test_a_lease_history_record_knows_its_identity_hours_and_cost() -> None:
+    """Identity is the owner before its `/`; cost is price times hours (None: no price)."""
+    record = ended("token:alice/job-3", NOW, NOW + 5400, price=0.5)
+    assert (record.identity, record.hours, record.cost) == ("token:alice", 1.5, 0.75)
+    assert ended("10.1.2.7", NOW, NOW + 60, price=None).cost is None
+    assert ended("10.1.2.7", NOW, NOW + 60).identity == "10.1.2.7"
+
+
+async def test_lease_history_lists_what_ended_since_by_end_time(registry: Registry) -> None:
+    """Records come back equal, those that ended at or after the time asked, by end time; two
+    leases of one worker ending at once are both kept."""
+    late = ended("b", NOW, NOW + 7200)
+    first = ended("a", NOW - 3600, NOW - 10.5)
+    same_end = [ended("c/1", NOW, NOW + 60), ended("c/2", NOW, NOW + 60)]
+    for record in (late, first, *same_end):
+        await registry.put_lease_history(record)
+
+    assert [first, *same_end, late] == await registry.lease_history(0.0)
+    assert [*same_end, late] == await registry.lease_history(NOW + 60)
+    assert [late] == await registry.lease_history(NOW + 61)
+    assert await registry.lease_history(NOW + 7201) == []
+
+
 # --- launch intents ----------------------------------------------------------------------------
 
 
@@ -677,6 +727,21 @@ async def test_pools_on_one_table_do_not_see_each_other(dynamo: DynamoRegistry) 
     assert await other.list_intents(NOW) == []
     assert await other.reserved_instances() == 0
     assert not await other.claim_lease(lease("b:2"), 1)
+
+
+async def test_lease_history_expires_by_the_table_s_ttl_attribute(
+    dynamo: DynamoRegistry,
+) -> None:
+    """A history item carries its expiry in `expires_at`, the attribute the table's TTL reads,
+    as a number of Unix seconds; readers of the table see identity and cost too."""
+    await dynamo.put_lease_history(ended("token:a/j", NOW, NOW + 3600, expires_at=NOW + 86400))
+    [item] = dynamo.client.query(
+        TableName=dynamo.table_name,
+        KeyConditionExpression="pk = :pk AND begins_with(sk, :h)",
+        ExpressionAttributeValues={":pk": {"S": dynamo._pk}, ":h": {"S": "history#"}},
+    )["Items"]
+    assert item["expires_at"] == {"N": str(Decimal(repr(NOW + 86400)))}
+    assert (item["identity"], item["cost"]) == ({"S": "token:a"}, {"N": "0.5"})
 
 
 def record_operations(registry: DynamoRegistry) -> list[str]:

@@ -110,6 +110,7 @@ async def test_warm_pool_is_filled_in_the_background_and_answers_at_once(
         assert trio.current_time() == start
         await trio.sleep(30)
         assert [count for _, count, _ in cloud.launch_calls] == [2, 1]
+        assert cloud.requested_by == ["warm-pool", "warm-pool"]
         assert len(engine.pool.idle_ready(SPEC)) == 2
         await trio.sleep(3000)  # idle reaping keeps the warm ones
         assert len(cloud.alive()) == 2

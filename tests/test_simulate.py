@@ -19,6 +19,8 @@ from broker.cli import main
 from broker.clock import Clock
 from broker.config_load import load_config
 from broker.config_validate import Config
+from broker.memory_registry import MemoryRegistry
+from broker.registry import LeaseHistoryRecord
 from broker.schedule import WarmPoolSchedule
 from broker.simcloud import BootModel, BootTime
 from broker.simulate import Result
@@ -262,6 +264,30 @@ def test_the_brokers_log_replays_as_a_trace() -> None:
         traces.from_log(["", json.dumps(broken)])
 
 
+def history(client: str, start: float, seconds: float, reason: str) -> LeaseHistoryRecord:
+    return LeaseHistoryRecord(
+        client, "i-1", "c7i.8xlarge", "spot", start, start + seconds, 0.5, reason, None
+    )
+
+
+def test_a_trace_from_the_lease_history_has_a_session_per_used_lease() -> None:
+    """Each lease is a session arriving at its start: released (or cut short by its worker's
+    end) for its whole duration, expired ones abandoned idle_timeout before their end;
+    undeliverable replies are left out."""
+    records = [
+        history("10.0.0.6", T + 60, 1000.0, "expired"),
+        history("token:a/job-1", T, 600.0, "released"),
+        history("token:a/job-2", T + 30, 120.0, "worker_lost"),
+        history("token:b", T + 90, 0.0, "reply_undeliverable"),
+    ]
+    trace = traces.from_history(records, idle_timeout=900)
+    assert trace.sessions == (
+        Session(T, 600.0, "token:a/job-1", ping=60.0, release=True),
+        Session(T + 30, 120.0, "token:a/job-2", ping=60.0, release=True),
+        Session(T + 60, 100.0, "10.0.0.6", ping=60.0, release=False),
+    )
+
+
 # --- the command -----------------------------------------------------------------------------
 
 
@@ -312,6 +338,33 @@ def test_generate_prints_the_trace_and_a_bad_config_is_one_line(
     assert main(["simulate", "--config", str(bad), "--generate", "lab-day"]) == 2
     error = capsys.readouterr().err
     assert error.startswith("simulate: config: idle_timeout") and error.count("\n") == 1
+
+
+def test_trace_from_registry_reads_the_history_of_that_config_s_registry(
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    quiet_cli: list[tuple[str, str]],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """`--trace-from-registry CONFIG` without a config to simulate prints the trace made from
+    the registry that CONFIG names, with CONFIG's idle_timeout."""
+    recorded = MemoryRegistry("lab-a")
+    records = [history("a", T, 600.0, "released"), history("b", T, 1000.0, "expired")]
+    for record in records:
+        trio.run(recorded.put_lease_history, record)
+    asked: list[str] = []
+
+    def registry_of(config: Config, limiter: trio.CapacityLimiter) -> MemoryRegistry:
+        asked.append(config.pool_name)
+        return recorded
+
+    monkeypatch.setattr("broker.cli.build_registry", registry_of)
+    config = tmp_path / "broker.yaml"
+    config.write_text("pool_name: lab-a\nidle_timeout: 10m\n")
+    assert main(["simulate", "--trace-from-registry", str(config)]) == 0
+    expected = traces.from_history(records, idle_timeout=600.0)
+    assert capsys.readouterr().out.splitlines() == list(expected.lines())
+    assert asked == ["lab-a"]
 
 
 def test_plot_draws_a_png(tmp_path: Path) -> None:
