@@ -456,6 +456,7 @@ class Pool:
         declared_local: Collection[str],
         now: float,
         known: Collection[str] | None = None,
+        known_leases: Collection[tuple[str, str]] | None = None,
     ) -> MergePlan:
         """Learn what other replicas did, from the registry's workers (as `Worker` values,
         by id) and leases, and the instance ids EC2 runs (`alive`):
@@ -467,7 +468,9 @@ class Pool:
           only if it is in `known`, the ids the pool had before the registry was read, when
           given: a worker launched since is missing from that read, not gone);
         - a local worker neither the registry nor the config has is lost (agent gone);
-        - leases join, and activity seen through another replica refreshes ours.
+        - leases join, and activity seen through another replica refreshes ours; a lease in
+          `known_leases` (the pool's before the registry was read, when given) that the
+          pool no longer has ended here since the read: it does not come back.
         """
         joined: list[Worker] = []
         for instance_id, record in registry.items():
@@ -505,11 +508,12 @@ class Pool:
                 self.remove(worker.instance_id, now)
                 gone.append(worker)
         for lease in leases:
-            mine = self.leases.get((lease.client, lease.instance_id))
+            key = (lease.client, lease.instance_id)
+            mine = self.leases.get(key)
             held = self.workers.get(lease.instance_id)
             if mine is not None:
                 mine.last_activity = max(mine.last_activity, lease.last_activity)
-            elif held is not None:
+            elif held is not None and (known_leases is None or key not in known_leases):
                 self._add_lease(attrs.evolve(lease, price_per_hour=held.price_per_hour))
         return MergePlan(tuple(joined), tuple(interrupted), tuple(gone), tuple(lost_local))
 

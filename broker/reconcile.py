@@ -186,6 +186,7 @@ class Reconciler:
         ctx = self.ctx
         registry = ctx.registry
         known = set(ctx.pool.workers)  # a worker that joins during the reads is not in them
+        known_leases = set(ctx.pool.leases)  # a lease that ends during them is still in them
         try:
             records = await registry.list_workers(now)
             leases = await registry.list_leases(now)
@@ -203,6 +204,7 @@ class Reconciler:
             declared_local={local.instance_id for local in ctx.settings.local_workers},
             now=now,
             known=known,
+            known_leases=known_leases,
         )
         for worker in plan.joined:
             if worker.local:

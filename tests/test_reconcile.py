@@ -232,3 +232,41 @@ async def test_an_instance_another_replica_terminated_meanwhile_is_not_adopted(
         await engine.reconciler.reconcile()
         assert theirs.instance_id not in engine.pool.workers
         assert await registry.get_worker(theirs.instance_id) is None
+
+
+class IntentReadWaits(MemoryRegistry):
+    """Once armed, `list_intents` waits for `go`: a reconciliation has read the leases and
+    not yet merged them."""
+
+    def __init__(self) -> None:
+        super().__init__("test")
+        self.armed = False
+        self.reading = trio.Event()
+        self.go = trio.Event()
+
+    async def list_intents(self, now: float) -> list[LaunchIntent]:
+        if self.armed:
+            self.armed = False
+            self.reading.set()
+            await self.go.wait()
+        return await super().list_intents(now)
+
+
+async def test_a_lease_released_during_a_reconciliation_does_not_come_back(
+    autojump_clock: MockClock, cloud: FakeCloud, clock: Clock
+) -> None:
+    """The leases the reconciliation read still have one released since: it stays ended (it
+    came back from the stale read, so the worker looked held by a client that let go)."""
+    registry = IntentReadWaits()
+    engine = make_engine(cloud, clock, registry)
+    async with running(engine):
+        ip = await get_ip(engine, WorkerRequest(), "a")
+        assert await get_ip(engine, WorkerRequest(), "b") == ip
+        registry.armed = True
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(engine.reconciler.reconcile)
+            await registry.reading.wait()
+            await engine.release(ip, "a")
+            registry.go.set()
+        (worker,) = engine.pool.workers.values()
+        assert [lease.client for lease in engine.pool.holders(worker.instance_id)] == ["b"]
