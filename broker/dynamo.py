@@ -261,10 +261,21 @@ class DynamoRegistry:
     async def touch_lease(
         self, client: str, instance_id: str, now: float, idle_timeout: float
     ) -> bool:
-        return await self._update_existing(
+        lease = self._request(
             _lease_sk(instance_id, client),
-            {"last_activity": now, "expires_at": now + idle_timeout},
+            update="SET #last_activity = :now, #expires_at = :expires",
+            condition="attribute_exists(#sk)",
+            names=("sk", "last_activity", "expires_at"),
+            values={"now": now, "expires": now + idle_timeout},
         )
+        worker = self._request(
+            _worker_sk(instance_id),
+            update="SET #last_activity = :now",
+            condition="attribute_exists(#sk)",
+            names=("sk", "last_activity"),
+            values={"now": now},
+        )
+        return (await self._transact({"Update": lease}, {"Update": worker})).ok
 
     async def end_lease(self, client: str, instance_id: str) -> LeaseRecord | None:
         sk = _lease_sk(instance_id, client)

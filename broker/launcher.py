@@ -28,7 +28,7 @@ from broker.decisions import admit, rate_check
 from broker.errors import Refusal
 from broker.model import LaunchSpec, Worker, WorkerState
 from broker.offerings import Offering, OfferingMemory, offerings
-from broker.registry import LaunchIntent, WorkerRecord
+from broker.registry import INTENT_TTL, LaunchIntent, WorkerRecord
 from broker.spending import LaunchCharge, OverBudget, Spending
 
 _log = structlog.get_logger("broker.launcher")
@@ -284,9 +284,7 @@ class Launcher:
                 continue
             await self._reserve(attempt, charged, count)
             if charged is None:  # nothing charged: the intent is written on its own
-                intent = LaunchIntent.begin(
-                    token, offering.spec, attempt.reserved, now, 2 * ctx.settings.launch_timeout
-                )
+                intent = LaunchIntent.begin(token, offering.spec, attempt.reserved, now, INTENT_TTL)
                 await ctx.registry.put_intent(intent)  # written before it is acted on
                 attempt.intent = token
             try:

@@ -141,9 +141,11 @@ class MemoryRegistry:
         await trio.lowlevel.checkpoint()
         key = (instance_id, client)
         lease = self._leases.get(key)
-        if lease is None:
+        worker = self._workers.get(instance_id)
+        if lease is None or worker is None:
             return False
         self._leases[key] = attrs.evolve(lease, last_activity=now, expires_at=now + idle_timeout)
+        self._workers[instance_id] = attrs.evolve(worker, last_activity=now)
         return True
 
     async def end_lease(self, client: str, instance_id: str) -> LeaseRecord | None:

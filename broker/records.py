@@ -8,7 +8,7 @@ from __future__ import annotations
 import enum
 from collections.abc import Mapping
 from decimal import Decimal
-from typing import Any, TypeAlias
+from typing import Any, Final, TypeAlias
 
 import attrs
 
@@ -277,6 +277,9 @@ class LeaseHistoryRecord:
             "reason": self.reason,
             "expires_at": self.expires_at,
         }
+
+
+INTENT_TTL: Final = 7 * 24 * 3600.0  # seconds an intent outlives a crash if nobody settles it
 
 
 @attrs.frozen

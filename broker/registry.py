@@ -19,6 +19,7 @@ from typing import Protocol
 
 from broker.model import WorkerState
 from broker.records import (
+    INTENT_TTL,
     CoverOutcome,
     Item,
     ItemValue,
@@ -32,6 +33,7 @@ from broker.records import (
 )
 
 __all__ = [
+    "INTENT_TTL",
     "CoverOutcome",
     "Item",
     "ItemValue",
@@ -126,7 +128,9 @@ class Registry(Protocol):
     async def touch_lease(
         self, client: str, instance_id: str, now: float, idle_timeout: float
     ) -> bool:
-        """Refresh a lease: activity at `now`, expiry `now + idle_timeout`. False if none."""
+        """Refresh a lease: activity at `now`, expiry `now + idle_timeout`, and its worker's
+        activity at `now` (one write: a restart learns the worker's idle clock from its
+        record). False if the lease (or its worker) is gone."""
         ...
 
     async def end_lease(self, client: str, instance_id: str) -> LeaseRecord | None:

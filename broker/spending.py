@@ -41,7 +41,7 @@ from broker.ledger import (
     to_micros,
 )
 from broker.model import Interruption, LaunchSpec, Worker, WorkerState
-from broker.registry import CoverOutcome, LaunchIntent, Provider, WorkerRecord
+from broker.registry import INTENT_TTL, CoverOutcome, LaunchIntent, Provider, WorkerRecord
 
 _log = structlog.get_logger("broker.spending")
 
@@ -256,9 +256,8 @@ class Spending:
         if self.hourly_cap is not None:
             per_instance[RATE_KEY] = to_micros(price)
             limits[RATE_KEY] = to_micros(self.hourly_cap)
-        ttl = 2 * self.ctx.settings.launch_timeout
         intent = LaunchIntent.begin(
-            intent_token, spec, count, now, ttl, price_per_hour=price, paid_until=paid_until
+            intent_token, spec, count, now, INTENT_TTL, price_per_hour=price, paid_until=paid_until
         )
         grant = await self.ctx.registry.reserve_spend(per_instance, count, limits, intent=intent)
         self.committed.update(grant.committed)

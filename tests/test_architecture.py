@@ -20,7 +20,7 @@ MUTATORS = frozenset({"pop", "popitem", "clear", "update", "setdefault", "__seti
 AWS_ADAPTERS = frozenset({"aws.py", "ec2.py", "dynamo.py", "sqs.py", "preflight.py"})
 # Modules allowed past the ~500-line guideline, each still one concern: the DynamoDB adapter, and
 # the config schema (one table, one Field per key: it grows by a key's few lines at a time).
-LONG_MODULES = {"dynamo.py": 780, "config.py": 640}
+LONG_MODULES = {"dynamo.py": 800, "config.py": 640}
 
 
 def modules() -> dict[str, ast.Module]:

@@ -120,3 +120,25 @@ async def test_a_restarted_engine_learns_from_the_ended_leases_in_the_registry(
     second = make_engine(cloud, clock, registry, **ADAPTIVE)
     async with running(second):
         assert second.ctx.arrivals.rate(clock.now()) > 0
+
+
+async def test_a_released_worker_keeps_its_idle_clock_across_a_restart(
+    autojump_clock: MockClock, cloud: FakeCloud, clock: Clock
+) -> None:
+    """idle_policy: linger, a worker PINGed for two hours then released: a broker restarted
+    at once keeps it (its record's activity is the last PING's, written with the lease's),
+    rather than reaping it at the first pass as idle since its hand-out."""
+    linger: dict[str, Any] = {"idle_policy": IdlePolicy.LINGER, "clients_per_worker": 1}
+    registry = MemoryRegistry("test")
+    first = make_engine(cloud, clock, registry, **linger)
+    async with running(first):
+        ip = await get_ip(first, WorkerRequest(), "c0")
+        for _ in range(120):
+            await trio.sleep(60)
+            await first.ping(ip, "c0")
+        await first.release(ip, "c0")
+        assert len(cloud.alive()) == 1
+    second = make_engine(cloud, clock, registry, **linger)
+    async with running(second):
+        await trio.sleep(130)  # two reaper passes
+        assert len(cloud.alive()) == 1

@@ -278,6 +278,29 @@ async def test_a_launch_the_counter_cuts_shrinks_its_intent_and_refunds_the_rest
     assert pytest.approx((await registry.spend([day]))[day] / 1e6, abs=1e-5) == 2 * PER_LAUNCH
 
 
+async def test_a_charge_left_by_a_crash_is_refunded_after_a_long_outage(
+    autojump_clock: MockClock, cloud: FakeCloud, clock: Clock
+) -> None:
+    """A broker that dies with RunInstances in flight and restarts an hour later (long after
+    launch_timeout): the launch's intent still holds its charge, and the reconciliation
+    refunds it (an intent that expired at twice launch_timeout left the day charged)."""
+    registry = MemoryRegistry("test")
+    day = "day:2026-11-23"
+    first = budget_engine(cloud, clock, registry, max_daily_cost=10.0)
+    cloud.launch_delay = 10 * LAUNCH
+    async with running(first), trio.open_nursery() as nursery:
+        nursery.start_soon(first.burst, 1)
+        await wait_for(lambda: bool(cloud.launch_calls))
+        nursery.cancel_scope.cancel()  # the broker dies, RunInstances unanswered
+    assert (await registry.spend([day]))[day] > 0
+    await trio.sleep(3600)
+    cloud.launch_delay = 0.0
+    second = budget_engine(cloud, clock, registry, max_daily_cost=10.0)
+    async with running(second):
+        assert await registry.list_intents(clock.now()) == []
+        assert (await registry.spend([day]))[day] <= 1  # refunds round down
+
+
 async def test_a_refused_dearer_request_does_not_count_as_reaching_the_cap(
     autojump_clock: MockClock, cloud: FakeCloud, clock: Clock
 ) -> None:
