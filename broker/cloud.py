@@ -131,6 +131,11 @@ class Cloud(Protocol):
         """All pending or running instances tagged as this pool's."""
         ...
 
+    async def launched(self, tokens: Sequence[str]) -> dict[str, int]:
+        """How many of this pool's instances each launch token produced, in any state
+        (EC2 still describes a terminated instance for about an hour)."""
+        ...
+
     async def terminate(self, instance_ids: Sequence[str]) -> None:
         """Terminate these instances (idempotent)."""
         ...

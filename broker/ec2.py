@@ -188,6 +188,19 @@ class Ec2Cloud:
             ]
         )
 
+    async def launched(self, tokens: Sequence[str]) -> dict[str, int]:
+        """Instances per launch token, any state: one DescribeInstances per 200 tokens."""
+        counts: dict[str, int] = {}
+        for batch in _batches(list(dict.fromkeys(tokens))):
+            filters = [
+                {"Name": f"tag:{POOL_TAG}", "Values": [self.settings.pool_name]},
+                {"Name": f"tag:{LAUNCH_TOKEN_TAG}", "Values": batch},
+            ]
+            for instance in await self._describe(filters):
+                if instance.launch_token is not None:
+                    counts[instance.launch_token] = counts.get(instance.launch_token, 0) + 1
+        return counts
+
     async def terminate(self, instance_ids: Sequence[str]) -> None:
         """Terminate these instances; ids EC2 no longer knows are ignored. An instance EC2
         describes without this pool's tag is left alone and logged (`terminate.refused`): the

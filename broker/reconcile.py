@@ -277,19 +277,28 @@ class Reconciler:
     async def _settle_intents(
         self, instances: Sequence[Instance], intents: Sequence[LaunchIntent], now: float
     ) -> None:
-        """Launch intents left by a crash: their instances (found by launch-token tag) have
-        been adopted above; an intent is dropped once it is answered or older than
-        launch_timeout (nobody waits for it any more)."""
-        launched: dict[str | None, int] = {}
-        for instance in instances:
-            launched[instance.launch_token] = launched.get(instance.launch_token, 0) + 1
+        """Launch intents left by a crash (or a failed settle): their instances (found by
+        launch-token tag) have been adopted above with the intent's cover. An intent no launch
+        of ours has under way is settled once it is older than launch_timeout (a replica's
+        launch settles its own intent before that), refunding the instances it never
+        produced: counted by EC2 in every state, so a worker that came and has already ended
+        is not refunded twice (its own end refunded its unused cover)."""
         timeout = self.ctx.settings.launch_timeout
-        for intent in intents:
-            if self.launcher.under_way(intent.token):
-                continue  # a launch of ours still under way
-            if intent.token in launched or now - intent.created_at > timeout:
-                _log.info("launch.intent_settled", client_token=intent.token)
-                try:  # only the replica whose delete takes the intent refunds
-                    await self.spending.settle_intent(intent, launched.get(intent.token, 0))
-                except CloudError as exc:
-                    _log.error("registry.write_failed", op="settle_intent", error=str(exc))
+        due = [
+            intent
+            for intent in intents
+            if not self.launcher.under_way(intent.token) and now - intent.created_at > timeout
+        ]
+        if not due:
+            return
+        try:
+            launched = await self.ctx.cloud.launched([intent.token for intent in due])
+        except CloudError as exc:
+            _log.error("reconcile.failed", error=str(exc))
+            return
+        for intent in due:
+            _log.info("launch.intent_settled", client_token=intent.token)
+            try:  # only the replica whose delete takes the intent refunds
+                await self.spending.settle_intent(intent, launched.get(intent.token, 0))
+            except CloudError as exc:
+                _log.error("registry.write_failed", op="settle_intent", error=str(exc))

@@ -164,6 +164,15 @@ class SimCloud:
         now = self.clock.now()
         return [self._view(instance, now) for instance in self.alive.values()]
 
+    async def launched(self, tokens: Sequence[str]) -> dict[str, int]:
+        await trio.lowlevel.checkpoint()
+        wanted = set(tokens)
+        counts: dict[str, int] = {}
+        for instance in self.instances.values():
+            if instance.token in wanted:
+                counts[instance.token] = counts.get(instance.token, 0) + 1
+        return counts
+
     async def terminate(self, instance_ids: Sequence[str]) -> None:
         await trio.lowlevel.checkpoint()
         now = self.clock.now()

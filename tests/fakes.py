@@ -110,6 +110,14 @@ class FakeCloud:
             if i.pool == self.pool and self._state(i) in ("pending", "running")
         ]
 
+    async def launched(self, tokens: Sequence[str]) -> dict[str, int]:
+        await trio.lowlevel.checkpoint()
+        counts: dict[str, int] = {}
+        for instance in self.instances.values():
+            if instance.pool == self.pool and instance.token in tokens:
+                counts[instance.token] = counts.get(instance.token, 0) + 1
+        return counts
+
     async def terminate(self, instance_ids: Sequence[str]) -> None:
         self.terminate_calls.append(list(instance_ids))
         await trio.lowlevel.checkpoint()

@@ -269,6 +269,18 @@ async def test_terminate_is_idempotent(cloud: Ec2Cloud) -> None:
     assert {i.state for i in described} == {"terminated"}
 
 
+async def test_launched_counts_each_tokens_instances_in_every_state(cloud: Ec2Cloud) -> None:
+    """`launched` counts the instances a launch token produced, terminated ones included
+    (a settled intent refunds only what never came); tokens with none are left out."""
+    token = f"token-launched-{uuid.uuid4().hex[:8]}"
+    with trio.fail_after(DEADLINE):
+        made = await cloud.launch(SPOT, 2, token)
+        await cloud.terminate([made[0].instance_id])
+        counts = await cloud.launched([token, "token-never-used"])
+
+    assert counts == {token: 2}
+
+
 async def test_terminate_with_an_unknown_id_still_terminates_the_others(
     cloud: Ec2Cloud,
 ) -> None:

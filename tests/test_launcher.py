@@ -295,3 +295,33 @@ async def test_a_failed_offerings_charge_is_refunded_once_even_if_its_intent_lin
     lingered, clean = await committed(failing), await committed(MemoryRegistry("test"))
     assert clean <= lingered <= clean + 2
     assert failing.failed
+
+
+async def test_a_lingering_intent_refunds_only_the_workers_that_never_came(
+    autojump_clock: MockClock,
+) -> None:
+    """Two workers launched, the settle of their intent fails, one worker is released (and
+    terminated, its unused cover refunded) before the reconciler settles the intent: the
+    reconciler counts it as launched (EC2 still describes terminated instances), so the day's
+    spend ends as it does when nothing fails (it was refunded a second time)."""
+
+    async def committed(registry: MemoryRegistry) -> int:
+        clock = Clock(epoch=T0)
+        cloud = FakeCloud(clock, boot_time=20.0)
+        engine = make_engine(cloud, clock, registry, budget=Budget(max_daily_cost=100.0))
+        async with running(engine):
+            await engine.burst(2)
+            await trio.sleep(30)
+            ip = await get_ip(engine, WorkerRequest(), "a")
+            await trio.sleep(5)
+            await engine.release(ip, "a")
+            await trio.sleep(engine.settings.launch_timeout)
+            await engine.reap_once()
+            assert await registry.list_intents(clock.now()) == []
+            keys = engine.settings.budget.current_keys(clock.now())
+            return (await registry.spend(keys))[keys[0]]
+
+    failing = SettleIntentFailsOnce("test")
+    lingered, clean = await committed(failing), await committed(MemoryRegistry("test"))
+    assert failing.failed
+    assert clean - 2 <= lingered <= clean + 2

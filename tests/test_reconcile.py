@@ -92,7 +92,8 @@ async def test_a_launch_interrupted_before_its_registry_write_is_adopted_after_r
     autojump_clock: MockClock, cloud: FakeCloud, clock: Clock
 ) -> None:
     """Crash between RunInstances and the registry write: the intent and the instance's
-    launch-token tag let the next engine adopt the instance and settle the intent."""
+    launch-token tag let the next engine adopt the instance, and settle the intent once it is
+    older than launch_timeout (a live replica's launch would have settled it by then)."""
     registry = MemoryRegistry("test")
     token = "crashed-launch"
     await registry.put_intent(LaunchIntent.begin(token, SPEC, 1, clock.now(), ttl=600))
@@ -104,9 +105,11 @@ async def test_a_launch_interrupted_before_its_registry_write_is_adopted_after_r
         assert [r.instance_id for r in await registry.list_workers(clock.now())] == [
             worker.instance_id
         ]
-        assert await registry.list_intents(clock.now()) == []
         await get_ip(engine, WorkerRequest(), "a")
         assert len(cloud.launch_calls) == 1
+        await trio.sleep(engine.settings.launch_timeout)
+        await engine.reconciler.reconcile()
+        assert await registry.list_intents(clock.now()) == []
 
 
 async def test_replicas_a_lease_kept_alive_through_the_other_replica_is_not_reaped(
