@@ -217,10 +217,11 @@ class Launcher:
         known = CloudError | trio.TooSlowError | AllReserved | OverBudget
         if not isinstance(exc, known):
             _log.exception("launch.crashed", client_token=attempt.token)
-        if isinstance(exc, trio.TooSlowError) and attempt.intent is not None:
-            # RunInstances may still launch: the intent keeps the charge and the counter
-            # its reservation; the reconciler adopts what came with the intent's cover and
-            # refunds what did not when it settles the intent.
+        if attempt.intent is not None:
+            # Cut off with its intent written (a timeout, EC2 unreachable, a registry error
+            # or a bug): RunInstances may have launched or may still. The intent keeps the
+            # charge and the counter its reservation; the reconciler adopts what came with
+            # the intent's cover and refunds what did not when it settles the intent.
             self.spending.abandon_launch(attempt.token)
         else:
             await self._undo_reservations(attempt)  # nothing was launched (or no intent)
@@ -296,6 +297,8 @@ class Launcher:
                     requested_by=attempt.requested_by,
                 )
             except CloudError as exc:
+                if exc.unreachable:
+                    raise  # the call may have reached EC2: its intent stays (see _failed)
                 await self._drop_intent(attempt, token)
                 if not exc.capacity:
                     raise

@@ -14,6 +14,7 @@ import trio
 from trio.testing import MockClock
 
 from broker.clock import Clock
+from broker.cloud import CloudError
 from broker.engine import Engine, Refusal, WorkerInterrupted
 from broker.ledger import Budget, CoverPolicy, OnCap, charge
 from broker.memory_registry import MemoryRegistry
@@ -322,3 +323,23 @@ async def test_a_refused_dearer_request_does_not_count_as_reaching_the_cap(
         await trio.sleep(1)
         assert len(cloud.alive()) == 1
         assert engine.status()["budget"]["day"]["remaining"] > PER_LAUNCH
+
+
+async def test_ec2_unreachable_during_a_launch_keeps_its_charge_with_the_intent(
+    autojump_clock: MockClock, cloud: FakeCloud, clock: Clock
+) -> None:
+    """RunInstances fails as unreachable (it may have reached EC2): the intent keeps the
+    charge, as for a timeout, so an instance that did launch is adopted with its cover; once
+    the reconciler settles the intent and finds none, the charge is refunded."""
+    registry = MemoryRegistry("test")
+    engine = budget_engine(cloud, clock, registry, max_daily_cost=10.0)
+    cloud.launch_errors = [CloudError("EndpointConnectionError", "no route", unreachable=True)]
+    day = "day:2026-11-23"
+    async with running(engine):
+        assert "cloud unreachable" in await ask(engine, "a")
+        assert len(await registry.list_intents(clock.now())) == 1
+        assert (await registry.spend([day]))[day] > 0
+        await trio.sleep(LAUNCH + REAP)
+        await engine.reap_once()
+        assert await registry.list_intents(clock.now()) == []
+        assert (await registry.spend([day]))[day] <= 1  # refunds round down
