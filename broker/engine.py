@@ -35,6 +35,7 @@ from broker.ec2_events import Ec2Events
 from broker.errors import Refusal, WorkerInterrupted, WorkerNotFound
 from broker.handout import WAIT_SLACK, Handout, HandoutDesk
 from broker.health import Health
+from broker.history import LOCAL_MARKET
 from broker.launcher import Launcher
 from broker.local_workers import LocalWorkers
 from broker.memory_registry import MemoryRegistry
@@ -152,7 +153,8 @@ class Engine:
         if ctx.settings.idle_policy is IdlePolicy.ADAPTIVE and ctx.settings.lease_history_days:
             since = ctx.clock.now() - ARRIVALS_READ
             ended = await ctx.read("lease_history", ctx.registry.lease_history, since)
-            arrivals += [record.started_at for record in ended or ()]
+            # Cloud workers' leases only, as hand-outs count them (a lab machine's do not).
+            arrivals += [r.started_at for r in ended or () if r.market != LOCAL_MARKET]
         ctx.seed_arrivals(arrivals)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:

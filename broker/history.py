@@ -34,9 +34,10 @@ async def end_lease(
         return ended
     if worker is None:
         worker = ctx.pool.workers.get(instance_id)  # as it is now, before it may go
-    keeping = functools.partial(
-        keep, ctx, ended, reason=reason, ended_at=ctx.clock.now(), worker=worker
-    )
+    ended_at = ctx.clock.now()
+    if reason == "expired":  # at its expiry, not when a pass (or a restart) noticed it
+        ended_at = min(ended_at, ended.expires_at)
+    keeping = functools.partial(keep, ctx, ended, reason=reason, ended_at=ended_at, worker=worker)
     if ctx.nursery is None:  # a one-off command (stop-all)
         await keeping()
     else:

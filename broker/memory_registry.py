@@ -168,6 +168,7 @@ class MemoryRegistry:
 
     async def put_lease_history(self, record: LeaseHistoryRecord) -> None:
         await trio.lowlevel.checkpoint()
+        self._history = [r for r in self._history if not _expired_at(r.expires_at, record.ended_at)]
         self._history.append(record)
 
     async def lease_history(self, ended_since: float) -> list[LeaseHistoryRecord]:
@@ -277,3 +278,8 @@ class MemoryRegistry:
 def _implements_registry(registry: MemoryRegistry) -> Registry:
     """mypy checks here that `MemoryRegistry` implements `Registry`."""
     return registry
+
+
+def _expired_at(expires_at: float | None, now: float) -> bool:
+    """True once `expires_at` (if any) has passed: a record storage would have deleted."""
+    return expires_at is not None and expires_at < now

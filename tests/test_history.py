@@ -57,6 +57,26 @@ async def test_an_idle_lease_that_expires_is_kept_as_expired(
     assert record.reason == "expired"
 
 
+async def test_a_lease_that_expired_while_the_broker_was_down_ends_at_its_expiry(
+    autojump_clock: MockClock, cloud: FakeCloud, clock: Clock
+) -> None:
+    """The broker stops with a lease open and restarts three hours later: the lease is
+    recorded as ending when it expired, not at the restart (the client is not billed for the
+    outage)."""
+    registry = MemoryRegistry("test")
+    first = make_engine(cloud, clock, registry)
+    async with running(first):
+        await get_ip(first, WorkerRequest(), "quiet")
+        [lease] = first.pool.leases.values()
+    await trio.sleep(3 * 3600)
+    second = make_engine(cloud, clock, registry)
+    async with running(second):
+        await trio.sleep(61)  # the first reaper pass
+        [record] = await wait_for(lambda: registry.lease_history(0.0))
+    assert record.reason == "expired"
+    assert record.ended_at == pytest.approx(lease.last_activity + 900)
+
+
 async def test_a_lease_on_a_worker_that_vanished_is_kept_as_lost(
     autojump_clock: MockClock, engine: Engine, cloud: FakeCloud
 ) -> None:

@@ -14,6 +14,7 @@ from broker.clock import Clock
 from broker.engine import Engine
 from broker.memory_registry import MemoryRegistry
 from broker.model import WorkerRequest
+from broker.registry import LeaseHistoryRecord
 from tests.engines import get_ip, make_engine, running
 from tests.fakes import FakeCloud
 
@@ -142,3 +143,19 @@ async def test_a_released_worker_keeps_its_idle_clock_across_a_restart(
     async with running(second):
         await trio.sleep(130)  # two reaper passes
         assert len(cloud.alive()) == 1
+
+
+async def test_a_lab_machines_ended_leases_are_not_arrivals(
+    autojump_clock: MockClock, cloud: FakeCloud, clock: Clock
+) -> None:
+    """Leases on local workers ended before the restart do not seed the arrival history (a
+    hand-out of a lab machine is no arrival when it happens either)."""
+    registry = MemoryRegistry("test")
+    now = clock.now()
+    record = LeaseHistoryRecord(
+        "c0", "lab-1", "workstation", "local", now - 600, now - 60, None, "released"
+    )
+    await registry.put_lease_history(record)
+    engine = make_engine(cloud, clock, registry, **ADAPTIVE)
+    async with running(engine):
+        assert engine.ctx.arrivals.rate(clock.now()) == 0
