@@ -54,7 +54,7 @@ class Cloud:
     def __init__(self, moto: MotoHandle | None = None) -> None:
         from broker import sandbox
         from broker.aws import make_client
-        from broker.dynamo import ensure_table
+        from broker.dynamo_table import ensure_table
 
         self.injector = Injector()
         self.injector.install()
@@ -142,7 +142,7 @@ class Cloud:
             if "LastEvaluatedKey" not in page:
                 break
             kwargs["ExclusiveStartKey"] = page["LastEvaluatedKey"]
-        from broker.dynamo import decode_item
+        from broker.dynamo_table import decode_item
 
         return RegistryView.of([decode_item(item) for item in items], time.time())
 

@@ -60,7 +60,7 @@ class Broker:
     def __init__(self, log_level: str, registry: str) -> None:
         from broker import sandbox
         from broker.aws import make_client
-        from broker.dynamo import ensure_table
+        from broker.dynamo_table import ensure_table
 
         self.moto = sandbox.start_moto()
         for name in [name for name in os.environ if name.startswith("AWS_")]:

@@ -206,7 +206,7 @@ class Moto:
     def __init__(self, boot_delay: float = 2.0) -> None:
         from broker import sandbox
         from broker.aws import make_client
-        from broker.dynamo import ensure_table
+        from broker.dynamo_table import ensure_table
 
         self.handle = sandbox.start_moto()
         for name in [name for name in os.environ if name.startswith("AWS_")]:

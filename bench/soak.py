@@ -179,7 +179,7 @@ def start_cloud() -> dict[str, str]:
     """moto in this process, boto3 pointed at it; the broker's environment."""
     from broker import sandbox
     from broker.aws import make_client
-    from broker.dynamo import ensure_table
+    from broker.dynamo_table import ensure_table
 
     moto = sandbox.start_moto()
     for name in [name for name in os.environ if name.startswith("AWS_")]:

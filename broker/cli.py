@@ -211,7 +211,7 @@ def _check(args: argparse.Namespace) -> int:
 
 def _setup(args: argparse.Namespace) -> int:
     """Create the registry table: PAY_PER_REQUEST, TTL on expires_at; a second run is a no-op."""
-    from broker.dynamo import ensure_table
+    from broker.dynamo_table import ensure_table
 
     try:
         config = _load(args.config)
@@ -475,7 +475,7 @@ def _start_sandbox(config: Config) -> Config:
     sandbox.install_worker_services(config.worker_port)  # workers echo on worker_port
     resources = sandbox.prepare_resources(config.region or "us-east-1")
     if config.registry == "dynamodb":
-        from broker.dynamo import ensure_table
+        from broker.dynamo_table import ensure_table
 
         ensure_table(make_client("dynamodb", region="us-east-1"), config.registry_table)
     structlog.get_logger("broker").info(

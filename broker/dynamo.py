@@ -10,17 +10,26 @@ Every call goes through `broker.aws.call`: off the event loop, under the limiter
 
 from __future__ import annotations
 
-import math
+import hashlib
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from decimal import Decimal
 from typing import Any, Final
 
 import attrs
 import botocore.exceptions
 import trio
 
-from broker.aws import call, cloud_error, make_client
+from broker.aws import call, make_client
 from broker.cloud import CloudError
+from broker.dynamo_table import (
+    PARTITION_KEY,
+    SORT_KEY,
+    TableSetup,
+    aws_code,
+    decode_item,
+    encode,
+    encode_item,
+    ensure_table,
+)
 from broker.ledger import admit_count
 from broker.model import WorkerState
 from broker.registry import (
@@ -35,9 +44,6 @@ from broker.registry import (
 )
 from broker.retry import Retry
 
-PARTITION_KEY: Final = "pk"
-SORT_KEY: Final = "sk"
-TTL_ATTRIBUTE: Final = "expires_at"
 WORKER_PREFIX: Final = "worker#"
 LEASE_PREFIX: Final = "lease#"
 INTENT_PREFIX: Final = "intent#"
@@ -50,9 +56,6 @@ HISTORY_PREFIX: Final = "history#"  # history#<end, ms, 15 digits>#<instance id>
 # Conditional-update loops (claim, end, reserve, release) give up after this many rounds; each
 # failed round means another writer changed the item, i.e. made progress.
 MAX_ROUNDS: Final = 8
-# `ensure_table` polls DescribeTable while the table is being created.
-TABLE_WAIT_DELAY: Final = 2
-TABLE_WAIT_ATTEMPTS: Final = 60
 
 _CHECK_FAILED: Final = "ConditionalCheckFailed"
 _CONFLICT: Final = "TransactionConflict"
@@ -65,89 +68,6 @@ def _conflicted(error: Exception) -> bool:
 # A write cancelled by a concurrent transaction on the same item (TransactionConflict) is sent
 # again: at most 5 requests, waits of 0.02, 0.04, 0.08 and 0.16 s, each times [0.5, 1).
 CONFLICT_RETRY: Final = Retry(on=_conflicted, attempts=5, wait_initial=0.02, wait_jitter=0.5)
-
-
-@attrs.frozen
-class TableSetup:
-    """What `ensure_table` did: created the table, enabled TTL (both False: nothing to do)."""
-
-    created: bool
-    ttl_enabled: bool
-
-
-def ensure_table(client: Any, table_name: str) -> TableSetup:
-    """Blocking: create the registry table if absent (PAY_PER_REQUEST), wait until it is
-    ACTIVE, and enable TTL on `expires_at`. Idempotent. Raises `CloudError`, also when a table
-    of that name has other keys or TTL on another attribute."""
-    try:
-        created = _create_table(client, table_name)
-        return TableSetup(created, _enable_ttl(client, table_name))
-    except (botocore.exceptions.ClientError, botocore.exceptions.BotoCoreError) as exc:
-        raise cloud_error(exc) from exc
-
-
-def _create_table(client: Any, table_name: str) -> bool:
-    created = False
-    try:
-        table = client.describe_table(TableName=table_name)["Table"]
-    except botocore.exceptions.ClientError as exc:
-        if _code(exc) != "ResourceNotFoundException":
-            raise
-        try:
-            client.create_table(
-                TableName=table_name,
-                AttributeDefinitions=[
-                    {"AttributeName": PARTITION_KEY, "AttributeType": "S"},
-                    {"AttributeName": SORT_KEY, "AttributeType": "S"},
-                ],
-                KeySchema=[
-                    {"AttributeName": PARTITION_KEY, "KeyType": "HASH"},
-                    {"AttributeName": SORT_KEY, "KeyType": "RANGE"},
-                ],
-                BillingMode="PAY_PER_REQUEST",
-            )
-            created = True
-        except botocore.exceptions.ClientError as create_exc:
-            if _code(create_exc) != "ResourceInUseException":  # another setup created it
-                raise
-        table = {"TableStatus": "CREATING"}
-    if table["TableStatus"] != "ACTIVE":
-        client.get_waiter("table_exists").wait(
-            TableName=table_name,
-            WaiterConfig={"Delay": TABLE_WAIT_DELAY, "MaxAttempts": TABLE_WAIT_ATTEMPTS},
-        )
-        table = client.describe_table(TableName=table_name)["Table"]
-    keys = {(k["AttributeName"], k["KeyType"]) for k in table["KeySchema"]}
-    if keys != {(PARTITION_KEY, "HASH"), (SORT_KEY, "RANGE")}:
-        raise CloudError(
-            "TableMismatch",
-            f"table {table_name} exists with other keys than {PARTITION_KEY} (hash) and "
-            f"{SORT_KEY} (range)",
-        )
-    return created
-
-
-def _enable_ttl(client: Any, table_name: str) -> bool:
-    ttl = client.describe_time_to_live(TableName=table_name)["TimeToLiveDescription"]
-    status, attribute = ttl.get("TimeToLiveStatus"), ttl.get("AttributeName")
-    if status in ("ENABLED", "ENABLING"):
-        if attribute != TTL_ATTRIBUTE:
-            raise CloudError(
-                "TableMismatch",
-                f"table {table_name} has TTL on {attribute}, not on {TTL_ATTRIBUTE}",
-            )
-        return False
-    try:
-        client.update_time_to_live(
-            TableName=table_name,
-            TimeToLiveSpecification={"Enabled": True, "AttributeName": TTL_ATTRIBUTE},
-        )
-    except botocore.exceptions.ClientError as exc:
-        # Another setup enabled it since we looked: AWS refuses to enable it twice.
-        if "already enabled" not in str(exc.response.get("Error", {}).get("Message", "")):
-            raise
-        return False
-    return True
 
 
 class DynamoRegistry:
@@ -395,7 +315,7 @@ class DynamoRegistry:
         intent: LaunchIntent | None = None,
     ) -> SpendGrant:
         committed: dict[str, int] = {}
-        for _ in range(MAX_ROUNDS):
+        for round_ in range(MAX_ROUNDS):
             committed = await self.spend(per_instance)
             granted = admit_count(per_instance, committed, limits, count)
             if granted == 0:
@@ -404,12 +324,15 @@ class DynamoRegistry:
                 {"Update": self._charge(key, granted * amount, limits.get(key))}
                 for key, amount in per_instance.items()
             ]
+            token = None
             if intent is not None:
                 recorded = attrs.evolve(intent, count=granted)
                 parts.append(
                     {"Put": self._put_request(_intent_sk(intent.token), recorded.to_item())}
                 )
-            if (await self._transact(*parts)).ok:
+                # A charge must not be applied twice: one token per launch and round.
+                token = hashlib.sha256(f"{intent.token}:{round_}".encode()).hexdigest()[:36]
+            if (await self._transact(*parts, request_token=token)).ok:
                 after = {key: committed[key] + granted * per_instance[key] for key in committed}
                 return SpendGrant(granted, after)
         return SpendGrant(0, committed)
@@ -653,8 +576,14 @@ class DynamoRegistry:
         request["ReturnValuesOnConditionCheckFailure"] = "ALL_OLD"
         return await self._write(self.client.update_item, **request)
 
-    async def _transact(self, *parts: dict[str, Any]) -> _Outcome:
-        return await self._write(self.client.transact_write_items, TransactItems=list(parts))
+    async def _transact(self, *parts: dict[str, Any], request_token: str | None = None) -> _Outcome:
+        """One TransactWriteItems. With `request_token`, a retry of a transaction DynamoDB
+        applied but whose answer was lost (botocore retries timeouts and 5xx) is not applied
+        again (DynamoDB keeps the token for 10 minutes)."""
+        params: dict[str, Any] = {"TransactItems": list(parts)}
+        if request_token is not None:
+            params["ClientRequestToken"] = request_token
+        return await self._write(self.client.transact_write_items, **params)
 
     @CONFLICT_RETRY
     async def _write(self, fn: Callable[..., Any], /, **params: Any) -> _Outcome:
@@ -687,7 +616,7 @@ def _attempt(fn: Callable[..., Any], /, **params: Any) -> _Outcome:
     try:
         fn(**params)
     except botocore.exceptions.ClientError as exc:
-        code = _code(exc)
+        code = aws_code(exc)
         response: dict[str, Any] = dict(exc.response)
         if code == "ConditionalCheckFailedException":
             item = response.get("Item")
@@ -702,10 +631,6 @@ def _attempt(fn: Callable[..., Any], /, **params: Any) -> _Outcome:
             return _Outcome(False, conflict=True)
         raise
     return _Outcome(True)
-
-
-def _code(exc: botocore.exceptions.ClientError) -> str:
-    return str(exc.response.get("Error", {}).get("Code", ""))
 
 
 def _counter_value(item: Mapping[str, Any] | None) -> int:
@@ -734,55 +659,6 @@ def _history_key(ended_at: float) -> str:
     """The sort key's start for leases that ended at `ended_at`: in milliseconds, padded so
     keys sort as times do."""
     return f"{HISTORY_PREFIX}{max(0, round(ended_at * 1000)):015d}"
-
-
-# --- attribute values ---------------------------------------------------------------------------
-
-
-def encode(value: ItemValue) -> dict[str, Any]:
-    """A plain value as a DynamoDB attribute value. Floats are written in their shortest
-    exact decimal form, so they read back as the same float."""
-    if value is None:
-        return {"NULL": True}
-    if isinstance(value, bool):
-        return {"BOOL": value}
-    if isinstance(value, int):
-        return {"N": str(value)}
-    if isinstance(value, float):
-        if not math.isfinite(value):
-            raise ValueError(f"DynamoDB numbers are finite, not {value}")
-        return {"N": str(Decimal(repr(value)))}
-    if isinstance(value, str):
-        return {"S": value}
-    if isinstance(value, list):
-        return {"L": [encode(v) for v in value]}
-    raise TypeError(f"cannot store {type(value).__name__} in DynamoDB")
-
-
-def decode(attribute: Mapping[str, Any]) -> Any:
-    """A DynamoDB attribute value as a plain value; numbers as `Decimal` (exact)."""
-    [(kind, raw)] = attribute.items()
-    if kind == "NULL":
-        return None
-    if kind == "BOOL":
-        return bool(raw)
-    if kind == "N":
-        return Decimal(raw)
-    if kind == "S":
-        return raw
-    if kind == "L":
-        return [decode(v) for v in raw]
-    raise ValueError(f"unexpected DynamoDB attribute type {kind}")
-
-
-def encode_item(item: Mapping[str, ItemValue]) -> dict[str, dict[str, Any]]:
-    """A record's plain dict as DynamoDB attribute values."""
-    return {name: encode(value) for name, value in item.items()}
-
-
-def decode_item(item: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
-    """A DynamoDB item as a plain dict (the keys `pk` and `sk` included)."""
-    return {name: decode(value) for name, value in item.items()}
 
 
 def _implements_registry(registry: DynamoRegistry) -> Registry:

@@ -51,7 +51,7 @@ IAM_ACTIONS: Final[Mapping[str, tuple[str, ...]]] = {
 }
 
 # The registry's reads and writes (`broker.dynamo.DynamoRegistry`), and DescribeTable for the
-# start-up check; `compute-broker setup` (`broker.dynamo.ensure_table`) adds the rest.
+# start-up check; `compute-broker setup` (`broker.dynamo_table.ensure_table`) adds the rest.
 REGISTRY_ACTIONS: Final = (
     "dynamodb:DescribeTable",
     "dynamodb:GetItem",

@@ -35,7 +35,7 @@ from broker.checks import LAUNCH_FIXES, LAUNCH_SETTINGS, NO_CREDENTIALS_FIX, Che
 from broker.cloud import THROTTLING_ERRORS, CloudError, LaunchSpec, Market
 from broker.config import env_variable
 from broker.config_validate import Config
-from broker.dynamo import PARTITION_KEY, SORT_KEY
+from broker.dynamo_table import PARTITION_KEY, SORT_KEY
 from broker.ec2 import LAUNCH_TOKEN_TAG, MANAGED_TAG, NAME_TAG, POOL_TAG, WORKER_NAME
 
 # The longest one check may take, retries included; a check that takes longer fails (transient).

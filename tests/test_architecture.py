@@ -17,10 +17,12 @@ POOL_TABLES = frozenset({"workers", "leases", "in_flight", "gone_ips", "_held"})
 # Every field of a Worker or a Lease; only broker/pool.py assigns them.
 STATE_FIELDS = frozenset(f.name for cls in (Worker, Lease) for f in attrs.fields(cls))
 MUTATORS = frozenset({"pop", "popitem", "clear", "update", "setdefault", "__setitem__"})
-AWS_ADAPTERS = frozenset({"aws.py", "ec2.py", "dynamo.py", "sqs.py", "preflight.py"})
+AWS_ADAPTERS = frozenset(
+    {"aws.py", "ec2.py", "dynamo.py", "dynamo_table.py", "sqs.py", "preflight.py"}
+)
 # Modules allowed past the ~500-line guideline, each still one concern: the DynamoDB adapter, and
 # the config schema (one table, one Field per key: it grows by a key's few lines at a time).
-LONG_MODULES = {"dynamo.py": 800, "config.py": 640}
+LONG_MODULES = {"dynamo.py": 680, "config.py": 640}
 
 
 def modules() -> dict[str, ast.Module]:

@@ -29,7 +29,8 @@ import yaml
 
 from broker.aws import make_client
 from broker.checks import EXIT_CONFIG
-from broker.dynamo import DynamoRegistry, ensure_table
+from broker.dynamo import DynamoRegistry
+from broker.dynamo_table import ensure_table
 from broker.sandbox import MotoHandle, SandboxResources, prepare_resources
 from tests.harness import listening_port, wait_for_blocking
 

@@ -42,7 +42,7 @@ BROKER = Path(__file__).resolve().parent.parent / "broker"
 SERVICES = ("ec2", "dynamodb", "sqs", "sts")
 # sandbox.py creates the embedded moto cloud's AMI, subnet and key pair: it never talks to AWS.
 NOT_AGAINST_AWS = frozenset({"sandbox.py"})
-# The functions only `compute-broker setup` runs (broker.dynamo.ensure_table and
+# The functions only `compute-broker setup` runs (broker.dynamo_table.ensure_table and
 # broker.sqs.ensure_events_queue, with their helpers): their operations are in --setup only.
 SETUP_FUNCTIONS = frozenset(
     {

@@ -43,7 +43,7 @@ import yaml
 
 from broker.aws import make_client
 from broker.config_validate import Config
-from broker.dynamo import ensure_table
+from broker.dynamo_table import ensure_table
 from broker.iam import IAM_ACTIONS, actions, policy
 from broker.sandbox import SANDBOX_REGION, SandboxResources, prepare_resources
 from broker.sqs import ensure_events_queue

@@ -25,7 +25,7 @@ from broker.burst import BurstPolicy
 from broker.checks import EXIT_CONFIG, EXIT_TEMPFAIL, Check, exit_status
 from broker.cloud import LaunchSpec, Market
 from broker.config_validate import Config
-from broker.dynamo import ensure_table
+from broker.dynamo_table import ensure_table
 from broker.ec2 import Ec2Cloud
 from broker.preflight import run_checks
 from broker.sandbox import MotoHandle, SandboxResources

@@ -18,7 +18,8 @@ import trio
 
 from broker.aws import make_client
 from broker.cloud import CloudError, Instance, LaunchSpec, Market
-from broker.dynamo import DynamoRegistry, decode_item, encode_item, ensure_table
+from broker.dynamo import DynamoRegistry
+from broker.dynamo_table import decode_item, encode_item, ensure_table
 from broker.memory_registry import MemoryRegistry
 from broker.model import WorkerState
 from broker.registry import (

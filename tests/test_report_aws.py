@@ -17,7 +17,8 @@ import yaml
 from broker.aws import make_client
 from broker.cli import main
 from broker.clock import Clock
-from broker.dynamo import DynamoRegistry, ensure_table
+from broker.dynamo import DynamoRegistry
+from broker.dynamo_table import ensure_table
 from broker.ec2 import Ec2Cloud
 from broker.prices import PriceTable
 from broker.registry import LeaseHistoryRecord

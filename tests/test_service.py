@@ -22,7 +22,7 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from broker.aws import make_client
-from broker.dynamo import ensure_table
+from broker.dynamo_table import ensure_table
 from broker.health import Health
 from broker.sandbox import SandboxResources
 from broker.service import activated_sockets, status_line

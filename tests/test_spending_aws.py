@@ -16,7 +16,8 @@ import trio
 
 from broker.aws import make_client
 from broker.clock import Clock
-from broker.dynamo import DynamoRegistry, ensure_table
+from broker.dynamo import DynamoRegistry
+from broker.dynamo_table import ensure_table
 from broker.ec2 import POOL_TAG, Ec2Cloud
 from broker.engine import Engine
 from broker.ledger import MICROS, Budget, CoverPolicy, Period, charge, period_key
