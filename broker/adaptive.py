@@ -14,7 +14,11 @@ requests the broker has been seeing make keeping it pay (docs/adaptive-idle.md):
   takes them in) is of use at the k-th arrival. Kept until then or for the H seconds its
   idle timeout still allows, it saves a wait worth (price x B) with probability P(N(H) >= k)
   and costs price x E[min(S_k, H)] = price / lambda x sum_{j=1..k} P(N(H) >= j). It is kept
-  while lambda B P(N(H) >= k) >= sum_{j=1..k} P(N(H) >= j); for k = 1: while lambda B >= 1.
+  while lambda B P(N(H) >= k) >= sum_{j=1..k} P(N(H) >= j); for k = 1: while lambda B >= 1;
+- held workers are coming supply: each is released at 1/L a second (L: the decayed mean
+  length of leases that ended in RELEASE, `LeaseLengths`), and a released worker goes on top
+  of the idle ones, so the k-th idle worker is taken when arrivals first outnumber releases
+  by k (`use_odds`: a walk, down at lambda, up at the release rate).
 
 Bounds: never longer than `idle_timeout`; the reaper takes none sooner than `minimum` (one
 reap interval) after its last activity; a worker without a known price is kept as `fixed`
@@ -35,6 +39,8 @@ from broker.model import Worker
 MEMORY: Final = 3600.0  # seconds: the time constant of the arrival rate's decay
 DEFAULT_BOOT_SECONDS: Final = 30.0  # the wait a kept worker saves, before any boot was seen
 MAX_RANK: Final = 1000  # the k beyond which no idle worker is worth keeping (bounds the sums)
+MAX_STEPS: Final = 5000  # events looked ahead at most (bounds the walk in `use_odds`)
+TAIL: Final = 1e-12  # the Poisson tail below which later events are not looked at
 
 
 class IdlePolicy(enum.StrEnum):
@@ -84,28 +90,85 @@ def break_even(price_per_hour: float, boot_seconds: float, wait_cost_per_hour: f
     return boot_seconds * wait_cost_per_hour / price_per_hour
 
 
-def worth_keeping(rate: float, break_even: float, horizon: float, rank: int) -> bool:
+def worth_keeping(
+    rate: float, break_even: float, horizon: float, rank: int, releases: float = 0.0
+) -> bool:
     """True if the `rank`-th idle worker, kept for at most `horizon` more seconds, is expected
-    to save more (a wait worth `break_even` seconds of its price, at the rank-th arrival) than
-    it costs idling until then, arrivals coming at `rate` per second."""
+    to save more (a wait worth `break_even` seconds of its price, when an arrival takes it)
+    than it costs idling until then, arrivals coming at `rate` per second and held workers
+    being released at `releases` per second (each released one is handed out first)."""
     if rate <= 0 or horizon <= 0 or rank > MAX_RANK:
         return False
     if math.isinf(break_even):
         return True
-    tails = _poisson_tails(rate * horizon, rank)  # P(N >= 1), ..., P(N >= rank)
-    return tails[-1] > 0 and rate * break_even * tails[-1] >= sum(tails)
+    used, idling = use_odds(rate, releases, horizon, rank)
+    return used > 0 and break_even * used >= idling
 
 
-def _poisson_tails(mean: float, count: int) -> list[float]:
-    """[P(N >= j) for j in 1..count], N Poisson with `mean`."""
-    term = math.exp(-mean)  # P(N = 0)
-    below = 0.0
-    tails = []
-    for j in range(count):
+def use_odds(rate: float, releases: float, horizon: float, rank: int) -> tuple[float, float]:
+    """(P(T <= horizon), E[min(T, horizon)]) for the time T until an arrival takes the idle
+    worker `rank` deep in the stack hand-out takes from the top: an arrival (at `rate`) takes
+    the top one, a release (at `releases`) puts one on top. Without releases T is the
+    rank-th arrival's time.
+
+    Uniformized: events come at q = rate + releases, N(t) of them by t (Poisson); s_n is the
+    chance the worker is still idle after n events (a walk from `rank` down with chance
+    rate/q, absorbed at 0). Then P(T <= H) = sum_n P(N(H) = n) (1 - s_n) and
+    E[min(T, H)] = (1/q) sum_n s_n P(N(H) >= n + 1)."""
+    events = rate + releases
+    mean = events * horizon
+    down = rate / events
+    depths = [0.0] * (rank + 1)  # depths[d]: the chance it is d deep now (0: taken)
+    depths[rank] = 1.0
+    term = math.exp(-mean)  # P(N(H) = n)
+    below = 0.0  # P(N(H) <= n)
+    used = idling = 0.0
+    for n in range(MAX_STEPS):
+        idle = sum(depths[1:])  # s_n
+        if idle == 0.0:  # taken by now, whatever number of events comes after
+            used += max(0.0, 1.0 - below)
+            break
         below += term
-        tails.append(max(0.0, 1.0 - below))
-        term *= mean / (j + 1)
-    return tails
+        used += term * (1.0 - idle)
+        idling += idle * max(0.0, 1.0 - below)
+        if below >= 1.0 - TAIL:
+            break
+        after = [0.0] * (len(depths) + 1)
+        for depth in range(1, len(depths)):
+            after[depth - 1] += depths[depth] * down
+            after[depth + 1] += depths[depth] * (1.0 - down)
+        after[0] += depths[0]
+        depths = after
+        term *= mean / (n + 1)
+    return used, idling / events
+
+
+@attrs.frozen
+class LeaseLengths:
+    """How long leases that end in RELEASE last, as one exponentially decayed mean: recent
+    ones count most (time constant `memory`). Constant memory however many end."""
+
+    total: float = 0.0  # decayed sum of the lengths, as of `at`
+    weight: float = 0.0  # decayed count, as of `at`
+    at: float = 0.0
+    memory: float = MEMORY
+
+    def add(self, ended: float, seconds: float) -> LeaseLengths:
+        """With one more lease that lasted `seconds` and ended at `ended`."""
+        if self.weight == 0.0:
+            return attrs.evolve(self, total=seconds, weight=1.0, at=ended)
+        if ended >= self.at:
+            decay = math.exp(-(ended - self.at) / self.memory)
+            return attrs.evolve(
+                self, total=self.total * decay + seconds, weight=self.weight * decay + 1.0,
+                at=ended,
+            )  # fmt: skip
+        decay = math.exp(-(self.at - ended) / self.memory)
+        return attrs.evolve(self, total=self.total + seconds * decay, weight=self.weight + decay)
+
+    def mean(self) -> float | None:
+        """The typical length in seconds; None before any lease ended."""
+        return self.total / self.weight if self.weight > 0 else None
 
 
 @attrs.frozen
@@ -113,7 +176,9 @@ class IdleRule:
     """What RELEASE and the reaper ask about an idle cloud worker nobody holds, at one time.
 
     `boot_seconds` holds the typical boot time of each type seen booting; others are taken to
-    boot in `default_boot`."""
+    boot in `default_boot`. `held` counts the cloud workers held now by type and market: each
+    is taken to be released at 1/`lease_seconds` a second (exponential lease lengths), and a
+    released one is handed out before the idle ones (unknown length: none counted)."""
 
     policy: IdlePolicy
     idle_timeout: float
@@ -122,6 +187,8 @@ class IdleRule:
     history: ArrivalHistory = ArrivalHistory()
     boot_seconds: Mapping[str, float] = attrs.field(factory=dict)
     default_boot: float = DEFAULT_BOOT_SECONDS
+    held: Mapping[tuple[str, str], int] = attrs.field(factory=dict)  # by (type, market)
+    lease_seconds: float | None = None  # the typical lease that ends in RELEASE
 
     @classmethod
     def fixed(cls, idle_timeout: float) -> IdleRule:
@@ -162,4 +229,12 @@ class IdleRule:
             break_even(price, boot, self.wait_cost_per_hour),
             horizon,
             rank,
+            self.release_rate(worker),
         )
+
+    def release_rate(self, worker: Worker) -> float:
+        """Releases expected per second of held workers of the worker's type and market."""
+        if not self.lease_seconds:
+            return 0.0
+        held = self.held.get((worker.instance_type, str(worker.market)), 0)
+        return held / self.lease_seconds

@@ -15,7 +15,13 @@ import attrs
 import structlog
 import trio
 
-from broker.adaptive import DEFAULT_BOOT_SECONDS, ArrivalHistory, IdlePolicy, IdleRule
+from broker.adaptive import (
+    DEFAULT_BOOT_SECONDS,
+    ArrivalHistory,
+    IdlePolicy,
+    IdleRule,
+    LeaseLengths,
+)
 from broker.boottimes import BootTimes
 from broker.burst import BurstPolicy
 from broker.clock import Clock
@@ -97,6 +103,7 @@ class Context:
     warm_wakeup: Wakeup = attrs.field(factory=Wakeup)  # a worker was taken: refill
     # GET_WORKERs that needed an idle or a new cloud worker (idle_policy: adaptive).
     arrivals: ArrivalHistory = attrs.field(factory=ArrivalHistory)
+    lease_lengths: LeaseLengths = attrs.field(factory=LeaseLengths)  # leases ended by RELEASE
     boot_times: BootTimes = attrs.field(  # learned by the boot watcher
         default=attrs.Factory(lambda ctx: BootTimes(hint=ctx.settings.boot_time_hint), True)
     )
@@ -126,6 +133,10 @@ class Context:
         """A GET_WORKER took an idle or a new cloud worker at `now`."""
         self.arrivals = self.arrivals.add(now)
 
+    def note_release(self, lease: Lease, now: float) -> None:
+        """A lease ended in RELEASE at `now` (how long leases last: idle_policy: adaptive)."""
+        self.lease_lengths = self.lease_lengths.add(now, max(0.0, now - lease.started_at))
+
     def seed_arrivals(self, arrivals: Iterable[float]) -> None:
         """Start the arrival history from what the registry remembers (at start-up)."""
         self.arrivals = ArrivalHistory.seeded(arrivals)
@@ -143,7 +154,19 @@ class Context:
             history=self.arrivals,
             boot_seconds=self.boot_times.typical(),
             default_boot=self.boot_times.hint or DEFAULT_BOOT_SECONDS,
+            held=self._held(),
+            lease_seconds=self.lease_lengths.mean(),
         )
+
+    def _held(self) -> dict[tuple[str, str], int]:
+        """Cloud workers someone holds now, by type and market."""
+        held: dict[tuple[str, str], int] = {}
+        for instance_id in {lease.instance_id for lease in self.pool.leases.values()}:
+            worker = self.pool.workers.get(instance_id)
+            if worker is not None and not worker.local:
+                kind = (worker.instance_type, str(worker.market))
+                held[kind] = held.get(kind, 0) + 1
+        return held
 
     async def write(
         self,

@@ -270,6 +270,7 @@ class HandoutDesk:
         released = ctx.pool.release(ip, client, now, warm=ctx.warm(now), keep=self._keep(now))
         if released.lease is not None:
             log_lease_end(released.lease, "released", now)
+            ctx.note_release(released.lease, now)
             await self._forget_lease(released.lease)
         if released.outcome is ReleaseOutcome.KEPT and released.worker is not None:
             released = await self._recheck_holders(released.worker, ip, client, now) or released
@@ -316,9 +317,10 @@ class HandoutDesk:
         return ctx.pool.release(ip, client, now, warm=ctx.warm(now), keep=self._keep(now))
 
     def _keep(self, now: float) -> Callable[[Worker, int], bool]:
-        """Whether the idle policy keeps a worker RELEASE leaves unheld (and its rank)."""
-        rule = self.ctx.idle_rule()
-        return lambda worker, rank: rule.keeps_released(worker, rank, now)
+        """Whether the idle policy keeps a worker RELEASE leaves unheld (and its rank); the
+        rule is built when asked, after the release ended the lease (so it is not counted as
+        held)."""
+        return lambda worker, rank: self.ctx.idle_rule().keeps_released(worker, rank, now)
 
     # --- ending leases -----------------------------------------------------------------------
 

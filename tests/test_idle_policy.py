@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
 import trio
 from trio.testing import MockClock
 
@@ -103,3 +104,20 @@ async def test_a_restarted_engine_learns_from_the_leases_in_the_registry(
         assert len(cloud.alive()) == 4
     fresh = make_engine(cloud, clock, MemoryRegistry("other"), **ADAPTIVE)
     assert fresh.ctx.arrivals.rate(clock.now()) == 0
+
+
+async def test_the_engine_learns_lease_lengths_and_counts_held_workers_as_coming_supply(
+    autojump_clock: MockClock, cloud: FakeCloud, clock: Clock
+) -> None:
+    """RELEASEs teach the rule how long leases last; the rule counts the workers held now, so
+    one due back soon stands in for an idle worker."""
+    engine = make_engine(cloud, clock, **ADAPTIVE)
+    async with running(engine):
+        await steady_clients(engine, 6, every=300, use=120)
+        assert pytest.approx(120.0) == engine.ctx.lease_lengths.mean()
+        held = await get_ip(engine, WorkerRequest(), "holder")
+        rule = engine.ctx.idle_rule()
+        worker = engine.ctx.pool.by_ip(held)
+        assert worker is not None
+        assert rule.held == {(worker.instance_type, str(worker.market)): 1}
+        assert pytest.approx(1 / 120.0) == rule.release_rate(worker)
