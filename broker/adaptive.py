@@ -9,7 +9,8 @@ requests the broker has been seeing make keeping it pay (docs/adaptive-idle.md):
   that long costs what one boot wait saved is worth;
 - arrivals (GET_WORKERs that needed an idle or a new cloud worker) are taken as a Poisson
   process whose rate lambda is an exponentially decayed count of the recent ones
-  (`ArrivalHistory`, time constant `MEMORY`);
+  (`ArrivalHistory`, time constant `MEMORY`), scaled by when in the day they come on the
+  complete days seen (`broker.dayprofile`): the time ahead against the recent past;
 - the k-th idle worker of its type and market (most recently used first: the order hand-out
   takes them in) is of use at the k-th arrival. Kept until then or for the H seconds its
   idle timeout still allows, it saves a wait worth (price x B) with probability P(N(H) >= k)
@@ -34,6 +35,7 @@ from typing import Final
 
 import attrs
 
+from broker.dayprofile import DayProfile
 from broker.model import Worker
 
 MEMORY: Final = 3600.0  # seconds: the time constant of the arrival rate's decay
@@ -59,28 +61,48 @@ class ArrivalHistory:
     weight: float = 0.0
     at: float = 0.0
     memory: float = MEMORY
+    profile: DayProfile = attrs.field(factory=DayProfile)  # when in the day they come
 
     @classmethod
-    def seeded(cls, arrivals: Iterable[float], memory: float = MEMORY) -> ArrivalHistory:
+    def seeded(
+        cls, arrivals: Iterable[float], memory: float = MEMORY, zone: str = "UTC"
+    ) -> ArrivalHistory:
         """The history of these arrival times (Unix seconds, any order): what the broker
-        knows at start-up (the registry's leases' start times; ended leases when it has them)."""
-        history = cls(memory=memory)
+        knows at start-up (the registry's leases' start times; ended leases when it has them).
+        `zone`: the lab's time zone, whose days the profile counts."""
+        history = cls(memory=memory, profile=DayProfile(zone))
         for when in arrivals:
             history = history.add(when)
         return history
 
     def add(self, when: float) -> ArrivalHistory:
         """The history with one more arrival at `when` (which may be older than the last)."""
+        profile = self.profile.add(when)
         if self.weight == 0.0:
-            return attrs.evolve(self, weight=1.0, at=when)
+            return attrs.evolve(self, weight=1.0, at=when, profile=profile)
         if when >= self.at:
             decayed = self.weight * math.exp(-(when - self.at) / self.memory)
-            return attrs.evolve(self, weight=decayed + 1.0, at=when)
-        return attrs.evolve(self, weight=self.weight + math.exp(-(self.at - when) / self.memory))
+            return attrs.evolve(self, weight=decayed + 1.0, at=when, profile=profile)
+        older = math.exp(-(self.at - when) / self.memory)
+        return attrs.evolve(self, weight=self.weight + older, profile=profile)
 
     def rate(self, now: float) -> float:
-        """Arrivals per second expected at `now`."""
+        """Arrivals per second of late: the decayed count over its time constant."""
         return self.weight * math.exp(-max(0.0, now - self.at) / self.memory) / self.memory
+
+    def rate_ahead(self, now: float, horizon: float) -> float:
+        """Arrivals per second expected over [now, now + horizon]: the recent rate, scaled by
+        how the days seen compare the time ahead with the recent past (the day's shape over
+        the horizon against its mean weighted as the decayed count weighs arrivals). The
+        recent rate alone until a complete day of each kind needed has been seen."""
+        recent = self.rate(now)
+        if recent == 0.0:
+            return 0.0
+        ahead = self.profile.ahead(now, horizon)
+        behind = self.profile.behind(now, self.memory)
+        if ahead is None or behind is None or behind <= 0.0:
+            return recent
+        return recent * ahead / behind
 
 
 def break_even(price_per_hour: float, boot_seconds: float, wait_cost_per_hour: float) -> float:
@@ -225,7 +247,7 @@ class IdleRule:
         boot = self.boot_seconds.get(worker.instance_type, self.default_boot)
         horizon = worker.last_activity + self.idle_timeout - now
         return worth_keeping(
-            self.history.rate(now),
+            self.history.rate_ahead(now, horizon),
             break_even(price, boot, self.wait_cost_per_hour),
             horizon,
             rank,

@@ -101,8 +101,11 @@ class Context:
     metrics: Metrics = attrs.field(factory=Metrics)  # counters for /metrics (broker.monitor)
     boot_wakeup: Wakeup = attrs.field(factory=Wakeup)  # a launch answered: describe it
     warm_wakeup: Wakeup = attrs.field(factory=Wakeup)  # a worker was taken: refill
-    # GET_WORKERs that needed an idle or a new cloud worker (idle_policy: adaptive).
-    arrivals: ArrivalHistory = attrs.field(factory=ArrivalHistory)
+    # GET_WORKERs that needed an idle or a new cloud worker (idle_policy: adaptive); their
+    # days are the budget's (budget_timezone: the lab's calendar).
+    arrivals: ArrivalHistory = attrs.field(
+        default=attrs.Factory(lambda ctx: ctx.seeded_arrivals(()), True)
+    )
     lease_lengths: LeaseLengths = attrs.field(factory=LeaseLengths)  # leases ended by RELEASE
     boot_times: BootTimes = attrs.field(  # learned by the boot watcher
         default=attrs.Factory(lambda ctx: BootTimes(hint=ctx.settings.boot_time_hint), True)
@@ -139,7 +142,11 @@ class Context:
 
     def seed_arrivals(self, arrivals: Iterable[float]) -> None:
         """Start the arrival history from what the registry remembers (at start-up)."""
-        self.arrivals = ArrivalHistory.seeded(arrivals)
+        self.arrivals = self.seeded_arrivals(arrivals)
+
+    def seeded_arrivals(self, arrivals: Iterable[float]) -> ArrivalHistory:
+        """An arrival history of these times, its days in the budget's time zone."""
+        return ArrivalHistory.seeded(arrivals, zone=self.settings.budget.timezone)
 
     def idle_rule(self) -> IdleRule:
         """How long idle workers are kept, as of the arrivals and boot times seen so far."""

@@ -13,6 +13,7 @@ from trio.testing import MockClock
 from broker.adaptive import IdlePolicy
 from broker.clock import Clock
 from broker.engine import Engine
+from broker.ledger import Budget
 from broker.memory_registry import MemoryRegistry
 from broker.model import WorkerRequest
 from tests.engines import get_ip, make_engine, running
@@ -121,3 +122,14 @@ async def test_the_engine_learns_lease_lengths_and_counts_held_workers_as_coming
         assert worker is not None
         assert rule.held == {(worker.instance_type, str(worker.market)): 1}
         assert pytest.approx(1 / 120.0) == rule.release_rate(worker)
+
+
+async def test_the_arrival_history_counts_days_in_the_budget_time_zone(
+    cloud: FakeCloud, clock: Clock
+) -> None:
+    """The lab's calendar is budget_timezone's: the day profile counts its days, also after
+    seeding at start-up."""
+    engine = make_engine(cloud, clock, budget=Budget(timezone="Europe/Berlin"), **ADAPTIVE)
+    assert engine.ctx.arrivals.profile.zone == "Europe/Berlin"
+    engine.ctx.seed_arrivals([clock.now()])
+    assert engine.ctx.arrivals.profile.zone == "Europe/Berlin"
