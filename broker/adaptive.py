@@ -41,7 +41,7 @@ from broker.model import Worker
 MEMORY: Final = 3600.0  # seconds: the time constant of the arrival rate's decay
 DEFAULT_BOOT_SECONDS: Final = 30.0  # the wait a kept worker saves, before any boot was seen
 MAX_RANK: Final = 1000  # the k beyond which no idle worker is worth keeping (bounds the sums)
-MAX_STEPS: Final = 5000  # events looked ahead at most (bounds the walk in `use_odds`)
+MAX_STEPS: Final = 2000  # events looked ahead at most (bounds the walk in `use_odds`)
 TAIL: Final = 1e-12  # the Poisson tail below which later events are not looked at
 
 
@@ -139,29 +139,39 @@ def use_odds(rate: float, releases: float, horizon: float, rank: int) -> tuple[f
     E[min(T, H)] = (1/q) sum_n s_n P(N(H) >= n + 1)."""
     events = rate + releases
     mean = events * horizon
+    if mean <= 0.0:
+        return 0.0, 0.0
     down = rate / events
+    # Events beyond `steps` are too unlikely to matter (or, past MAX_STEPS, not looked at: the
+    # chance of use then reads low, which keeps fewer); a worker deeper than the steps left
+    # can no longer be taken and stays idle (`stuck`), so the walk never grows past them.
+    steps = min(MAX_STEPS, math.ceil(mean + 12.0 * math.sqrt(mean) + 12.0))
     depths = [0.0] * (rank + 1)  # depths[d]: the chance it is d deep now (0: taken)
     depths[rank] = 1.0
-    term = math.exp(-mean)  # P(N(H) = n)
+    stuck = 0.0
     below = 0.0  # P(N(H) <= n)
     used = idling = 0.0
-    for n in range(MAX_STEPS):
-        idle = sum(depths[1:])  # s_n
+    for n in range(steps + 1):
+        idle = sum(depths[1:]) + stuck  # s_n
         if idle == 0.0:  # taken by now, whatever number of events comes after
             used += max(0.0, 1.0 - below)
             break
+        term = math.exp(n * math.log(mean) - mean - math.lgamma(n + 1))  # P(N(H) = n)
         below += term
         used += term * (1.0 - idle)
         idling += idle * max(0.0, 1.0 - below)
         if below >= 1.0 - TAIL:
             break
-        after = [0.0] * (len(depths) + 1)
+        left = steps - n - 1  # events still looked at after this one
+        after = [0.0] * max(1, min(len(depths) + 1, left + 1))
+        after[0] = depths[0]
         for depth in range(1, len(depths)):
-            after[depth - 1] += depths[depth] * down
-            after[depth + 1] += depths[depth] * (1.0 - down)
-        after[0] += depths[0]
+            for moved, chance in ((depth - 1, down), (depth + 1, 1.0 - down)):
+                if moved < len(after):
+                    after[moved] += depths[depth] * chance
+                else:
+                    stuck += depths[depth] * chance
         depths = after
-        term *= mean / (n + 1)
     return used, idling / events
 
 

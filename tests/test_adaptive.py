@@ -213,3 +213,23 @@ def test_held_workers_soon_released_make_a_second_idle_worker_not_worth_keeping(
     assert supplied.release_rate(idle_worker(T0)) == 3 / 600.0
     assert supplied.reaps(idle_worker(T0), 2, T0 + 120)
     assert attrs.evolve(busy, held=supplied.held).release_rate(idle_worker(T0)) == 0.0
+
+
+def test_use_odds_stay_quick_and_sane_at_absurd_rates() -> None:
+    """Thousands of arrivals and releases an hour: an answer within seconds, a chance
+    between 0 and 1, no overflow."""
+    import time
+
+    started = time.perf_counter()
+    used, idling = use_odds(10000.0 / HOUR, 10000.0 / HOUR, 900.0, 3)
+    assert time.perf_counter() - started < 5.0
+    assert 0.0 <= used <= 1.0
+    assert 0.0 <= idling <= 900.0
+    assert use_odds(0.0, 0.0, 900.0, 1) == (0.0, 0.0)
+
+
+def test_a_worker_deeper_than_any_likely_arrivals_is_never_taken() -> None:
+    """Rank 1000 at six arrivals an hour: never taken, idle the whole horizon."""
+    used, idling = use_odds(6.0 / HOUR, 0.0, 900.0, 1000)
+    assert used == 0.0
+    assert idling == pytest.approx(900.0)
