@@ -16,8 +16,9 @@ requests the broker has been seeing make keeping it pay (docs/adaptive-idle.md):
   idle timeout still allows, it saves a wait worth (price x B) with probability P(N(H) >= k)
   and costs price x E[min(S_k, H)] = price / lambda x sum_{j=1..k} P(N(H) >= j). It is kept
   while lambda B P(N(H) >= k) >= sum_{j=1..k} P(N(H) >= j); for k = 1: while lambda B >= 1;
-- held workers are coming supply: each is released at 1/L a second (L: the decayed mean
-  length of leases that ended in RELEASE, `LeaseLengths`), and a released worker goes on top
+- held workers are coming supply: each is released at 1/L a second (L: the seconds of
+  holding per RELEASE over the recent leases, expired ones included: `LeaseLengths`), and a
+  released worker goes on top
   of the idle ones, so the k-th idle worker is taken when arrivals first outnumber releases
   by k (`use_odds`: a walk, down at lambda, up at the release rate).
 
@@ -177,30 +178,40 @@ def use_odds(rate: float, releases: float, horizon: float, rank: int) -> tuple[f
 
 @attrs.frozen
 class LeaseLengths:
-    """How long leases that end in RELEASE last, as one exponentially decayed mean: recent
-    ones count most (time constant `memory`). Constant memory however many end."""
+    """How long leases last and how many end in RELEASE (rather than expiring), as decayed
+    sums: recent ones count most (time constant `memory`). Constant memory however many end."""
 
     total: float = 0.0  # decayed sum of the lengths, as of `at`
     weight: float = 0.0  # decayed count, as of `at`
+    released: float = 0.0  # decayed count of those that ended in RELEASE, as of `at`
     at: float = 0.0
     memory: float = MEMORY
 
-    def add(self, ended: float, seconds: float) -> LeaseLengths:
-        """With one more lease that lasted `seconds` and ended at `ended`."""
+    def add(self, ended: float, seconds: float, *, released: bool = True) -> LeaseLengths:
+        """With one more lease that lasted `seconds`, ended at `ended`, by RELEASE or not."""
+        one = 1.0 if released else 0.0
         if self.weight == 0.0:
-            return attrs.evolve(self, total=seconds, weight=1.0, at=ended)
+            return attrs.evolve(self, total=seconds, weight=1.0, released=one, at=ended)
         if ended >= self.at:
             decay = math.exp(-(ended - self.at) / self.memory)
             return attrs.evolve(
                 self, total=self.total * decay + seconds, weight=self.weight * decay + 1.0,
-                at=ended,
+                released=self.released * decay + one, at=ended,
             )  # fmt: skip
         decay = math.exp(-(self.at - ended) / self.memory)
-        return attrs.evolve(self, total=self.total + seconds * decay, weight=self.weight + decay)
+        return attrs.evolve(
+            self, total=self.total + seconds * decay, weight=self.weight + decay,
+            released=self.released + one * decay,
+        )  # fmt: skip
 
     def mean(self) -> float | None:
         """The typical length in seconds; None before any lease ended."""
         return self.total / self.weight if self.weight > 0 else None
+
+    def per_release(self) -> float | None:
+        """Seconds of holding a lease per RELEASE that ends one (the mean length over the share
+        released): a held worker comes back at 1/this a second. None before any RELEASE."""
+        return self.total / self.released if self.released > 0 else None
 
 
 @attrs.frozen
@@ -209,8 +220,9 @@ class IdleRule:
 
     `boot_seconds` holds the typical boot time of each type seen booting; others are taken to
     boot in `default_boot`. `held` counts the cloud workers held now by type and market: each
-    is taken to be released at 1/`lease_seconds` a second (exponential lease lengths), and a
-    released one is handed out before the idle ones (unknown length: none counted)."""
+    is taken to be released at 1/`lease_seconds` a second (exponential lease lengths; the
+    seconds of holding per RELEASE, `LeaseLengths.per_release`), and a released one is handed
+    out before the idle ones (unknown: none counted)."""
 
     policy: IdlePolicy
     idle_timeout: float
@@ -220,7 +232,7 @@ class IdleRule:
     boot_seconds: Mapping[str, float] = attrs.field(factory=dict)
     default_boot: float = DEFAULT_BOOT_SECONDS
     held: Mapping[tuple[str, str], int] = attrs.field(factory=dict)  # by (type, market)
-    lease_seconds: float | None = None  # the typical lease that ends in RELEASE
+    lease_seconds: float | None = None  # seconds of holding per RELEASE
 
     @classmethod
     def fixed(cls, idle_timeout: float) -> IdleRule:

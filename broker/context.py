@@ -106,7 +106,7 @@ class Context:
     arrivals: ArrivalHistory = attrs.field(
         default=attrs.Factory(lambda ctx: ctx.seeded_arrivals(()), True)
     )
-    lease_lengths: LeaseLengths = attrs.field(factory=LeaseLengths)  # leases ended by RELEASE
+    lease_lengths: LeaseLengths = attrs.field(factory=LeaseLengths)  # released or expired
     boot_times: BootTimes = attrs.field(  # learned by the boot watcher
         default=attrs.Factory(lambda ctx: BootTimes(hint=ctx.settings.boot_time_hint), True)
     )
@@ -136,9 +136,11 @@ class Context:
         """A GET_WORKER took an idle or a new cloud worker at `now`."""
         self.arrivals = self.arrivals.add(now)
 
-    def note_release(self, lease: Lease, now: float) -> None:
-        """A lease ended in RELEASE at `now` (how long leases last: idle_policy: adaptive)."""
-        self.lease_lengths = self.lease_lengths.add(now, max(0.0, now - lease.started_at))
+    def note_lease_end(self, lease: Lease, now: float, *, released: bool) -> None:
+        """A lease ended at `now`, by RELEASE or by expiring (how long leases last and how
+        many give their worker back: idle_policy: adaptive)."""
+        seconds = max(0.0, now - lease.started_at)
+        self.lease_lengths = self.lease_lengths.add(now, seconds, released=released)
 
     def seed_arrivals(self, arrivals: Iterable[float]) -> None:
         """Start the arrival history from what the registry remembers (at start-up)."""
@@ -162,7 +164,7 @@ class Context:
             boot_seconds=self.boot_times.typical(),
             default_boot=self.boot_times.hint or DEFAULT_BOOT_SECONDS,
             held=self._held(),
-            lease_seconds=self.lease_lengths.mean(),
+            lease_seconds=self.lease_lengths.per_release(),
         )
 
     def _held(self) -> dict[tuple[str, str], int]:

@@ -270,7 +270,7 @@ class HandoutDesk:
         released = ctx.pool.release(ip, client, now, warm=ctx.warm(now), keep=self._keep(now))
         if released.lease is not None:
             log_lease_end(released.lease, "released", now)
-            ctx.note_release(released.lease, now)
+            ctx.note_lease_end(released.lease, now, released=True)
             await self._forget_lease(released.lease)
         if released.outcome is ReleaseOutcome.KEPT and released.worker is not None:
             released = await self._recheck_holders(released.worker, ip, client, now) or released
@@ -341,6 +341,7 @@ class HandoutDesk:
                 ctx.pool.end_lease(lease)
                 if ended is not None:
                     log_lease_end(lease, "expired", now)
+                    ctx.note_lease_end(lease, now, released=False)
         live_records = await ctx.read("list_leases", ctx.registry.list_leases, now)
         if live_records is None:
             return

@@ -204,6 +204,15 @@ def test_lease_lengths_are_a_decayed_mean_whatever_the_order() -> None:
     assert expected == pytest.approx(backward.mean())
 
 
+def test_leases_that_expire_hold_a_worker_without_giving_it_back() -> None:
+    """A 100 s lease released and a 300 s one expired, together: 200 s long on average, and
+    400 s of holding for each worker given back; none released yet: nothing comes back."""
+    both = LeaseLengths().add(T0, 100.0).add(T0, 300.0, released=False)
+    assert both.mean() == pytest.approx(200.0)
+    assert both.per_release() == pytest.approx(400.0)
+    assert LeaseLengths().add(T0, 300.0, released=False).per_release() is None
+
+
 def test_held_workers_soon_released_make_a_second_idle_worker_not_worth_keeping() -> None:
     """Six arrivals an hour keep two idle workers; with three held workers whose leases last
     ten minutes (a release every 200 s) the second goes: releases will serve the arrivals."""

@@ -115,7 +115,7 @@ async def test_the_engine_learns_lease_lengths_and_counts_held_workers_as_coming
     engine = make_engine(cloud, clock, **ADAPTIVE)
     async with running(engine):
         await steady_clients(engine, 6, every=300, use=120)
-        assert pytest.approx(120.0) == engine.ctx.lease_lengths.mean()
+        assert pytest.approx(120.0) == engine.ctx.lease_lengths.per_release()
         held = await get_ip(engine, WorkerRequest(), "holder")
         rule = engine.ctx.idle_rule()
         worker = engine.ctx.pool.by_ip(held)
@@ -133,3 +133,20 @@ async def test_the_arrival_history_counts_days_in_the_budget_time_zone(
     assert engine.ctx.arrivals.profile.zone == "Europe/Berlin"
     engine.ctx.seed_arrivals([clock.now()])
     assert engine.ctx.arrivals.profile.zone == "Europe/Berlin"
+
+
+async def test_an_expired_lease_counts_as_holding_without_giving_the_worker_back(
+    autojump_clock: MockClock, cloud: FakeCloud, clock: Clock
+) -> None:
+    """A client that never RELEASEs: its lease expires after idle_timeout and the engine
+    learns that holding does not always give a worker back."""
+    engine = make_engine(cloud, clock, **ADAPTIVE)
+    async with running(engine):
+        await steady_clients(engine, 2, every=300, use=120)
+        await get_ip(engine, WorkerRequest(), "gone")
+        await trio.sleep(900 + 2 * 60)
+        lengths = engine.ctx.lease_lengths
+        assert lengths.released < lengths.weight
+        assert lengths.per_release() is not None
+        assert lengths.mean() is not None
+        assert lengths.per_release() > lengths.mean()
