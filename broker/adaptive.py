@@ -18,9 +18,9 @@ requests the broker has been seeing make keeping it pay (docs/adaptive-idle.md):
   while lambda B P(N(H) >= k) >= sum_{j=1..k} P(N(H) >= j); for k = 1: while lambda B >= 1;
 - held workers are coming supply: each is released at 1/L a second (L: the seconds of
   holding per RELEASE over the recent leases, expired ones included: `LeaseLengths`), and a
-  released worker goes on top
-  of the idle ones, so the k-th idle worker is taken when arrivals first outnumber releases
-  by k (`use_odds`: a walk, down at lambda, up at the release rate).
+  released worker goes on top of the idle ones, so the k-th idle worker is taken when
+  arrivals first outnumber releases by k (`use_odds`: a walk, down at lambda, up at the
+  release rate; without releases, the rule above).
 
 Bounds: never longer than `idle_timeout`; the reaper takes none sooner than `minimum` (one
 reap interval) after its last activity; a worker without a known price is kept as `fixed`

@@ -20,7 +20,7 @@ from zoneinfo import ZoneInfo
 
 import attrs
 
-SLOT: Final = 1800  # seconds: the profile's resolution (a half hour)
+SLOT: Final = 1800  # seconds: the profile's resolution (a half hour; must divide an hour)
 SLOTS: Final = 86400 // SLOT  # per day
 WEEKDAY, WEEKEND = 0, 1  # the kinds of day, as indices
 
