@@ -16,7 +16,8 @@ Two parts, from the trace alone (no simulation):
 
 Prices are the simulator configs' c7i.8xlarge spot at $0.50/h. The bound assumes exactly one
 idle worker whenever one is kept, in exactly the busiest hours, with the true rates known; no
-real policy reaches it.
+real policy reaches it. It treats arrivals as Poisson at those rates; the generator places a
+drawn number of sessions uniformly in each window, close to that.
 """
 
 from __future__ import annotations
