@@ -15,7 +15,13 @@ import attrs
 import structlog
 import trio
 
-from broker.adaptive import DEFAULT_BOOT_SECONDS, ArrivalHistory, IdlePolicy, IdleRule
+from broker.adaptive import (
+    DEFAULT_BOOT_SECONDS,
+    ArrivalHistory,
+    IdlePolicy,
+    IdleRule,
+    LeaseLengths,
+)
 from broker.boottimes import BootTimes
 from broker.burst import BurstPolicy
 from broker.clock import Clock
@@ -96,8 +102,12 @@ class Context:
     metrics: Metrics = attrs.field(factory=Metrics)  # counters for /metrics (broker.monitor)
     boot_wakeup: Wakeup = attrs.field(factory=Wakeup)  # a launch answered: describe it
     warm_wakeup: Wakeup = attrs.field(factory=Wakeup)  # a worker was taken: refill
-    # GET_WORKERs that needed an idle or a new cloud worker (idle_policy: adaptive).
-    arrivals: ArrivalHistory = attrs.field(factory=ArrivalHistory)
+    # GET_WORKERs that needed an idle or a new cloud worker (idle_policy: adaptive); their
+    # days are the budget's (budget_timezone: the lab's calendar).
+    arrivals: ArrivalHistory = attrs.field(
+        default=attrs.Factory(lambda ctx: ctx.seeded_arrivals(()), True)
+    )
+    lease_lengths: LeaseLengths = attrs.field(factory=LeaseLengths)  # released or expired
     boot_times: BootTimes = attrs.field(  # learned by the boot watcher
         default=attrs.Factory(lambda ctx: BootTimes(hint=ctx.settings.boot_time_hint), True)
     )
@@ -127,9 +137,22 @@ class Context:
         """A GET_WORKER took an idle or a new cloud worker at `now`."""
         self.arrivals = self.arrivals.add(now)
 
+    def note_lease_end(self, lease: Lease, now: float, *, released: bool) -> None:
+        """A lease ended at `now`, by RELEASE or by expiring (how long leases last and how
+        many give their worker back: idle_policy: adaptive)."""
+        self.note_ended(now, max(0.0, now - lease.started_at), released=released)
+
+    def note_ended(self, ended: float, seconds: float, *, released: bool) -> None:
+        """A lease of `seconds` ended at `ended` (by RELEASE, or by expiring)."""
+        self.lease_lengths = self.lease_lengths.add(ended, seconds, released=released)
+
     def seed_arrivals(self, arrivals: Iterable[float]) -> None:
         """Start the arrival history from what the registry remembers (at start-up)."""
-        self.arrivals = ArrivalHistory.seeded(arrivals)
+        self.arrivals = self.seeded_arrivals(arrivals)
+
+    def seeded_arrivals(self, arrivals: Iterable[float]) -> ArrivalHistory:
+        """An arrival history of these times, its days in the budget's time zone."""
+        return ArrivalHistory.seeded(arrivals, zone=self.settings.budget.timezone)
 
     def idle_rule(self) -> IdleRule:
         """How long idle workers are kept, as of the arrivals and boot times seen so far."""
@@ -144,7 +167,19 @@ class Context:
             history=self.arrivals,
             boot_seconds=self.boot_times.typical(),
             default_boot=self.boot_times.hint or DEFAULT_BOOT_SECONDS,
+            held=self._held(),
+            lease_seconds=self.lease_lengths.per_release(),
         )
+
+    def _held(self) -> dict[tuple[str, str], int]:
+        """Cloud workers someone holds now, by type and market."""
+        held: dict[tuple[str, str], int] = {}
+        for instance_id in {lease.instance_id for lease in self.pool.leases.values()}:
+            worker = self.pool.workers.get(instance_id)
+            if worker is not None and not worker.local:
+                kind = (worker.instance_type, str(worker.market))
+                held[kind] = held.get(kind, 0) + 1
+        return held
 
     async def write(
         self,

@@ -147,14 +147,22 @@ class Engine:
 
     async def _seed_arrivals(self) -> None:
         """Start the arrival history from the registry: the open leases, and with
-        `idle_policy: adaptive` the leases that ended in the last ARRIVALS_READ seconds."""
+        `idle_policy: adaptive` the leases that ended in the last ARRIVALS_READ seconds (as
+        arrivals at their starts, and for how long leases last)."""
         ctx = self.ctx
         arrivals = first_lease_starts(ctx.pool)
         if ctx.settings.idle_policy is IdlePolicy.ADAPTIVE and ctx.settings.lease_history_days:
             since = ctx.clock.now() - ARRIVALS_READ
-            ended = await ctx.read("lease_history", ctx.registry.lease_history, since)
+            found = await ctx.read("lease_history", ctx.registry.lease_history, since)
             # Cloud workers' leases only, as hand-outs count them (a lab machine's do not).
-            arrivals += [r.started_at for r in ended or () if r.market != LOCAL_MARKET]
+            ended = sorted(
+                (r for r in found or () if r.market != LOCAL_MARKET), key=lambda r: r.ended_at
+            )
+            arrivals += [record.started_at for record in ended]
+            for record in ended:
+                if record.reason in ("released", "expired"):
+                    released = record.reason == "released"
+                    ctx.note_ended(record.ended_at, record.hours * 3600, released=released)
         ctx.seed_arrivals(arrivals)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:

@@ -273,6 +273,7 @@ class HandoutDesk:
         released = ctx.pool.release(ip, client, now, warm=ctx.warm(now), keep=self._keep(now))
         if released.lease is not None:
             log_lease_end(released.lease, "released", now)
+            ctx.note_lease_end(released.lease, now, released=True)
             await self._forget_lease(released.lease, "released")
         if released.outcome is ReleaseOutcome.KEPT and released.worker is not None:
             released = await self._recheck_holders(released.worker, ip, client, now) or released
@@ -319,9 +320,10 @@ class HandoutDesk:
         return ctx.pool.release(ip, client, now, warm=ctx.warm(now), keep=self._keep(now))
 
     def _keep(self, now: float) -> Callable[[Worker, int], bool]:
-        """Whether the idle policy keeps a worker RELEASE leaves unheld (and its rank)."""
-        rule = self.ctx.idle_rule()
-        return lambda worker, rank: rule.keeps_released(worker, rank, now)
+        """Whether the idle policy keeps a worker RELEASE leaves unheld (and its rank); the
+        rule is built when asked, after the release ended the lease (so it is not counted as
+        held)."""
+        return lambda worker, rank: self.ctx.idle_rule().keeps_released(worker, rank, now)
 
     # --- ending leases -----------------------------------------------------------------------
 
@@ -340,6 +342,7 @@ class HandoutDesk:
                 ctx.pool.end_lease(lease)
                 if ended is not None:
                     log_lease_end(lease, "expired", now)
+                    ctx.note_lease_end(lease, now, released=False)
         live_records = await ctx.read("list_leases", ctx.registry.list_leases, now)
         if live_records is None:
             return

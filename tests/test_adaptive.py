@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import attrs
 import pytest
 
 from broker.adaptive import (
@@ -11,7 +12,9 @@ from broker.adaptive import (
     ArrivalHistory,
     IdlePolicy,
     IdleRule,
+    LeaseLengths,
     break_even,
+    use_odds,
     worth_keeping,
 )
 from broker.model import Market, Worker, WorkerState
@@ -140,3 +143,102 @@ def test_fixed_is_the_old_broker_and_linger_keeps_released_workers() -> None:
     linger = IdleRule(IdlePolicy.LINGER, 900.0)
     assert linger.keeps_released(idle_worker(T0), 7, T0 + 30)
     assert not linger.reaps(idle_worker(T0), 7, T0 + 899)
+
+
+def poisson_tails(mean: float, count: int) -> list[float]:
+    """[P(N >= j) for j in 1..count], N Poisson with `mean` (the rule without releases)."""
+    return [1.0 - sum(math.exp(-mean) * mean**i / math.factorial(i) for i in range(j))
+            for j in range(1, count + 1)]  # fmt: skip
+
+
+@pytest.mark.parametrize("rank", [1, 2, 3, 5])
+def test_without_releases_the_kth_worker_waits_for_the_kth_arrival(rank: int) -> None:
+    """No releases: P(used) = P(N(H) >= k), E[idle] = (1/rate) sum_j P(N(H) >= j)."""
+    rate, horizon = 6.0 / HOUR, 900.0
+    used, idling = use_odds(rate, 0.0, horizon, rank)
+    tails = poisson_tails(rate * horizon, rank)
+    assert tails[-1] == pytest.approx(used)
+    assert sum(tails) / rate == pytest.approx(idling)
+
+
+def test_releases_push_an_idle_worker_down_the_stack() -> None:
+    """Releases as frequent as arrivals: the first idle worker is taken less often, and
+    idles longer on average before it is, than without them."""
+    rate, horizon = 6.0 / HOUR, 900.0
+    used, idling = use_odds(rate, rate, horizon, 1)
+    alone, alone_idling = use_odds(rate, 0.0, horizon, 1)
+    assert used < alone
+    assert idling / used > alone_idling / alone
+
+
+def test_use_odds_agree_with_a_simulated_stack() -> None:
+    """The walk matches a Monte Carlo of arrivals and releases (2 deep, 15 minutes)."""
+    import random
+
+    rate, releases, horizon, rank = 8.0 / HOUR, 4.0 / HOUR, 900.0, 2
+    rng, used, idling, runs = random.Random(1), 0, 0.0, 20000
+    for _ in range(runs):
+        now, depth = 0.0, rank
+        while True:
+            now += rng.expovariate(rate + releases)
+            if now >= horizon:
+                idling += horizon
+                break
+            depth += -1 if rng.random() < rate / (rate + releases) else 1
+            if depth == 0:
+                used += 1
+                idling += now
+                break
+    expected_used, expected_idling = use_odds(rate, releases, horizon, rank)
+    assert expected_used == pytest.approx(used / runs, abs=0.01)
+    assert expected_idling == pytest.approx(idling / runs, rel=0.02)
+
+
+def test_lease_lengths_are_a_decayed_mean_whatever_the_order() -> None:
+    """Two leases an hour apart: the recent one weighs e times more; none: no mean."""
+    assert LeaseLengths().mean() is None
+    forward = LeaseLengths().add(T0 - HOUR, 100.0).add(T0, 400.0)
+    backward = LeaseLengths().add(T0, 400.0).add(T0 - HOUR, 100.0)
+    expected = (400.0 + 100.0 / math.e) / (1.0 + 1.0 / math.e)
+    assert expected == pytest.approx(forward.mean())
+    assert expected == pytest.approx(backward.mean())
+
+
+def test_leases_that_expire_hold_a_worker_without_giving_it_back() -> None:
+    """A 100 s lease released and a 300 s one expired, together: 200 s long on average, and
+    400 s of holding for each worker given back; none released yet: nothing comes back."""
+    both = LeaseLengths().add(T0, 100.0).add(T0, 300.0, released=False)
+    assert both.mean() == pytest.approx(200.0)
+    assert both.per_release() == pytest.approx(400.0)
+    assert LeaseLengths().add(T0, 300.0, released=False).per_release() is None
+
+
+def test_held_workers_soon_released_make_a_second_idle_worker_not_worth_keeping() -> None:
+    """Six arrivals an hour keep two idle workers; with three held workers whose leases last
+    ten minutes (a release every 200 s) the second goes: releases will serve the arrivals."""
+    busy = adaptive(steady(6.0))
+    assert not busy.reaps(idle_worker(T0), 2, T0 + 120)
+    supplied = attrs.evolve(busy, held={("c7i.8xlarge", "spot"): 3}, lease_seconds=600.0)
+    assert supplied.release_rate(idle_worker(T0)) == 3 / 600.0
+    assert supplied.reaps(idle_worker(T0), 2, T0 + 120)
+    assert attrs.evolve(busy, held=supplied.held).release_rate(idle_worker(T0)) == 0.0
+
+
+def test_use_odds_stay_quick_and_sane_at_absurd_rates() -> None:
+    """Thousands of arrivals and releases an hour: an answer within seconds, a chance
+    between 0 and 1, no overflow."""
+    import time
+
+    started = time.perf_counter()
+    used, idling = use_odds(10000.0 / HOUR, 10000.0 / HOUR, 900.0, 3)
+    assert time.perf_counter() - started < 5.0
+    assert 0.0 <= used <= 1.0
+    assert 0.0 <= idling <= 900.0
+    assert use_odds(0.0, 0.0, 900.0, 1) == (0.0, 0.0)
+
+
+def test_a_worker_deeper_than_any_likely_arrivals_is_never_taken() -> None:
+    """Rank 1000 at six arrivals an hour: never taken, idle the whole horizon."""
+    used, idling = use_odds(6.0 / HOUR, 0.0, 900.0, 1000)
+    assert used == 0.0
+    assert idling == pytest.approx(900.0)

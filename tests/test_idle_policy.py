@@ -6,12 +6,14 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
 import trio
 from trio.testing import MockClock
 
 from broker.adaptive import IdlePolicy
 from broker.clock import Clock
 from broker.engine import Engine
+from broker.ledger import Budget
 from broker.memory_registry import MemoryRegistry
 from broker.model import WorkerRequest
 from broker.registry import LeaseHistoryRecord
@@ -159,3 +161,63 @@ async def test_a_lab_machines_ended_leases_are_not_arrivals(
     engine = make_engine(cloud, clock, registry, **ADAPTIVE)
     async with running(engine):
         assert engine.ctx.arrivals.rate(clock.now()) == 0
+
+
+async def test_the_engine_learns_lease_lengths_and_counts_held_workers_as_coming_supply(
+    autojump_clock: MockClock, cloud: FakeCloud, clock: Clock
+) -> None:
+    """RELEASEs teach the rule how long leases last; the rule counts the workers held now, so
+    one due back soon stands in for an idle worker."""
+    engine = make_engine(cloud, clock, **ADAPTIVE)
+    async with running(engine):
+        await steady_clients(engine, 6, every=300, use=120)
+        assert pytest.approx(120.0) == engine.ctx.lease_lengths.per_release()
+        held = await get_ip(engine, WorkerRequest(), "holder")
+        rule = engine.ctx.idle_rule()
+        worker = engine.ctx.pool.by_ip(held)
+        assert worker is not None
+        assert rule.held == {(worker.instance_type, str(worker.market)): 1}
+        assert pytest.approx(1 / 120.0) == rule.release_rate(worker)
+
+
+async def test_the_arrival_history_counts_days_in_the_budget_time_zone(
+    cloud: FakeCloud, clock: Clock
+) -> None:
+    """The lab's calendar is budget_timezone's: the day profile counts its days, also after
+    seeding at start-up."""
+    engine = make_engine(cloud, clock, budget=Budget(timezone="Europe/Berlin"), **ADAPTIVE)
+    assert engine.ctx.arrivals.profile.zone == "Europe/Berlin"
+    engine.ctx.seed_arrivals([clock.now()])
+    assert engine.ctx.arrivals.profile.zone == "Europe/Berlin"
+
+
+async def test_an_expired_lease_counts_as_holding_without_giving_the_worker_back(
+    autojump_clock: MockClock, cloud: FakeCloud, clock: Clock
+) -> None:
+    """A client that never RELEASEs: its lease expires after idle_timeout and the engine
+    learns that holding does not always give a worker back."""
+    engine = make_engine(cloud, clock, **ADAPTIVE)
+    async with running(engine):
+        await steady_clients(engine, 2, every=300, use=120)
+        await get_ip(engine, WorkerRequest(), "gone")
+        await trio.sleep(900 + 2 * 60)
+        lengths = engine.ctx.lease_lengths
+        assert lengths.released < lengths.weight
+        assert lengths.per_release() is not None
+        assert lengths.mean() is not None
+        assert lengths.per_release() > lengths.mean()
+
+
+async def test_a_restarted_engine_knows_how_long_leases_last(
+    autojump_clock: MockClock, cloud: FakeCloud, clock: Clock
+) -> None:
+    """The lease history also seeds how long leases last (when held workers come back)."""
+    registry = MemoryRegistry("test")
+    first = make_engine(cloud, clock, registry, **ADAPTIVE)
+    async with running(first):
+        ip = await get_ip(first, WorkerRequest(), "c0")
+        await trio.sleep(600)
+        await first.release(ip, "c0")
+    second = make_engine(cloud, clock, registry, **ADAPTIVE)
+    async with running(second):
+        assert second.ctx.lease_lengths.mean() == pytest.approx(600, rel=0.01)

@@ -129,6 +129,27 @@ def test_adaptive_keeps_released_workers_for_a_steady_stream_and_fixed_does_not(
     assert fixed.idle < adaptive.idle < fixed.idle + PER_SECOND * 900 * 12
 
 
+def test_adaptive_learns_that_the_mornings_end_at_noon() -> None:
+    """An 8-minute session every 10 minutes from 09:00 to 12:00, Monday and Tuesday, waits
+    valued at $15/h (break-even: 2500 s idle). Both mornings each session finds the last one's
+    worker; on Monday the last released one is kept for most of the idle timeout (the decayed
+    rate still reads six an hour), on Tuesday the day profile knows nobody comes after noon
+    and the reaper takes it within minutes."""
+
+    def mornings(days: int) -> Trace:
+        return traces.trace(
+            Session(T + 8 * 3600 + day * 86400 + 600 * n, 480, f"lab/d{day}-{n}", ping=60)
+            for day in range(days)
+            for n in range(18)
+        )
+
+    config = lab_config(idle_policy="adaptive", wait_cost_per_hour=15.0)
+    monday = simulate.simulate(config, mornings(1), boot=BOOT)
+    both = simulate.simulate(config, mornings(2), boot=BOOT)
+    assert both.waits.count(0.0) >= 2 * monday.waits.count(0.0)  # Tuesday keeps them too
+    assert both.idle < 2 * monday.idle - PER_SECOND * 400  # but not after noon
+
+
 def test_a_generated_week_simulates_within_a_minute() -> None:
     """The generated lab week under the documented idle-15m config: every session served
     (one worker each), in well under a minute of wall time (about 5 s on a 2-core machine)."""
