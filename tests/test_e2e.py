@@ -424,7 +424,8 @@ def test_crash_between_run_instances_and_the_registry_write_is_adopted(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """The broker is killed after EC2 launched but before the worker reached DynamoDB: the
-    next broker adopts that instance (launch-token tag + intent) and launches no other."""
+    next broker adopts that instance (launch-token tag + intent) and launches no other, and
+    settles the intent once it is older than launch_timeout."""
     from moto.dynamodb.responses import DynamoHandler
 
     broker = start_broker()
@@ -445,13 +446,16 @@ def test_crash_between_run_instances_and_the_registry_write_is_adopted(
     assert broker.proc.wait(10) == -signal.SIGKILL
     monkeypatch.setattr(DynamoHandler, "put_item", original)
     (launched,) = pool_instances(pool_name)
-    second = start_broker()
+    second = start_broker(launch_timeout=5, reap_interval=1)
     assert [w["instance_id"] for w in status_of(second)["workers"]] == [launched]
     assert re.fullmatch(r"127\.77\.\d+\.\d+", second.ask("GET_WORKER"))
     assert pool_instances(pool_name, ("pending", "running", "terminated")) == [launched]
-    events = [e["event"] for e in second.events()]
-    assert "worker.adopted" in events
-    assert "launch.intent_settled" in events
+    assert "worker.adopted" in [e["event"] for e in second.events()]
+    wait_for_blocking(
+        lambda: "launch.intent_settled" in [e["event"] for e in second.events()],
+        timeout=30,
+        what="the intent settled",
+    )
 
 
 def test_two_replicas_share_one_pool_without_double_leasing_or_overshooting(

@@ -41,13 +41,19 @@ def resources(moto_server: MotoHandle) -> SandboxResources:
 
 
 def test_report_reads_what_two_leases_cost_from_dynamodb(
-    resources: SandboxResources, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    resources: SandboxResources,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """Two clients each GET_WORKER (one worker each), hold it about a second and RELEASE it
     (the worker is terminated). `compute-broker report` then finds both leases with their
     cost, and the ledger's spend beside them: at least the leases' dollars, and no more than
     the price of the time the workers ran unleased (launch, boot, termination)."""
     pool = f"report-{uuid.uuid4().hex[:10]}"
+    # The CLI's logging setup would bind every cached logger of the test session to this
+    # test's captured (then closed) stream.
+    monkeypatch.setattr("broker.cli.configure_logging", lambda fmt, level: None)
 
     async def serve() -> tuple[list[LeaseHistoryRecord], float]:
         cloud = Ec2Cloud(resources.ec2_settings(pool), trio.CapacityLimiter(4))
