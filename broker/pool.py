@@ -66,8 +66,8 @@ class Pool:
     retired: dict[str, float] = attrs.field(factory=dict)  # instance id -> when terminated
     # instance id -> client -> lease: the same leases as `leases`, indexed by worker.
     _held: dict[str, dict[str, Lease]] = attrs.field(factory=dict, alias="_held")
-    # client -> instance id -> lease, and identity (the client up to its `/`) -> leases.
-    _by_client: dict[str, dict[str, Lease]] = attrs.field(factory=dict, alias="_by_client")
+    # client -> ids it holds (a tuple: lighter than a dict), identity (up to its `/`) -> leases
+    _by_client: dict[str, tuple[str, ...]] = attrs.field(factory=dict, alias="_by_client")
     _by_identity: dict[str, dict[tuple[str, str], Lease]] = attrs.field(
         factory=dict, alias="_by_identity"
     )
@@ -372,11 +372,9 @@ class Pool:
         """Forget a lease (released, expired, or its worker is gone)."""
         if self.leases.pop((lease.client, lease.instance_id), None) is None:
             return
-        mine = self._by_client.get(lease.client)
-        if mine is not None:
-            mine.pop(lease.instance_id, None)
-            if not mine:
-                del self._by_client[lease.client]
+        mine = tuple(i for i in self._by_client.pop(lease.client, ()) if i != lease.instance_id)
+        if mine:
+            self._by_client[lease.client] = mine
         identity = lease.client.partition("/")[0]
         owned = self._by_identity.get(identity)
         if owned is not None:
@@ -536,7 +534,9 @@ class Pool:
 
     def _add_lease(self, lease: Lease) -> None:
         key = (lease.client, lease.instance_id)
-        self._by_client.setdefault(lease.client, {})[lease.instance_id] = lease
+        mine = self._by_client.get(lease.client, ())
+        if lease.instance_id not in mine:
+            self._by_client[lease.client] = (*mine, lease.instance_id)
         self._by_identity.setdefault(lease.client.partition("/")[0], {})[key] = lease
         self.leases[key] = lease
         self._held.setdefault(lease.instance_id, {})[lease.client] = lease
