@@ -16,7 +16,8 @@ screen:
 
 Besides the state, a worker's cover (`set_cover`, `extend_cover`) and its interruption
 (`interrupt`, `lift`) change only here, and so do leases (`hand_out`, `ping`, `end_lease`,
-`note_persisted`).
+`note_persisted`). Each keeps the indexes in step (workers by IP and in hand-out order,
+`broker.pool_index`; leases by worker, holder, identity): requests never scan the pool.
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ from broker.model import (
     Worker,
     WorkerState,
 )
+from broker.pool_index import Kind, ReadyIndex
 
 GONE_MEMORY_SECONDS: Final = 24 * 3600  # how long RELEASE of a terminated IP stays `OK`
 # How long a worker this broker terminated is not taken back from a view of EC2 or the
@@ -64,18 +66,20 @@ class Pool:
     retired: dict[str, float] = attrs.field(factory=dict)  # instance id -> when terminated
     # instance id -> client -> lease: the same leases as `leases`, indexed by worker.
     _held: dict[str, dict[str, Lease]] = attrs.field(factory=dict, alias="_held")
-    # client -> how many leases it holds, and identity (the client up to its `/`) -> leases.
-    _by_client: dict[str, int] = attrs.field(factory=dict, alias="_by_client")
+    # client -> ids it holds (a tuple: lighter than a dict), identity (up to its `/`) -> leases
+    _by_client: dict[str, tuple[str, ...]] = attrs.field(factory=dict, alias="_by_client")
     _by_identity: dict[str, dict[tuple[str, str], Lease]] = attrs.field(
         factory=dict, alias="_by_identity"
     )
+    # Workers by IP and the available ones in hand-out order, kept by the transitions below.
+    _index: ReadyIndex = attrs.field(factory=ReadyIndex, alias="_index")
 
     # --- queries -----------------------------------------------------------------------------
 
     def by_ip(self, ip: str) -> Worker | None:
         """The live worker with this IP (launching workers have no IP yet)."""
-        for worker in self.workers.values():
-            if worker.ip == ip and worker.state is not WorkerState.TERMINATING:
+        for worker in self._index.with_ip(ip):
+            if worker.state is not WorkerState.TERMINATING:
                 return worker
         return None
 
@@ -114,31 +118,27 @@ class Pool:
     ) -> Worker | None:
         """The ready worker to hand out: one `client` already holds, else one with room
         (local ones first when `prefer_local`, then fewest holders, then most recently used).
-        Local workers qualify only with `local_ok` (a request that named no type or market)."""
-        ready = [
-            worker
-            for worker in self.workers.values()
-            if worker.available
-            and (worker.matches(spec) or (local_ok and worker.local))
-            and worker.instance_id not in exclude
-        ]
-        if not ready:
-            return None
+        Local workers qualify only with `local_ok` (a request that named no type or market).
+        Ties go to the worker that joined the pool first. The work is the client's own leases
+        and a heap top per kind of worker (`broker.pool_index`), not a scan of the pool."""
+
+        def fits(kind: Kind) -> bool:
+            instance_type, market, local = kind
+            return spec.accepts(instance_type, market) or (local_ok and local)
+
+        index = self._index
         if client is not None:
-            for worker in ready:
-                if (client, worker.instance_id) in self.leases:
-                    return worker
-        capacity = self.limits.clients_per_worker
-        if capacity is not None:
-            ready = [w for w in ready if self.holder_count(w.instance_id) < capacity]
-            if not ready:
-                return None
-
-        def rank(w: Worker) -> tuple[bool, int, float]:
-            cloud_first = w.local != prefer_local  # False sorts first
-            return (cloud_first, self.holder_count(w.instance_id), -w.last_activity)
-
-        return min(ready, key=rank)
+            mine = [
+                worker
+                for instance_id in self._by_client.get(client, ())
+                if (worker := self.workers.get(instance_id)) is not None
+                and worker.available
+                and fits((worker.instance_type, worker.market, worker.local))
+                and instance_id not in exclude
+            ]
+            if mine:
+                return min(mine, key=lambda w: index.order(w.instance_id))
+        return index.first(fits, self.limits.clients_per_worker, exclude, prefer_local)
 
     def idle_ready(self, spec: LaunchSpec) -> list[Worker]:
         """Ready workers of `spec` nobody holds."""
@@ -255,7 +255,7 @@ class Pool:
             launch_token=token,
             paid_until=paid_until,
         )
-        self.workers[worker.instance_id] = worker
+        self._add_worker(worker)
         return worker
 
     def add_local(self, local: LocalWorker, market: Market, now: float) -> Worker | None:
@@ -274,7 +274,7 @@ class Pool:
             ready_at=now,
             local=True,
         )
-        self.workers[worker.instance_id] = worker
+        self._add_worker(worker)
         return worker
 
     def mark_ready(self, instance_id: str, ip: str, now: float) -> Worker | None:
@@ -282,20 +282,24 @@ class Pool:
         worker = self.workers.get(instance_id)
         if worker is None or worker.state is not WorkerState.LAUNCHING:
             return None
+        old_ip, worker.ip = worker.ip, ip
         worker.state = WorkerState.READY
-        worker.ip = ip
         worker.ready_at = now
         worker.last_activity = now
+        self._index.ip_set(worker, old_ip)
+        self._touch(worker)
         return worker
 
     def mark_terminating(self, worker: Worker) -> None:
         """The worker is chosen for termination: it is never handed out again."""
         worker.state = WorkerState.TERMINATING
+        self._touch(worker)
 
     def revert_ready(self, worker: Worker) -> None:
         """A termination was not claimed (held through another replica): ready again."""
         if worker.state is WorkerState.TERMINATING and worker.instance_id in self.workers:
             worker.state = WorkerState.READY
+            self._touch(worker)
 
     def retire(self, instance_id: str, now: float) -> tuple[Worker | None, list[Lease]]:
         """The worker was terminated here: `remove` it (which takes it back from no stale
@@ -314,6 +318,8 @@ class Pool:
         for old in [i for i, t in self.retired.items() if now - t >= RETIRED_MEMORY_SECONDS]:
             del self.retired[old]
         worker = self.workers.pop(instance_id, None)
+        if worker is not None:
+            self._index.leave(worker)
         ended = self.holders(instance_id)
         for lease in ended:
             self.end_lease(lease)
@@ -335,10 +341,12 @@ class Pool:
     def interrupt(self, worker: Worker, interruption: Interruption) -> None:
         """The worker is being taken away: handed out no more, PINGs told the deadline."""
         worker.interruption = interruption
+        self._touch(worker)
 
     def lift(self, worker: Worker) -> None:
         """The interruption is over (a budget stop in a new period): hand it out again."""
         worker.interruption = None
+        self._touch(worker)
 
     # --- transitions: leases -----------------------------------------------------------------
 
@@ -349,6 +357,7 @@ class Pool:
         lease = self.leases.get(key)
         if lease is not None:
             lease.last_activity = now
+            self._touch(worker)
             return lease, False
         assert worker.ip is not None, "only ready workers are handed out"
         lease = Lease(client, worker.instance_id, worker.ip, now, now, worker.price_per_hour)
@@ -363,7 +372,9 @@ class Pool:
         """Forget a lease (released, expired, or its worker is gone)."""
         if self.leases.pop((lease.client, lease.instance_id), None) is None:
             return
-        _count(self._by_client, lease.client, -1)
+        mine = tuple(i for i in self._by_client.pop(lease.client, ()) if i != lease.instance_id)
+        if mine:
+            self._by_client[lease.client] = mine
         identity = lease.client.partition("/")[0]
         owned = self._by_identity.get(identity)
         if owned is not None:
@@ -375,6 +386,9 @@ class Pool:
             held.pop(lease.client, None)
             if not held:
                 del self._held[lease.instance_id]
+        worker = self.workers.get(lease.instance_id)
+        if worker is not None:
+            self._touch(worker)
 
     def ping(self, ip: str, client: str, now: float) -> Worker | None:
         """Restart a worker's idle clock and the caller's lease on it; None if unknown."""
@@ -382,6 +396,7 @@ class Pool:
         if worker is None:
             return None
         worker.last_activity = now
+        self._touch(worker)
         lease = self.leases.get((client, worker.instance_id))
         if lease is not None:
             lease.last_activity = now
@@ -404,7 +419,7 @@ class Pool:
         its type and market); every other unheld cloud worker is marked terminating."""
         worker = self.by_ip(ip)
         if worker is None:
-            if any(w.ip == ip for w in self.workers.values()):
+            if any(True for _ in self._index.with_ip(ip)):
                 return Released(ReleaseOutcome.ALREADY_GONE)  # being terminated right now
             gone = self.gone_ips.get(ip)
             if gone is not None and now - gone < GONE_MEMORY_SECONDS:
@@ -419,8 +434,10 @@ class Pool:
         if worker.local:
             return Released(ReleaseOutcome.KEPT_WARM, worker, lease)  # never terminated
         if worker.available and warm.wants(worker):
-            idle_others = [w for w in self.warm_idle(warm) if w is not worker]
-            if len(idle_others) < warm.count:
+            # len(warm_idle(warm)) without `worker` (idle now, so counted there), indexed
+            wanted = warm.spec.accepts
+            idle_others = self._index.idle_count(lambda k: not k[2] and wanted(k[0], k[1])) - 1
+            if idle_others < warm.count:
                 return Released(ReleaseOutcome.KEPT_WARM, worker, lease)
         if keep is not None and worker.available:
             rank = 1 + sum(1 for w in self.unheld_ready() if w is not worker and _alike(w, worker))
@@ -437,7 +454,7 @@ class Pool:
         added = []
         for worker in workers:
             if worker.instance_id not in self.workers:
-                self.workers[worker.instance_id] = worker
+                self._add_worker(worker)
                 added.append(worker)
         for lease in leases:
             held = self.workers.get(lease.instance_id)
@@ -445,6 +462,7 @@ class Pool:
                 continue
             self._add_lease(attrs.evolve(lease, price_per_hour=held.price_per_hour))
             held.last_activity = max(held.last_activity, lease.last_activity)
+            self._touch(held)
         return added
 
     def merge(
@@ -479,8 +497,7 @@ class Pool:
             if instance_id in self.retired and not record.local:
                 continue  # gone here since the registry was read (an agent may come back)
             if instance_id in alive or record.local:
-                self.workers[instance_id] = attrs.evolve(record)
-                joined.append(self.workers[instance_id])
+                joined.append(self._add_worker(attrs.evolve(record)))
         interrupted: list[Worker] = []
         for instance_id, record in registry.items():
             worker = self.workers.get(instance_id)
@@ -519,13 +536,28 @@ class Pool:
 
     # --- internals ---------------------------------------------------------------------------
 
+    def _add_worker(self, worker: Worker) -> Worker:
+        self.workers[worker.instance_id] = worker
+        self._index.join(worker, self.holder_count(worker.instance_id))
+        return worker
+
+    def _touch(self, worker: Worker) -> None:
+        """After a change of the worker's availability, activity or holders: re-index it
+        (unless it has left the pool: a later worker may have its id)."""
+        if self.workers.get(worker.instance_id) is worker:
+            self._index.update(worker, self.holder_count(worker.instance_id))
+
     def _add_lease(self, lease: Lease) -> None:
         key = (lease.client, lease.instance_id)
-        if key not in self.leases:
-            _count(self._by_client, lease.client, 1)
+        mine = self._by_client.get(lease.client, ())
+        if lease.instance_id not in mine:
+            self._by_client[lease.client] = (*mine, lease.instance_id)
         self._by_identity.setdefault(lease.client.partition("/")[0], {})[key] = lease
         self.leases[key] = lease
         self._held.setdefault(lease.instance_id, {})[lease.client] = lease
+        worker = self.workers.get(lease.instance_id)
+        if worker is not None:
+            self._touch(worker)
 
     def _forget_old_ips(self, now: float) -> None:
         stale = [ip for ip, t in self.gone_ips.items() if now - t >= GONE_MEMORY_SECONDS]
@@ -536,11 +568,3 @@ class Pool:
 def _alike(a: Worker, b: Worker) -> bool:
     """True if a request that takes one would take the other: same type and market."""
     return a.available and a.instance_type == b.instance_type and a.market == b.market
-
-
-def _count(table: dict[str, int], key: str, change: int) -> None:
-    left = table.get(key, 0) + change
-    if left > 0:
-        table[key] = left
-    else:
-        table.pop(key, None)

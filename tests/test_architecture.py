@@ -20,9 +20,11 @@ MUTATORS = frozenset({"pop", "popitem", "clear", "update", "setdefault", "__seti
 AWS_ADAPTERS = frozenset(
     {"aws.py", "ec2.py", "dynamo.py", "dynamo_table.py", "sqs.py", "preflight.py"}
 )
-# Modules allowed past the ~500-line guideline, each still one concern: the DynamoDB adapter, and
-# the config schema (one table, one Field per key: it grows by a key's few lines at a time).
-LONG_MODULES = {"dynamo.py": 680, "config.py": 640}
+# Modules allowed past the ~500-line guideline, each still one concern: the DynamoDB adapter,
+# the config schema (one table, one Field per key: it grows by a key's few lines at a time),
+# and the pool, the only writer of worker and lease state (its indexes are in pool_index.py;
+# every transition stays in this one file on purpose).
+LONG_MODULES = {"dynamo.py": 680, "config.py": 640, "pool.py": 600}
 
 
 def modules() -> dict[str, ast.Module]:

@@ -58,18 +58,19 @@ def test_unknown_price_is_refused_only_when_a_budget_is_set() -> None:
 def test_choose_ready_prefers_fewest_holders_then_most_recent_use() -> None:
     """Clients spread over workers; ties go to the most recently used."""
     pool = pool_with(1, 2, 3)
-    pool.workers["i-3"].last_activity = T0 + 5
+    pool.ping("192.0.2.3", "nobody", T0 + 5)  # activity changes through the pool's transitions
     assert pool.choose_ready(SPEC) is pool.workers["i-3"]
     pool.hand_out(pool.workers["i-3"], "a", T0 + 6)
-    pool.workers["i-1"].last_activity = T0 + 1
+    pool.ping("192.0.2.1", "nobody", T0 + 1)
     assert pool.choose_ready(SPEC) is pool.workers["i-1"]
 
 
 def test_choose_ready_ignores_launching_terminating_and_other_types() -> None:
     """Only ready workers of the requested type and market are handed out."""
-    pool = pool_with(1, 2)
-    pool.workers["i-1"].state = WorkerState.TERMINATING
-    pool.workers["i-2"].state = WorkerState.LAUNCHING
+    pool = pool_with(1)
+    pool.mark_terminating(pool.workers["i-1"])
+    pool.adopt(instance(2), T0, price=0.5, ready=False)
+    assert WorkerState.LAUNCHING is pool.workers["i-2"].state
     pool.adopt(instance(3, LaunchSpec("c7i.8xlarge", Market.ON_DEMAND)), T0, price=1.4, ready=True)
     assert pool.choose_ready(SPEC) is None
 
