@@ -221,3 +221,22 @@ async def test_a_restarted_engine_knows_how_long_leases_last(
     second = make_engine(cloud, clock, registry, **ADAPTIVE)
     async with running(second):
         assert second.ctx.lease_lengths.mean() == pytest.approx(600, rel=0.01)
+
+
+async def test_a_release_through_the_other_replica_keeps_a_worker_in_use(
+    autojump_clock: MockClock, cloud: FakeCloud, clock: Clock
+) -> None:
+    """idle_policy: linger, two replicas: a worker used for half an hour through A and then
+    released through B (the client's connection moved) is kept for idle_timeout: B follows
+    its activity through the registry, rather than judging it idle since B learned it."""
+    linger: dict[str, Any] = {"idle_policy": IdlePolicy.LINGER, "clients_per_worker": 1}
+    registry = MemoryRegistry("test")
+    a = make_engine(cloud, clock, registry, **linger)
+    b = make_engine(cloud, clock, registry, **linger)
+    async with running(a, b):
+        ip = await get_ip(a, WorkerRequest(), "c0")
+        for _ in range(30):
+            await trio.sleep(60)
+            await a.ping(ip, "c0")
+        await b.release(ip, "c0")
+        assert len(cloud.alive()) == 1
