@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from typing import Final
 
+import attrs
 import structlog
 import trio
 
@@ -24,6 +25,7 @@ from broker.cloud import CloudError, Instance
 from broker.context import Context
 from broker.launcher import Launcher
 from broker.model import Worker, WorkerState
+from broker.registry import WorkerRecord
 from broker.retire import Claim, Retire
 
 _log = structlog.get_logger("broker.bootwatch")
@@ -146,15 +148,23 @@ class BootWatch:
     async def _ready(self, worker: Worker, ip: str) -> None:
         """Ready in the registry first (hand-outs claim leases there), then here. If the
         registry cannot be told, the worker stays launching here and the next pass tries
-        again: a worker ready here but launching there could be neither leased nor reaped."""
+        again: a worker ready here but launching there could be neither leased nor reaped.
+        A record the registry does not have (its write after RunInstances failed; EC2 says
+        the instance runs) is written now, ready."""
         ctx = self.ctx
         try:
             written = await ctx.registry.set_worker_state(
                 worker.instance_id, WorkerState.READY, expect=WorkerState.LAUNCHING, ip=ip
             )
-            if not written:  # another replica made it ready first, or it is gone
+            if not written:  # another replica made it ready first, or it was never written
                 record = await ctx.registry.get_worker(worker.instance_id)
-                written = record is not None and record.state is WorkerState.READY
+                if record is None:
+                    ready = WorkerRecord.from_worker(worker)
+                    written = await ctx.registry.add_worker(
+                        attrs.evolve(ready, state=WorkerState.READY, ip=ip)
+                    )
+                else:
+                    written = record.state is WorkerState.READY
         except CloudError as exc:
             _log.error("registry.write_failed", op="ready", error=str(exc))
             ctx.metrics.registry_error("ready")

@@ -15,9 +15,9 @@ from broker.cloud import CloudError, LaunchSpec, Market
 from broker.engine import Engine, Refusal
 from broker.ledger import Budget
 from broker.memory_registry import MemoryRegistry
-from broker.model import WorkerRequest
+from broker.model import WorkerRequest, WorkerState
 from broker.prices import PriceTable
-from broker.registry import LaunchIntent
+from broker.registry import LaunchIntent, WorkerRecord
 from tests.engines import T0, ask, get_ip, make_engine, running
 from tests.fakes import FakeCloud
 
@@ -325,3 +325,41 @@ async def test_a_lingering_intent_refunds_only_the_workers_that_never_came(
     lingered, clean = await committed(failing), await committed(MemoryRegistry("test"))
     assert failing.failed
     assert clean - 2 <= lingered <= clean + 2
+
+
+class PutWorkerFailsOnce(MemoryRegistry):
+    """The registry refuses the first worker record."""
+
+    failed = False
+
+    async def put_worker(self, worker: WorkerRecord) -> None:
+        if not self.failed:
+            self.failed = True
+            raise CloudError("ProvisionedThroughputExceededException", "slow down")
+        await super().put_worker(worker)
+
+
+async def test_a_worker_whose_record_failed_is_still_handed_out_and_recorded(
+    autojump_clock: MockClock,
+) -> None:
+    """RunInstances answered but the new worker's record could not be written (throttled):
+    when EC2 says it runs, the boot watcher writes it, ready, and the waiting GET_WORKER gets
+    it (it timed out after launch_timeout and the worker was terminated); one launch, and the
+    day's spend ends as it does when nothing fails."""
+
+    async def run(registry: MemoryRegistry) -> tuple[int, int]:
+        clock = Clock(epoch=T0)
+        cloud = FakeCloud(clock, boot_time=20.0)
+        engine = make_engine(cloud, clock, registry, budget=Budget(max_daily_cost=100.0))
+        async with running(engine):
+            ip = await get_ip(engine, WorkerRequest(), "a")
+            [record] = await registry.list_workers(clock.now())
+            assert (record.ip, record.state) == (ip, WorkerState.READY)
+            keys = engine.settings.budget.current_keys(clock.now())
+            return (await registry.spend(keys))[keys[0]], len(cloud.launch_calls)
+
+    failing = PutWorkerFailsOnce("test")
+    (spent, launches), (clean, _) = await run(failing), await run(MemoryRegistry("test"))
+    assert failing.failed
+    assert launches == 1
+    assert spent == clean
