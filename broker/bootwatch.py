@@ -149,8 +149,9 @@ class BootWatch:
         """Ready in the registry first (hand-outs claim leases there), then here. If the
         registry cannot be told, the worker stays launching here and the next pass tries
         again: a worker ready here but launching there could be neither leased nor reaped.
-        A record the registry does not have (its write after RunInstances failed; EC2 says
-        the instance runs) is written now, ready."""
+        A record this broker failed to write after RunInstances is written now, ready (EC2
+        says the instance runs); a record missing for any other reason was deleted by whoever
+        ended the worker, and is not brought back."""
         ctx = self.ctx
         try:
             written = await ctx.registry.set_worker_state(
@@ -158,13 +159,14 @@ class BootWatch:
             )
             if not written:  # another replica made it ready first, or it was never written
                 record = await ctx.registry.get_worker(worker.instance_id)
-                if record is None:
+                if record is not None:
+                    written = record.state is WorkerState.READY
+                elif worker.instance_id in self.launcher.unrecorded:
                     ready = WorkerRecord.from_worker(worker)
                     written = await ctx.registry.add_worker(
                         attrs.evolve(ready, state=WorkerState.READY, ip=ip)
                     )
-                else:
-                    written = record.state is WorkerState.READY
+                    self.launcher.unrecorded.discard(worker.instance_id)
         except CloudError as exc:
             _log.error("registry.write_failed", op="ready", error=str(exc))
             ctx.metrics.registry_error("ready")
@@ -191,5 +193,6 @@ class BootWatch:
         reason = f"launch timed out after {timeout:g}s"
         for worker in overdue:
             self.launcher.fail(worker.launch_token, reason)
+            self.launcher.unrecorded.discard(worker.instance_id)
             _log.error("worker.boot_timeout", instance_id=worker.instance_id, reason=reason)
         await self.retire.retire(overdue, reason="boot_timeout", claim=Claim.FORCE)

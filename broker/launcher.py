@@ -107,6 +107,10 @@ class Launcher:
         self.paused: dict[LaunchSpec, Pause] = {}
         self.offering_memory = OfferingMemory()
         self.fallbacks: list[Fallback] = []  # the latest, for STATUS
+        # Launched workers whose record this broker failed to write: the boot watcher writes
+        # it when they are ready (a record that is missing for any other reason was deleted
+        # by whoever ended the worker, and stays deleted).
+        self.unrecorded: set[str] = set()
 
     # --- what the hand-out asks ------------------------------------------------------------
 
@@ -218,8 +222,8 @@ class Launcher:
         if not isinstance(exc, known):
             _log.exception("launch.crashed", client_token=attempt.token)
         if attempt.intent is not None:
-            # Cut off with its intent written (a timeout, EC2 unreachable, a registry error
-            # or a bug): RunInstances may have launched or may still. The intent keeps the
+            # Cut off with its intent written (a timeout, a registry error or a bug):
+            # RunInstances may have launched or may still. The intent keeps the
             # charge and the counter its reservation; the reconciler adopts what came with
             # the intent's cover and refunds what did not when it settles the intent.
             self.spending.abandon_launch(attempt.token)
@@ -297,8 +301,10 @@ class Launcher:
                     requested_by=attempt.requested_by,
                 )
             except CloudError as exc:
-                if exc.unreachable:
-                    raise  # the call may have reached EC2: its intent stays (see _failed)
+                # Even when EC2 was unreachable (the call may have landed), the charge is given
+                # back now: kept with the intent until EC2 answers again, an outage's retries
+                # would fill the day's cap. An instance that did launch is adopted by the
+                # reconciler and charged when it is used (`Spending.ensure_cover`).
                 await self._drop_intent(attempt, token)
                 if not exc.capacity:
                     raise
@@ -407,10 +413,15 @@ class Launcher:
         """RunInstances answered: record its workers (each holds its own cover from now on),
         then settle the intent they fulfil, refunding any charged worker EC2 did not launch."""
         registry = self.ctx.registry
+
+        async def put(record: WorkerRecord) -> bool:
+            await registry.put_worker(record)
+            return True
+
         for worker in workers:
-            await self.ctx.write(
-                "put_worker", registry.put_worker, WorkerRecord.from_worker(worker)
-            )
+            record = WorkerRecord.from_worker(worker)
+            if not await self.ctx.write("put_worker", put, record, default=False):
+                self.unrecorded.add(worker.instance_id)
         if attempt.intent is not None:
             token, attempt.intent = attempt.intent, None
             await self._settle_intent(attempt, token, launched=len(workers))

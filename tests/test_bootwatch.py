@@ -16,6 +16,7 @@ from trio.testing import MockClock
 from broker.clock import Clock
 from broker.cloud import CloudError
 from broker.engine import WAIT_SLACK, Engine, Refusal
+from broker.ledger import Budget
 from broker.memory_registry import MemoryRegistry
 from broker.model import WorkerRequest, WorkerState
 from tests.engines import get_ip, make_engine, running
@@ -184,3 +185,54 @@ async def test_a_worker_the_registry_was_not_told_is_ready_stays_launching_and_i
     assert registry.failed
     assert record.state is WorkerState.READY
     assert record.ip == ip
+
+
+class EndedElsewhereBeforeReady(MemoryRegistry):
+    """Just before the boot watcher marks a worker ready, another replica ends it: the
+    instance is terminated, its record deleted and its unused cover refunded."""
+
+    def __init__(self, cloud: FakeCloud) -> None:
+        super().__init__("test")
+        self.cloud = cloud
+        self.engine: Engine | None = None
+        self.spent_after: int | None = None
+
+    async def set_worker_state(
+        self,
+        instance_id: str,
+        state: WorkerState,
+        *,
+        expect: WorkerState | None = None,
+        ip: str | None = None,
+        unheld: bool = False,
+    ) -> bool:
+        if state is WorkerState.READY and self.engine is not None and self.spent_after is None:
+            now = self.engine.ctx.clock.now()
+            await self.cloud.terminate([instance_id])
+            record = await self.delete_worker(instance_id)
+            assert record is not None
+            await self.release_instances(1)
+            await self.engine.spending.refund_cover(record, now)
+            keys = self.engine.settings.budget.current_keys(now)
+            self.spent_after = (await self.spend(keys))[keys[0]]
+        return await super().set_worker_state(
+            instance_id, state, expect=expect, ip=ip, unheld=unheld
+        )
+
+
+async def test_a_worker_ended_elsewhere_while_booting_is_not_brought_back(
+    autojump_clock: MockClock, cloud: FakeCloud, clock: Clock
+) -> None:
+    """A worker another replica ended while it booted stays ended: its record is not written
+    back as ready, and its cover is not refunded a second time when it is found gone."""
+    registry = EndedElsewhereBeforeReady(cloud)
+    engine = make_engine(cloud, clock, registry, budget=Budget(max_daily_cost=100.0))
+    registry.engine = engine
+    async with running(engine):
+        await engine.burst(1)
+        await trio.sleep(60)  # booted (20 s), ended elsewhere just before it was ready
+        assert registry.spent_after is not None
+        await trio.sleep(600)  # reconciliations find it gone
+        assert await registry.list_workers(clock.now()) == []
+        keys = engine.settings.budget.current_keys(clock.now())
+        assert (await registry.spend(keys))[keys[0]] == registry.spent_after
