@@ -28,6 +28,9 @@ from broker.spending import Spending
 
 _log = structlog.get_logger("broker.reconcile")
 
+# EC2 describes a terminated instance for about an hour: an intent settled later than this
+# cannot count the instances it produced, so none of its charge is refunded (the safe side).
+EC2_REMEMBERS_TERMINATED = 3000.0
 INTENTS_MAX_AGE = 1.0  # seconds ALIVE may rely on a read of the launch intents
 
 
@@ -283,11 +286,13 @@ class Reconciler:
         launch settles its own intent before that), refunding the instances it never
         produced: counted by EC2 in every state, so a worker that came and has already ended
         is not refunded twice (its own end refunded its unused cover)."""
-        timeout = self.ctx.settings.launch_timeout
+        # Past launch_timeout a launch's own settle has run, or an abandoned RunInstances
+        # thread may still land: twice that leaves room for its timeouts and clock skew.
+        due_after = 2 * self.ctx.settings.launch_timeout
         due = [
             intent
             for intent in intents
-            if not self.launcher.under_way(intent.token) and now - intent.created_at > timeout
+            if not self.launcher.under_way(intent.token) and now - intent.created_at > due_after
         ]
         if not due:
             return
@@ -297,8 +302,11 @@ class Reconciler:
             _log.error("reconcile.failed", error=str(exc))
             return
         for intent in due:
-            _log.info("launch.intent_settled", client_token=intent.token)
+            came = launched.get(intent.token, 0)
+            if now - intent.created_at > EC2_REMEMBERS_TERMINATED:
+                came = intent.count  # EC2 may have forgotten them: refund nothing (over-count)
+            _log.info("launch.intent_settled", client_token=intent.token, launched=came)
             try:  # only the replica whose delete takes the intent refunds
-                await self.spending.settle_intent(intent, launched.get(intent.token, 0))
+                await self.spending.settle_intent(intent, came)
             except CloudError as exc:
                 _log.error("registry.write_failed", op="settle_intent", error=str(exc))

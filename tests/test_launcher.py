@@ -285,7 +285,7 @@ async def test_a_failed_offerings_charge_is_refunded_once_even_if_its_intent_lin
         )
         async with running(engine):
             await get_ip(engine, WorkerRequest(), "a")
-            await trio.sleep(400)  # past launch_timeout: the leftover intent is settled
+            await trio.sleep(700)  # past twice launch_timeout: the leftover intent is settled
             await engine.reap_once()
             assert await registry.list_intents(clock.now()) == []
             keys = engine.settings.budget.current_keys(clock.now())
@@ -315,7 +315,7 @@ async def test_a_lingering_intent_refunds_only_the_workers_that_never_came(
             ip = await get_ip(engine, WorkerRequest(), "a")
             await trio.sleep(5)
             await engine.release(ip, "a")
-            await trio.sleep(engine.settings.launch_timeout)
+            await trio.sleep(2 * engine.settings.launch_timeout)
             await engine.reap_once()
             assert await registry.list_intents(clock.now()) == []
             keys = engine.settings.budget.current_keys(clock.now())

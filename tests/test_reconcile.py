@@ -93,7 +93,7 @@ async def test_a_launch_interrupted_before_its_registry_write_is_adopted_after_r
 ) -> None:
     """Crash between RunInstances and the registry write: the intent and the instance's
     launch-token tag let the next engine adopt the instance, and settle the intent once it is
-    older than launch_timeout (a live replica's launch would have settled it by then)."""
+    older than twice launch_timeout (a live replica's launch would have settled it by then)."""
     registry = MemoryRegistry("test")
     token = "crashed-launch"
     await registry.put_intent(LaunchIntent.begin(token, SPEC, 1, clock.now(), ttl=600))
@@ -107,7 +107,7 @@ async def test_a_launch_interrupted_before_its_registry_write_is_adopted_after_r
         ]
         await get_ip(engine, WorkerRequest(), "a")
         assert len(cloud.launch_calls) == 1
-        await trio.sleep(engine.settings.launch_timeout)
+        await trio.sleep(2 * engine.settings.launch_timeout)
         await engine.reconciler.reconcile()
         assert await registry.list_intents(clock.now()) == []
 

@@ -282,8 +282,8 @@ async def test_a_launch_the_counter_cuts_shrinks_its_intent_and_refunds_the_rest
 async def test_a_charge_left_by_a_crash_is_refunded_after_a_long_outage(
     autojump_clock: MockClock, cloud: FakeCloud, clock: Clock
 ) -> None:
-    """A broker that dies with RunInstances in flight and restarts an hour later (long after
-    launch_timeout): the launch's intent still holds its charge, and the reconciliation
+    """A broker that dies with RunInstances in flight and restarts 20 minutes later (after
+    twice launch_timeout): the launch's intent still holds its charge, and the reconciliation
     refunds it (an intent that expired at twice launch_timeout left the day charged)."""
     registry = MemoryRegistry("test")
     day = "day:2026-11-23"
@@ -294,7 +294,7 @@ async def test_a_charge_left_by_a_crash_is_refunded_after_a_long_outage(
         await wait_for(lambda: bool(cloud.launch_calls))
         nursery.cancel_scope.cancel()  # the broker dies, RunInstances unanswered
     assert (await registry.spend([day]))[day] > 0
-    await trio.sleep(3600)
+    await trio.sleep(1200)
     cloud.launch_delay = 0.0
     second = budget_engine(cloud, clock, registry, max_daily_cost=10.0)
     async with running(second):
@@ -325,21 +325,17 @@ async def test_a_refused_dearer_request_does_not_count_as_reaching_the_cap(
         assert engine.status()["budget"]["day"]["remaining"] > PER_LAUNCH
 
 
-async def test_ec2_unreachable_during_a_launch_keeps_its_charge_with_the_intent(
+async def test_ec2_unreachable_during_a_launch_gives_its_charge_back_at_once(
     autojump_clock: MockClock, cloud: FakeCloud, clock: Clock
 ) -> None:
-    """RunInstances fails as unreachable (it may have reached EC2): the intent keeps the
-    charge, as for a timeout, so an instance that did launch is adopted with its cover; once
-    the reconciler settles the intent and finds none, the charge is refunded."""
+    """RunInstances fails as unreachable: the charge is refunded at once with its intent
+    (kept until EC2 answers again, an outage's retries would fill the day's cap and refuse
+    the first request after it); an instance that did launch is adopted and charged then."""
     registry = MemoryRegistry("test")
     engine = budget_engine(cloud, clock, registry, max_daily_cost=10.0)
     cloud.launch_errors = [CloudError("EndpointConnectionError", "no route", unreachable=True)]
     day = "day:2026-11-23"
     async with running(engine):
         assert "cloud unreachable" in await ask(engine, "a")
-        assert len(await registry.list_intents(clock.now())) == 1
-        assert (await registry.spend([day]))[day] > 0
-        await trio.sleep(LAUNCH + REAP)
-        await engine.reap_once()
         assert await registry.list_intents(clock.now()) == []
-        assert (await registry.spend([day]))[day] <= 1  # refunds round down
+        assert (await registry.spend([day]))[day] == 0
