@@ -181,21 +181,23 @@ class DynamoRegistry:
     async def touch_lease(
         self, client: str, instance_id: str, now: float, idle_timeout: float
     ) -> bool:
-        lease = self._request(
+        touched = await self._update_existing(
             _lease_sk(instance_id, client),
-            update="SET #last_activity = :now, #expires_at = :expires",
-            condition="attribute_exists(#sk)",
-            names=("sk", "last_activity", "expires_at"),
-            values={"now": now, "expires": now + idle_timeout},
+            {"last_activity": now, "expires_at": now + idle_timeout},
         )
-        worker = self._request(
-            _worker_sk(instance_id),
-            update="SET #last_activity = :now",
-            condition="attribute_exists(#sk)",
-            names=("sk", "last_activity"),
-            values={"now": now},
-        )
-        return (await self._transact({"Update": lease}, {"Update": worker})).ok
+        if touched:  # the worker's activity, only forward (no conflict with its claims)
+            worker = self._request(
+                _worker_sk(instance_id),
+                update="SET #last_activity = :now",
+                condition="attribute_exists(#sk) AND #last_activity < :now",
+                names=("sk", "last_activity"),
+                values={"now": now},
+            )
+            try:
+                await self._write(self.client.update_item, **worker)
+            except CloudError:
+                pass  # best effort: the lease, written, is what holds the worker
+        return touched
 
     async def end_lease(self, client: str, instance_id: str) -> LeaseRecord | None:
         sk = _lease_sk(instance_id, client)

@@ -141,11 +141,12 @@ class MemoryRegistry:
         await trio.lowlevel.checkpoint()
         key = (instance_id, client)
         lease = self._leases.get(key)
-        worker = self._workers.get(instance_id)
-        if lease is None or worker is None:
+        if lease is None:
             return False
         self._leases[key] = attrs.evolve(lease, last_activity=now, expires_at=now + idle_timeout)
-        self._workers[instance_id] = attrs.evolve(worker, last_activity=now)
+        worker = self._workers.get(instance_id)
+        if worker is not None and worker.last_activity < now:
+            self._workers[instance_id] = attrs.evolve(worker, last_activity=now)
         return True
 
     async def end_lease(self, client: str, instance_id: str) -> LeaseRecord | None:

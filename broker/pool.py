@@ -480,8 +480,9 @@ class Pool:
         by id) and leases, and the instance ids EC2 runs (`alive`):
 
         - a worker the registry has and EC2 runs (or a local one) joins, unless terminating;
-        - covers only grow (another replica extended one); interruptions are learned; a
-          worker's activity only moves forward (it was handed out or PINGed elsewhere);
+        - covers only grow (another replica extended one); interruptions are learned; a cloud
+          worker's activity only moves forward (it was handed out or PINGed elsewhere; a
+          local worker's record moves with its agent's heartbeats, which are no use);
         - a ready worker the registry no longer has, or has as terminating, is removed
           (only with no launch of ours in flight: its record may not be written yet; and
           only if it is in `known`, the ids the pool had before the registry was read, when
@@ -506,7 +507,7 @@ class Pool:
                 continue
             if record.paid_until is not None:
                 self.extend_cover(worker, record.paid_until)
-            if record.last_activity > worker.last_activity:
+            if record.last_activity > worker.last_activity and not worker.local:
                 worker.last_activity = record.last_activity
                 self._touch(worker)
             if worker.interruption is None and record.interruption is not None:

@@ -128,9 +128,9 @@ class Registry(Protocol):
     async def touch_lease(
         self, client: str, instance_id: str, now: float, idle_timeout: float
     ) -> bool:
-        """Refresh a lease: activity at `now`, expiry `now + idle_timeout`, and its worker's
-        activity at `now` (one write: a restart learns the worker's idle clock from its
-        record). False if the lease (or its worker) is gone."""
+        """Refresh a lease: activity at `now`, expiry `now + idle_timeout`; then move its
+        worker's activity forward to `now` (a restart and other replicas learn the worker's
+        idle clock from its record). False if the lease is gone."""
         ...
 
     async def end_lease(self, client: str, instance_id: str) -> LeaseRecord | None:

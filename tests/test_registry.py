@@ -393,6 +393,24 @@ async def test_ended_leases_make_room_for_new_claims(registry: Registry) -> None
     assert await holders(registry) == 1
 
 
+async def test_touching_a_lease_moves_its_workers_activity_forward_only(
+    registry: Registry,
+) -> None:
+    """touch_lease also moves the worker's activity to the touch (a restart or another replica
+    reads the worker's idle clock there), never back; a worker without a record is no error."""
+    await registry.put_worker(worker())
+    assert await registry.claim_lease(lease("a:1"), None)
+
+    assert await registry.touch_lease("a:1", "i-0a", NOW + 100, IDLE)
+    assert await registry.touch_lease("a:1", "i-0a", NOW + 50, IDLE)  # a late write
+    record = await registry.get_worker("i-0a")
+    assert record is not None
+    assert record.last_activity == NOW + 100
+
+    await registry.delete_worker("i-0a")
+    assert await registry.touch_lease("a:1", "i-0a", NOW + 200, IDLE)
+
+
 async def test_end_lease_of_a_deleted_worker_still_ends_the_lease(registry: Registry) -> None:
     """A lease whose worker is gone is ended (and returned) without resurrecting the worker."""
     await registry.put_worker(worker())
