@@ -212,7 +212,9 @@ def _loadgen(port: int, placement: Placement, requests: int) -> subprocess.Popen
     return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def profile(moto: Moto, placement: Placement, *, tool: str, seconds: float) -> str:
+def profile(
+    moto: Moto, placement: Placement, *, tool: str, seconds: float, keep_raw: str | None = None
+) -> str:
     """Profile the deployed broker under 50 persistent clients; the report."""
     if tool == "py-spy":
         spy = py_spy_path()
@@ -236,7 +238,10 @@ def profile(moto: Moto, placement: Placement, *, tool: str, seconds: float) -> s
                 if done.returncode != 0:
                     raise RuntimeError(f"py-spy failed: {done.stderr[-1000:]}")
                 cpu_us = cpu / served * 1e6 if served else None
-                return py_spy_report(Path(out).read_text(), cpu_us=cpu_us)
+                raw = Path(out).read_text()
+                if keep_raw is not None:
+                    Path(keep_raw).write_text(raw)
+                return py_spy_report(raw, cpu_us=cpu_us)
             finally:
                 load.kill()
                 load.wait()
@@ -269,13 +274,14 @@ def main() -> None:
     parser.add_argument("--tool", choices=["py-spy", "cprofile"])
     parser.add_argument("--seconds", type=float, default=8.0)
     parser.add_argument("--no-pin", action="store_true")
+    parser.add_argument("--keep-raw", metavar="FILE", help="py-spy: also write its raw samples")
     args = parser.parse_args()
     tool = args.tool or ("py-spy" if py_spy_path() else "cprofile")
     placement = Placement.default(not args.no_pin)
     pin_self(placement.generator)
     moto = Moto(boot_delay=0.5)
     try:
-        print(profile(moto, placement, tool=tool, seconds=args.seconds))
+        print(profile(moto, placement, tool=tool, seconds=args.seconds, keep_raw=args.keep_raw))
     finally:
         moto.stop()
 

@@ -11,6 +11,7 @@ import errno
 import itertools
 import json
 import math
+import os
 from typing import Final
 
 import attrs
@@ -176,12 +177,7 @@ class Server:
                         return
                     self._idle_scopes.add(scope)
                     try:
-                        # Wait first, then read: a read tried on an idle socket fails and
-                        # leaves ~1.7 KiB of heap per idle connection behind (measured).
-                        await trio.lowlevel.wait_readable(stream.socket)
-                        data = await stream.receive_some(RECEIVE_SIZE)
-                    except (trio.BrokenResourceError, trio.ClosedResourceError):
-                        data = b""
+                        data = await _receive(stream)
                     finally:
                         self._idle_scopes.discard(scope)
                     if scope.cancel_called:
@@ -225,7 +221,7 @@ class Server:
             self.engine.metrics.request(name, outcome_of(reply.text), seconds)
         scope.deadline = trio.current_time() + self.settings.client_timeout
         try:
-            await stream.send_all(reply.to_bytes())
+            await _send(stream, reply.to_bytes())
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             log.info("client.gone", error=str(exc) or type(exc).__name__)
             if admitted is not None and handout is not None:
@@ -320,6 +316,37 @@ class _ConnectionLog:
 
     def exception(self, event: str, **kw: object) -> None:
         self._log.exception(event, **kw)
+
+
+async def _receive(stream: trio.SocketStream) -> bytes:
+    """The next bytes from the client; b"" at its end of stream (or a reset).
+
+    Waits until the socket is readable, then reads it directly: one pass through Trio's
+    scheduler per request instead of `receive_some`'s two (about 10 µs of CPU each, measured),
+    and no failed read on an idle socket, which left ~1.7 KiB of heap per idle connection.
+    """
+    fd = stream.socket.fileno()
+    while True:
+        await trio.lowlevel.wait_readable(fd)
+        try:
+            return os.read(fd, RECEIVE_SIZE)
+        except BlockingIOError:
+            continue  # woken with nothing to read after all: wait again
+        except OSError:
+            return b""  # reset by the peer: the same as its end of stream
+
+
+async def _send(stream: trio.SocketStream, data: bytes) -> None:
+    """Send `data`: written at once when the socket takes it all (a reply line nearly always
+    fits), otherwise the rest through `send_all`, which waits for the client to read."""
+    try:
+        sent = os.write(stream.socket.fileno(), data)
+    except BlockingIOError:
+        sent = 0
+    except OSError as exc:
+        raise trio.BrokenResourceError(str(exc)) from exc
+    if sent < len(data):
+        await stream.send_all(data[sent:])
 
 
 def _render(document: object) -> str:
