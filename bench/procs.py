@@ -334,12 +334,18 @@ class Broker(Server):
             os.unlink(log_path)
             raise
 
-    def log_lines(self, event: str) -> int:
-        """How many lines of its log are the event `event` (JSON lines)."""
+    def log_lines(self, event: str, *, at_least: int = 0, timeout: float = 2.0) -> int:
+        """How many lines of its log are the event `event` (JSON lines). With `at_least`: waits
+        up to `timeout` seconds for that many (the broker writes info lines every 0.1 s)."""
         assert self.log_path is not None
-        needle = f'"event": "{event}"'
-        with open(self.log_path, encoding="utf-8", errors="replace") as log:
-            return sum(1 for line in log if needle in line)
+        needles = (f'"event":"{event}"', f'"event": "{event}"')  # orjson's, json's
+        deadline = time.monotonic() + timeout
+        while True:
+            with open(self.log_path, encoding="utf-8", errors="replace") as log:
+                count = sum(1 for line in log if any(needle in line for needle in needles))
+            if count >= at_least or time.monotonic() >= deadline:
+                return count
+            time.sleep(0.05)
 
     def stop(self) -> None:
         super().stop()

@@ -23,6 +23,7 @@ from broker.clock import Clock
 from broker.config_validate import Config, ConfigError
 from broker.engine import Engine
 from broker.health import Health
+from broker.log import FLUSH_SECONDS, active_sink
 from broker.sdnotify import notify
 from broker.server import Server, ServerSettings
 from broker.wiring import build_engine, build_gate
@@ -207,6 +208,7 @@ async def serve(config: Config, config_path: str | None = None, *, sandbox: bool
                 print(f"listening on {host}:{port}", flush=True)
                 notify("READY=1")
                 nursery.start_soon(tell_systemd, engine, os.environ)
+                nursery.start_soon(_flush_logs_often)
                 log.info("broker.started", host=host, port=port, pool=config.pool_name)
                 uncapped = config.max_hourly_cost is None and not (
                     config.max_daily_cost or config.max_monthly_cost
@@ -233,3 +235,21 @@ async def serve(config: Config, config_path: str | None = None, *, sandbox: bool
             stop()
     log.info("broker.stopped", workers_left_running=len(engine.pool.workers))
     return 0
+
+
+async def _flush_logs_often() -> None:
+    """While serving, info lines are held and written every `FLUSH_SECONDS` (one write for
+    many request lines); at the end, what is held is written and lines go out at once again."""
+    sink = active_sink()
+    if sink is None:
+        return
+    sink.hold()
+    try:
+        while True:
+            await trio.sleep(FLUSH_SECONDS)
+            try:
+                sink.flush()
+            except (OSError, ValueError):  # stderr gone: nothing more can be logged anyway
+                return
+    finally:
+        sink.release()
