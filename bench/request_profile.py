@@ -198,12 +198,14 @@ def py_spy_path() -> str | None:
     return str(local) if local.exists() else shutil.which("py-spy")
 
 
-def _loadgen(port: int, placement: Placement, requests: int) -> subprocess.Popen[str]:
+def _loadgen(
+    port: int, placement: Placement, requests: int, mode: str = "persistent"
+) -> subprocess.Popen[str]:
     argv = [
         sys.executable,
         str(BENCH / "loadgen.py"),
         f"--port={port}",
-        "--mode=persistent",
+        f"--mode={mode}",
         "--clients=50",
         f"--requests={requests}",
     ]
@@ -213,7 +215,13 @@ def _loadgen(port: int, placement: Placement, requests: int) -> subprocess.Popen
 
 
 def profile(
-    moto: Moto, placement: Placement, *, tool: str, seconds: float, keep_raw: str | None = None
+    moto: Moto,
+    placement: Placement,
+    *,
+    tool: str,
+    seconds: float,
+    keep_raw: str | None = None,
+    mode: str = "persistent",
 ) -> str:
     """Profile the deployed broker under 50 persistent clients; the report."""
     if tool == "py-spy":
@@ -222,7 +230,9 @@ def profile(
             raise RuntimeError("py-spy not found: pip install py-spy, or --tool cprofile")
         with Broker(moto, placement, registry="dynamodb") as broker:
             assert not request(broker.port, "GET_WORKER").startswith("ERROR")
-            load = _loadgen(broker.port, placement, requests=100_000)  # stopped after sampling
+            load = _loadgen(
+                broker.port, placement, requests=100_000, mode=mode
+            )  # stopped after sampling
             time.sleep(1)  # past the connects
             fd, out = tempfile.mkstemp(prefix="bench-pyspy-", suffix=".txt")
             os.close(fd)
@@ -252,7 +262,7 @@ def profile(
         command = [str(BENCH / "profiled_broker.py"), out]
         with Broker(moto, placement, registry="dynamodb", command=command) as broker:
             assert not request(broker.port, "GET_WORKER").startswith("ERROR")
-            load = _loadgen(broker.port, placement, requests=100_000)
+            load = _loadgen(broker.port, placement, requests=100_000, mode=mode)
             try:
                 time.sleep(1)  # past the connects
                 os.kill(broker.pid, signal.SIGUSR1)
@@ -274,6 +284,7 @@ def main() -> None:
     parser.add_argument("--tool", choices=["py-spy", "cprofile"])
     parser.add_argument("--seconds", type=float, default=8.0)
     parser.add_argument("--no-pin", action="store_true")
+    parser.add_argument("--mode", choices=["persistent", "oneshot"], default="persistent")
     parser.add_argument("--keep-raw", metavar="FILE", help="py-spy: also write its raw samples")
     args = parser.parse_args()
     tool = args.tool or ("py-spy" if py_spy_path() else "cprofile")
@@ -281,7 +292,16 @@ def main() -> None:
     pin_self(placement.generator)
     moto = Moto(boot_delay=0.5)
     try:
-        print(profile(moto, placement, tool=tool, seconds=args.seconds, keep_raw=args.keep_raw))
+        print(
+            profile(
+                moto,
+                placement,
+                tool=tool,
+                seconds=args.seconds,
+                keep_raw=args.keep_raw,
+                mode=args.mode,
+            )
+        )
     finally:
         moto.stop()
 
