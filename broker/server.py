@@ -73,7 +73,7 @@ class Server:
         self.open_connections = 0
         self._ids = itertools.count(1)
         self._draining = False
-        self._idle_scopes: set[trio.CancelScope] = set()
+        self._timers: set[_Timer] = set()
         self._accept_scope = trio.CancelScope()
         self._all_closed = trio.Event()
 
@@ -87,26 +87,42 @@ class Server:
         `shutdown()`, return once every connection has closed."""
         if listeners is None:
             listeners = await trio.open_tcp_listeners(self.settings.port, host=self.settings.host)
-        async with trio.open_nursery() as handlers:
-            with self._accept_scope:
-                async with trio.open_nursery() as acceptors:
-                    for listener in listeners:
-                        acceptors.start_soon(self._accept_loop, listener, handlers)
-                    task_status.started(listeners)
-            for listener in listeners:
-                await listener.aclose()
+        async with trio.open_nursery() as timeouts:
+            timeouts.start_soon(self._expire_timers)
+            async with trio.open_nursery() as handlers:
+                with self._accept_scope:
+                    async with trio.open_nursery() as acceptors:
+                        for listener in listeners:
+                            acceptors.start_soon(self._accept_loop, listener, handlers)
+                        task_status.started(listeners)
+                for listener in listeners:
+                    await listener.aclose()
+            timeouts.cancel_scope.cancel()
 
     async def shutdown(self) -> None:
         """Stop accepting; close idle connections; requests in progress go on to their reply."""
         self._draining = True
         self._accept_scope.cancel()
-        for scope in list(self._idle_scopes):
-            scope.cancel()
+        for timer in self._timers:
+            if timer.waiting:
+                timer.scope.cancel()
         self._check_idle()
 
     async def wait_closed(self) -> None:
         """After `shutdown()`: wait until every connection has closed."""
         await self._all_closed.wait()
+
+    async def _expire_timers(self) -> None:
+        """Cancel each connection whose deadline has passed, checking every tenth of the client
+        timeout (at most a second): a client is closed at most that late. One task for all
+        connections, because a cancel scope's deadline costs two heap updates per request."""
+        tick = min(1.0, max(0.01, self.settings.client_timeout / 10))
+        while True:
+            await trio.sleep(tick)
+            now = trio.current_time()
+            for timer in self._timers:
+                if timer.deadline <= now:
+                    timer.scope.cancel()
 
     def _check_idle(self) -> None:
         if self._draining and self.open_connections == 0:
@@ -168,31 +184,36 @@ class Server:
         log: _ConnectionLog,
     ) -> None:
         reader = LineReader()
-        # One cancel scope per connection, not one per read. Its deadline bounds each wait for
-        # a complete line (set when the connection opens and after each reply, not per chunk,
-        # so trickling bytes does not extend it) and each reply's send (a client that stops
-        # reading); it is infinite while a request is served, since a launch takes minutes.
+        # One cancel scope per connection, not one per read. Its deadline (the timer's) bounds
+        # each wait for a complete line (set when the connection opens and after each reply,
+        # not per chunk, so trickling bytes does not extend it) and each reply's send (a client
+        # that stops reading); it is infinite while a request is served (a launch takes
+        # minutes).
         with trio.CancelScope() as scope:
-            scope.deadline = trio.current_time() + self.settings.client_timeout
-            while True:
-                event = reader.next_request()
-                if isinstance(event, NeedData):
-                    if self._draining:
+            timer = _Timer(scope, trio.current_time() + self.settings.client_timeout)
+            self._timers.add(timer)
+            try:
+                while True:
+                    event = reader.next_request()
+                    if isinstance(event, NeedData):
+                        if self._draining:
+                            return
+                        timer.waiting = True
+                        try:
+                            data = await stream.receive()
+                        finally:
+                            timer.waiting = False
+                        if scope.cancel_called:
+                            break  # the deadline or shutdown came as the data did: serve nothing
+                        reader.receive_data(data)
+                        continue
+                    if isinstance(event, Closed):
                         return
-                    self._idle_scopes.add(scope)
-                    try:
-                        data = await stream.receive()
-                    finally:
-                        self._idle_scopes.discard(scope)
-                    if scope.cancel_called:
-                        break  # the deadline or shutdown came as the data did: serve nothing
-                    reader.receive_data(data)
-                    continue
-                if isinstance(event, Closed):
-                    return
-                scope.deadline = math.inf
-                if not await self._answer(stream, event, session, log, scope):
-                    return
+                    timer.deadline = math.inf
+                    if not await self._answer(stream, event, session, log, timer):
+                        return
+            finally:
+                self._timers.discard(timer)
         if scope.cancel_called and not self._draining:
             log.info("client.timeout", after_seconds=self.settings.client_timeout)
 
@@ -202,10 +223,10 @@ class Server:
         event: Request | BadRequest,
         session: Session,
         log: _ConnectionLog,
-        scope: trio.CancelScope,
+        timer: _Timer,
     ) -> bool:
         """Serve one request and send its reply; False when the connection is to close."""
-        started = trio.current_time()
+        started = finished = trio.current_time()
         handout: Handout | None = None
         admitted: Admitted | None = None
         if isinstance(event, BadRequest):
@@ -220,10 +241,11 @@ class Server:
             else:
                 admitted, name = checked, WIRE_NAMES[type(checked.command)]
                 reply, handout = await self._dispatch(checked, started)
-            seconds = trio.current_time() - started
+            finished = trio.current_time()
+            seconds = finished - started
             log.info("request", command=name, reply=reply.text[:80], ms=round(seconds * 1000, 3))
             self.engine.metrics.request(name, outcome_of(reply.text), seconds)
-        scope.deadline = trio.current_time() + self.settings.client_timeout
+        timer.deadline = finished + self.settings.client_timeout
         try:
             await stream.send(reply.to_bytes())
         except ConnectionLost as exc:
@@ -294,6 +316,18 @@ class Server:
             case Quit():
                 return protocol.BYE
         raise AssertionError(f"unhandled command {admitted.command!r}")
+
+
+class _Timer:
+    """A connection's cancel scope, its deadline (infinite while a request is served) and
+    whether it waits for the client (what `shutdown` cancels)."""
+
+    __slots__ = ("deadline", "scope", "waiting")
+
+    def __init__(self, scope: trio.CancelScope, deadline: float) -> None:
+        self.scope = scope
+        self.deadline = deadline
+        self.waiting = False
 
 
 class _ConnectionLog:
