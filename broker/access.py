@@ -14,6 +14,7 @@ a token or any word of a token file.
 from __future__ import annotations
 
 import enum
+import functools
 import hashlib
 import hmac
 import ipaddress
@@ -237,6 +238,7 @@ def parse_network(text: str, key: str) -> Network:
     )
 
 
+@functools.lru_cache(maxsize=4096)  # the same lab machines connect again and again
 def peer_address(peer: str) -> Address | None:
     """A peer's address as the server reports it; IPv4-mapped IPv6 (`::ffff:10.1.2.7`, from a
     dual-stack listener) counts as IPv4, an IPv6 zone (`%eth0`) is dropped; None if it is no

@@ -57,9 +57,18 @@ class Connection:
         self.sock = sock
         self.peer = peer
 
-    async def receive(self) -> bytes:
-        """The next bytes from the client; b"" at its end of stream (or a reset)."""
+    async def receive(self, *, ready: bool = False) -> bytes:
+        """The next bytes from the client; b"" at its end of stream (or a reset). With
+        `ready`, try a read before waiting: a new connection's first line is usually there
+        already (a client connects and sends), and that saves a pass through the scheduler."""
         sock = self.sock
+        if ready:
+            try:
+                return sock.recv(RECEIVE_SIZE)
+            except BlockingIOError:
+                pass
+            except OSError:
+                return b""
         while True:
             await trio.lowlevel.wait_readable(sock)
             try:

@@ -192,6 +192,7 @@ class Server:
         with trio.CancelScope() as scope:
             timer = _Timer(scope, trio.current_time() + self.settings.client_timeout)
             self._timers.add(timer)
+            first = True
             try:
                 while True:
                     event = reader.next_request()
@@ -200,9 +201,10 @@ class Server:
                             return
                         timer.waiting = True
                         try:
-                            data = await stream.receive()
+                            data = await stream.receive(ready=first)
                         finally:
                             timer.waiting = False
+                        first = False
                         if scope.cancel_called:
                             break  # the deadline or shutdown came as the data did: serve nothing
                         reader.receive_data(data)
