@@ -73,6 +73,7 @@ def _load(server: Any, mode: str, placement: Placement, quick: bool) -> dict[str
 
 THROUGHPUT_SERVERS = (
     "bare Trio",
+    "bare Trio, direct sockets",
     "seed pattern (threads)",
     "broker, registry memory",
     "broker, registry dynamodb",
@@ -95,6 +96,12 @@ def throughput(
             note("bare Trio", PERSISTENT, _load(server, "persistent", placement, quick))
             note("bare Trio", ONESHOT, _load(server, "oneshot", placement, quick))
 
+    def bare_direct() -> None:
+        name = "bare Trio, direct sockets"
+        with floor_server("trio-direct", placement) as server:
+            note(name, PERSISTENT, _load(server, "persistent", placement, quick))
+            note(name, ONESHOT, _load(server, "oneshot", placement, quick))
+
     def seed() -> None:
         with floor_server("seed", placement) as server:
             note("seed pattern (threads)", ONESHOT, _load(server, "oneshot", placement, quick))
@@ -115,7 +122,7 @@ def throughput(
 
     with floor_server("trio", placement) as server:  # the warm-up, not counted
         _load(server, "oneshot", placement, quick=True)
-    runs = [bare_trio, seed, lambda: broker("memory"), lambda: broker("dynamodb")]
+    runs = [bare_trio, bare_direct, seed, lambda: broker("memory"), lambda: broker("dynamodb")]
     for n in range(rounds):
         for run in runs[n % len(runs) :] + runs[: n % len(runs)]:
             run()

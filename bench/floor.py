@@ -6,6 +6,10 @@
 - `trio`: a bare Trio line server. One task per connection; it reads lines and answers each
   with a fixed IP, nothing else (no parsing, no logging, no state). No Trio broker can be
   faster than this on the same machine, so broker/floor is the broker's efficiency.
+- `trio-direct`: the same line server on the broker's own socket layer (broker/connection.py:
+  accept every waiting connection at once, wait until readable then read, write directly).
+  The broker is measured against `trio`, as issue #12 asks; this one shows how much of the
+  difference is the I/O technique and how much the broker's work per request.
 - `seed`: the seed guide's server pattern (its "Full Broker Code"), without AWS: a blocking
   accept loop, a thread per connection, one `recv(1024)`, one reply, close. It serves one
   request per connection, as the seed's clients (one-shot) expect; its backlog is 128, not
@@ -25,8 +29,12 @@ import signal
 import socket
 import sys
 import threading
+from pathlib import Path
 
 import trio
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the broker's package
+from broker.connection import Acceptor, Connection, ConnectionLost
 
 HOST = "127.0.0.1"
 REPLY = b"127.77.0.1\n"  # what a warm GET_WORKER answers in the sandbox
@@ -48,6 +56,47 @@ async def _serve_line_client(stream: trio.SocketStream) -> None:
         return
     finally:
         await stream.aclose()
+
+
+async def _serve_direct_client(connection: Connection) -> None:
+    buffer = b""
+    first = True
+    try:
+        while True:
+            data = await connection.receive(ready=first)
+            first = False
+            if not data:
+                return
+            buffer += data
+            lines = buffer.count(b"\n")
+            if lines:
+                buffer = buffer[buffer.rindex(b"\n") + 1 :]
+                await connection.send(REPLY * lines)
+    except ConnectionLost:
+        return
+    finally:
+        connection.close()
+
+
+async def serve_trio_direct(port: int) -> None:
+    (listener,) = await trio.open_tcp_listeners(port, host=HOST)
+    host, bound = listener.socket.getsockname()[:2]
+    acceptor = Acceptor(listener)
+    print(f"listening on {host}:{bound}", flush=True)
+    async with trio.open_nursery() as nursery:
+
+        async def accept_forever() -> None:
+            while True:
+                for connection in await acceptor.accept():
+                    nursery.start_soon(_serve_direct_client, connection)
+
+        nursery.start_soon(accept_forever)
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async for _ in signals:
+                break
+        nursery.cancel_scope.cancel()
+    acceptor.close()
+    await listener.aclose()
 
 
 async def serve_trio(port: int) -> None:
@@ -93,7 +142,7 @@ def serve_seed(port: int, backlog: int) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("kind", choices=["trio", "seed"])
+    parser.add_argument("kind", choices=["trio", "trio-direct", "seed"])
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--cpu", type=int, help="pin this process to this CPU")
     parser.add_argument("--backlog", type=int, default=128, help="seed: listen() backlog")
@@ -102,6 +151,8 @@ def main() -> None:
         os.sched_setaffinity(0, {args.cpu})
     if args.kind == "trio":
         trio.run(serve_trio, args.port)
+    elif args.kind == "trio-direct":
+        trio.run(serve_trio_direct, args.port)
     else:
         serve_seed(args.port, args.backlog)
 

@@ -5,14 +5,15 @@ wait until the socket is ready (`trio.lowlevel.wait_readable` / `wait_writable`)
 non-blocking call. Against `SocketListener.accept`, `SocketStream.receive_some` and
 `send_all`, that is one pass through Trio's scheduler per request instead of three, no
 failed read on an idle socket (which left ~1.7 KiB of heap per idle connection behind), and
-every connection waiting on a listener accepted in one go. The semantics are Trio's: every
-wait is a checkpoint, so cancel scopes (the client timeout, shutdown) interrupt it.
+every connection waiting on a listener accepted in one go. Every wait is a checkpoint (cancel
+scopes interrupt it); the server's client timeout and shutdown use `Connection.interrupt`.
 """
 
 from __future__ import annotations
 
 import errno
 import socket
+from collections.abc import Awaitable, Callable
 from typing import Final
 
 import trio
@@ -48,17 +49,39 @@ class ConnectionLost(Exception):
     """The client is gone (reset, broken pipe, or the socket closed)."""
 
 
+class Interrupted(Exception):
+    """`Connection.interrupt()` was called: the wait for the client ended (a timeout, a
+    shutdown), and no other wait on this connection will start."""
+
+
 class Connection:
     """One accepted client socket (non-blocking), and where it came from."""
 
-    __slots__ = ("peer", "sock")
+    __slots__ = ("interrupted", "peer", "sock")
 
     def __init__(self, sock: socket.socket, peer: str) -> None:
         self.sock = sock
         self.peer = peer
+        self.interrupted = False
+
+    def interrupt(self) -> None:
+        """End the current wait for the client, if any, and every later one, with
+        `Interrupted` (what a cancel scope per connection did, at a tenth of its cost)."""
+        if not self.interrupted:
+            self.interrupted = True
+            trio.lowlevel.notify_closing(self.sock)
+
+    async def _wait(self, wait: Callable[[socket.socket], Awaitable[None]]) -> None:
+        if self.interrupted:
+            raise Interrupted
+        try:
+            await wait(self.sock)
+        except trio.ClosedResourceError:  # notify_closing, from interrupt()
+            raise Interrupted from None
 
     async def receive(self, *, ready: bool = False) -> bytes:
-        """The next bytes from the client; b"" at its end of stream (or a reset). With
+        """The next bytes from the client; b"" at its end of stream (or a reset); raises
+        `Interrupted` after `interrupt()`. With
         `ready`, try a read before waiting: a new connection's first line is usually there
         already (a client connects and sends), and that saves a pass through the scheduler."""
         sock = self.sock
@@ -70,7 +93,7 @@ class Connection:
             except OSError:
                 return b""
         while True:
-            await trio.lowlevel.wait_readable(sock)
+            await self._wait(trio.lowlevel.wait_readable)
             try:
                 return sock.recv(RECEIVE_SIZE)
             except BlockingIOError:
@@ -80,14 +103,15 @@ class Connection:
 
     async def send(self, data: bytes) -> None:
         """Send all of `data`, waiting while the client does not read. Raises
-        `ConnectionLost`. A reply line nearly always goes in one call, without a wait."""
+        `ConnectionLost`, or `Interrupted` after `interrupt()`. A reply line nearly always
+        goes in one call, without a wait."""
         sock = self.sock
         view = memoryview(data)
         while view:
             try:
                 sent = sock.send(view)
             except BlockingIOError:
-                await trio.lowlevel.wait_writable(sock)
+                await self._wait(trio.lowlevel.wait_writable)
                 continue
             except OSError as exc:
                 raise ConnectionLost(exc.strerror or type(exc).__name__) from exc
@@ -98,7 +122,7 @@ class Connection:
         with trio.move_on_after(seconds):
             try:
                 await self.send(data)
-            except ConnectionLost:
+            except (ConnectionLost, Interrupted):
                 pass
 
     def close(self) -> None:

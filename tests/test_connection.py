@@ -9,7 +9,7 @@ import pytest
 import trio
 import trio.testing
 
-from broker.connection import Acceptor, Connection, ConnectionLost
+from broker.connection import Acceptor, Connection, ConnectionLost, Interrupted
 
 
 def pair() -> tuple[Connection, socket.socket]:
@@ -95,3 +95,27 @@ async def test_every_waiting_connection_is_accepted_in_one_batch() -> None:
         for client in clients:
             client.close()
         await listener.aclose()
+
+
+async def test_interrupt_ends_a_waiting_receive_or_send_and_every_later_wait() -> None:
+    """What the client timeout and shutdown use: the wait in progress ends with
+    `Interrupted`, and so does any later one; data already there is still read."""
+    connection, client = pair()
+    with client, connection.sock:
+        outcome: list[str] = []
+
+        async def wait_for_a_line() -> None:
+            try:
+                await connection.receive()
+            except Interrupted:
+                outcome.append("interrupted")
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(wait_for_a_line)
+            await trio.testing.wait_all_tasks_blocked()
+            connection.interrupt()
+        assert outcome == ["interrupted"]
+        with pytest.raises(Interrupted):
+            await connection.send(b"x" * 10_000_000)  # would have to wait: interrupted
+        client.sendall(b"QUIT\n")
+        assert await connection.receive(ready=True) == b"QUIT\n"  # no wait needed
