@@ -440,7 +440,9 @@ class Pool:
             if idle_others < warm.count:
                 return Released(ReleaseOutcome.KEPT_WARM, worker, lease)
         if keep is not None and worker.available:
-            rank = 1 + sum(1 for w in self.unheld_ready() if w is not worker and _alike(w, worker))
+            # 1 + the other idle workers alike (same type and market, available), indexed
+            kind = (worker.instance_type, worker.market, False)
+            rank = self._index.idle_count(lambda k: k == kind)
             if keep(worker, rank):
                 return Released(ReleaseOutcome.KEPT_IDLE, worker, lease)
         self.mark_terminating(worker)
@@ -568,8 +570,3 @@ class Pool:
         stale = [ip for ip, t in self.gone_ips.items() if now - t >= GONE_MEMORY_SECONDS]
         for ip in stale:
             del self.gone_ips[ip]
-
-
-def _alike(a: Worker, b: Worker) -> bool:
-    """True if a request that takes one would take the other: same type and market."""
-    return a.available and a.instance_type == b.instance_type and a.market == b.market
