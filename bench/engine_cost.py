@@ -144,7 +144,7 @@ def _render(document: object) -> str:
     return json.dumps(document, separators=(",", ":"), default=_json_default)
 
 
-async def fill_through_pool(engine: Engine, leases: int) -> None:
+async def fill_through_pool(engine: Engine, leases: int, prefix: str = "") -> None:
     """`leases` leases for new clients, spread evenly over the workers (as the hand-out's
     fewest-holders choice spreads them; fewer leases than workers go to workers spread over
     the pool's order, not to its first ones), through the pool's `hand_out` and the
@@ -156,7 +156,7 @@ async def fill_through_pool(engine: Engine, leases: int) -> None:
         index = n * len(workers) // leases if leases < len(workers) else n % len(workers)
         worker = workers[index]
         assert worker.ip is not None
-        client, now = f"c{n}", engine.clock.now()
+        client, now = f"{prefix}c{n}", engine.clock.now()
         lease, _ = engine.pool.hand_out(worker, client, now)
         engine.pool.note_persisted(lease, now)
         record = LeaseRecord.start(client, worker.instance_id, worker.ip, now, timeout)
@@ -175,8 +175,10 @@ def spread_holders(engine: Engine, count: int) -> list[str]:
 class SizeBench:
     """One engine with `workers` workers and `leases` leases, and its timed requests."""
 
-    def __init__(self, leases: int, workers: int, fill: str) -> None:
-        self.leases, self.workers, self.fill = leases, workers, fill
+    def __init__(self, leases: int, workers: int, fill: str, prefix: str = "") -> None:
+        """`prefix`: before every client name (`127.0.0.1/` makes them the owners of
+        `GET_WORKER client=cN` from loopback, for bench/request_cost.py)."""
+        self.leases, self.workers, self.fill, self.prefix = leases, workers, fill, prefix
         self.result: dict[str, Any] = {"leases": leases, "workers": workers}
         for name in (
             "get_worker",
@@ -208,9 +210,9 @@ class SizeBench:
         start = time.perf_counter()
         if self.fill == "engine":
             for n in range(self.leases):
-                await engine.get_worker(self.request, f"c{n}")
+                await engine.get_worker(self.request, f"{self.prefix}c{n}")
         else:
-            await fill_through_pool(engine, self.leases)
+            await fill_through_pool(engine, self.leases, self.prefix)
         self.result["fill_seconds"] = round(time.perf_counter() - start, 2)
         grown = (rss_kib() - rss_before) * 1024
         self.result["rss_per_lease_bytes"] = round(grown / max(self.leases, 1))
