@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import math
 import os
 import signal
 import socket
@@ -105,6 +106,7 @@ class Size:
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.file = self.sock.makefile("rb")
         self.times: dict[str, list[float]] = {"get_worker": [], "ping": [], "release": []}
+        self.with_release = os.environ.get("RC_RELEASE", "1") == "1"
 
     def ask(self, line: str) -> str:
         self.sock.sendall(line.encode() + b"\n")
@@ -122,9 +124,10 @@ class Size:
         holder, ip = self.holders[k], self.ips[k]
         assert self.timed("get_worker", f"GET_WORKER client={holder}") == ip
         self.timed("ping", f"PING {ip} client={holder}")
-        new_ip = self.ask(f"GET_WORKER client=r{i}")
-        assert not new_ip.startswith("ERROR"), new_ip
-        self.timed("release", f"RELEASE {new_ip} client=r{i}")
+        if self.with_release:
+            new_ip = self.ask(f"GET_WORKER client=r{i}")
+            assert not new_ip.startswith("ERROR"), new_ip
+            self.timed("release", f"RELEASE {new_ip} client=r{i}")
 
     def close(self) -> None:
         self.file.close()
@@ -134,6 +137,8 @@ class Size:
     def row(self) -> dict[str, Any]:
         row: dict[str, Any] = {"leases": self.leases, "workers": self.workers}
         for name, samples in self.times.items():
+            if not samples:
+                samples = [math.nan]
             row[f"{name}_p50_us"] = round(statistics.median(samples) * 1e6, 1)
             row[f"{name}_p99_us"] = round(p(samples, 0.99) * 1e6, 1)
         return row

@@ -159,4 +159,4 @@ def _holds(pool: Pool, ip: str, owner: str) -> bool:
     worker = pool.by_ip(ip)
     if worker is None:
         return True
-    return any(lease.client == owner for lease in pool.holders(worker.instance_id))
+    return pool.lease_of(owner, worker.instance_id) is not None

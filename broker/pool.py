@@ -87,6 +87,10 @@ class Pool:
         """The open leases on a worker."""
         return list(self._held.get(instance_id, {}).values())
 
+    def lease_of(self, client: str, instance_id: str) -> Lease | None:
+        """`client`'s open lease on the worker, if any."""
+        return self.leases.get((client, instance_id))
+
     def holder_count(self, instance_id: str) -> int:
         """How many clients hold the worker."""
         return len(self._held.get(instance_id, ()))
