@@ -172,14 +172,13 @@ class Context:
         )
 
     def _held(self) -> dict[tuple[str, str], int]:
-        """Cloud workers someone holds now, by type and market."""
-        held: dict[tuple[str, str], int] = {}
-        for instance_id in {lease.instance_id for lease in self.pool.leases.values()}:
-            worker = self.pool.workers.get(instance_id)
-            if worker is not None and not worker.local:
-                kind = (worker.instance_type, str(worker.market))
-                held[kind] = held.get(kind, 0) + 1
-        return held
+        """Cloud workers someone holds now, by type and market: the available ones (an
+        interrupted worker does not come back), from the pool's index, not a walk of the
+        leases (built at every RELEASE)."""
+        return {
+            (instance_type, str(market)): n
+            for (instance_type, market), n in self.pool.held_by_kind().items()
+        }
 
     async def write(
         self,

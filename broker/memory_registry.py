@@ -6,6 +6,7 @@ against both.
 
 from __future__ import annotations
 
+import collections
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -39,7 +40,11 @@ class MemoryRegistry:
     _intents: dict[str, LaunchIntent] = attrs.field(factory=dict, init=False)
     _reserved: int = attrs.field(default=0, init=False)
     _spend: dict[str, int] = attrs.field(factory=dict, init=False)
-    _history: list[LeaseHistoryRecord] = attrs.field(factory=list, init=False)
+    # In the order written; expired records leave from the front, as DynamoDB's TTL removes
+    # them: lazily (a record written out of order stays until the ones before it have gone).
+    _history: collections.deque[LeaseHistoryRecord] = attrs.field(
+        factory=collections.deque, init=False
+    )
 
     # --- workers -------------------------------------------------------------------------------
 
@@ -169,8 +174,10 @@ class MemoryRegistry:
 
     async def put_lease_history(self, record: LeaseHistoryRecord) -> None:
         await trio.lowlevel.checkpoint()
-        self._history = [r for r in self._history if not _expired_at(r.expires_at, record.ended_at)]
-        self._history.append(record)
+        history = self._history
+        while history and _expired_at(history[0].expires_at, record.ended_at):
+            history.popleft()
+        history.append(record)
 
     async def lease_history(self, ended_since: float) -> list[LeaseHistoryRecord]:
         await trio.lowlevel.checkpoint()

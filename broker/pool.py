@@ -87,6 +87,15 @@ class Pool:
         """The open leases on a worker."""
         return list(self._held.get(instance_id, {}).values())
 
+    def held_by_kind(self) -> dict[tuple[str, Market], int]:
+        """Available cloud workers someone holds, by type and market (indexed: the adaptive
+        idle rule counts them as coming back at every RELEASE)."""
+        return {
+            (instance_type, market): n
+            for (instance_type, market, local), n in self._index.held_counts().items()
+            if not local
+        }
+
     def lease_of(self, client: str, instance_id: str) -> Lease | None:
         """`client`'s open lease on the worker, if any."""
         return self.leases.get((client, instance_id))

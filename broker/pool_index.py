@@ -41,6 +41,7 @@ class ReadyIndex:
         self._joined = 0
         self._by_ip: dict[str, dict[str, Worker]] = {}  # every worker with an IP, any state
         self._idle: dict[Kind, int] = {}  # available workers nobody holds, per kind
+        self._available: dict[Kind, int] = {}  # available workers, per kind
 
     # --- membership ---------------------------------------------------------------------------
 
@@ -86,6 +87,7 @@ class ReadyIndex:
             return
         kind = kind_of(worker)
         if old is None:
+            self._available[kind] = self._available.get(kind, 0) + 1
             if holders == 0:
                 self._idle[kind] = self._idle.get(kind, 0) + 1
         elif (old[0] == 0) != (holders == 0):
@@ -98,9 +100,11 @@ class ReadyIndex:
 
     def _drop(self, worker: Worker) -> None:
         old = self._live.pop(worker.instance_id, None)
-        if old is not None and old[0] == 0:
+        if old is not None:
             kind = kind_of(worker)
-            self._idle[kind] -= 1
+            self._available[kind] -= 1
+            if old[0] == 0:
+                self._idle[kind] -= 1
 
     def _compact(self, kind: Kind) -> None:
         live = self._live
@@ -130,6 +134,14 @@ class ReadyIndex:
     def kinds(self) -> Collection[Kind]:
         """The kinds of the available workers (a handful: types x markets x local)."""
         return [kind for kind, heap in self._heaps.items() if heap]
+
+    def held_counts(self) -> dict[Kind, int]:
+        """Available workers someone holds, per kind (those with any)."""
+        return {
+            kind: held
+            for kind, available in self._available.items()
+            if (held := available - self._idle.get(kind, 0))
+        }
 
     def idle_count(self, wanted: Callable[[Kind], bool]) -> int:
         """How many available workers nobody holds are of a kind `wanted` accepts."""
@@ -194,6 +206,7 @@ class ReadyIndex:
             "live": {i: (e[0], e[1], rank[i]) for i, e in self._live.items()},
             "by_ip": {ip: sorted(ws) for ip, ws in self._by_ip.items()},
             "idle": {k: n for k, n in self._idle.items() if n},
+            "held": self.held_counts(),
             "heaps_hold_live": all(
                 any(e is entry for e in self._heaps.get(kind_of(entry[3]), ()))
                 for entry in self._live.values()
@@ -210,9 +223,10 @@ def expected(workers: dict[str, Worker], holders: Callable[[str], int]) -> dict[
         if worker.ip is not None:
             by_ip.setdefault(worker.ip, []).append(worker.instance_id)
     idle: dict[Kind, int] = {}
+    held: dict[Kind, int] = {}
     for worker in available:
-        if holders(worker.instance_id) == 0:
-            idle[kind_of(worker)] = idle.get(kind_of(worker), 0) + 1
+        counts = held if holders(worker.instance_id) else idle
+        counts[kind_of(worker)] = counts.get(kind_of(worker), 0) + 1
     return {
         "order": list(order),
         "live": {
@@ -221,5 +235,6 @@ def expected(workers: dict[str, Worker], holders: Callable[[str], int]) -> dict[
         },
         "by_ip": {ip: sorted(ids) for ip, ids in by_ip.items()},
         "idle": idle,
+        "held": held,
         "heaps_hold_live": True,
     }
