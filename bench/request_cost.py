@@ -10,7 +10,8 @@ instances, a `MemoryRegistry`, the leases made through the pool) and serves it w
 `broker.server.Server` on loopback, logging as shipped (`info`, JSON lines, held and written
 every 0.1 s) into /dev/null. This process (on the other CPU) then times round trips over one
 persistent connection per server, going round the sizes request by request, so outside load
-falls on every size alike:
+falls on every size alike (warm GET_WORKERs and PINGs first, then the RELEASEs, each followed
+by a 2 ms pause: its background history write must not land on the next size's request):
 
   - warm GET_WORKER from a client that holds a worker (10 such clients in turn, the same 10
     at every size, spread over the pool);
@@ -18,7 +19,9 @@ falls on every size alike:
   - RELEASE: a new client's GET_WORKER (untimed), then its RELEASE (timed). The new lease
     goes where the hand-out puts it, so at 10 leases the RELEASE leaves its worker idle and
     at 100,000 leases it leaves 99 other holders on it: what a client sees, not one code path
-    (engine_cost.py times RELEASE on a worker others hold, at every size).
+    (engine_cost.py times RELEASE on a worker others hold, at every size). The engines run
+    `idle_policy: linger`, so a released worker is kept and no size's pool changes under
+    the measurement (with `fixed`, each RELEASE at 10 leases would terminate a worker).
 
 It prints the p50 and p99 in microseconds per size and the spread of the p50s (max/min - 1;
 issue #12's target: within 10 %).
@@ -29,7 +32,6 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import math
 import os
 import signal
 import socket
@@ -42,12 +44,14 @@ import trio
 from engine_cost import HOLDERS, SizeBench, p
 from procs import BENCH, Placement, Server, pin_self
 
+from broker.adaptive import IdlePolicy
 from broker.log import active_sink, configure_logging
 from broker.server import Server as BrokerServer
 from broker.server import ServerSettings
 
 LOOPBACK = "127.0.0.1"
 OWNER_PREFIX = f"{LOOPBACK}/"  # `GET_WORKER client=cN` from loopback is owned by 127.0.0.1/cN
+RELEASE_SETTLE = 0.002  # seconds after each RELEASE before the next request
 
 
 # --- the server process -----------------------------------------------------------------------
@@ -55,7 +59,9 @@ OWNER_PREFIX = f"{LOOPBACK}/"  # `GET_WORKER client=cN` from loopback is owned b
 
 async def _serve(leases: int, workers: int) -> None:
     async with trio.open_nursery() as nursery:
-        bench = SizeBench(leases, workers, "pool", prefix=OWNER_PREFIX)
+        # linger: a RELEASE that leaves its worker unheld keeps it (as `fixed` would not), so
+        # no timed request terminates a worker and every size keeps its pool.
+        bench = SizeBench(leases, workers, "pool", OWNER_PREFIX, IdlePolicy.LINGER)
         await bench.start(nursery)
         server = BrokerServer(bench.engine, ServerSettings(host=LOOPBACK, port=0))
         (listener,) = await trio.open_tcp_listeners(0, host=LOOPBACK)
@@ -106,7 +112,6 @@ class Size:
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.file = self.sock.makefile("rb")
         self.times: dict[str, list[float]] = {"get_worker": [], "ping": [], "release": []}
-        self.with_release = os.environ.get("RC_RELEASE", "1") == "1"
 
     def ask(self, line: str) -> str:
         self.sock.sendall(line.encode() + b"\n")
@@ -119,15 +124,21 @@ class Size:
         assert not reply.startswith("ERROR"), (line, reply)
         return reply
 
-    def round(self, i: int) -> None:
+    def warm(self, i: int) -> None:
+        """A warm GET_WORKER and a PING from the i-th holder (in turn)."""
         k = i % len(self.holders)
         holder, ip = self.holders[k], self.ips[k]
         assert self.timed("get_worker", f"GET_WORKER client={holder}") == ip
         self.timed("ping", f"PING {ip} client={holder}")
-        if self.with_release:
-            new_ip = self.ask(f"GET_WORKER client=r{i}")
-            assert not new_ip.startswith("ERROR"), new_ip
-            self.timed("release", f"RELEASE {new_ip} client=r{i}")
+
+    def release(self, i: int) -> None:
+        """A new client's GET_WORKER (untimed), then its RELEASE (timed)."""
+        new_ip = self.ask(f"GET_WORKER client=r{i}")
+        assert not new_ip.startswith("ERROR"), new_ip
+        self.timed("release", f"RELEASE {new_ip} client=r{i}")
+        # A RELEASE hands the lease's history record to a background write; it runs after
+        # the reply, on the servers' shared CPU, and would land on the next size's request.
+        time.sleep(RELEASE_SETTLE)
 
     def close(self) -> None:
         self.file.close()
@@ -137,8 +148,6 @@ class Size:
     def row(self) -> dict[str, Any]:
         row: dict[str, Any] = {"leases": self.leases, "workers": self.workers}
         for name, samples in self.times.items():
-            if not samples:
-                samples = [math.nan]
             row[f"{name}_p50_us"] = round(statistics.median(samples) * 1e6, 1)
             row[f"{name}_p99_us"] = round(p(samples, 0.99) * 1e6, 1)
         return row
@@ -149,15 +158,17 @@ def measure(cases: list[tuple[int, int]], calls: int, placement: Placement) -> l
     try:
         for leases, workers in cases:
             sizes.append(Size(leases, workers, placement))
-        for i in range(min(200, calls)):  # warm-up, not counted: the sockets' and caches' paths
+        steps = ((Size.warm, ("get_worker", "ping")), (Size.release, ("release",)))
+        for step, names in steps:  # apart: see RELEASE_SETTLE
+            for i in range(min(200, calls)):  # warm-up, not counted
+                for size in sizes:
+                    step(size, i)
             for size in sizes:
-                size.round(i)
-        for size in sizes:
-            for samples in size.times.values():
-                samples.clear()
-        for i in range(calls):
-            for size in sizes:
-                size.round(calls + i)
+                for name in names:
+                    size.times[name].clear()
+            for i in range(calls):
+                for size in sizes:
+                    step(size, calls + i)
         return [size.row() for size in sizes]
     finally:
         for size in sizes:
