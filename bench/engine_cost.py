@@ -49,6 +49,7 @@ from typing import Any
 
 import trio
 
+from broker.adaptive import IdlePolicy
 from broker.clock import Clock
 from broker.cloud import Instance, LaunchSpec, Market
 from broker.context import EngineSettings
@@ -175,10 +176,18 @@ def spread_holders(engine: Engine, count: int) -> list[str]:
 class SizeBench:
     """One engine with `workers` workers and `leases` leases, and its timed requests."""
 
-    def __init__(self, leases: int, workers: int, fill: str, prefix: str = "") -> None:
+    def __init__(
+        self,
+        leases: int,
+        workers: int,
+        fill: str,
+        prefix: str = "",
+        idle_policy: IdlePolicy = IdlePolicy.FIXED,
+    ) -> None:
         """`prefix`: before every client name (`127.0.0.1/` makes them the owners of
         `GET_WORKER client=cN` from loopback, for bench/request_cost.py)."""
         self.leases, self.workers, self.fill, self.prefix = leases, workers, fill, prefix
+        self.idle_policy = idle_policy
         self.result: dict[str, Any] = {"leases": leases, "workers": workers}
         for name in (
             "get_worker",
@@ -200,6 +209,7 @@ class SizeBench:
             default_spec=SPEC,
             limits=Limits(self.workers + 100, max_hourly_cost=None, idle_timeout=900.0),
             reap_interval=86400.0,
+            idle_policy=self.idle_policy,
         )
         self.engine = engine = Engine(
             self.cloud, settings, clock, PriceTable.default(), MemoryRegistry(POOL)

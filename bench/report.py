@@ -15,6 +15,9 @@ Sections, in the order they run (each also runs alone: see its module):
   engine      bench/engine_cost.py  GET_WORKER, PING, RELEASE, STATUS at 10 / 1,000 / 100,000
                                   leases and 1,000 workers, and 1,000 leases on 10 and 100
                                   workers (in its own process)
+  requests    bench/request_cost.py  the same sizes through the server: round trips of warm
+                                  GET_WORKER, PING and RELEASE (1,000 leases on 10 and 10,000
+                                  workers beside them)
 
 bench/README.md says how to read the tables.
 
@@ -40,10 +43,11 @@ from pathlib import Path
 import cold
 import deployed
 import engine_cost
+import request_cost
 import request_profile
 from procs import BENCH, Moto, Placement, pin_self, pinned, raise_fd_limit
 
-SECTIONS = ["throughput", "sandbox", "memory", "profile", "cold", "engine"]
+SECTIONS = ["throughput", "sandbox", "memory", "profile", "cold", "engine", "requests"]
 THROUGHPUT_BOOT = 0.5  # seconds moto keeps a new instance pending outside the cold section
 
 
@@ -176,6 +180,18 @@ def main() -> None:
         "engine",
         "Per-request cost by pool size (engine only, no sockets)",
         lambda: engine_section(quick, placement),
+    )
+    sizes = [10, 1000, 10_000 if quick else 100_000]
+    section(
+        "requests",
+        "Per-request cost by pool size, through the server (round trips on loopback)",
+        lambda: request_cost.table(
+            request_cost.measure(
+                [(n, 1000) for n in sizes] + [(1000, 10), (1000, 10_000)],
+                300 if quick else 2000,
+                placement,
+            )
+        ),
     )
     print(f"load average at end: {load_average()}; took {time.monotonic() - started:.0f} s")
 

@@ -35,6 +35,12 @@ def test_floor_servers_answer_every_request_of_the_load_generator() -> None:
             )
             assert (result["requests"], result["errors"]) == (15, 0)
             assert result["rate"] > 0 and result["p99_ms"] >= result["p50_ms"] > 0
+    with procs.floor_server("trio-direct", unpinned) as server:
+        for mode in ("persistent", "oneshot"):
+            result = procs.loadgen(
+                server.port, mode, placement=unpinned, clients=3, requests=5, timeout=60
+            )
+            assert (result["requests"], result["errors"]) == (15, 0)
     with procs.floor_server("seed", unpinned) as server:
         result = procs.loadgen(
             server.port, "oneshot", placement=unpinned, clients=3, requests=5, timeout=60
@@ -55,6 +61,18 @@ async def test_engine_cost_times_each_request_without_terminating_workers() -> N
         assert row[f"{name}_p50_us"] > 0
     assert row["status_bytes"] > 100
     assert "| 30 | 10 |" in engine_cost.table([row])
+
+
+def test_request_cost_times_round_trips_through_a_server_per_size() -> None:
+    """The pool-size benchmark through the server: a server process per size, every timed
+    request answered (warm GET_WORKERs with the holder's own worker), a row per size."""
+    procs, request_cost = bench_module("procs"), bench_module("request_cost")
+    rows = request_cost.measure([(10, 5), (30, 5)], 20, procs.Placement(None, None))
+    assert [(r["leases"], r["workers"]) for r in rows] == [(10, 5), (30, 5)]
+    for row in rows:
+        for name in ("get_worker", "ping", "release"):
+            assert row[f"{name}_p99_us"] >= row[f"{name}_p50_us"] > 0
+    assert "| 30 | 5 |" in request_cost.table(rows)
 
 
 def test_profile_report_puts_each_sample_in_its_first_matching_category() -> None:
