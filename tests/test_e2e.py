@@ -245,6 +245,21 @@ def test_sigterm_lets_a_waiting_request_finish(
     assert events[-1] == "broker.stopped"
 
 
+def test_request_lines_held_for_the_next_write_are_all_logged_by_exit(
+    start_broker: Callable[..., BrokerProcess],
+) -> None:
+    """Info lines are written in batches while serving; SIGTERM right after a burst of
+    requests still leaves one `request` line per request in the log, before `broker.stopped`."""
+    broker = start_broker()
+    for _ in range(30):
+        assert broker.ask("STATUS").startswith("{")
+    broker.proc.send_signal(signal.SIGTERM)
+    assert broker.proc.wait(30) == 0
+    events = [e["event"] for e in broker.events()]
+    assert events.count("request") == 30
+    assert events[-1] == "broker.stopped"
+
+
 def test_connection_that_sends_nothing_launches_nothing(
     start_broker: Callable[..., BrokerProcess], pool_name: str
 ) -> None:
