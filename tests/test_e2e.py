@@ -209,8 +209,12 @@ def test_idle_worker_is_terminated_in_ec2(
     broker.ask("GET_WORKER")
     assert len(pool_instances(pool_name)) == 1
     wait_for_blocking(lambda: pool_instances(pool_name) == [])
-    reaps = [e for e in broker.events() if e["event"] == "worker.reap"]
-    assert len(reaps) == 1
+
+    def reaps() -> list[dict[str, Any]]:
+        return [e for e in broker.events() if e["event"] == "worker.reap"]
+
+    wait_for_blocking(reaps)  # info lines reach the log within 0.1 s (written in batches)
+    assert len(reaps()) == 1
 
 
 def test_restart_adopts_running_workers_instead_of_launching(

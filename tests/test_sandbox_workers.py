@@ -259,6 +259,8 @@ async def test_probe_hands_out_a_worker_whose_worker_port_answers(
 
     assert re.fullmatch(r"127\.77\.\d+\.\d+", ip)
     assert reply == b"job 1\n"
+    # Info lines reach the log within 0.1 s (written in batches while serving).
+    await wait_for(lambda: broker.events("worker.ready"), what="worker.ready in the log")
     [ready] = broker.events("worker.ready")
     assert ready["ip"] == ip
 
