@@ -18,10 +18,13 @@ is likely:
   window is still seen soon, a straggler costs what polling costs.
 
 Quantiles, not a mean: the window covers the spread actually seen, and one slow boot in twenty
-does not stretch it. Polling spends about center / describe_interval calls on a boot at the
-window's center, and a boot lands mid-window on average, so the window holds at most twice
-that: a spread too wide for FAST widens the gaps, not the calls. The price: a boot earlier
-than the window (about one in ten) is seen at its first check.
+does not stretch it. Where it opens and turns dense weighs recent boots more (a boot's weight
+halves every RECENT boots after it): boot times drift, and the last few say most about the
+next; where it ends does not, so one stuck boot cannot stretch it either. Polling spends
+about center / describe_interval calls on a boot at the window's center, and a boot lands
+mid-window on average, so the window holds at most twice that: a spread too wide for FAST
+widens the gaps, not the calls. The price: a boot earlier than the window (about one in ten)
+is seen at its first check.
 
 The anchor is this broker's RunInstances answer, not EC2's LaunchTime: that is in whole
 seconds, and its up to 1 s of truncation would pass for boot-time spread. A span wider than
@@ -31,9 +34,9 @@ middle would drag the window seconds early; the cut still lets a type that got f
 learned, SPAN / 2 a launch.
 
 Simulated (tests/test_boottimes.py: ten brokers, forty launches each): boots like EC2's
-(normal, 16 s, sd 1.5 s) are seen 0.27 s after `running` at the median, 92 % within 1 s,
-with 6.6 describes per launch against 8.5 for polling every 2 s; with an sd of 3 s, 0.33 s,
-83 % and 7.9. The cold benchmark's boots (5-7 s, each later than all before, the hardest order
+(normal, 16 s, sd 1.5 s) are seen 0.26 s after `running` at the median, 91 % within 1 s,
+with 6.3 describes per launch against 8.5 for polling every 2 s; with an sd of 3 s, 0.34 s,
+82 % and 7.8. The cold benchmark's boots (5-7 s, each later than all before, the hardest order
 for a learned plan) come out near the seed's describes (see README, Benchmarks). One
 DescribeInstances covers every launching worker, so concurrent launches share these calls.
 
@@ -61,6 +64,7 @@ LATE: Final = 0.9  # ... up to this one, plus FAST, plus the spread over the num
 UNSEEN: Final = 0.45  # a type never seen booting: a describe every this many describe_intervals
 SPAN: Final = 2.0  # seconds: the widest span between pending and running a boot is placed in
 SAMPLES: Final = 20  # boots remembered per type
+RECENT: Final = 4.0  # a remembered boot's weight halves every this many boots after it
 
 
 @attrs.frozen
@@ -119,18 +123,29 @@ class BootTimes:
         return (pending + running) / 2
 
     def plan(self, instance_type: str) -> BootPlan | None:
-        """The boots to plan for: quantiles of those seen; the hint, or None, until then."""
+        """The boots to plan for: recency-weighted quantiles of those seen; the hint, or
+        None, until one was."""
         seen = self._seen.get(instance_type)
         if not seen:
             return None if self.hint is None else BootPlan(self.hint, self.hint, self.hint, 1)
-        ordered = sorted(seen)
-        last = len(ordered) - 1
-        return BootPlan(
-            ordered[int(EARLY * last)],
-            ordered[int(LIKELY * last)],
-            ordered[math.ceil(LATE * last)],
-            len(ordered),
-        )
+        # Where the window opens and turns dense: a boot's weight halves every RECENT boots
+        # after it, since boot times drift (time of day, a new AMI, a busier zone) and the
+        # last few say most about the next.
+        last = len(seen) - 1
+        weighted = sorted((boot, 0.5 ** ((last - age) / RECENT)) for age, boot in enumerate(seen))
+        total = sum(weight for _, weight in weighted)
+
+        def quantile(q: float) -> float:
+            below = 0.0
+            for boot, weight in weighted:
+                below += weight
+                if below >= q * total * (1 - 1e-9):
+                    return boot
+            return weighted[-1][0]
+
+        ordered = sorted(seen)  # the latest likely boot: unweighted, a stuck one is ignored
+        late = ordered[math.ceil(LATE * last)]
+        return BootPlan(quantile(EARLY), quantile(LIKELY), max(late, quantile(LIKELY)), len(seen))
 
     def typical(self) -> dict[str, float]:
         """The median boot time of each type seen booting: the wait a ready worker saves."""

@@ -67,14 +67,25 @@ def test_the_hint_is_planned_for_until_a_boot_is_seen() -> None:
 
 
 def test_the_plan_spans_quantiles_so_one_outlier_does_not_stretch_it() -> None:
-    """Of twenty boots, the window runs from the second-fastest to the third-slowest (dense
-    from the eighth): a 60 s boot does not widen it."""
+    """Twenty boots, 14.0 to 15.8 s, then a 60 s one: the window opens and turns dense near
+    the recent boots and ends at the third-slowest; the 60 s boot does not widen it."""
     times = BootTimes()
     for seconds in [14.0 + 0.1 * i for i in range(19)] + [60.0]:
         times.observe("c7i.8xlarge", seconds)
     plan = times.plan("c7i.8xlarge")
     assert plan is not None
-    assert (round(plan.early, 2), round(plan.likely, 2), round(plan.late, 2)) == (14.1, 14.7, 15.8)
+    assert (round(plan.early, 2), round(plan.likely, 2), round(plan.late, 2)) == (14.8, 15.4, 15.8)
+
+
+def test_the_window_opens_where_the_recent_boots_are() -> None:
+    """Nineteen boots of 16 s, then one of 12 s: the next window opens at 12 s (the recent
+    boot weighs a sixth), though the dense part stays at 16 s."""
+    times = BootTimes()
+    for seconds in [16.0] * 19 + [12.0]:
+        times.observe("c7i.8xlarge", seconds)
+    plan = times.plan("c7i.8xlarge")
+    assert plan is not None
+    assert (plan.early, plan.likely) == (12.0, 16.0)
 
 
 def test_checks_are_sparse_far_off_and_dense_where_boots_are_likely() -> None:
