@@ -93,6 +93,21 @@ async def test_a_launch_is_first_described_when_its_schedule_says_not_at_once(
     assert 16.2 <= waited <= 16.3
 
 
+async def test_launches_a_moment_apart_share_every_describe(
+    autojump_clock: MockClock, clock: Clock
+) -> None:
+    """Two launches 0.05 s apart, nothing learned: their checks fall within COALESCE of each
+    other, so each describe covers both and there are as many as for one launch (18)."""
+    cloud = FakeCloud(clock, boot_time=BOOT + 0.5)
+    engine = make_engine(cloud, clock, clients_per_worker=1)
+    async with running(engine), trio.open_nursery() as nursery:
+        nursery.start_soon(get_ip, engine, WorkerRequest(), "a")
+        await trio.sleep(0.05)
+        nursery.start_soon(get_ip, engine, WorkerRequest(), "b")
+    assert len(cloud.launch_calls) == 2
+    assert [len(ids) for ids in cloud.describe_calls] == [2] * 18
+
+
 async def test_an_ec2_running_event_hands_the_worker_out_at_once(
     autojump_clock: MockClock, clock: Clock
 ) -> None:
