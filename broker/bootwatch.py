@@ -112,8 +112,10 @@ class BootWatch:
                     kind = worker.instance_type
                     boot = self.boot_times.estimate(kind, before - started, seen_at - started)
                     self.boot_times.observe(kind, boot)
-            else:
+            elif instance is not None:
                 pending_at[worker.instance_id] = seen_at
+            elif worker.instance_id in self._pending_at:  # not described (a failed call)
+                pending_at[worker.instance_id] = self._pending_at[worker.instance_id]
             ip = self._advance(worker, instance)
             if ip is not None:
                 running.append((worker, ip))
