@@ -35,9 +35,16 @@ def boot_times(launches: int, boot: float) -> list[float]:
 
 
 def broker_cold(
-    moto: Moto, placement: Placement, launches: int, boot: float, registry: str = "dynamodb"
+    moto: Moto,
+    placement: Placement,
+    launches: int,
+    boot: float,
+    registry: str = "dynamodb",
+    trace: list[str] | None = None,
 ) -> dict[str, Any]:
-    """The deployed broker's cold hand-outs; delays (s) and Describe calls per launch."""
+    """The deployed broker's cold hand-outs; delays (s) and Describe calls per launch. With
+    `trace`, one line per launch is appended to it: when the describes came, in seconds
+    relative to the instance's `running`."""
     delays, totals, describes = [], [], []
     with Broker(moto, placement, registry=registry) as broker:
         for i, seconds in enumerate(boot_times(launches, boot)):
@@ -51,7 +58,14 @@ def broker_cold(
             assert running is not None, f"moto has no instance with IP {ip}"
             delays.append(answered - running)
             totals.append(answered - sent)
-            describes.append(sum(1 for t in moto.describe_calls if sent <= t <= answered))
+            calls = [t for t in moto.describe_calls if sent <= t <= answered]
+            describes.append(len(calls))
+            if trace is not None:
+                trace.append(
+                    f"launch {i} (boot {seconds:g} s): describes at "
+                    + " ".join(f"{t - running:+.2f}" for t in calls)
+                    + f", answered {answered - running:+.2f}"
+                )
             reply = request(broker.port, f"RELEASE {ip} client=cold{i}")
             if reply != "OK":
                 raise RuntimeError(f"RELEASE failed: {reply}")
@@ -149,15 +163,19 @@ def main() -> None:
     parser.add_argument("--registry", default="dynamodb", choices=["memory", "dynamodb"])
     parser.add_argument("--no-seed", action="store_true", help="skip the seed-style reference")
     parser.add_argument("--no-pin", action="store_true")
+    parser.add_argument(
+        "--trace", action="store_true", help="print each launch's describes (s from running)"
+    )
     args = parser.parse_args()
     placement = Placement.default(not args.no_pin)
     pin_self(placement.generator)
     moto = Moto()
+    trace: list[str] | None = [] if args.trace else None
     try:
         rows = [
             (
                 f"broker (registry {args.registry})",
-                broker_cold(moto, placement, args.launches, args.boot, args.registry),
+                broker_cold(moto, placement, args.launches, args.boot, args.registry, trace),
             )
         ]
         if not args.no_seed:
@@ -166,6 +184,8 @@ def main() -> None:
             )
     finally:
         moto.stop()
+    if trace:
+        print("\n".join(trace))
     print(table(rows, args.boot))
 
 

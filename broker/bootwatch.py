@@ -1,10 +1,11 @@
 """The boot room: one batched DescribeInstances for every launching worker, readiness probes,
 and launch timeouts.
 
-Describes are scheduled by `broker.boottimes`: tight around each type's learned boot time,
-sparse before it, so a worker is handed out within a fraction of a second of EC2's `running`
-without more calls than polling every describe_interval. An EC2 `running` state-change event
-(broker.ec2_events) wakes the watcher at once.
+Describes are scheduled by `broker.boottimes`: dense where each type's learned boots say
+`running` is likely, sparse before, so a worker is handed out within a fraction of a second
+of EC2's `running` with fewer calls than polling every describe_interval. A launch only
+reschedules them (a describe at the launch cannot see it running); an EC2 `running`
+state-change event (broker.ec2_events) describes at once.
 
 A launched worker is handed out once EC2 reports it running with a public IP (and, with
 `probe: true`, once its `worker_port` accepts a connection). It is ready in the registry
@@ -31,6 +32,7 @@ from broker.retire import Claim, Retire
 _log = structlog.get_logger("broker.bootwatch")
 
 MIN_PAUSE: Final = 0.05  # seconds at least between two describe passes
+COALESCE: Final = 0.1  # seconds: a check due this soon after a describe is served by it
 
 
 class BootWatch:
@@ -44,31 +46,42 @@ class BootWatch:
         self.boot_times = ctx.boot_times
         self._pending_at: dict[str, float] = {}  # when each was last described not running
         self._observed: set[str] = set()  # workers whose boot time was taken
+        self._described_at = float("-inf")  # when the last describe pass ran
 
     async def run(self) -> None:
         """Describe launching workers when their schedule says; sleep while there are none.
-        A new launch or an EC2 `running` event wakes it early."""
+        A wakeup (a launch answered, a reconcile pass) only reschedules; an EC2 `running`
+        event (`ctx.boot_now`) describes at once."""
         ctx = self.ctx
         while True:
-            try:
-                due = await self.watch_once()
-            except Exception:
-                _log.exception("watcher.crashed")  # logged; the next pass starts afresh
-                due = ctx.clock.now() + ctx.settings.describe_interval
-            if due is None:
+            now = ctx.clock.now()
+            due = self.next_due(now)
+            if ctx.boot_now or (due is not None and due <= now):
+                ctx.boot_now = False
+                try:
+                    await self.watch_once()
+                except Exception:
+                    _log.exception("watcher.crashed")  # logged; the next pass starts afresh
+                    self._described_at = ctx.clock.now() + ctx.settings.describe_interval
+                await trio.sleep(MIN_PAUSE)
+            elif due is None:
                 await ctx.boot_wakeup.wait()
-                continue
-            with trio.move_on_after(max(MIN_PAUSE, due - ctx.clock.now())):
-                await ctx.boot_wakeup.wait()
+            else:
+                with trio.move_on_after(due - now):
+                    await ctx.boot_wakeup.wait()
 
     def next_due(self, now: float) -> float | None:
-        """When the next describe is due (Unix seconds); None with nothing launching."""
+        """When the next describe is due (Unix seconds; `now` or earlier: at once); None with
+        nothing launching. Each worker's next check is the first its schedule makes after the
+        last describe (one covers every launching worker), a check due within COALESCE of it
+        being served by it."""
         interval = self.ctx.settings.describe_interval
-        times = [
-            w.launched_at
-            + next_check(now - w.launched_at, self.boot_times.expected(w.instance_type), interval)
-            for w in self.ctx.pool.launching()
-        ]
+        since = self._described_at + COALESCE
+        times = []
+        for w in self.ctx.pool.launching():
+            elapsed = max(0.0, since - w.boot_started)
+            plan = self.boot_times.plan(w.instance_type)
+            times.append(w.boot_started + next_check(elapsed, plan, interval))
         return min(times, default=None)
 
     async def watch_once(self) -> float | None:
@@ -83,20 +96,26 @@ class BootWatch:
             _log.warning("describe.failed", error=str(exc), pending=len(waiting))
             described = []
         by_id = {instance.instance_id: instance for instance in described}
-        seen_at = ctx.clock.now()
+        seen_at = self._described_at = ctx.clock.now()
         running = []
         pending_at = {}
         for worker in waiting:
             instance = by_id.get(worker.instance_id)
             if self._running(worker, instance):
-                if worker.instance_id not in self._observed:
+                # Learned only from launches this broker watched from RunInstances' answer (an
+                # adopted one may have booted long before it was first described).
+                if worker.answered_at is not None and worker.instance_id not in self._observed:
                     self._observed.add(worker.instance_id)
                     # It became running between the last check that saw it pending and now.
-                    before = self._pending_at.get(worker.instance_id, worker.launched_at)
-                    boot = (before + seen_at) / 2 - worker.launched_at
-                    self.boot_times.observe(worker.instance_type, boot)
-            else:
+                    started = worker.boot_started
+                    before = max(self._pending_at.get(worker.instance_id, started), started)
+                    kind = worker.instance_type
+                    boot = self.boot_times.estimate(kind, before - started, seen_at - started)
+                    self.boot_times.observe(kind, boot)
+            elif instance is not None:
                 pending_at[worker.instance_id] = seen_at
+            elif worker.instance_id in self._pending_at:  # not described (a failed call)
+                pending_at[worker.instance_id] = self._pending_at[worker.instance_id]
             ip = self._advance(worker, instance)
             if ip is not None:
                 running.append((worker, ip))

@@ -293,7 +293,9 @@ FIELDS: tuple[Field, ...] = (
         "describe_interval",
         _DURATION_KIND,
         2,
-        "How often pending launches are polled (one batched DescribeInstances call).",
+        "The longest gap between polls of pending launches (one batched DescribeInstances "
+        "call); they come denser around each type's learned boot time, and every 0.45 of "
+        "this for a type never seen.",
         "5s",
     ),
     Field(

@@ -100,7 +100,8 @@ class Context:
     nursery: trio.Nursery | None = None  # set by Engine.run
     closing: bool = False  # shutdown began: waiting requests are refused
     metrics: Metrics = attrs.field(factory=Metrics)  # counters for /metrics (broker.monitor)
-    boot_wakeup: Wakeup = attrs.field(factory=Wakeup)  # a launch answered: describe it
+    boot_wakeup: Wakeup = attrs.field(factory=Wakeup)  # a launch answered: reschedule describes
+    boot_now: bool = False  # EC2 said a launching worker runs: describe at once (with boot_wakeup)
     warm_wakeup: Wakeup = attrs.field(factory=Wakeup)  # a worker was taken: refill
     # GET_WORKERs that needed an idle or a new cloud worker (idle_policy: adaptive); their
     # days are the budget's (budget_timezone: the lab's calendar).

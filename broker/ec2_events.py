@@ -102,7 +102,8 @@ class Ec2Events:
                 self.retire.lose(worker, reason)
                 ctx.notify()
             elif event.state == "running" and worker.state is WorkerState.LAUNCHING:
-                ctx.boot_wakeup.set()  # describe it now: it is handed out at once
+                ctx.boot_now = True  # describe it now: it is handed out at once
+                ctx.boot_wakeup.set()
             return
         if isinstance(event, InterruptionWarning):
             reason, deadline = "spot_interruption", event.deadline

@@ -143,6 +143,13 @@ class Worker:
     local: bool = False
     paid_until: float | None = None  # the end of its cover in the dollar ledger
     interruption: Interruption | None = None
+    answered_at: float | None = None  # when this broker's RunInstances answered for it
+
+    @property
+    def boot_started(self) -> float:
+        """When its boot began as near as this broker knows: the RunInstances answer (EC2's
+        LaunchTime is in whole seconds: up to 1 s early), else the LaunchTime (adopted)."""
+        return self.launched_at if self.answered_at is None else self.answered_at
 
     def matches(self, spec: LaunchSpec) -> bool:
         """True if this worker is of a type and market the spec accepts."""

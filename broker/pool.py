@@ -239,10 +239,13 @@ class Pool:
         flight = self.in_flight.pop(token, None)
         if price is None and flight is not None:
             price = flight.price_per_hour
-        return [
+        workers = [
             self.adopt(instance, now, price=price, token=token, paid_until=paid_until)
             for instance in instances
         ]
+        for worker in workers:
+            worker.answered_at = now
+        return workers
 
     def adopt(
         self,

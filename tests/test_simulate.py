@@ -54,14 +54,16 @@ def one(session: Session, config: Config | None = None) -> Result:
 
 
 def test_one_released_session_on_an_empty_pool_costs_the_boot_and_the_use() -> None:
-    """10 minutes on an empty pool with a 60 s boot: the client waits 60 s, one launch, and
-    the RELEASE ends the worker: 60 s + 600 s paid, nothing idle."""
+    """10 minutes on an empty pool with a 60 s boot: the client waits 60 s (and the wait
+    for the next describe), one launch, and the RELEASE ends the worker: that wait + 600 s
+    paid, idle only while it ran before a describe saw it."""
     result = one(Session(T, 600, "lab/a", ping=60, release=True))
     assert (result.launches, result.refused, result.lost) == (1, 0, 0)
-    assert [pytest.approx(w, abs=0.01) for w in result.waits] == [60.0]
-    assert result.median_wait == pytest.approx(60.0, abs=0.01)
-    assert result.spent == pytest.approx(PER_SECOND * (60 + 600), abs=1e-6)
-    assert result.idle == pytest.approx(0.0, abs=1e-6)
+    (wait,) = result.waits  # a type never seen is described every 0.9 s: 60.0 to 60.9 s
+    assert 60.0 - 0.01 <= wait <= 60.9
+    assert result.median_wait == pytest.approx(wait, abs=0.01)
+    assert result.spent == pytest.approx(PER_SECOND * (wait + 600), abs=1e-6)
+    assert result.idle == pytest.approx(PER_SECOND * (wait - 60), abs=1e-6)  # up, not seen
 
 
 def test_an_abandoned_session_pays_idle_timeout_until_the_reaper_takes_the_worker() -> None:
@@ -82,7 +84,7 @@ def test_a_client_pinging_less_often_than_idle_timeout_loses_its_worker_and_asks
     result = one(Session(T, 700, "lab/a", ping=400), lab_config(idle_timeout=300))
     assert (result.launches, result.lost) == (2, 1)
     first, second = result.waits  # the second boot is watched on a learned schedule
-    assert first == pytest.approx(60.0, abs=0.01)
+    assert 60.0 - 0.01 <= first <= 60.9  # nothing learned: described every 0.9 s
     assert 60.0 - 0.01 <= second <= 60.0 + 2  # within a describe_interval of the boot
 
 
@@ -342,7 +344,7 @@ def test_compare_prints_a_row_per_config(
     rows = capsys.readouterr().out.splitlines()
     assert rows[0].startswith("| config | spent $ | idle $ | launches | median wait s |")
     assert [row.split("|")[1].strip() for row in rows[2:]] == ["idle-15m", "idle-5m"]
-    assert [row.split("|")[5].strip() for row in rows[2:]] == ["60.0", "60.0"]
+    assert all(60.0 <= float(row.split("|")[5]) <= 60.9 for row in rows[2:])
     assert quiet_cli == [("auto", "warning")]
 
 
