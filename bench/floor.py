@@ -40,6 +40,12 @@ HOST = "127.0.0.1"
 REPLY = b"127.77.0.1\n"  # what a warm GET_WORKER answers in the sandbox
 
 
+def _complete_lines(buffer: bytes) -> tuple[int, bytes]:
+    """How many complete lines `buffer` holds, and what follows the last one."""
+    lines = buffer.count(b"\n")
+    return lines, buffer[buffer.rindex(b"\n") + 1 :] if lines else buffer
+
+
 async def _serve_line_client(stream: trio.SocketStream) -> None:
     buffer = b""
     try:
@@ -47,10 +53,8 @@ async def _serve_line_client(stream: trio.SocketStream) -> None:
             data = await stream.receive_some(4096)
             if not data:
                 return
-            buffer += data
-            lines = buffer.count(b"\n")
+            lines, buffer = _complete_lines(buffer + data)
             if lines:
-                buffer = buffer[buffer.rindex(b"\n") + 1 :]
                 await stream.send_all(REPLY * lines)
     except trio.BrokenResourceError:
         return
@@ -67,10 +71,8 @@ async def _serve_direct_client(connection: Connection) -> None:
             first = False
             if not data:
                 return
-            buffer += data
-            lines = buffer.count(b"\n")
+            lines, buffer = _complete_lines(buffer + data)
             if lines:
-                buffer = buffer[buffer.rindex(b"\n") + 1 :]
                 await connection.send(REPLY * lines)
     except ConnectionLost:
         return

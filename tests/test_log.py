@@ -16,7 +16,7 @@ from typing import TextIO
 import pytest
 import structlog
 
-from broker.log import active_sink, configure_logging
+from broker.log import LineSink, active_sink, configure_logging
 
 
 @pytest.fixture
@@ -135,11 +135,17 @@ def test_held_info_lines_wait_for_a_flush_and_a_warning_writes_them_first(
     assert [json.loads(line)["event"] for line in lines(log_file)][-2:] == ["five", "six"]
 
 
-def test_held_lines_are_written_when_they_reach_the_bound(log_file: TextIO) -> None:
+def holding(log_file: TextIO) -> LineSink:
+    """Logging configured to `log_file`, its sink holding info lines (as while serving)."""
     configure_logging("json", "info", stream=log_file)
     sink = active_sink()
     assert sink is not None
     sink.hold()
+    return sink
+
+
+def test_held_lines_are_written_when_they_reach_the_bound(log_file: TextIO) -> None:
+    sink = holding(log_file)
     log = structlog.get_logger("broker.test")
     for n in range(2000):  # ~100 bytes each: past the 64 KiB bound
         log.info("request", n=n)
@@ -151,10 +157,7 @@ def test_held_lines_are_written_when_they_reach_the_bound(log_file: TextIO) -> N
 
 def test_lines_from_threads_are_neither_lost_nor_torn(log_file: TextIO) -> None:
     """boto3's calls run in threads and log there: every line arrives whole."""
-    configure_logging("json", "info", stream=log_file)
-    sink = active_sink()
-    assert sink is not None
-    sink.hold()
+    sink = holding(log_file)
     log = structlog.get_logger("broker.test")
 
     def burst(thread: int) -> None:
