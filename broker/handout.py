@@ -127,7 +127,15 @@ class HandoutDesk:
                     if worker is not None:
                         waited = trio.current_time() - started
                         reused = joined is None
-                        handout = await self._hand_out(worker, client, reused=reused, waited=waited)
+                        # While its lease is written this request has a worker: it must not
+                        # count as demand, or a waiter woken meanwhile launches again for it.
+                        demand[spec] -= 1
+                        try:
+                            handout = await self._hand_out(
+                                worker, client, reused=reused, waited=waited
+                            )
+                        finally:
+                            demand[spec] += 1
                         if handout is not None:
                             return handout
                         refused.add(worker.instance_id)  # full elsewhere: launch or wait

@@ -308,3 +308,31 @@ async def test_prefer_local_off_hands_out_cloud_workers_first(
     )
     async with running(engine):
         assert await get_ip(engine, WorkerRequest(), "a") != "10.1.2.3"
+
+
+class SlowClaims(MemoryRegistry):
+    """A MemoryRegistry whose lease claims take a second (a slow DynamoDB write)."""
+
+    async def claim_lease(self, lease: LeaseRecord, capacity: int | None) -> bool:
+        await trio.sleep(1.0)
+        return await super().claim_lease(lease, capacity)
+
+
+async def test_a_waiter_claiming_a_worker_does_not_make_another_waiter_launch_again(
+    autojump_clock: MockClock, cloud: FakeCloud, clock: Clock
+) -> None:
+    """Two clients wait for two launches (exclusive workers). The first launch's worker
+    goes to one of them; while its lease is written, the other must keep waiting for the
+    second launch, not count the first client as still waiting and launch a third."""
+    engine = make_engine(cloud, clock, SlowClaims("test"), clients_per_worker=1)
+    got: dict[str, str] = {}
+
+    async def client(name: str) -> None:
+        got[name] = await get_ip(engine, WorkerRequest(), name)
+
+    async with running(engine), trio.open_nursery() as clients:
+        clients.start_soon(client, "a")
+        await trio.sleep(1.0)
+        clients.start_soon(client, "b")
+    assert len(set(got.values())) == 2
+    assert len(cloud.instances) == 2  # one launch per client, none wasted
