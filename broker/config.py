@@ -294,8 +294,8 @@ FIELDS: tuple[Field, ...] = (
         _DURATION_KIND,
         2,
         "The longest gap between polls of pending launches (one batched DescribeInstances "
-        "call); they come denser around each type's learned boot time, and every 0.45 of "
-        "this for a type never seen.",
+        "call) from the start of each type's learned boot time window on; polls come denser "
+        "in the window, every 10 s before it, and every 0.45 of this for a type never seen.",
         "5s",
     ),
     Field(

@@ -135,7 +135,10 @@ def accepted(sock: socket.socket, address: object) -> Connection:
     write the client waits for)."""
     sock.setblocking(False)
     if sock.family in (socket.AF_INET, socket.AF_INET6):
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError:  # some systems refuse it on a connection already reset (as Trio)
+            pass
     peer = address[0] if isinstance(address, tuple) and address else "unknown"
     return Connection(sock, str(peer))
 

@@ -129,11 +129,14 @@ class HandoutDesk:
                         reused = joined is None
                         # While its lease is written this request has a worker: it must not
                         # count as demand, or a waiter woken meanwhile launches again for it.
+                        # `wait` bounds waiting for a worker, not claiming one: a claim cut off
+                        # halfway would leave a lease the refused client never learns of.
                         demand[spec] -= 1
                         try:
-                            handout = await self._hand_out(
-                                worker, client, reused=reused, waited=waited
-                            )
+                            with trio.CancelScope(shield=True):
+                                handout = await self._hand_out(
+                                    worker, client, reused=reused, waited=waited
+                                )
                         finally:
                             demand[spec] += 1
                         if handout is not None:

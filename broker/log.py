@@ -172,16 +172,17 @@ class _Timestamps:
     second (`datetime.isoformat` per line was a measurable share of a request)."""
 
     def __init__(self) -> None:
-        self._second = -1
-        self._prefix = ""
+        self._cached = (-1, "")  # (second, its date and time): one attribute, so threads agree
 
     def now(self) -> str:
         now = time.time()
         second = int(now)
-        if second != self._second:
+        cached_second, prefix = self._cached
+        if second != cached_second:
             moment = datetime.datetime.fromtimestamp(second, datetime.UTC)
-            self._prefix, self._second = moment.strftime("%Y-%m-%dT%H:%M:%S"), second
-        return f"{self._prefix}.{int((now - second) * 1_000_000):06d}Z"
+            prefix = moment.strftime("%Y-%m-%dT%H:%M:%S")
+            self._cached = (second, prefix)
+        return f"{prefix}.{int((now - second) * 1_000_000):06d}Z"
 
 
 def _fallback(value: object) -> object:

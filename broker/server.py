@@ -130,10 +130,12 @@ class Server:
             self._all_closed.set()
 
     async def _accept_loop(self, listener: trio.SocketListener, handlers: trio.Nursery) -> None:
-        acceptor = Acceptor(listener)
+        acceptor: Acceptor | None = None
         try:
             while True:
                 try:
+                    if acceptor is None:  # a socket of its own: EMFILE is possible here too
+                        acceptor = Acceptor(listener)
                     batch = await acceptor.accept()
                 except OSError as exc:
                     if exc.errno in _ACCEPT_RESOURCE_ERRORS:
@@ -144,7 +146,8 @@ class Server:
                 for connection in batch:
                     handlers.start_soon(self._handle, connection)
         finally:
-            acceptor.close()
+            if acceptor is not None:
+                acceptor.close()
 
     async def _handle(self, stream: Connection) -> None:
         conn_id = next(self._ids)
@@ -256,6 +259,10 @@ class Server:
             if admitted is not None and handout is not None:
                 await self.engine.undeliverable(handout, admitted.owner)
             return False
+        except Interrupted:  # the client timeout (it does not read) or shutdown, mid-reply
+            if admitted is not None and handout is not None:
+                await self.engine.undeliverable(handout, admitted.owner)
+            raise
         return not reply.close
 
     async def _dispatch(self, admitted: Admitted, now: float) -> tuple[Reply, Handout | None]:

@@ -336,3 +336,27 @@ async def test_a_waiter_claiming_a_worker_does_not_make_another_waiter_launch_ag
         clients.start_soon(client, "b")
     assert len(set(got.values())) == 2
     assert len(cloud.instances) == 2  # one launch per client, none wasted
+
+
+class VerySlowClaims(MemoryRegistry):
+    """Lease claims take 5 s."""
+
+    async def claim_lease(self, lease: LeaseRecord, capacity: int | None) -> bool:
+        await trio.sleep(5.0)
+        return await super().claim_lease(lease, capacity)
+
+
+async def test_a_worker_found_within_the_wait_is_claimed_to_the_end(
+    autojump_clock: MockClock, cloud: FakeCloud, clock: Clock
+) -> None:
+    """wait=23 with a 20 s boot and 5 s lease claims: the worker is found within the wait, and
+    the claim is not cut off halfway when the wait runs out (which left a lease the refused
+    client never learned of, and made the next client launch again): the client gets it."""
+    engine = make_engine(cloud, clock, VerySlowClaims("test"), clients_per_worker=1)
+    async with running(engine):
+        start = trio.current_time()
+        ip = await get_ip(engine, WorkerRequest(wait=23), "a")
+        assert 23 < trio.current_time() - start < 26  # the claim's 5 s after the boot's 20
+        [(client, instance_id)] = engine.pool.leases
+        assert client == "a" and engine.pool.workers[instance_id].ip == ip
+        assert len(cloud.instances) == 1
