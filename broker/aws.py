@@ -8,8 +8,11 @@ observers registered with `observe_calls` (metrics, health) hear of each call's 
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
-from typing import Any, ParamSpec, TypeVar
+import json
+import os
+from collections import OrderedDict
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any, Final, ParamSpec, TypeVar
 
 import boto3
 import botocore.config
@@ -32,9 +35,123 @@ _T = TypeVar("_T")
 CallObserver = Callable[[str, str, float, str | None], None]
 _observers: list[CallObserver] = []
 
+# The operations the broker calls, by service (tests/test_iam.py walks the source: a call
+# missing here fails there). Clients are built from models cut down to these: EC2's whole
+# model (830 operations) and the endpoints of every AWS service held 11-12 MB of the
+# deployed broker's settled RSS for a handful of calls (README, Benchmarks). A client has no
+# method for any other operation.
+OPERATIONS: Final[Mapping[str, frozenset[str]]] = {
+    "ec2": frozenset(
+        {
+            "DescribeInstances",
+            "DescribeSpotPriceHistory",
+            "RunInstances",
+            "TerminateInstances",
+            # The sandbox's embedded moto cloud (broker.sandbox.prepare_resources).
+            "AuthorizeSecurityGroupIngress",
+            "CreateKeyPair",
+            "CreateSecurityGroup",
+            "DescribeImages",
+            "DescribeKeyPairs",
+            "DescribeSecurityGroups",
+            "DescribeSubnets",
+            "DescribeVpcs",
+            "RegisterImage",
+        }
+    ),
+    "dynamodb": frozenset(
+        {
+            "CreateTable",
+            "DeleteItem",
+            "DescribeTable",
+            "DescribeTimeToLive",
+            "GetItem",
+            "PutItem",
+            "Query",
+            "TransactWriteItems",
+            "UpdateItem",
+            "UpdateTimeToLive",
+        }
+    ),
+    "sqs": frozenset(
+        {
+            "CreateQueue",
+            "DeleteMessageBatch",
+            "GetQueueAttributes",
+            "GetQueueUrl",
+            "ReceiveMessage",
+            "SetQueueAttributes",
+        }
+    ),
+    "sts": frozenset({"GetCallerIdentity"}),
+}
+
+
+class _TrimmingFileLoader(botocore.loaders.JSONFileLoader):
+    """botocore's JSON file loader, which cuts each service model in OPERATIONS down to those
+    operations (with the shapes they use, and every error shape) and the endpoints file down to
+    those services (in every partition)."""
+
+    def load_file(self, file_path: str) -> Any:
+        parts = os.path.normpath(file_path).split(os.sep)
+        name, service = parts[-1], parts[-3] if len(parts) >= 3 else ""
+        if name == "endpoints":
+            text = _trimmed_text(super().load_file(file_path), _only_services)
+        elif name == "service-2" and service in OPERATIONS:  # DATA/ec2/2016-11-15/service-2
+            trim = functools.partial(_only_operations, keep=OPERATIONS[service])
+            text = _trimmed_text(super().load_file(file_path), trim)
+        else:
+            return super().load_file(file_path)
+        # Parsed again once the whole file's objects are freed, what is kept shares no
+        # allocator pages with them (kept in place, it held most of those pages: ~10 MB).
+        return None if text is None else json.loads(text, object_pairs_hook=OrderedDict)
+
+
+def _trimmed_text(data: Any, trim: Callable[[Any], Any]) -> str | None:
+    return None if data is None else json.dumps(trim(data))
+
+
+def _only_operations(model: dict[str, Any], keep: frozenset[str]) -> dict[str, Any]:
+    """A service model (service-2.json) with only the operations in `keep`."""
+    shapes = model["shapes"]
+    operations = {name: op for name, op in model["operations"].items() if name in keep}
+    todo = [name for name, shape in shapes.items() if shape.get("exception")]
+    for op in operations.values():
+        todo += [op[key]["shape"] for key in ("input", "output") if key in op]
+        todo += [error["shape"] for error in op.get("errors", ())]
+    used: set[str] = set()
+    while todo:
+        name = todo.pop()
+        if name not in used:
+            used.add(name)
+            todo.extend(_shape_references(shapes[name]))
+    return {
+        **model,
+        "operations": operations,
+        "shapes": {name: shape for name, shape in shapes.items() if name in used},
+    }
+
+
+def _shape_references(shape: Mapping[str, Any]) -> Iterator[str]:
+    for key in ("member", "key", "value"):
+        if key in shape:
+            yield shape[key]["shape"]
+    for member in shape.get("members", {}).values():
+        yield member["shape"]
+
+
+def _only_services(endpoints: dict[str, Any]) -> dict[str, Any]:
+    """The endpoints file (every partition's regions and services) with only OPERATIONS'."""
+    partitions = [
+        {**p, "services": {k: v for k, v in p.get("services", {}).items() if k in OPERATIONS}}
+        for p in endpoints["partitions"]
+    ]
+    return {**endpoints, "partitions": partitions}
+
+
 # Service models are large JSON files: share one loader (and its cache) between sessions, so
 # a second client costs milliseconds instead of a few hundred.
-_LOADER = botocore.loaders.create_loader()
+_LOADER = botocore.loaders.Loader(file_loader=_TrimmingFileLoader())
 
 _UNREACHABLE = (
     botocore.exceptions.EndpointConnectionError,

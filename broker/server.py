@@ -50,6 +50,8 @@ _log = structlog.get_logger("broker.server")
 ACCEPT_RETRY_SECONDS: Final = 0.1  # after EMFILE/ENFILE/ENOMEM/ENOBUFS on accept
 _ACCEPT_RESOURCE_ERRORS: Final = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
 INTERNAL_ERROR: Final = Reply.error("internal error (logged by the broker)")
+# One name for every connection's task: Trio would format one string per task otherwise.
+HANDLER_TASK_NAME: Final = "broker.server.Server._handle"
 RENDER_IN_THREAD: Final = 1000  # leases above which STATUS all is rendered off the event loop
 
 
@@ -144,7 +146,7 @@ class Server:
                         continue
                     raise
                 for connection in batch:
-                    handlers.start_soon(self._handle, connection)
+                    handlers.start_soon(self._handle, connection, name=HANDLER_TASK_NAME)
         finally:
             if acceptor is not None:
                 acceptor.close()

@@ -13,9 +13,16 @@ from collections.abc import Iterator
 from typing import Any
 from urllib.parse import parse_qsl
 
+import boto3
 from botocore.awsrequest import AWSResponse
 
 from broker.ec2 import Ec2Cloud
+
+
+def full_client(service: str, region: str | None = "us-east-1") -> Any:
+    """A boto3 client with botocore's whole service model, for what a test does beside the
+    broker: `broker.aws.make_client`'s clients know only the operations the broker calls."""
+    return boto3.session.Session().client(service, region_name=region or "us-east-1")  # type: ignore[call-overload]
 
 
 class _Body:

@@ -16,7 +16,6 @@ import pytest
 import trio
 from trio.testing import MockClock
 
-from broker.aws import make_client
 from broker.clock import Clock
 from broker.cloud import LaunchSpec, Market
 from broker.config_validate import Config, ConfigError
@@ -28,6 +27,7 @@ from broker.registry import LaunchIntent, WorkerRecord
 from broker.sandbox import SandboxResources
 from broker.userdata import WATCHDOG_FILENAME
 from broker.wiring import watchdog_brokers, worker_user_data
+from tests.aws_support import full_client
 from tests.engines import make_engine
 from tests.fakes import FakeCloud
 from tests.harness import ask_once, running_broker
@@ -149,7 +149,7 @@ async def test_every_launch_carries_the_shutdown_behaviour_and_the_user_data(
     with trio.fail_after(30):
         [instance] = await cloud.launch(SPEC, 1, "token-alive")
         await cloud.terminate([instance.instance_id])
-    client = make_client("ec2", region="us-east-1")
+    client = full_client("ec2")
     attribute = client.describe_instance_attribute(
         InstanceId=instance.instance_id, Attribute="userData"
     )

@@ -11,6 +11,7 @@ import pytest
 from broker.aws import make_client
 from broker.cli import main
 from broker.sandbox import MotoHandle
+from tests.aws_support import full_client
 
 
 def test_setup_creates_the_table_and_the_events_queue_once(
@@ -33,5 +34,5 @@ def test_setup_creates_the_table_and_the_events_queue_once(
     assert f"events queue {queue}: {url}" in first
     assert f"events queue {queue}: {url}" in second
     assert f"set events_queue_url: {url}" in first
-    tables = make_client("dynamodb", region=None).list_tables()["TableNames"]
+    tables = full_client("dynamodb", region=None).list_tables()["TableNames"]
     assert table in tables

@@ -27,6 +27,7 @@ from broker.interruptions import format_deadline
 from broker.sandbox import MotoHandle
 from broker.sqs import SqsEventQueue, ensure_events_queue
 from compute_broker_client import BrokerClient, WorkerInterrupted
+from tests.aws_support import full_client
 from tests.engines import make_engine
 from tests.fakes import FakeCloud
 from tests.harness import LineClient, ask_once, running_broker, wait_for
@@ -56,7 +57,7 @@ def ec2_event(detail_type: str, detail: dict[str, Any], at: float) -> str:
 
 
 def send(url: str, body: str) -> None:
-    make_client("sqs", region="us-east-1").send_message(QueueUrl=url, MessageBody=body)
+    full_client("sqs").send_message(QueueUrl=url, MessageBody=body)
 
 
 def events_engine(url: str) -> tuple[Engine, FakeCloud]:

@@ -25,6 +25,7 @@ import yaml
 from botocore import xform_name
 
 from broker import cli
+from broker.aws import OPERATIONS
 from broker.cloud import LaunchSpec, Market
 from broker.config_validate import Config, ConfigError
 from broker.ec2 import POOL_TAG, Ec2Cloud, Ec2Settings
@@ -225,6 +226,14 @@ def test_serving_policy_leaves_out_what_only_setup_calls() -> None:
     serving = {op for op, functions in found.items() if functions - SETUP_FUNCTIONS}
     assert iam_actions(serving) == actions(policy(everything()))
     assert "dynamodb:CreateTable" not in actions(policy(everything()))
+
+
+def test_clients_know_exactly_the_operations_the_code_calls() -> None:
+    """The clients' cut-down models (`broker.aws.OPERATIONS`) hold every AWS operation in the
+    broker's source, the sandbox's too, and no other."""
+    found, _ = code_calls()
+    everywhere = set(found) | set(walk((BROKER / "sandbox.py").read_text()).found)
+    assert everywhere == {f"{service}:{op}" for service, ops in OPERATIONS.items() for op in ops}
 
 
 def test_every_client_the_code_makes_is_of_a_service_the_walk_reads() -> None:

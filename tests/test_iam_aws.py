@@ -47,6 +47,7 @@ from broker.dynamo_table import ensure_table
 from broker.iam import IAM_ACTIONS, actions, policy
 from broker.sandbox import SANDBOX_REGION, SandboxResources, prepare_resources
 from broker.sqs import ensure_events_queue
+from tests.aws_support import full_client
 from tests.harness import listening_port
 
 pytestmark = pytest.mark.slow
@@ -81,7 +82,7 @@ class EnforcingCloud:
     admin: Mapping[str, str]  # credentials of a user allowed everything
 
     def client(self, service: str) -> Any:
-        return make_client(service, region=SANDBOX_REGION)
+        return full_client(service, region=SANDBOX_REGION)
 
     def events_queue(self) -> str:
         """A new events queue. One per run: a stopped broker's long poll stays open in moto
@@ -188,9 +189,9 @@ def cloud(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EnforcingCloud]:
                 monkeypatch.setenv(name, value)
             resources = prepare_resources(SANDBOX_REGION)
             ensure_table(make_client("dynamodb", region=SANDBOX_REGION), TABLE)
-            sqs = make_client("sqs", region=SANDBOX_REGION)
+            sqs = full_client("sqs", region=SANDBOX_REGION)
             jobs_url = sqs.create_queue(QueueName="jobs")["QueueUrl"]
-            iam = make_client("iam", region=SANDBOX_REGION)
+            iam = full_client("iam", region=SANDBOX_REGION)
             iam.create_user(UserName="admin")
             everything = {"Effect": "Allow", "Action": "*", "Resource": "*"}
             iam.put_user_policy(

@@ -25,7 +25,7 @@ from broker.ec2 import LAUNCH_RETRY, POOL_TAG, Ec2Cloud
 from broker.engine import Engine
 from broker.prices import PriceTable
 from broker.sandbox import SandboxResources
-from tests.aws_support import client_for, closed_loopback_port, ec2_error, inject
+from tests.aws_support import client_for, closed_loopback_port, ec2_error, full_client, inject
 from tests.engines import SPEC, make_engine
 from tests.harness import LineClient, ask_once, running_broker
 
@@ -58,7 +58,7 @@ def throttled() -> AWSResponse:
 def two_subnets(resources: SandboxResources) -> tuple[str, str]:
     """Two new subnets of moto's default VPC, in two Availability Zones, assigning public
     IPs on launch."""
-    client = make_client("ec2", region="us-east-1")
+    client = full_client("ec2")
     vpc = client.describe_vpcs(Filters=[{"Name": "isDefault", "Values": ["true"]}])["Vpcs"][0]
     zones = [z["ZoneName"] for z in client.describe_availability_zones()["AvailabilityZones"]]
     # The default subnets take 172.31.0.0/20 to 172.31.80.0/20; pick /24s above them.

@@ -7,11 +7,11 @@ import uuid
 
 import trio
 
-from broker.aws import make_client
 from broker.burst import BurstPolicy
 from broker.clock import Clock
 from broker.sandbox import MotoHandle
 from broker.sqs import SqsQueue
+from tests.aws_support import full_client
 from tests.engines import make_engine, running
 from tests.fakes import FakeCloud
 from tests.harness import wait_for
@@ -22,7 +22,7 @@ async def test_messages_in_sqs_drive_launches_through_the_real_adapter(
 ) -> None:
     """150 messages in a (moto) SQS queue, threshold 20, 10 jobs a worker: the burst loop
     launches 10 workers, the per-check cap, once."""
-    sqs = make_client("sqs", region="us-east-1")
+    sqs = full_client("sqs")
     name = f"compute-broker-jobs-{uuid.uuid4().hex[:8]}"
     queue_url: str = sqs.create_queue(QueueName=name)["QueueUrl"]
     for start in range(0, 150, 10):

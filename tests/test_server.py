@@ -168,6 +168,29 @@ async def test_silent_connection_is_closed_after_client_timeout(broker: RunningB
     assert cloud_of(broker).launch_calls == []
 
 
+async def test_a_client_that_stops_reading_is_closed_after_client_timeout(
+    broker: RunningBroker,
+) -> None:
+    """Replies the client never reads fill the socket: the broker gives up on the send after
+    client_timeout (1 s here) and closes, logging client.timeout."""
+    client = await LineClient.connect(broker.port)
+    with structlog.testing.capture_logs() as logs:
+        await client.send(b"HELP\n" * 20_000)  # ~30 MB of replies, never read
+        await wait_for(lambda: broker.server.open_connections == 0, timeout=10)
+    assert [e["event"] for e in logs if e["event"] == "client.timeout"] == ["client.timeout"]
+
+
+async def test_closed_connections_leave_no_timer_behind() -> None:
+    """A churn of one-shot clients leaves no timer in the server's set: only open
+    connections are checked for their client_timeout."""
+    engine = make_engine(FakeCloud(Clock(), boot_time=0.1), **FAST)
+    async with running_broker(engine, client_timeout=3600.0) as broker:
+        for _ in range(300):
+            assert await ask_once(broker.port, "HELP") == HELP_TEXT
+        await wait_for(lambda: broker.server.open_connections == 0)
+        assert broker.server._timers == set()
+
+
 async def test_two_hundred_silent_connections_do_not_delay_a_request(
     broker: RunningBroker,
 ) -> None:

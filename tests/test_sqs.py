@@ -12,7 +12,6 @@ import pytest
 import structlog
 import trio
 
-from broker.aws import make_client
 from broker.cloud import CloudError
 from broker.interruptions import (
     EVENT_PATTERN,
@@ -22,6 +21,7 @@ from broker.interruptions import (
 )
 from broker.sandbox import MotoHandle
 from broker.sqs import EVENTS_POLICY_SID, SqsEventQueue, SqsQueue, ensure_events_queue
+from tests.aws_support import full_client
 
 INSTANCE = "i-0b662ef9931388ba0"
 SPOT_WARNING = {
@@ -39,7 +39,7 @@ SPOT_WARNING = {
 
 @pytest.fixture
 def sqs(moto_server: MotoHandle) -> Any:
-    return make_client("sqs", region="us-east-1")
+    return full_client("sqs")
 
 
 def queue_name() -> str:
@@ -200,7 +200,7 @@ async def test_eventbridge_rule_with_the_pattern_feeds_the_queue(sqs: Any) -> No
     """Through (moto's) EventBridge with EVENT_PATTERN: the warning, the recommendation, the
     running and the terminated states arrive; a state change to pending is filtered out."""
     url = ensure_events_queue(sqs, queue_name())
-    events = make_client("events", region="us-east-1")
+    events = full_client("events")
     rule = f"compute-broker-ec2-{uuid.uuid4().hex[:8]}"
     events.put_rule(Name=rule, EventPattern=json.dumps(EVENT_PATTERN))
     arn = attributes(sqs, url)["QueueArn"]
