@@ -93,7 +93,13 @@ class Connection:
             except OSError:
                 return b""
         while True:
-            await self._wait(trio.lowlevel.wait_readable)
+            # _wait, inlined: an idle connection waits here, and a frame less is ~0.4 KiB less
+            if self.interrupted:
+                raise Interrupted
+            try:
+                await trio.lowlevel.wait_readable(sock)
+            except trio.ClosedResourceError:  # notify_closing, from interrupt()
+                raise Interrupted from None
             try:
                 return sock.recv(RECEIVE_SIZE)
             except BlockingIOError:

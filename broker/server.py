@@ -152,52 +152,28 @@ class Server:
                 acceptor.close()
 
     async def _handle(self, stream: Connection) -> None:
-        conn_id = next(self._ids)
-        peer = stream.peer
-        log = _ConnectionLog(conn_id, peer)
+        """Serve one connection, in this one coroutine (a second one, awaited for the
+        connection's whole life, cost every idle connection its frame)."""
+        log = _ConnectionLog(next(self._ids), stream.peer)
         self.open_connections += 1
         metrics = self.engine.metrics
         metrics.connection_opened()
-        try:
-            if self.open_connections > self.settings.max_connections:
-                log.warning("connection.refused", reason="too many connections")
-                metrics.connection_refused("too_many_connections")
-                await stream.send_quietly(protocol.TOO_MANY_CONNECTIONS.to_bytes())
-                return
-            session = self.gate.open(peer, self.engine.pool)
-            if isinstance(session, str):
-                metrics.connection_refused("limit" if session else "not_allowed")
-                if session:
-                    await stream.send_quietly(Reply(session, close=True).to_bytes())
-                return
-            try:
-                await self._serve_connection(stream, session, log)
-            finally:
-                self.gate.close(peer)
-        except Exception:
-            log.exception("connection.crashed")
-            await stream.send_quietly(INTERNAL_ERROR.to_bytes())
-        finally:
-            self.open_connections -= 1
-            metrics.connection_closed()
-            self._check_idle()
-            stream.close()
-
-    async def _serve_connection(
-        self,
-        stream: Connection,
-        session: Session,
-        log: _ConnectionLog,
-    ) -> None:
-        reader = LineReader()
+        admitted: Session | None = None
         # The timer's deadline bounds each wait for a complete line (set when the connection
         # opens and after each reply, not per chunk, so trickling bytes does not extend it)
         # and each reply's send (a client that stops reading); it is infinite while a request
         # is served (a launch takes minutes). Timeouts and shutdown interrupt the waits.
         timer = _Timer(stream, trio.current_time() + self.settings.client_timeout)
-        self._timers.add(timer)
-        first = True
         try:
+            session = self._admit(stream.peer, log)
+            if not isinstance(session, Session):
+                if session is not None:
+                    await stream.send_quietly(session.to_bytes())
+                return
+            admitted = session
+            self._timers.add(timer)
+            reader = LineReader()
+            first = True
             while True:
                 event = reader.next_request()
                 if isinstance(event, NeedData):
@@ -210,7 +186,7 @@ class Server:
                         timer.waiting = False
                     first = False
                     if stream.interrupted:
-                        break  # the deadline or shutdown came as the data did: serve nothing
+                        raise Interrupted  # the deadline or shutdown came as the data did
                     reader.receive_data(data)
                     continue
                 if isinstance(event, Closed):
@@ -219,11 +195,33 @@ class Server:
                 if not await self._answer(stream, event, session, log, timer):
                     return
         except Interrupted:
-            pass
+            if not self._draining:
+                log.info("client.timeout", after_seconds=self.settings.client_timeout)
+        except Exception:
+            log.exception("connection.crashed")
+            await stream.send_quietly(INTERNAL_ERROR.to_bytes())
         finally:
             self._timers.discard(timer)
-        if not self._draining:
-            log.info("client.timeout", after_seconds=self.settings.client_timeout)
+            if admitted is not None:
+                self.gate.close(stream.peer)
+            self.open_connections -= 1
+            metrics.connection_closed()
+            self._check_idle()
+            stream.close()
+
+    def _admit(self, peer: str, log: _ConnectionLog) -> Session | Reply | None:
+        """A new connection's session, or the reply to close it with (None: close without a
+        word: a peer outside the allowlist learns nothing)."""
+        metrics = self.engine.metrics
+        if self.open_connections > self.settings.max_connections:
+            log.warning("connection.refused", reason="too many connections")
+            metrics.connection_refused("too_many_connections")
+            return protocol.TOO_MANY_CONNECTIONS
+        session = self.gate.open(peer, self.engine.pool)
+        if isinstance(session, str):
+            metrics.connection_refused("limit" if session else "not_allowed")
+            return Reply(session, close=True) if session else None
+        return session
 
     async def _answer(
         self,
