@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import errno
 import functools
+import gc
 import os
 import signal
 import socket
@@ -204,6 +205,11 @@ async def serve(config: Config, config_path: str | None = None, *, sandbox: bool
                         return EXIT_CONFIG
                 await nursery.start(engine.run)
                 await nursery.start(functools.partial(server.run, listeners=listeners))
+                # What start-up made (boto3's models, the restored pool) lives as long as the
+                # process: out of the collector's sight, a full collection scans only what
+                # requests made since, so it pauses them less (issue #12: the p99).
+                gc.collect()
+                gc.freeze()
                 host, port = listeners[0].socket.getsockname()[:2]
                 print(f"listening on {host}:{port}", flush=True)
                 notify("READY=1")
