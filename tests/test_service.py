@@ -26,6 +26,7 @@ from broker.dynamo_table import ensure_table
 from broker.health import Health
 from broker.sandbox import SandboxResources
 from broker.service import activated_sockets, status_line
+from tests.aws_support import full_client
 from tests.harness import wait_for_blocking
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -195,7 +196,7 @@ def test_metrics_and_healthz_from_the_running_broker(
         assert counted[("STATUS", "ok")] == 1
         with urllib.request.urlopen(f"{base}/healthz", timeout=TIMEOUT) as response:
             assert (response.status, response.read()) == (200, b"ok\n")
-        make_client("dynamodb", region="us-east-1").delete_table(TableName=table)
+        full_client("dynamodb").delete_table(TableName=table)  # not an operation the broker has
 
         def unhealthy() -> str | None:
             try:
