@@ -61,7 +61,10 @@ CATEGORIES: list[tuple[str, tuple[str, ...]]] = [
         ),
     ),
     ("protocol (parse, reply)", ("broker/protocol.py",)),
-    ("socket I/O (trio streams, send/recv)", ("trio/_highlevel_socket.py", "trio/_socket.py")),
+    (
+        "socket I/O (broker/connection.py, trio's sockets: send/recv)",
+        ("broker/connection.py", "trio/_highlevel_socket.py", "trio/_socket.py"),
+    ),
     ("waiting in epoll (idle)", ("_io_epoll.py",)),
     ("server (broker/server.py itself)", ("broker/server.py",)),
     ("trio scheduler", ("trio/",)),
