@@ -311,10 +311,14 @@ async def test_prefer_local_off_hands_out_cloud_workers_first(
 
 
 class SlowClaims(MemoryRegistry):
-    """A MemoryRegistry whose lease claims take a second (a slow DynamoDB write)."""
+    """A MemoryRegistry whose lease claims take `seconds` (a slow DynamoDB write)."""
+
+    def __init__(self, seconds: float) -> None:
+        super().__init__("test")
+        self.seconds = seconds
 
     async def claim_lease(self, lease: LeaseRecord, capacity: int | None) -> bool:
-        await trio.sleep(1.0)
+        await trio.sleep(self.seconds)
         return await super().claim_lease(lease, capacity)
 
 
@@ -324,7 +328,7 @@ async def test_a_waiter_claiming_a_worker_does_not_make_another_waiter_launch_ag
     """Two clients wait for two launches (exclusive workers). The first launch's worker
     goes to one of them; while its lease is written, the other must keep waiting for the
     second launch, not count the first client as still waiting and launch a third."""
-    engine = make_engine(cloud, clock, SlowClaims("test"), clients_per_worker=1)
+    engine = make_engine(cloud, clock, SlowClaims(1.0), clients_per_worker=1)
     got: dict[str, str] = {}
 
     async def client(name: str) -> None:
@@ -338,21 +342,13 @@ async def test_a_waiter_claiming_a_worker_does_not_make_another_waiter_launch_ag
     assert len(cloud.instances) == 2  # one launch per client, none wasted
 
 
-class VerySlowClaims(MemoryRegistry):
-    """Lease claims take 5 s."""
-
-    async def claim_lease(self, lease: LeaseRecord, capacity: int | None) -> bool:
-        await trio.sleep(5.0)
-        return await super().claim_lease(lease, capacity)
-
-
 async def test_a_worker_found_within_the_wait_is_claimed_to_the_end(
     autojump_clock: MockClock, cloud: FakeCloud, clock: Clock
 ) -> None:
     """wait=23 with a 20 s boot and 5 s lease claims: the worker is found within the wait, and
     the claim is not cut off halfway when the wait runs out (which left a lease the refused
     client never learned of, and made the next client launch again): the client gets it."""
-    engine = make_engine(cloud, clock, VerySlowClaims("test"), clients_per_worker=1)
+    engine = make_engine(cloud, clock, SlowClaims(5.0), clients_per_worker=1)
     async with running(engine):
         start = trio.current_time()
         ip = await get_ip(engine, WorkerRequest(wait=23), "a")
